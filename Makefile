@@ -1,0 +1,67 @@
+# One-command entry points. Everything runs inside .venv, created by `make setup`.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.setup-stamp
+
+PRESET ?= tiny
+MODEL ?=
+FLAVOUR ?= python-onnxruntime
+BUILD := build
+# A diffusers folder given as MODEL= wins over the preset.
+MODEL_DIR := $(if $(MODEL),$(MODEL),$(BUILD)/presets/$(PRESET))
+MODEL_NAME := $(if $(MODEL),$(notdir $(abspath $(MODEL))),$(PRESET))
+EXPORT_DIR := $(BUILD)/onnx/$(MODEL_NAME)
+REPO_DIR := $(BUILD)/repository/$(MODEL_NAME)-$(FLAVOUR)
+
+.PHONY: setup test test-slow test-gpu lint format preset export engines lock clean
+
+setup: $(STAMP)
+
+# Re-runs only when the pinned set or the project metadata changed.
+$(STAMP): pyproject.toml client/pyproject.toml constraints.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -c constraints.txt -e ./client -e '.[dev]'
+	$(PIP) install -q -c constraints.txt --no-deps open-clip-torch
+	@touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest
+
+test-slow: setup
+	$(PY) -m pytest -m slow
+
+test-gpu: setup
+	$(PY) -m pytest -m gpu
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: setup
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+# A randomly initialised preset of the real architectures: tiny, small or sd15.
+preset: setup
+	$(PY) -m export.presets $(PRESET) --output $(BUILD)/presets/$(PRESET)
+
+# ONNX export + validation of MODEL (a diffusers folder) or the preset.
+export: setup
+	@if [ -z "$(MODEL)" ]; then $(MAKE) --no-print-directory preset; fi
+	$(PY) -m export.onnx_export $(MODEL_DIR) --output $(EXPORT_DIR) $(EXPORT_FLAGS)
+
+# TensorRT engines from the ONNX export (needs an NVIDIA GPU and `pip install -e '.[tensorrt]'`).
+engines: setup
+	$(PY) -m export.tensorrt_engines $(EXPORT_DIR) --output $(BUILD)/engines/$(MODEL_NAME)
+
+# Regenerates the pins from the current environment.
+lock: setup
+	( head -2 constraints.txt; $(PIP) freeze --exclude-editable | sed 's/+cpu$$//' ) > constraints.tmp
+	mv constraints.tmp constraints.txt
+
+clean:
+	rm -rf $(BUILD) out

@@ -1,0 +1,244 @@
+"""The public contract of the served ensembles: inputs, defaults and allowed values.
+
+This module is the single source of truth for request parameters. The client validates
+with it before a request crosses the network, and the server's preprocess model imports
+it to validate the same way, so both sides answer a bad value with the same message.
+It depends on nothing but the standard library.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+INSTRUCT_PIX2PIX = "instruct_pix2pix"
+IMG2IMG = "img2img"
+ENSEMBLES = (INSTRUCT_PIX2PIX, IMG2IMG)
+
+SCHEDULERS = ("euler_a", "euler", "ddim", "ddpm", "dpmpp_2m", "lms", "pndm")
+
+MAX_SEED = 2**63 - 1
+# CLIP's context length: longer prompts are truncated as diffusers does.
+MAX_PROMPT_TOKENS = 77
+
+
+class InvalidArgumentError(ValueError):
+    """A request input is missing or outside its allowed values."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+@dataclass(frozen=True)
+class Parameter:
+    """One input of the ensembles' public contract."""
+
+    name: str
+    triton_dtype: str  # as in config.pbtxt: TYPE_STRING, TYPE_INT32, TYPE_FP32, TYPE_INT64
+    required: bool
+    description: str
+    default: dict[str, Any] | None = None  # per ensemble; None means "no default"
+    minimum: float | None = None
+    maximum: float | None = None
+    choices: tuple[str, ...] | None = None
+    ensembles: tuple[str, ...] = ENSEMBLES
+
+    def default_for(self, ensemble: str) -> Any:
+        return None if self.default is None else self.default.get(ensemble)
+
+    def allowed(self) -> str:
+        """Human-readable allowed values, used in every error message."""
+        if self.choices is not None:
+            return "one of " + ", ".join(self.choices)
+        if self.minimum is not None and self.maximum is not None:
+            low, high = _format_number(self.minimum), _format_number(self.maximum)
+            return f"{low}..{high}"
+        if self.triton_dtype == "TYPE_STRING":
+            return "UTF-8 text" if self.name != "image" else "encoded PNG, JPEG or WebP bytes"
+        return "any value"
+
+    def validate(self, value: Any) -> Any:
+        """Returns the value normalised to its Python type, or raises InvalidArgumentError."""
+        if self.triton_dtype == "TYPE_STRING":
+            return self._validate_text(value)
+        if self.triton_dtype in ("TYPE_INT32", "TYPE_INT64"):
+            return self._validate_integer(value)
+        return self._validate_float(value)
+
+    def _fail(self, value: Any, reason: str) -> InvalidArgumentError:
+        shown = repr(value)
+        if len(shown) > 60:
+            shown = shown[:57] + "..."
+        return InvalidArgumentError(
+            self.name, f"{self.name}={shown} {reason}: allowed {self.allowed()}"
+        )
+
+    def _validate_text(self, value: Any) -> str | bytes:
+        if self.name == "image":
+            if not isinstance(value, (bytes, bytearray)) or len(value) == 0:
+                raise self._fail(value, "is empty")
+            return bytes(value)
+        if isinstance(value, (bytes, bytearray)):
+            try:
+                value = bytes(value).decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise self._fail(bytes(value), f"is not valid UTF-8 ({error.reason})") from None
+        if not isinstance(value, str):
+            raise self._fail(value, "is not text")
+        if self.choices is not None and value not in self.choices:
+            raise self._fail(value, "is not supported")
+        return value
+
+    def _validate_integer(self, value: Any) -> int:
+        if isinstance(value, bool) or not _is_integral(value):
+            raise self._fail(value, "is not an integer")
+        number = int(value)
+        self._check_range(value, number)
+        return number
+
+    def _validate_float(self, value: Any) -> float:
+        if isinstance(value, bool):
+            raise self._fail(value, "is not a number")
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise self._fail(value, "is not a number") from None
+        if not math.isfinite(number):
+            raise self._fail(value, "is not a finite number")
+        self._check_range(value, number)
+        return number
+
+    def _check_range(self, value: Any, number: float) -> None:
+        if self.minimum is not None and number < self.minimum:
+            raise self._fail(value, "is out of range")
+        if self.maximum is not None and number > self.maximum:
+            raise self._fail(value, "is out of range")
+
+
+def _is_integral(value: Any) -> bool:
+    if isinstance(value, int):
+        return True
+    # numpy integers and similar expose __index__
+    return hasattr(value, "__index__") and not isinstance(value, float)
+
+
+def _format_number(number: float) -> str:
+    if float(number).is_integer():
+        if abs(number) >= 2**31:
+            return "2^63-1" if number == MAX_SEED else str(int(number))
+        return str(int(number))
+    return str(number)
+
+
+PARAMETERS: tuple[Parameter, ...] = (
+    Parameter("image", "TYPE_STRING", True, "the input photo, encoded"),
+    Parameter("prompt", "TYPE_STRING", True, "the edit instruction (pix2pix) or target prompt"),
+    Parameter(
+        "negative_prompt",
+        "TYPE_STRING",
+        False,
+        "what the result should not show",
+        default={INSTRUCT_PIX2PIX: "", IMG2IMG: ""},
+    ),
+    Parameter(
+        "num_inference_steps",
+        "TYPE_INT32",
+        False,
+        "denoising steps of the scheduler",
+        default={INSTRUCT_PIX2PIX: 20, IMG2IMG: 20},
+        minimum=2,
+        maximum=1000,
+    ),
+    Parameter(
+        "guidance_scale",
+        "TYPE_FP32",
+        False,
+        "text guidance (CFG); 1 turns it off",
+        default={INSTRUCT_PIX2PIX: 7.5, IMG2IMG: 7.5},
+        minimum=1.0,
+        maximum=14.0,
+    ),
+    Parameter(
+        "image_guidance_scale",
+        "TYPE_FP32",
+        False,
+        "how closely to follow the input image; below 1 turns guidance off",
+        default={INSTRUCT_PIX2PIX: 1.5},
+        minimum=0.0,
+        maximum=10.0,
+        ensembles=(INSTRUCT_PIX2PIX,),
+    ),
+    Parameter(
+        "temperature",
+        "TYPE_FP32",
+        False,
+        "how far the result may move from the input image",
+        default={INSTRUCT_PIX2PIX: 1.0, IMG2IMG: 0.8},
+        minimum=0.1,
+        maximum=1.0,
+    ),
+    Parameter(
+        "seed",
+        "TYPE_INT64",
+        False,
+        "noise seed; random when absent, returned with the result",
+        minimum=0,
+        maximum=MAX_SEED,
+    ),
+    Parameter(
+        "scheduler",
+        "TYPE_STRING",
+        False,
+        "the sampler; the checkpoint's own when absent",
+        choices=SCHEDULERS,
+    ),
+)
+
+PARAMETERS_BY_NAME = {parameter.name: parameter for parameter in PARAMETERS}
+
+OUTPUTS = (
+    ("edited_image", "TYPE_STRING", "the edited image, PNG bytes"),
+    ("seed", "TYPE_INT64", "the seed used, so the result can be reproduced"),
+)
+
+
+def parameters_for(ensemble: str) -> tuple[Parameter, ...]:
+    """The inputs one ensemble accepts, in contract order."""
+    if ensemble not in ENSEMBLES:
+        raise InvalidArgumentError(
+            "model", f"model={ensemble!r} is not served: allowed one of {', '.join(ENSEMBLES)}"
+        )
+    return tuple(p for p in PARAMETERS if ensemble in p.ensembles)
+
+
+def validate_request(ensemble: str, values: dict[str, Any]) -> dict[str, Any]:
+    """Checks a request's inputs against the contract.
+
+    `values` maps input names to Python values; absent or None inputs are optional ones
+    left out. Returns the validated values with contract defaults filled in (the seed and
+    scheduler stay None when absent: the server picks them). Raises InvalidArgumentError
+    naming the first bad input and its allowed values.
+    """
+    accepted = parameters_for(ensemble)
+    known = {p.name for p in accepted}
+    for name in values:
+        if name not in known:
+            raise InvalidArgumentError(
+                name,
+                f"{name} is not an input of {ensemble}: allowed {', '.join(sorted(known))}",
+            )
+    validated: dict[str, Any] = {}
+    for parameter in accepted:
+        value = values.get(parameter.name)
+        if value is None:
+            if parameter.required:
+                raise InvalidArgumentError(
+                    parameter.name,
+                    f"{parameter.name} is required: allowed {parameter.allowed()}",
+                )
+            validated[parameter.name] = parameter.default_for(ensemble)
+            continue
+        validated[parameter.name] = parameter.validate(value)
+    return validated
