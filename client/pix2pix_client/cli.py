@@ -1,0 +1,487 @@
+"""The `pix2pix` command: edit images, check the server's health, list its models.
+
+Exit codes: 0 success, 2 invalid input (a bad flag value, an unreadable input file, a
+request the client or the server rejects as invalid), 1 a server or connection error.
+Each failure prints one line on stderr naming the problem.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn, TextIO
+
+from pix2pix_client import contract
+from pix2pix_client.aio import AsyncEditClient
+from pix2pix_client.errors import EditError, InvalidArgument, ModelNotFound, ServerUnavailable
+from pix2pix_client.request import DEFAULT_MODEL, DEFAULT_URL, EditResult, validate_parameters
+
+EXIT_OK = 0
+EXIT_SERVER_ERROR = 1
+EXIT_INVALID_INPUT = 2
+EXIT_INTERRUPTED = 130
+
+PROG = "pix2pix"
+URL_ENVIRONMENT_VARIABLE = "PIX2PIX_URL"
+# Files a directory input contributes; Pillow reads them all, the client re-encodes
+# the ones the server does not decode itself.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+# Flag -> contract input. The flags are the short names people use for these knobs.
+EDIT_FLAGS: dict[str, tuple[str, type, str]] = {
+    "--negative-prompt": ("negative_prompt", str, "TEXT"),
+    "--steps": ("num_inference_steps", int, "N"),
+    "--cfg": ("guidance_scale", float, "SCALE"),
+    "--image-cfg": ("image_guidance_scale", float, "SCALE"),
+    "--temperature": ("temperature", float, "T"),
+    "--seed": ("seed", int, "SEED"),
+    "--scheduler": ("scheduler", str, "NAME"),
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (exit code 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_INVALID_INPUT, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the `pix2pix` command and its subcommands."""
+    parser = _Parser(
+        prog=PROG,
+        description="Edit images with InstructPix2Pix or SD img2img served by NVIDIA Triton.",
+        epilog=(
+            "exit codes: 0 success, 2 invalid input (bad flag value, unreadable input, "
+            "request rejected as invalid), 1 server or connection error"
+        ),
+    )
+    subcommands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    connection = _Parser(add_help=False)
+    group = connection.add_argument_group("server connection")
+    group.add_argument(
+        "--url",
+        default=os.environ.get(URL_ENVIRONMENT_VARIABLE, DEFAULT_URL),
+        help=f"Triton's gRPC endpoint, host:port (default: ${URL_ENVIRONMENT_VARIABLE} "
+        f"or {DEFAULT_URL})",
+    )
+    group.add_argument("--ssl", action="store_true", help="connect with TLS")
+    group.add_argument("--root-certificates", metavar="PEM", help="CA certificates (TLS)")
+    group.add_argument("--private-key", metavar="PEM", help="client private key (TLS)")
+    group.add_argument("--certificate-chain", metavar="PEM", help="client certificate (TLS)")
+    group.add_argument(
+        "--header",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="gRPC metadata sent with every call, e.g. 'authorization=Bearer TOKEN'; repeatable",
+    )
+    group.add_argument(
+        "--timeout",
+        type=float,
+        metavar="SECONDS",
+        help="deadline of each call, retries included (default: none)",
+    )
+    group.add_argument(
+        "--retries",
+        type=int,
+        default=2,
+        metavar="N",
+        help="retries when the server is unavailable, with exponential backoff (default: 2)",
+    )
+    group.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
+
+    edit = subcommands.add_parser(
+        "edit",
+        parents=[connection],
+        help="edit one or more images",
+        description=(
+            "Edit images following an instruction.\n\n"
+            "With one input file, -o is the output file (default: STEM_edited.png in the\n"
+            "current directory). With several inputs or a directory (the images directly\n"
+            "inside it), -o is an output directory (default: ./edited) that receives\n"
+            "STEM.png for each input, and the edits run concurrently. Parameters left out\n"
+            "take the server's defaults."
+        ),
+        epilog=(
+            "examples:\n"
+            "  pix2pix edit photo.jpg -p 'make it snowy' --seed 42 -o snowy.png\n"
+            "  pix2pix edit photos/ -p 'turn it into a painting' -o painted/ --json\n"
+            "  pix2pix edit a.png b.png -p 'a castle at dusk' --model img2img --temperature 0.6\n"
+            "\n"
+            "exit codes: 0 success, 2 invalid input, 1 server or connection error"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    edit.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or directories")
+    edit.add_argument(
+        "-p", "--prompt", required=True, help="the edit instruction (img2img: the target prompt)"
+    )
+    edit.add_argument("-o", "--output", metavar="OUTPUT", help="output file or directory")
+    edit.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        choices=contract.ENSEMBLES,
+        help=f"the ensemble to call (default: {DEFAULT_MODEL})",
+    )
+    parameters = edit.add_argument_group("edit parameters (validated against the contract)")
+    for flag, (name, value_type, metavar) in EDIT_FLAGS.items():
+        parameter = contract.PARAMETERS_BY_NAME[name]
+        parameters.add_argument(
+            flag,
+            dest=name,
+            type=value_type,
+            metavar=metavar,
+            choices=parameter.choices,
+            help=_parameter_help(parameter),
+        )
+    edit.add_argument(
+        "--concurrency",
+        type=int,
+        default=4,
+        metavar="N",
+        help="edits in flight at once (default: 4)",
+    )
+    edit.add_argument("-q", "--quiet", action="store_true", help="no progress counter on stderr")
+
+    subcommands.add_parser(
+        "health",
+        parents=[connection],
+        help="is the server live and ready, and which ensembles are ready",
+        description="Exit code 0 when the server is live and ready, 1 otherwise.",
+    )
+    subcommands.add_parser(
+        "models",
+        parents=[connection],
+        help="list the server's model repository",
+        description="List the models of the server's repository: name, version, state.",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the command line `argv` (default: sys.argv[1:]) and returns its exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_request:
+        return _exit_code(exit_request)
+    if args.command is None:
+        parser.print_usage(sys.stderr)
+        _report_failure("a command is required: edit, health or models")
+        return EXIT_INVALID_INPUT
+    try:
+        connection = _connection_arguments(args)
+        if args.command == "edit":
+            return _edit(args, connection)
+        if args.command == "health":
+            return asyncio.run(_health(args, connection))
+        return asyncio.run(_models(args, connection))
+    except InvalidArgument as error:
+        _report_failure(str(error))
+        return EXIT_INVALID_INPUT
+    except ServerUnavailable as error:
+        _report_failure(f"server unavailable at {args.url}: {error}")
+        return EXIT_SERVER_ERROR
+    except EditError as error:
+        _report_failure(str(error))
+        return EXIT_SERVER_ERROR
+    except KeyboardInterrupt:
+        _report_failure("interrupted")
+        return EXIT_INTERRUPTED
+
+
+@dataclass(frozen=True)
+class _Job:
+    input: Path
+    output: Path
+
+
+class _Progress:
+    """A one-line "done/total" counter on stderr, redrawn in place, only on a terminal."""
+
+    def __init__(self, total: int, stream: TextIO, enabled: bool) -> None:
+        self.total = total
+        self.done = 0
+        self.failed = 0
+        self.stream = stream
+        self.enabled = enabled and total > 1 and stream.isatty()
+
+    def advance(self, *, failed: bool) -> None:
+        self.done += 1
+        self.failed += failed
+        self.draw()
+
+    def draw(self) -> None:
+        if self.enabled:
+            failed = f", {self.failed} failed" if self.failed else ""
+            self.stream.write(f"\r\033[K{PROG}: {self.done}/{self.total} edited{failed}")
+            self.stream.flush()
+
+    def clear(self) -> None:
+        if self.enabled:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+
+    def finish(self) -> None:
+        if self.enabled:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _edit(args: argparse.Namespace, connection: dict[str, Any]) -> int:
+    if args.concurrency < 1:
+        raise InvalidArgument(
+            "concurrency", f"--concurrency={args.concurrency} is out of range: allowed >= 1"
+        )
+    options = {name: getattr(args, name) for name, _, _ in EDIT_FLAGS.values()}
+    try:
+        # Every input but the images is checked once, before any file is read.
+        validate_parameters(args.model, args.prompt, **options)
+    except InvalidArgument as error:
+        raise InvalidArgument(error.field, f"{_flag_of(error.field)}: {error}") from None
+    jobs = _plan_jobs(args.inputs, args.output)
+    return asyncio.run(_run_edits(args, connection, options, jobs))
+
+
+async def _run_edits(
+    args: argparse.Namespace,
+    connection: dict[str, Any],
+    options: dict[str, Any],
+    jobs: list[_Job],
+) -> int:
+    progress = _Progress(len(jobs), sys.stderr, enabled=not args.quiet)
+    progress.draw()
+    semaphore = asyncio.Semaphore(args.concurrency)
+    exit_code = EXIT_OK
+
+    async with AsyncEditClient(args.url, **connection) as client:
+
+        async def run(job: _Job) -> tuple[_Job, EditResult | EditError]:
+            try:
+                async with semaphore:
+                    result = await client.edit(
+                        job.input, args.prompt, model=args.model, timeout_s=args.timeout, **options
+                    )
+                await asyncio.to_thread(result.save, job.output)
+            except (ServerUnavailable, ModelNotFound):
+                # The same answer awaits every other input: stop at the first.
+                raise
+            except EditError as error:
+                return job, error
+            except OSError as error:
+                return job, InvalidArgument(
+                    "output", f"cannot write {str(job.output)!r}: {error.strerror}"
+                )
+            return job, result
+
+        tasks = [asyncio.create_task(run(job)) for job in jobs]
+        try:
+            for finished in asyncio.as_completed(tasks):
+                job, outcome = await finished
+                progress.clear()
+                if isinstance(outcome, EditError):
+                    _report_failure(f"{job.input}: {outcome}")
+                    if args.json:
+                        _print_json({"input": str(job.input), "error": _error_dict(outcome)})
+                    exit_code = _worse(exit_code, _exit_code_of(outcome))
+                else:
+                    _print_success(job, outcome, as_json=args.json)
+                progress.advance(failed=isinstance(outcome, EditError))
+        except EditError:
+            progress.clear()
+            raise
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+    progress.finish()
+    return exit_code
+
+
+async def _health(args: argparse.Namespace, connection: dict[str, Any]) -> int:
+    async with AsyncEditClient(args.url, **connection) as client:
+        health = await client.health(timeout_s=args.timeout)
+    healthy = health["live"] and health["ready"]
+    if args.json:
+        _print_json({"url": args.url, **health})
+    else:
+        print(f"server {args.url}: live={_yes(health['live'])} ready={_yes(health['ready'])}")
+        width = max(len(name) for name in health["models"])
+        for name, ready in health["models"].items():
+            print(f"  {name:<{width}}  {'ready' if ready else 'not ready'}")
+    if not healthy:
+        _report_failure(f"server {args.url} is not {'ready' if health['live'] else 'live'}")
+    return EXIT_OK if healthy else EXIT_SERVER_ERROR
+
+
+async def _models(args: argparse.Namespace, connection: dict[str, Any]) -> int:
+    async with AsyncEditClient(args.url, **connection) as client:
+        entries = await client.models(timeout_s=args.timeout)
+    if args.json:
+        _print_json(entries)
+        return EXIT_OK
+    columns = ("name", "version", "state", "reason")
+    widths = {c: max([len(c), *(len(e[c]) for e in entries)]) for c in columns}
+    print("  ".join(c.upper().ljust(widths[c]) for c in columns).rstrip())
+    for entry in entries:
+        print("  ".join(entry[c].ljust(widths[c]) for c in columns).rstrip())
+    return EXIT_OK
+
+
+def _connection_arguments(args: argparse.Namespace) -> dict[str, Any]:
+    """The AsyncEditClient keyword arguments the connection flags ask for."""
+    headers = {}
+    for header in args.header:
+        key, separator, value = header.partition("=")
+        if not separator or not key.strip():
+            raise InvalidArgument("header", f"--header {header!r} is not KEY=VALUE")
+        headers[key.strip()] = value
+    if args.timeout is not None and not args.timeout > 0:
+        raise InvalidArgument("timeout", f"--timeout={args.timeout} is out of range: allowed > 0")
+    if args.retries < 0:
+        raise InvalidArgument("retries", f"--retries={args.retries} is out of range: allowed >= 0")
+    return {
+        "ssl": args.ssl,
+        "root_certificates": args.root_certificates,
+        "private_key": args.private_key,
+        "certificate_chain": args.certificate_chain,
+        "headers": headers or None,
+        "retries": args.retries,
+        "timeout_s": args.timeout,
+    }
+
+
+def _plan_jobs(inputs: Sequence[str], output: str | None) -> list[_Job]:
+    """Pairs every input image with its output path; checks inputs exist up front."""
+    paths: list[Path] = []
+    from_directory = False
+    for raw in inputs:
+        path = Path(raw)
+        if path.is_dir():
+            from_directory = True
+            found = sorted(
+                p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+            )
+            if not found:
+                raise InvalidArgument(
+                    "image", f"{raw}: no images in directory ({', '.join(IMAGE_SUFFIXES)})"
+                )
+            paths.extend(found)
+        elif path.is_file():
+            paths.append(path)
+        elif path.exists():
+            raise InvalidArgument("image", f"{raw}: not a regular file")
+        else:
+            raise InvalidArgument("image", f"{raw}: no such file or directory")
+
+    if len(paths) == 1 and not from_directory:
+        target = Path(output) if output else Path(f"{paths[0].stem}_edited.png")
+        if target.is_dir():
+            target = target / f"{paths[0].stem}.png"
+        jobs = [_Job(paths[0], target)]
+    else:
+        directory = Path(output) if output else Path("edited")
+        if directory.exists() and not directory.is_dir():
+            raise InvalidArgument(
+                "output", f"-o {output}: several inputs need an output directory, not a file"
+            )
+        jobs = [_Job(path, directory / f"{path.stem}.png") for path in paths]
+
+    seen: dict[Path, Path] = {}
+    for job in jobs:
+        key = job.output.resolve()
+        if key == job.input.resolve():
+            raise InvalidArgument("output", f"{job.input}: the output would overwrite the input")
+        if key in seen:
+            raise InvalidArgument(
+                "output", f"{seen[key]} and {job.input} would both be written to {job.output}"
+            )
+        seen[key] = job.input
+    for directory in {job.output.parent for job in jobs}:
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise InvalidArgument(
+                "output", f"cannot create output directory {str(directory)!r}: {error.strerror}"
+            ) from None
+    return jobs
+
+
+def _exit_code_of(error: EditError) -> int:
+    return EXIT_INVALID_INPUT if isinstance(error, InvalidArgument) else EXIT_SERVER_ERROR
+
+
+def _worse(current: int, new: int) -> int:
+    """A server error (1) outranks invalid input (2), which outranks success (0)."""
+    if EXIT_SERVER_ERROR in (current, new):
+        return EXIT_SERVER_ERROR
+    return max(current, new)
+
+
+def _print_success(job: _Job, result: EditResult, *, as_json: bool) -> None:
+    if as_json:
+        _print_json({"input": str(job.input), "output": str(job.output), **result.to_dict()})
+    else:
+        print(f"{job.input} -> {job.output}  seed={result.seed}  {result.latency_s:.2f}s")
+
+
+def _error_dict(error: EditError) -> dict[str, Any]:
+    described: dict[str, Any] = {"type": type(error).__name__, "message": str(error)}
+    if isinstance(error, InvalidArgument):
+        described["field"] = error.field
+    return described
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value), flush=True)
+
+
+def _report_failure(message: str) -> None:
+    # One line per failure, whatever the underlying message contains.
+    print(f"{PROG}: error: {' '.join(message.split())}", file=sys.stderr, flush=True)
+
+
+def _parameter_help(parameter: contract.Parameter) -> str:
+    """A flag's help from the contract: description, allowed values, server default."""
+    text = parameter.description
+    if parameter.choices is not None or parameter.triton_dtype != "TYPE_STRING":
+        text += f"; {parameter.allowed()}"
+    if len(parameter.ensembles) == 1:
+        text += f"; {parameter.ensembles[0]} only"
+    defaults = {e: parameter.default_for(e) for e in parameter.ensembles}
+    defaults = {e: v for e, v in defaults.items() if v not in (None, "")}
+    if len(set(defaults.values())) == 1 and len(defaults) == len(parameter.ensembles):
+        text += f" (server default: {next(iter(defaults.values()))})"
+    elif defaults:
+        text += " (server default: " + ", ".join(f"{e} {v}" for e, v in defaults.items()) + ")"
+    return text.replace("%", "%%")
+
+
+def _flag_of(field: str) -> str:
+    for flag, (name, _, _) in EDIT_FLAGS.items():
+        if name == field:
+            return flag
+    return {"prompt": "--prompt", "model": "--model"}.get(field, field)
+
+
+def _exit_code(exit_request: SystemExit) -> int:
+    code = exit_request.code
+    if code is None:
+        return EXIT_OK
+    return code if isinstance(code, int) else EXIT_INVALID_INPUT
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
