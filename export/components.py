@@ -1,0 +1,177 @@
+"""One description per exported component: the single source of truth for tensor names.
+
+Each `ComponentSpec` says what a component takes and returns (names, dtypes, which axes
+are dynamic) and the range of every dynamic axis. The ONNX export reads it for
+`dynamic_axes`, the TensorRT builder for optimization profiles (min/opt/max), and the
+repository builder for `config.pbtxt`. Nobody types a tensor name twice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+TEXT_ENCODER = "text_encoder"
+VAE_ENCODER = "vae_encoder"
+VAE_DECODER = "vae_decoder"
+UNET_PIX2PIX = "unet_pix2pix"
+UNET_IMG2IMG = "unet_img2img"
+COMPONENTS = (TEXT_ENCODER, VAE_ENCODER, VAE_DECODER, UNET_PIX2PIX, UNET_IMG2IMG)
+UNET_FOR_PIPELINE = {"instruct_pix2pix": UNET_PIX2PIX, "img2img": UNET_IMG2IMG}
+
+TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int32": "TYPE_INT32"}
+
+# Pixel range of served images (TensorRT profiles; 512 is what SD 1.5 was trained at).
+MIN_IMAGE_SIDE = 256
+OPT_IMAGE_SIDE = 512
+MAX_IMAGE_SIDE = 1024
+
+
+@dataclass(frozen=True)
+class AxisRange:
+    """min / opt / max of one dynamic axis, as a TensorRT optimization profile wants them."""
+
+    min: int
+    opt: int
+    max: int
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A named tensor; dims are ints (fixed) or names of dynamic axes."""
+
+    name: str
+    dtype: str  # numpy name: float32, int32
+    dims: tuple[int | str, ...]
+
+    def shape_for(self, sizes: dict[str, int]) -> tuple[int, ...]:
+        return tuple(sizes[dim] if isinstance(dim, str) else dim for dim in self.dims)
+
+    @property
+    def dynamic_axes(self) -> dict[int, str]:
+        return {index: dim for index, dim in enumerate(self.dims) if isinstance(dim, str)}
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    """What one exported component takes and returns, and the ranges of its dynamic axes."""
+
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    axes: dict[str, AxisRange]
+
+    @property
+    def batched(self) -> bool:
+        """Whether every tensor's first axis is the batch (Triton's max_batch_size > 0)."""
+        return all(t.dims and t.dims[0] == "batch" for t in (*self.inputs, *self.outputs))
+
+    def sizes(self, which: str) -> dict[str, int]:
+        """Axis sizes of the `min`, `opt` or `max` profile point."""
+        return {axis: getattr(bounds, which) for axis, bounds in self.axes.items()}
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "inputs": [asdict(t) for t in self.inputs],
+            "outputs": [asdict(t) for t in self.outputs],
+            "axes": {axis: asdict(bounds) for axis, bounds in self.axes.items()},
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ComponentSpec:
+        def tensors(items: list[dict[str, Any]]) -> tuple[TensorSpec, ...]:
+            return tuple(TensorSpec(t["name"], t["dtype"], tuple(t["dims"])) for t in items)
+
+        return cls(
+            name=data["name"],
+            inputs=tensors(data["inputs"]),
+            outputs=tensors(data["outputs"]),
+            axes={axis: AxisRange(**bounds) for axis, bounds in data["axes"].items()},
+        )
+
+
+@dataclass(frozen=True)
+class ModelDimensions:
+    """The few numbers of a checkpoint that tensor shapes depend on."""
+
+    text_hidden_size: int
+    text_max_length: int
+    latent_channels: int
+    vae_scale_factor: int
+
+
+def _latent_axes(scale: int, batch: AxisRange) -> dict[str, AxisRange]:
+    latent = AxisRange(MIN_IMAGE_SIDE // scale, OPT_IMAGE_SIDE // scale, MAX_IMAGE_SIDE // scale)
+    return {"batch": batch, "latent_height": latent, "latent_width": latent}
+
+
+def component_specs(
+    dims: ModelDimensions, float_dtype: str = "float32"
+) -> dict[str, ComponentSpec]:
+    """The specs of all five components for a checkpoint's dimensions."""
+    # Text encoder: prompt and negative prompt in one call.
+    text_batch = AxisRange(1, 2, 2)
+    # VAE: one image per request; dynamic batching may merge a few.
+    image_batch = AxisRange(1, 1, 4)
+    # UNet: 3 for pix2pix guidance, 2 for img2img; two guided requests may merge.
+    unet_batch = AxisRange(1, 3, 6)
+    pixels = AxisRange(MIN_IMAGE_SIDE, OPT_IMAGE_SIDE, MAX_IMAGE_SIDE)
+    latent = ("batch", dims.latent_channels, "latent_height", "latent_width")
+    f = float_dtype
+
+    def unet(name: str, in_channels: int) -> ComponentSpec:
+        return ComponentSpec(
+            name=name,
+            inputs=(
+                TensorSpec("sample", f, ("batch", in_channels, "latent_height", "latent_width")),
+                TensorSpec("timestep", f, ("batch",)),
+                TensorSpec(
+                    "encoder_hidden_states",
+                    f,
+                    ("batch", dims.text_max_length, dims.text_hidden_size),
+                ),
+            ),
+            outputs=(TensorSpec("noise_pred", f, latent),),
+            axes=_latent_axes(dims.vae_scale_factor, unet_batch),
+        )
+
+    return {
+        TEXT_ENCODER: ComponentSpec(
+            name=TEXT_ENCODER,
+            inputs=(TensorSpec("input_ids", "int32", ("batch", dims.text_max_length)),),
+            outputs=(
+                TensorSpec(
+                    "last_hidden_state", f, ("batch", dims.text_max_length, dims.text_hidden_size)
+                ),
+            ),
+            axes={"batch": text_batch},
+        ),
+        VAE_ENCODER: ComponentSpec(
+            name=VAE_ENCODER,
+            inputs=(TensorSpec("image", f, ("batch", 3, "height", "width")),),
+            # Mean and standard deviation of the latent distribution, unscaled: the sampler
+            # decides scaling and whether to sample (img2img) or take the mean (pix2pix).
+            outputs=(
+                TensorSpec("latent_mean", f, latent),
+                TensorSpec("latent_std", f, latent),
+            ),
+            axes={
+                **_latent_axes(dims.vae_scale_factor, image_batch),
+                "height": pixels,
+                "width": pixels,
+            },
+        ),
+        VAE_DECODER: ComponentSpec(
+            name=VAE_DECODER,
+            inputs=(TensorSpec("latent", f, latent),),
+            outputs=(TensorSpec("image", f, ("batch", 3, "height", "width")),),
+            axes={
+                **_latent_axes(dims.vae_scale_factor, image_batch),
+                "height": pixels,
+                "width": pixels,
+            },
+        ),
+        UNET_PIX2PIX: unet(UNET_PIX2PIX, 2 * dims.latent_channels),
+        UNET_IMG2IMG: unet(UNET_IMG2IMG, dims.latent_channels),
+    }

@@ -1,0 +1,446 @@
+"""Exports a checkpoint's text encoder, VAE and UNets to ONNX, then validates each one.
+
+    python -m export.onnx_export MODEL [MODEL ...] --output DIR [--fp16] [--opset 17]
+
+MODEL is a diffusers folder (InstructPix2Pix or SD 1.x img2img) or a preset root holding
+both. The text encoder and VAE are shared by both pipelines and exported once. Every
+component is then run in onnxruntime against PyTorch on random inputs at two shapes; a
+table of errors is printed, and the export fails (exit 1) when one exceeds its tolerance.
+The output folder gets a `manifest.json` that the repository builder reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import platform
+import resource
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from export.checkpoint import (
+    PIX2PIX,
+    PipelineFolder,
+    UnsupportedCheckpointError,
+    discover_pipelines,
+)
+from export.components import (
+    TEXT_ENCODER,
+    UNET_FOR_PIPELINE,
+    VAE_DECODER,
+    VAE_ENCODER,
+    ComponentSpec,
+    component_specs,
+)
+
+MANIFEST = "manifest.json"
+MODEL_FILE = "model.onnx"
+EXTERNAL_DATA_FILE = "model.onnx.data"
+# Protobuf cannot hold a model over 2 GiB; leave headroom for the graph itself.
+EXTERNAL_DATA_THRESHOLD_BYTES = 1_800_000_000
+DEFAULT_OPSET = 17
+
+# Validation passes when max|onnx - torch| / max|torch| stays under this, per precision.
+# fp32 differences come from kernel order only (seen: ~1e-6); fp16 keeps ~3 digits.
+TOLERANCE = {"fp32": 1e-3, "fp16": 2e-2}
+
+# Shapes traced at export: a latent side that is not a multiple of the UNet's overall
+# down-sampling factor makes diffusers pass explicit upsample sizes, so the exported graph
+# works for every image side that is a multiple of 8, not only multiples of 64.
+TRACE_BATCH = 2
+TRACE_IMAGE = (200, 264)
+# Validation cases: (batch for UNets, batch for the rest, image height, image width).
+VALIDATION_CASES = ((1, 1, 128, 128), (3, 2, 200, 136))
+
+
+@dataclass
+class ValidationRow:
+    component: str
+    shapes: str
+    max_abs: float
+    max_rel: float
+    tolerance: float
+
+    @property
+    def passed(self) -> bool:
+        return bool(np.isfinite(self.max_rel)) and self.max_rel <= self.tolerance
+
+
+# --------------------------------------------------------------------------- wrappers
+
+
+def _wrappers(pipelines: dict[str, Any]) -> dict[str, Any]:
+    """torch modules whose forward signature is exactly the component spec's."""
+    import torch
+
+    class TextEncoder(torch.nn.Module):
+        def __init__(self, text_encoder: Any) -> None:
+            super().__init__()
+            self.text_encoder = text_encoder
+
+        def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+            return self.text_encoder(input_ids.to(torch.int64), return_dict=False)[0]
+
+    class VaeEncoder(torch.nn.Module):
+        def __init__(self, vae: Any) -> None:
+            super().__init__()
+            self.vae = vae
+
+        def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            distribution = self.vae.encode(image).latent_dist
+            return distribution.mean, distribution.std
+
+    class VaeDecoder(torch.nn.Module):
+        def __init__(self, vae: Any) -> None:
+            super().__init__()
+            self.vae = vae
+
+        def forward(self, latent: torch.Tensor) -> torch.Tensor:
+            return self.vae.decode(latent, return_dict=False)[0]
+
+    class UNet(torch.nn.Module):
+        def __init__(self, unet: Any) -> None:
+            super().__init__()
+            self.unet = unet
+
+        def forward(
+            self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
+        ) -> torch.Tensor:
+            return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+
+    shared = pipelines.get(PIX2PIX) or next(iter(pipelines.values()))
+    modules = {
+        TEXT_ENCODER: TextEncoder(shared.text_encoder),
+        VAE_ENCODER: VaeEncoder(shared.vae),
+        VAE_DECODER: VaeDecoder(shared.vae),
+    }
+    for pipeline_name, pipeline in pipelines.items():
+        modules[UNET_FOR_PIPELINE[pipeline_name]] = UNet(pipeline.unet)
+    return {name: module.eval() for name, module in modules.items()}
+
+
+def _check_shared_weights(pipelines: dict[str, Any]) -> None:
+    """Both ensembles run one text encoder and one VAE: their weights must agree."""
+    import torch
+
+    if len(pipelines) < 2:
+        return
+    first, second = pipelines.values()
+    for component in ("text_encoder", "vae"):
+        a = getattr(first, component).state_dict()
+        b = getattr(second, component).state_dict()
+        same = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        if not same:
+            raise UnsupportedCheckpointError(
+                f"the two pipelines have different {component} weights; both ensembles "
+                "share one: export them separately"
+            )
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def sample_inputs(
+    spec: ComponentSpec, batch: int, height: int, width: int, scale: int, seed: int
+) -> dict[str, np.ndarray]:
+    """Random inputs for a component at one shape, in the spec's dtypes."""
+    rng = np.random.default_rng(seed)
+    sizes = {
+        "batch": batch,
+        "height": height,
+        "width": width,
+        "latent_height": height // scale,
+        "latent_width": width // scale,
+    }
+    arrays: dict[str, np.ndarray] = {}
+    for tensor in spec.inputs:
+        shape = tensor.shape_for(sizes)
+        if tensor.name == "input_ids":
+            arrays[tensor.name] = rng.integers(0, 49407, size=shape).astype(np.int32)
+        elif tensor.name == "timestep":
+            arrays[tensor.name] = rng.uniform(1, 999, size=shape).astype(np.float32)
+        elif tensor.name == "image":
+            arrays[tensor.name] = rng.uniform(-1, 1, size=shape).astype(np.float32)
+        else:
+            arrays[tensor.name] = rng.standard_normal(size=shape).astype(np.float32)
+    return arrays
+
+
+# --------------------------------------------------------------------------- export
+
+
+def _parameter_bytes(module: Any) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def export_component(
+    module: Any, spec: ComponentSpec, target_dir: Path, scale: int, opset: int, fp16: bool
+) -> Path:
+    """Writes `target_dir/model.onnx` (+ external data when large) for one component."""
+    import onnx
+    import torch
+
+    target_dir.mkdir(parents=True, exist_ok=True)
+    for stale in target_dir.iterdir():
+        if stale.is_file():
+            stale.unlink()
+    batch = 1 if spec.name == TEXT_ENCODER else TRACE_BATCH
+    example = sample_inputs(spec, batch, *TRACE_IMAGE, scale=scale, seed=0)
+    args = tuple(torch.from_numpy(example[t.name]) for t in spec.inputs)
+    dynamic_axes = {t.name: t.dynamic_axes for t in (*spec.inputs, *spec.outputs)}
+    large = _parameter_bytes(module) > EXTERNAL_DATA_THRESHOLD_BYTES
+    target = target_dir / MODEL_FILE
+
+    with tempfile.TemporaryDirectory(dir=target_dir) as scratch, warnings.catch_warnings():
+        # diffusers' shape checks become constants in the trace; the validation below
+        # runs other shapes, which is what shows the graph generalises.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        traced = Path(scratch) / MODEL_FILE
+        with torch.inference_mode():
+            torch.onnx.export(
+                module,
+                args,
+                str(traced),
+                input_names=[t.name for t in spec.inputs],
+                output_names=[t.name for t in spec.outputs],
+                dynamic_axes=dynamic_axes,
+                opset_version=opset,
+                do_constant_folding=True,
+                dynamo=False,
+            )
+        model = onnx.load(str(traced), load_external_data=True)
+        if fp16:
+            from onnxruntime.transformers.float16 import convert_float_to_float16
+
+            # Inputs and outputs stay fp32 so the served contract is the same either way.
+            model = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=large)
+        if large or model.ByteSize() > EXTERNAL_DATA_THRESHOLD_BYTES:
+            onnx.save_model(
+                model,
+                str(target),
+                save_as_external_data=True,
+                all_tensors_to_one_file=True,
+                location=EXTERNAL_DATA_FILE,
+                size_threshold=1024,
+            )
+        else:
+            onnx.save_model(model, str(target))
+    onnx.checker.check_model(str(target))
+    return target
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _session(path: Path) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def validate_component(
+    module: Any, spec: ComponentSpec, model_path: Path, scale: int, tolerance: float
+) -> list[ValidationRow]:
+    """Runs the ONNX file and the torch module on the same random inputs at two shapes."""
+    import torch
+
+    session = _session(model_path)
+    rows = []
+    for case, (unet_batch, batch, height, width) in enumerate(VALIDATION_CASES):
+        if spec.name.startswith("unet"):
+            batch = unet_batch
+        inputs = sample_inputs(spec, batch, height, width, scale=scale, seed=100 + case)
+        with torch.inference_mode():
+            expected = module(*(torch.from_numpy(inputs[t.name]) for t in spec.inputs))
+        if isinstance(expected, torch.Tensor):
+            expected = (expected,)
+        actual = session.run([t.name for t in spec.outputs], inputs)
+        max_abs = 0.0
+        max_rel = 0.0
+        for want, got in zip(expected, actual, strict=True):
+            want = want.float().numpy()
+            if want.shape != got.shape:
+                raise AssertionError(f"{spec.name}: shape {got.shape} != torch {want.shape}")
+            error = float(np.max(np.abs(got.astype(np.float64) - want)))
+            max_abs = max(max_abs, error)
+            max_rel = max(max_rel, error / max(float(np.max(np.abs(want))), 1e-12))
+        main_input = spec.inputs[0]
+        shape = "x".join(str(d) for d in inputs[main_input.name].shape)
+        rows.append(ValidationRow(spec.name, f"{main_input.name} {shape}", max_abs, max_rel, tolerance))
+    return rows
+
+
+def format_table(rows: list[ValidationRow]) -> str:
+    header = f"{'component':<14} {'input shape':<32} {'max abs':>10} {'max rel':>10} {'tol':>8}  ok"
+    lines = [header, "-" * len(header)]
+    for row in rows:
+        lines.append(
+            f"{row.component:<14} {row.shapes:<32} {row.max_abs:>10.2e} {row.max_rel:>10.2e} "
+            f"{row.tolerance:>8.0e}  {'yes' if row.passed else 'NO'}"
+        )
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- manifest
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _library_versions() -> dict[str, str]:
+    names = ("torch", "diffusers", "transformers", "onnx", "onnxruntime")
+    return {name: version(name) for name in names} | {"python": platform.python_version()}
+
+
+def _copy_pipeline_assets(folders: dict[str, PipelineFolder], output: Path) -> dict[str, Any]:
+    """Tokenizer and scheduler configs travel with the export, so it stands on its own."""
+    shared = folders.get(PIX2PIX) or next(iter(folders.values()))
+    tokenizer_dir = output / "tokenizer"
+    if tokenizer_dir.exists():
+        shutil.rmtree(tokenizer_dir)
+    shutil.copytree(shared.path / "tokenizer", tokenizer_dir)
+    schedulers = {}
+    for pipeline_name, folder in folders.items():
+        target = output / "schedulers" / pipeline_name / "scheduler_config.json"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(folder.path / "scheduler" / "scheduler_config.json", target)
+        schedulers[pipeline_name] = target.relative_to(output).as_posix()
+    return {"tokenizer": "tokenizer", "schedulers": schedulers}
+
+
+def export_checkpoint(
+    models: list[Path], output: Path, *, fp16: bool = False, opset: int = DEFAULT_OPSET
+) -> tuple[dict[str, Any], list[ValidationRow]]:
+    """Exports and validates every component; writes and returns the manifest."""
+    import torch
+
+    from export.checkpoint import load_pipeline
+
+    started = time.perf_counter()
+    folders = discover_pipelines(models)
+    dims_by_pipeline = {name: folder.dimensions() for name, folder in folders.items()}
+    dims = next(iter(dims_by_pipeline.values()))
+    if any(other != dims for other in dims_by_pipeline.values()):
+        raise UnsupportedCheckpointError("the two pipelines have different component shapes")
+    precision = "fp16" if fp16 else "fp32"
+    specs = component_specs(dims)
+    torch.manual_seed(0)
+    pipelines = {name: load_pipeline(folder) for name, folder in folders.items()}
+    _check_shared_weights(pipelines)
+    modules = _wrappers(pipelines)
+
+    output.mkdir(parents=True, exist_ok=True)
+    (output / MANIFEST).unlink(missing_ok=True)
+    components: dict[str, Any] = {}
+    rows: list[ValidationRow] = []
+    for name, module in modules.items():
+        spec = specs[name]
+        tick = time.perf_counter()
+        path = export_component(module, spec, output / name, dims.vae_scale_factor, opset, fp16)
+        export_s = time.perf_counter() - tick
+        tick = time.perf_counter()
+        component_rows = validate_component(
+            module, spec, path, dims.vae_scale_factor, TOLERANCE[precision]
+        )
+        rows.extend(component_rows)
+        files = sorted(p for p in path.parent.iterdir() if p.is_file())
+        components[name] = {
+            "spec": spec.to_json(),
+            "triton_max_batch_size": spec.axes["batch"].max,
+            "files": {
+                p.relative_to(output).as_posix(): {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
+                for p in files
+            },
+            "model": path.relative_to(output).as_posix(),
+            "external_data": (path.parent / EXTERNAL_DATA_FILE).exists(),
+            "export_seconds": round(export_s, 2),
+            "validation_seconds": round(time.perf_counter() - tick, 2),
+        }
+        print(
+            f"exported {name:<13} {sum(f['bytes'] for f in components[name]['files'].values()) / 1e6:9.1f} MB"
+            f"  in {export_s:6.1f} s",
+            flush=True,
+        )
+
+    passed = all(row.passed for row in rows)
+    manifest = {
+        "format": 1,
+        "precision": precision,
+        "opset": opset,
+        "pipelines": {
+            name: {
+                "source": str(folder.path.resolve()),
+                "unet": UNET_FOR_PIPELINE[name],
+                "vae_scaling_factor": folder.vae_scaling_factor(),
+            }
+            for name, folder in folders.items()
+        },
+        "dimensions": dims.__dict__,
+        "components": components,
+        **_copy_pipeline_assets(folders, output),
+        "validation": {
+            "passed": passed,
+            "tolerance_max_rel": TOLERANCE[precision],
+            "rows": [row.__dict__ | {"passed": row.passed} for row in rows],
+        },
+        "versions": _library_versions(),
+        "seconds": round(time.perf_counter() - started, 1),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
+    (output / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest, rows
+
+
+def load_manifest(export_dir: Path) -> dict[str, Any]:
+    """Reads an export's manifest; refuses one whose validation failed."""
+    path = Path(export_dir) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{export_dir}: no {MANIFEST}; run the ONNX export first")
+    manifest = json.loads(path.read_text())
+    if not manifest["validation"]["passed"]:
+        raise ValueError(f"{export_dir}: this export failed validation against PyTorch")
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("models", nargs="+", type=Path, help="diffusers folder(s) or preset root")
+    parser.add_argument("--output", type=Path, required=True, help="export folder")
+    parser.add_argument("--fp16", action="store_true", help="fp16 weights (GPUs); fp32 default")
+    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET)
+    args = parser.parse_args(argv)
+    try:
+        manifest, rows = export_checkpoint(args.models, args.output, fp16=args.fp16, opset=args.opset)
+    except UnsupportedCheckpointError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print()
+    print(format_table(rows))
+    print(
+        f"\n{'passed' if manifest['validation']['passed'] else 'FAILED'}: "
+        f"{len(rows)} checks, tolerance max rel {manifest['validation']['tolerance_max_rel']:.0e} "
+        f"({manifest['precision']}); {manifest['seconds']} s, peak RSS {manifest['peak_rss_mb']:.0f} MB"
+    )
+    print(f"manifest: {args.output / MANIFEST}")
+    return 0 if manifest["validation"]["passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,258 @@
+"""Presets, ONNX export and validation, on the tiny preset of the real architectures."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from export.checkpoint import (
+    UnsupportedCheckpointError,
+    discover_pipelines,
+    inspect_folder,
+    load_pipeline,
+)
+from export.components import COMPONENTS, ModelDimensions, component_specs
+from export.onnx_export import MANIFEST, format_table, load_manifest, sample_inputs
+from export.presets import IMG2IMG_FOLDER, PIX2PIX_FOLDER, build_preset, weights_hash
+from export.tensorrt_engines import engine_name, optimization_profile
+
+
+def test_preset_is_deterministic(tiny_preset: Path, tmp_path: Path) -> None:
+    again = build_preset("tiny", tmp_path / "again", seed=0)
+    assert again[PIX2PIX_FOLDER] == weights_hash(tiny_preset / PIX2PIX_FOLDER)
+    assert again[IMG2IMG_FOLDER] == weights_hash(tiny_preset / IMG2IMG_FOLDER)
+    other_seed = build_preset("tiny", tmp_path / "other", seed=1)
+    assert other_seed[PIX2PIX_FOLDER] != again[PIX2PIX_FOLDER]
+
+
+def test_preset_shares_text_encoder_and_vae_like_real_checkpoints(tiny_preset: Path) -> None:
+    for component, weights in (
+        ("text_encoder", "model.safetensors"),
+        ("vae", "diffusion_pytorch_model.safetensors"),
+    ):
+        pix2pix = (tiny_preset / PIX2PIX_FOLDER / component / weights).read_bytes()
+        img2img = (tiny_preset / IMG2IMG_FOLDER / component / weights).read_bytes()
+        assert pix2pix == img2img
+    pix2pix = load_pipeline(inspect_folder(tiny_preset / PIX2PIX_FOLDER))
+    img2img = load_pipeline(inspect_folder(tiny_preset / IMG2IMG_FOLDER))
+    assert pix2pix.unet.config.in_channels == 8
+    assert img2img.unet.config.in_channels == 4
+    assert type(pix2pix.scheduler).__name__ == "EulerAncestralDiscreteScheduler"
+    assert type(img2img.scheduler).__name__ == "PNDMScheduler"
+    assert pix2pix.vae_scale_factor == 8
+    # The real CLIP vocabulary: "a photo" is 320, 1125 in Stable Diffusion's tokenizer.
+    ids = pix2pix.tokenizer("a photo", padding="max_length", max_length=77).input_ids
+    assert ids[:4] == [49406, 320, 1125, 49407] and len(ids) == 77
+
+
+def test_export_writes_manifest_with_every_component(tiny_export: Path) -> None:
+    manifest = load_manifest(tiny_export)
+    assert set(manifest["components"]) == set(COMPONENTS)
+    assert manifest["precision"] == "fp32"
+    assert set(manifest["pipelines"]) == {"instruct_pix2pix", "img2img"}
+    for entry in manifest["components"].values():
+        model = tiny_export / entry["model"]
+        assert model.is_file()
+        assert entry["files"][entry["model"]]["bytes"] == model.stat().st_size
+        assert not entry["external_data"]
+    rows = manifest["validation"]["rows"]
+    assert len(rows) == 2 * len(COMPONENTS)
+    assert all(row["passed"] and row["max_rel"] < 1e-4 for row in rows)
+    assert (tiny_export / "tokenizer" / "tokenizer_config.json").is_file()
+    for pipeline, path in manifest["schedulers"].items():
+        config = json.loads((tiny_export / path).read_text())
+        expected = {"instruct_pix2pix": "EulerAncestralDiscreteScheduler", "img2img": "PNDMScheduler"}
+        assert config["_class_name"] == expected[pipeline]
+
+
+def test_onnx_inputs_and_outputs_follow_the_spec(tiny_export: Path) -> None:
+    manifest = load_manifest(tiny_export)
+    for name, entry in manifest["components"].items():
+        session = ort.InferenceSession(str(tiny_export / entry["model"]))
+        spec_inputs = [t["name"] for t in entry["spec"]["inputs"]]
+        spec_outputs = [t["name"] for t in entry["spec"]["outputs"]]
+        assert [i.name for i in session.get_inputs()] == spec_inputs, name
+        assert [o.name for o in session.get_outputs()] == spec_outputs, name
+        # every axis the spec calls dynamic is symbolic in the ONNX graph
+        for tensor, declared in zip(session.get_inputs(), entry["spec"]["inputs"], strict=True):
+            for axis, dim in enumerate(declared["dims"]):
+                assert isinstance(tensor.shape[axis], str) == isinstance(dim, str), (name, tensor)
+
+
+@pytest.mark.parametrize(
+    ("batch", "height", "width"),
+    [(1, 64, 64), (3, 72, 120), (2, 256, 96)],
+    ids=["square-batch1", "non-square-batch3", "tall-batch2"],
+)
+def test_unet_dynamic_shapes_match_pytorch(
+    tiny_preset: Path, tiny_export: Path, batch: int, height: int, width: int
+) -> None:
+    """Shapes never seen at export (odd latent sides, batch 1 and 3) match the torch UNet."""
+    pipeline = load_pipeline(inspect_folder(tiny_preset / PIX2PIX_FOLDER))
+    manifest = load_manifest(tiny_export)
+    spec = component_specs(ModelDimensions(**manifest["dimensions"]))["unet_pix2pix"]
+    inputs = sample_inputs(spec, batch, height, width, scale=8, seed=7)
+    session = ort.InferenceSession(str(tiny_export / "unet_pix2pix" / "model.onnx"))
+    (actual,) = session.run(None, inputs)
+    with torch.inference_mode():
+        expected = pipeline.unet(
+            torch.from_numpy(inputs["sample"]),
+            torch.from_numpy(inputs["timestep"]),
+            torch.from_numpy(inputs["encoder_hidden_states"]),
+        ).sample.numpy()
+    assert actual.shape == (batch, 4, height // 8, width // 8)
+    np.testing.assert_allclose(actual, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_vae_roundtrip_non_square(tiny_preset: Path, tiny_export: Path) -> None:
+    pipeline = load_pipeline(inspect_folder(tiny_preset / IMG2IMG_FOLDER))
+    image = np.random.default_rng(3).uniform(-1, 1, size=(1, 3, 48, 80)).astype(np.float32)
+    encoder = ort.InferenceSession(str(tiny_export / "vae_encoder" / "model.onnx"))
+    mean, std = encoder.run(None, {"image": image})
+    with torch.inference_mode():
+        distribution = pipeline.vae.encode(torch.from_numpy(image)).latent_dist
+    np.testing.assert_allclose(mean, distribution.mean.numpy(), atol=1e-5)
+    np.testing.assert_allclose(std, distribution.std.numpy(), atol=1e-5)
+    decoder = ort.InferenceSession(str(tiny_export / "vae_decoder" / "model.onnx"))
+    (decoded,) = decoder.run(None, {"latent": mean})
+    assert decoded.shape == (1, 3, 48, 80)
+
+
+def test_validation_table_names_every_component(tiny_export: Path) -> None:
+    from export.onnx_export import ValidationRow
+
+    rows = [ValidationRow(**{k: v for k, v in row.items() if k != "passed"})
+            for row in load_manifest(tiny_export)["validation"]["rows"]]
+    table = format_table(rows)
+    print("\n" + table)
+    for component in COMPONENTS:
+        assert component in table
+    failing = ValidationRow("unet_pix2pix", "sample 1x8x8x8", 0.5, 0.1, 1e-3)
+    assert not failing.passed and "NO" in format_table([failing])
+
+
+def _copy_pipeline(tiny_preset: Path, tmp_path: Path) -> Path:
+    target = tmp_path / "pipeline"
+    shutil.copytree(tiny_preset / PIX2PIX_FOLDER, target)
+    return target
+
+
+def _run_export(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "export.onnx_export", *args],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("break_it", "message"),
+    [
+        (lambda p: shutil.rmtree(p / "vae"), "component 'vae' is missing"),
+        (
+            lambda p: (p / "unet" / "diffusion_pytorch_model.safetensors").rename(
+                p / "unet" / "diffusion_pytorch_model.bin"
+            ),
+            "unet weights load from safetensors only (found only diffusion_pytorch_model.bin)",
+        ),
+        (
+            lambda p: _edit_json(p / "unet" / "config.json", in_channels=9),
+            "unet has 9 input channels; supported: 8 (InstructPix2Pix) or 4 (img2img)",
+        ),
+        (
+            lambda p: _edit_json(p / "model_index.json", _class_name="StableDiffusionXLPipeline"),
+            "StableDiffusionXLPipeline is an SDXL pipeline",
+        ),
+        (lambda p: (p / "model_index.json").unlink(), "not a diffusers pipeline folder"),
+    ],
+    ids=["missing-component", "pickle-only", "unexpected-channels", "sdxl", "not-diffusers"],
+)
+def test_unsupported_folder_fails_with_one_line(
+    tiny_preset: Path, tmp_path: Path, break_it, message: str
+) -> None:
+    folder = _copy_pipeline(tiny_preset, tmp_path)
+    break_it(folder)
+    with pytest.raises(UnsupportedCheckpointError, match=None) as caught:
+        discover_pipelines([folder])
+    assert message in str(caught.value)
+    result = _run_export(str(folder), "--output", str(tmp_path / "out"))
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0, result.stderr
+    assert message in result.stderr
+    assert not (tmp_path / "out" / MANIFEST).exists()
+
+
+def _edit_json(path: Path, **changes: object) -> None:
+    data = json.loads(path.read_text())
+    data.update(changes)
+    path.write_text(json.dumps(data))
+
+
+def test_tensorrt_profiles_come_from_the_specs() -> None:
+    specs = component_specs(ModelDimensions(768, 77, 4, 8))
+    profile = optimization_profile(specs["unet_pix2pix"])
+    assert profile["sample"] == ((1, 8, 32, 32), (3, 8, 64, 64), (6, 8, 128, 128))
+    assert profile["timestep"] == ((1,), (3,), (6,))
+    assert profile["encoder_hidden_states"] == ((1, 77, 768), (3, 77, 768), (6, 77, 768))
+    assert optimization_profile(specs["vae_decoder"])["latent"][1] == (1, 4, 64, 64)
+    assert optimization_profile(specs["vae_encoder"])["image"][2] == (4, 3, 1024, 1024)
+    assert optimization_profile(specs["text_encoder"])["input_ids"][0] == (1, 77)
+    assert engine_name("unet_pix2pix", "10.5.0", "sm90") == "unet_pix2pix.trt10.5.0.sm90.plan"
+
+
+def _has_gpu() -> bool:
+    return shutil.which("nvidia-smi") is not None
+
+
+def test_engine_builder_says_why_it_cannot_run(tiny_export: Path, tmp_path: Path) -> None:
+    if _has_gpu():
+        pytest.skip("this machine has a GPU; the gpu test builds engines instead")
+    result = subprocess.run(
+        [sys.executable, "-m", "export.tensorrt_engines", str(tiny_export), "--output", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode != 0
+    assert result.stderr.strip().count("\n") == 0
+    assert "cannot build TensorRT engines here: no NVIDIA GPU" in result.stderr
+
+
+@pytest.mark.gpu
+def test_tensorrt_engines_build_and_match_onnx(tiny_export: Path, tmp_path: Path) -> None:
+    if not _has_gpu():
+        pytest.skip("needs an NVIDIA GPU (nvidia-smi not found)")
+    trt = pytest.importorskip("tensorrt", reason="needs the tensorrt extra")
+    from export.tensorrt_engines import build_engines
+
+    record = build_engines(tiny_export, tmp_path, fp16=True)
+    assert set(record["components"]) == set(COMPONENTS)
+    for entry in record["components"].values():
+        assert (tmp_path / entry["engine"]).stat().st_size > 0
+        assert f"trt{trt.__version__}" in entry["engine"]
+    assert (tmp_path / "timing.cache").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_sd15_export_with_external_data_validates(tmp_path: Path) -> None:
+    """The full SD 1.5 shapes: UNet over 2 GB needs ONNX external data (several minutes)."""
+    from export.onnx_export import export_checkpoint
+
+    root = tmp_path / "sd15"
+    build_preset("sd15", root, seed=0)
+    manifest, rows = export_checkpoint([root], tmp_path / "onnx")
+    print("\n" + format_table(rows))
+    assert manifest["validation"]["passed"]
+    for unet in ("unet_pix2pix", "unet_img2img"):
+        entry = manifest["components"][unet]
+        assert entry["external_data"]
+        assert entry["files"][f"{unet}/model.onnx.data"]["bytes"] > 3_000_000_000
