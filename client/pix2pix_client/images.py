@@ -27,7 +27,7 @@ def encode_image(image: ImageInput) -> bytes:
     encoded as PNG. Raises InvalidArgument (field "image") naming what is wrong.
     """
     if isinstance(image, (str, os.PathLike)):
-        return _encoded_bytes(_read_file(Path(image)), source=str(image))
+        return _encoded_bytes(_read_file(Path(image)), source=f"image file {str(image)!r}")
     if isinstance(image, (bytes, bytearray, memoryview)):
         return _encoded_bytes(bytes(image), source="image bytes")
     if isinstance(image, Image.Image):
@@ -109,4 +109,4 @@ def _png_from_pil(image: Image.Image) -> bytes:
 
 
 def _served() -> str:
-    return ", ".join(SERVED_FORMATS[:-1]) + " or " + SERVED_FORMATS[-1]
+    return "PNG, JPEG or WebP"
