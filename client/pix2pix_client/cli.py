@@ -267,9 +267,7 @@ async def _run_edits(
         async def run(job: _Job) -> tuple[_Job, EditResult | EditError]:
             try:
                 async with semaphore:
-                    result = await client.edit(
-                        job.input, args.prompt, model=args.model, timeout_s=args.timeout, **options
-                    )
+                    result = await client.edit(job.input, args.prompt, model=args.model, **options)
                 await asyncio.to_thread(result.save, job.output)
             except (ServerUnavailable, ModelNotFound):
                 # The same answer awaits every other input: stop at the first.
