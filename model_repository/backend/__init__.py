@@ -1,0 +1,1 @@
+"""Thin Python backend `model.py` templates; the builder copies them into the repository."""

@@ -1,0 +1,73 @@
+"""An exported component run by onnxruntime inside a Python backend model.
+
+Used by the `python-onnxruntime` flavour, where tritonserver has no onnxruntime backend.
+Requests that arrive together (Triton's dynamic batcher hands the Python backend a list)
+and share a shape are concatenated along the batch axis and run as one call: that is
+where concurrent edits' UNet steps merge.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+
+def session_options(intra_op_threads: int = 0, inter_op_threads: int = 1) -> object:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = intra_op_threads
+    options.inter_op_num_threads = inter_op_threads
+    options.log_severity_level = 3
+    return options
+
+
+class OnnxComponent:
+    """One ONNX model with named inputs and outputs, runnable on merged batches."""
+
+    def __init__(self, model_path: Path, intra_op_threads: int = 0) -> None:
+        import onnxruntime as ort
+
+        self.session = ort.InferenceSession(
+            str(model_path),
+            session_options(intra_op_threads),
+            providers=["CPUExecutionProvider"],
+        )
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.input_ranks = {i.name: len(i.shape) for i in self.session.get_inputs()}
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        feed = {}
+        for name in self.input_names:
+            array = inputs[name]
+            # Triton carries a [batch] tensor as [batch, 1] (dims [1] + reshape []).
+            if array.ndim == self.input_ranks[name] + 1 and array.shape[-1] == 1:
+                array = array.reshape(array.shape[:-1])
+            feed[name] = array
+        return dict(zip(self.output_names, self.session.run(self.output_names, feed), strict=True))
+
+    def run_merged(self, requests: Sequence[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+        """Runs requests with equal non-batch shapes as one batch; returns per-request outputs."""
+        results: list[dict[str, np.ndarray] | None] = [None] * len(requests)
+        groups: dict[tuple, list[int]] = {}
+        for index, request in enumerate(requests):
+            key = tuple(request[name].shape[1:] for name in self.input_names)
+            groups.setdefault(key, []).append(index)
+        for indices in groups.values():
+            if len(indices) == 1:
+                results[indices[0]] = self.run(requests[indices[0]])
+                continue
+            merged = {
+                name: np.concatenate([requests[i][name] for i in indices]) for name in self.input_names
+            }
+            outputs = self.run(merged)
+            offset = 0
+            for i in indices:
+                rows = requests[i][self.input_names[0]].shape[0]
+                results[i] = {name: value[offset : offset + rows] for name, value in outputs.items()}
+                offset += rows
+        return results  # type: ignore[return-value]

@@ -1,0 +1,178 @@
+"""Request preprocessing: validated parameters, the decoded input image, prompt token ids.
+
+Plain Python, called by the `preprocess_*` Triton models and directly by tests and the
+bare onnxruntime baseline. Every failure is an `InvalidArgumentError` naming the input
+and its allowed values, which the Triton model turns into INVALID_ARG.
+"""
+
+from __future__ import annotations
+
+import io
+import secrets
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from pix2pix_client.contract import (
+    MAX_PROMPT_TOKENS,
+    MAX_SEED,
+    InvalidArgumentError,
+    validate_request,
+)
+
+ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP")
+DEFAULT_MAX_SIDE = 512
+# Decoded-pixel guard against decompression bombs, checked before decoding.
+DEFAULT_MAX_PIXELS = 4096 * 4096
+SIDE_MULTIPLE = 8
+IMAGE_ALLOWED = "encoded PNG, JPEG or WebP bytes"
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    max_side: int = DEFAULT_MAX_SIDE
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    min_side: int = SIDE_MULTIPLE
+
+
+@dataclass(frozen=True)
+class EditRequest:
+    """A validated request with defaults filled in and the seed chosen."""
+
+    prompt: str
+    negative_prompt: str
+    num_inference_steps: int
+    guidance_scale: float
+    image_guidance_scale: float
+    temperature: float
+    seed: int
+    scheduler: str | None
+
+
+def _image_error(message: str) -> InvalidArgumentError:
+    return InvalidArgumentError("image", f"image {message}: allowed {IMAGE_ALLOWED}")
+
+
+def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> Image.Image:
+    """Decodes, orients by EXIF, converts to RGB and resizes an uploaded image.
+
+    The longer side is scaled down to `limits.max_side` (never up), keeping the aspect
+    ratio; both sides are then floored to a multiple of 8, as the VAE needs.
+    """
+    if not data:
+        raise _image_error("is empty (0 bytes)")
+    with warnings.catch_warnings():
+        # Pillow warns about large images; our own pixel limit below decides.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
+        except UnidentifiedImageError:
+            raise _image_error(f"could not be decoded ({len(data)} bytes, unknown format)") from None
+        except Image.DecompressionBombError as error:
+            raise _image_error(f"is too large to decode ({error})") from None
+        width, height = image.size
+        if width * height > limits.max_pixels:
+            side = int(limits.max_pixels**0.5)
+            raise InvalidArgumentError(
+                "image",
+                f"image is {width}x{height} pixels: allowed at most {limits.max_pixels} "
+                f"pixels ({side}x{side})",
+            )
+        try:
+            image.load()
+            image = ImageOps.exif_transpose(image)
+        except (OSError, SyntaxError, ValueError) as error:
+            raise _image_error(f"could not be decoded ({image.format}: {error})") from None
+    return resize_for_vae(to_rgb(image), limits)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB from any mode a PNG, JPEG or WebP decodes to; transparency lands on white."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16-bit greyscale: scale to 8 bits instead of clipping at 255.
+        levels = np.asarray(image, dtype=np.uint32)
+        image = Image.fromarray((levels // 257).clip(0, 255).astype(np.uint8), mode="L")
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image.convert("RGB") if image.mode != "RGB" else image
+
+
+def resize_for_vae(image: Image.Image, limits: ImageLimits) -> Image.Image:
+    width, height = image.size
+    scale = min(1.0, limits.max_side / max(width, height))
+    target = (
+        int(round(width * scale)) // SIDE_MULTIPLE * SIDE_MULTIPLE,
+        int(round(height * scale)) // SIDE_MULTIPLE * SIDE_MULTIPLE,
+    )
+    if min(target) < limits.min_side:
+        raise InvalidArgumentError(
+            "image",
+            f"image is {width}x{height} pixels, {target[0]}x{target[1]} after resizing: "
+            f"allowed sides of at least {limits.min_side} pixels after resizing to at most "
+            f"{limits.max_side}",
+        )
+    if target != image.size:
+        image = image.resize(target, Image.Resampling.LANCZOS)
+    return image
+
+
+def image_to_tensor(image: Image.Image) -> np.ndarray:
+    """[1, 3, H, W] float32 in [-1, 1], computed as diffusers' VaeImageProcessor does."""
+    pixels = np.asarray(image, dtype=np.float32) / 255.0
+    return np.ascontiguousarray((pixels * 2.0 - 1.0).transpose(2, 0, 1)[None])
+
+
+def _python_float(value: Any) -> float:
+    # An FP32 0.7 is 0.699999988; diffusers computes int(steps * 0.7) with the float the
+    # user typed, so recover it from float32's shortest round-trip text.
+    if isinstance(value, np.floating):
+        return float(str(value))
+    return float(value)
+
+
+def resolve_request(ensemble: str, inputs: dict[str, Any]) -> EditRequest:
+    """Validates the non-image inputs of one request and fills in defaults and the seed."""
+    values = {k: (_python_float(v) if isinstance(v, np.floating) else v) for k, v in inputs.items()}
+    values = {k: (int(v) if isinstance(v, np.integer) else v) for k, v in values.items()}
+    validated = validate_request(ensemble, values)
+    seed = validated["seed"]
+    if seed is None:
+        seed = secrets.randbelow(MAX_SEED + 1)
+    return EditRequest(
+        prompt=validated["prompt"],
+        negative_prompt=validated["negative_prompt"],
+        num_inference_steps=validated["num_inference_steps"],
+        guidance_scale=validated["guidance_scale"],
+        image_guidance_scale=validated.get("image_guidance_scale") or 0.0,
+        temperature=validated["temperature"],
+        seed=seed,
+        scheduler=validated["scheduler"],
+    )
+
+
+class PromptTokenizer:
+    """CLIP tokenization exactly as diffusers' pipelines call it."""
+
+    def __init__(self, tokenizer_dir: Path) -> None:
+        from transformers import CLIPTokenizer
+
+        self.tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
+
+    def __call__(self, prompts: list[str]) -> np.ndarray:
+        """[len(prompts), 77] int32 token ids, padded and truncated to CLIP's context."""
+        encoded = self.tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=min(self.tokenizer.model_max_length, MAX_PROMPT_TOKENS),
+            truncation=True,
+            return_tensors="np",
+        )
+        return encoded.input_ids.astype(np.int32)
