@@ -25,3 +25,38 @@ def tiny_export(tiny_preset: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     manifest, rows = export_checkpoint([tiny_preset], output)
     assert manifest["validation"]["passed"], rows
     return output
+
+
+@pytest.fixture(scope="session")
+def tiny_repository(tiny_export: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A python-onnxruntime model repository of the tiny preset."""
+    from model_repository.builder import RepositoryOptions, build_repository
+
+    output = tmp_path_factory.mktemp("repository") / "tiny"
+    # One onnxruntime thread per session: the test machine has 2 cores shared by all models.
+    build_repository(tiny_export, output, RepositoryOptions(intra_op_threads=1))
+    return output
+
+
+@pytest.fixture(scope="session")
+def tiny_server(tiny_repository: Path, tmp_path_factory: pytest.TempPathFactory):
+    """A real tritonserver serving the tiny repository for the whole test session."""
+    from model_repository.server import TritonServer
+
+    log = tmp_path_factory.mktemp("logs") / "tritonserver.log"
+    server = TritonServer(tiny_repository, log_file=log)
+    server.start()
+    try:
+        server.wait_ready(timeout_s=300)
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture()
+def grpc_client(tiny_server):
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(tiny_server.grpc_url)
+    yield client
+    client.close()

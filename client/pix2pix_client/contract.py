@@ -223,8 +223,8 @@ def validate_request(ensemble: str, values: dict[str, Any]) -> dict[str, Any]:
     """
     accepted = parameters_for(ensemble)
     known = {p.name for p in accepted}
-    for name in values:
-        if name not in known:
+    for name, value in values.items():
+        if name not in known and value is not None:
             raise InvalidArgumentError(
                 name,
                 f"{name} is not an input of {ensemble}: allowed {', '.join(sorted(known))}",
