@@ -236,6 +236,8 @@ def export_component(
         else:
             onnx.save_model(model, str(target))
     onnx.checker.check_model(str(target))
+    for written in target_dir.iterdir():
+        written.chmod(0o644)  # readable by a server running as another user (containers)
     return target
 
 
