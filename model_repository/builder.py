@@ -157,6 +157,14 @@ def _python_config(name: str, instances: int, parameters: dict[str, Any]) -> Any
     return config
 
 
+def _contract_inputs(config: Any, pipeline: str) -> None:
+    # Every input is optional to Triton, required ones included: Triton checks only how
+    # many inputs an ensemble got, and a missing `prompt` ends in an ensemble "deadlock"
+    # error. The preprocess model answers instead, naming the input and its values.
+    for parameter in parameters_for(pipeline):
+        _contract_tensor(config.input.add(), parameter.name, parameter.triton_dtype, True)
+
+
 def _contract_tensor(message: Any, name: str, dtype: str, optional: bool) -> None:
     message.name = name
     message.data_type = CONTRACT_DTYPES[dtype]
@@ -177,7 +185,7 @@ class PipelineTensors:
     latent: TensorSpec
     decoded: TensorSpec
     parameters: TensorSpec = TensorSpec("parameters", "bytes", (1,))
-    seed: TensorSpec = TensorSpec("seed", "int64", (1,))
+    seed_used: TensorSpec = TensorSpec("seed_used", "int64", (1,))
 
     @classmethod
     def from_specs(cls, specs: dict[str, ComponentSpec]) -> PipelineTensors:
@@ -205,11 +213,8 @@ def preprocess_config(pipeline: str, tensors: PipelineTensors, options: Reposito
             "min_image_side": min_image_side(options),
         },
     )
-    for parameter in parameters_for(pipeline):
-        _contract_tensor(
-            config.input.add(), parameter.name, parameter.triton_dtype, not parameter.required
-        )
-    for tensor in (tensors.input_ids, tensors.pixels, tensors.parameters, tensors.seed):
+    _contract_inputs(config, pipeline)
+    for tensor in (tensors.input_ids, tensors.pixels, tensors.parameters, tensors.seed_used):
         _fill_tensor(config.output.add(), tensor, batched=False)
     return config
 
@@ -240,10 +245,7 @@ def postprocess_config(tensors: PipelineTensors, options: RepositoryOptions) -> 
 def ensemble_config(pipeline: str, tensors: PipelineTensors) -> Any:
     """The fixed DAG: preprocess -> text/vae encoders -> sampler -> decoder -> postprocess."""
     config = mc.ModelConfig(name=pipeline, platform="ensemble", max_batch_size=0)
-    for parameter in parameters_for(pipeline):
-        _contract_tensor(
-            config.input.add(), parameter.name, parameter.triton_dtype, not parameter.required
-        )
+    _contract_inputs(config, pipeline)
     for name, dtype, _ in OUTPUTS:
         _contract_tensor(config.output.add(), name, dtype, optional=False)
 
@@ -256,7 +258,7 @@ def ensemble_config(pipeline: str, tensors: PipelineTensors) -> Any:
     step(
         preprocess_model(pipeline),
         contract_inputs,
-        {"input_ids": "input_ids", "pixels": "pixels", "parameters": "parameters", "seed": "seed"},
+        {"input_ids": "input_ids", "pixels": "pixels", "parameters": "parameters", "seed_used": "seed_used"},
     )
     step(TEXT_ENCODER, {"input_ids": "input_ids"}, {"last_hidden_state": "prompt_embeds"})
     step(

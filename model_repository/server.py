@@ -114,7 +114,7 @@ class TritonServer:
             "--allow-metrics=true",
             "--allow-gpu-metrics=false",
             "--strict-readiness=true",
-            "--exit-timeout-secs=10",
+            "--exit-timeout-secs=30",
             f"--log-verbose={self.log_verbose}",
             *self.extra_args,
         ]
@@ -155,7 +155,7 @@ class TritonServer:
             return "\n".join(Path(self.log_file).read_text(errors="replace").splitlines()[-lines:])
         return "(no log file)"
 
-    def stop(self, timeout_s: float = 30.0) -> None:
+    def stop(self, timeout_s: float = 45.0) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGINT)
             try:

@@ -59,7 +59,7 @@ def edit(client: grpcclient.InferenceServerClient, model: str, **inputs: Any) ->
     """Sends one request to an ensemble; inputs left out (or None) are not sent."""
     tensors = [contract_input(name, value) for name, value in inputs.items() if value is not None]
     result = client.infer(model, tensors, client_timeout=300)
-    return Served(png=result.as_numpy("edited_image")[0], seed=int(result.as_numpy("seed")[0]))
+    return Served(png=result.as_numpy("edited_image")[0], seed=int(result.as_numpy("seed_used")[0]))
 
 
 def repository_log(path: Path) -> str:

@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 from pix2pix_client import contract
 from pix2pix_client.cli import build_parser, main
-from test_client_standin import Failure, StandInTriton, png_bytes, serve
+from tests.test_client_standin import Failure, StandInTriton, png_bytes, serve
 
 UNUSED_URL = "127.0.0.1:1"
 RED = (200, 30, 40)

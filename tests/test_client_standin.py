@@ -27,6 +27,8 @@ from PIL import Image, ImageOps
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import deserialize_bytes_tensor, serialize_byte_tensor
 
+from pix2pix_client.contract import OUTPUTS
+
 SERVED_MODELS = ("instruct_pix2pix", "img2img")
 STANDIN_SEED = 1234
 _NUMPY_DTYPES = {"INT32": np.int32, "INT64": np.int64, "FP32": np.float32}
@@ -129,8 +131,9 @@ class StandInTriton(service_pb2_grpc.GRPCInferenceServiceServicer):
         seed = int(inputs.get("seed", STANDIN_SEED))
 
         response = service_pb2.ModelInferResponse(model_name=request.model_name)
-        response.outputs.add(name="edited_image", datatype="BYTES", shape=[1])
-        response.outputs.add(name="seed", datatype="INT64", shape=[1])
+        image_output, seed_output = (name for name, _, _ in OUTPUTS)
+        response.outputs.add(name=image_output, datatype="BYTES", shape=[1])
+        response.outputs.add(name=seed_output, datatype="INT64", shape=[1])
         image_tensor = np.array([buffer.getvalue()], dtype=np.object_)
         response.raw_output_contents.append(serialize_byte_tensor(image_tensor).item())
         response.raw_output_contents.append(np.array([seed], dtype=np.int64).tobytes())

@@ -28,7 +28,7 @@ from pix2pix_client import (
     ServerUnavailable,
 )
 from pix2pix_client.request import RetryPolicy
-from test_client_standin import (
+from tests.test_client_standin import (
     STANDIN_SEED,
     Failure,
     StandInTriton,

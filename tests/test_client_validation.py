@@ -9,7 +9,7 @@ import math
 import pytest
 from pix2pix_client import AsyncEditClient, EditClient, EditError, InvalidArgument, contract
 from pix2pix_client.request import prepare_request, validate_parameters
-from test_client_standin import png_bytes
+from tests.test_client_standin import png_bytes
 
 # Nothing listens on port 1: if validation let a request through, the call would fail
 # with ServerUnavailable instead of InvalidArgument.

@@ -198,9 +198,12 @@ PARAMETERS: tuple[Parameter, ...] = (
 
 PARAMETERS_BY_NAME = {parameter.name: parameter for parameter in PARAMETERS}
 
+# The seed output is not called `seed`: an ensemble output that shares its name with an
+# optional input is dropped by Triton (2.51) whenever a request leaves that input out,
+# which is exactly when the caller needs to learn the seed.
 OUTPUTS = (
     ("edited_image", "TYPE_STRING", "the edited image, PNG bytes"),
-    ("seed", "TYPE_INT64", "the seed used, so the result can be reproduced"),
+    ("seed_used", "TYPE_INT64", "the seed used, so the result can be reproduced"),
 )
 
 

@@ -54,6 +54,6 @@ class TritonPythonModel:
                 pb_utils.Tensor("input_ids", input_ids),
                 pb_utils.Tensor("pixels", image_to_tensor(image)),
                 pb_utils.Tensor("parameters", np.array([parameters], dtype=np.object_)),
-                pb_utils.Tensor("seed", np.array([edit.seed], dtype=np.int64)),
+                pb_utils.Tensor("seed_used", np.array([edit.seed], dtype=np.int64)),
             ]
         )

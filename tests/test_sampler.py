@@ -1,0 +1,164 @@
+"""The sampler loop without Triton: temperature, guidance batch sizes, every scheduler.
+
+The UNet here is the exported ONNX file in onnxruntime, as the served UNet model runs it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from model_repository.onnx_component import OnnxComponent
+from model_repository.sampler import (
+    SCHEDULER_CLASSES,
+    Sampler,
+    SamplerInputs,
+    SamplerTrace,
+    first_step,
+    make_scheduler,
+)
+from pix2pix_client.contract import IMG2IMG, INSTRUCT_PIX2PIX, SCHEDULERS
+
+SCALING = 0.18215
+
+
+class RecordingUNet:
+    """The exported UNet in onnxruntime, recording the batch of every call."""
+
+    def __init__(self, model_path: Path) -> None:
+        self.component = OnnxComponent(model_path, intra_op_threads=1)
+        self.batches: list[int] = []
+
+    def __call__(self, sample: np.ndarray, timestep: np.ndarray, embeds: np.ndarray) -> np.ndarray:
+        self.batches.append(sample.shape[0])
+        assert timestep.shape == (sample.shape[0],) and embeds.shape[0] == sample.shape[0]
+        return self.component.run(
+            {"sample": sample, "timestep": timestep, "encoder_hidden_states": embeds}
+        )["noise_pred"]
+
+
+def _sampler(tiny_export: Path, pipeline: str) -> tuple[Sampler, RecordingUNet]:
+    unet_name = "unet_pix2pix" if pipeline == INSTRUCT_PIX2PIX else "unet_img2img"
+    unet = RecordingUNet(tiny_export / unet_name / "model.onnx")
+    config = json.loads((tiny_export / "schedulers" / pipeline / "scheduler_config.json").read_text())
+    return Sampler(pipeline, config, SCALING, unet), unet
+
+
+def _inputs(**overrides: object) -> SamplerInputs:
+    rng = np.random.default_rng(0)
+    values: dict[str, object] = {
+        "prompt_embeds": rng.standard_normal((2, 77, 32)).astype(np.float32),
+        "latent_mean": rng.standard_normal((1, 4, 8, 8)).astype(np.float32),
+        "latent_std": np.full((1, 4, 8, 8), 0.1, dtype=np.float32),
+        "num_inference_steps": 10,
+        "guidance_scale": 7.5,
+        "image_guidance_scale": 1.5,
+        "temperature": 1.0,
+        "seed": 7,
+        "scheduler": None,
+    }
+    values.update(overrides)
+    return SamplerInputs(**values)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("steps", "temperature", "expected"),
+    [(20, 1.0, 0), (20, 0.5, 10), (20, 0.7, 6), (10, 0.25, 8), (2, 0.1, 1), (1000, 0.1, 900)],
+)
+def test_first_step_follows_design(steps: int, temperature: float, expected: int) -> None:
+    # t_start = N - int(N * temperature), with at least one denoising step left to run.
+    assert first_step(steps, temperature) == expected
+
+
+@pytest.mark.parametrize("temperature", [0.3, 0.6])
+def test_pix2pix_temperature_starts_from_noised_image_latents(
+    tiny_export: Path, temperature: float
+) -> None:
+    sampler, unet = _sampler(tiny_export, INSTRUCT_PIX2PIX)
+    inputs = _inputs(temperature=temperature)
+    trace = SamplerTrace(timesteps=[], unet_batch=0)
+    sampler(inputs, trace)
+
+    steps = inputs.num_inference_steps
+    start = steps - int(steps * temperature)
+    reference = make_scheduler(None, sampler.scheduler_config)
+    reference.set_timesteps(steps)
+    expected_timesteps = reference.timesteps[start:]
+    assert trace.timesteps == [float(t) for t in expected_timesteps]
+    assert len(unet.batches) == steps - start
+
+    # Initial latents: the *scaled* image latents noised to the first timestep run, with
+    # the seed's first normal draw as the noise.
+    noise = torch.randn((1, 4, 8, 8), generator=torch.Generator("cpu").manual_seed(inputs.seed))
+    reference.set_begin_index(start)
+    expected = reference.add_noise(
+        torch.from_numpy(inputs.latent_mean) * SCALING, noise, expected_timesteps[:1]
+    )
+    np.testing.assert_allclose(trace.initial_latents, expected.numpy(), rtol=1e-6, atol=1e-6)
+
+
+def test_pix2pix_temperature_one_is_the_standard_start(tiny_export: Path) -> None:
+    sampler, _ = _sampler(tiny_export, INSTRUCT_PIX2PIX)
+    inputs = _inputs(temperature=1.0)
+    trace = SamplerTrace(timesteps=[], unet_batch=0)
+    sampler(inputs, trace)
+    reference = make_scheduler(None, sampler.scheduler_config)
+    reference.set_timesteps(inputs.num_inference_steps)
+    noise = torch.randn((1, 4, 8, 8), generator=torch.Generator("cpu").manual_seed(inputs.seed))
+    assert trace.timesteps == [float(t) for t in reference.timesteps]
+    np.testing.assert_allclose(
+        trace.initial_latents, (noise * reference.init_noise_sigma).numpy(), rtol=1e-6
+    )
+
+
+def test_pix2pix_lower_temperature_stays_closer_to_the_image(tiny_export: Path) -> None:
+    sampler, _ = _sampler(tiny_export, INSTRUCT_PIX2PIX)
+    inputs = _inputs()
+    target = inputs.latent_mean
+    distances = [
+        float(np.abs(sampler(_inputs(temperature=t)) - target).mean()) for t in (0.1, 1.0)
+    ]
+    assert distances[0] < distances[1]
+
+
+@pytest.mark.parametrize(
+    ("pipeline", "overrides", "batch"),
+    [
+        (INSTRUCT_PIX2PIX, {}, 3),
+        (INSTRUCT_PIX2PIX, {"guidance_scale": 1.0}, 1),
+        (INSTRUCT_PIX2PIX, {"image_guidance_scale": 0.9}, 1),
+        (IMG2IMG, {}, 2),
+        (IMG2IMG, {"guidance_scale": 1.0}, 1),
+    ],
+    ids=["pix2pix-guided", "pix2pix-text-off", "pix2pix-image-off", "img2img-guided", "img2img-off"],
+)
+def test_unet_batch_shrinks_when_guidance_is_off(
+    tiny_export: Path, pipeline: str, overrides: dict, batch: int
+) -> None:
+    sampler, unet = _sampler(tiny_export, pipeline)
+    sampler(_inputs(num_inference_steps=4, **overrides))
+    assert set(unet.batches) == {batch}
+
+
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+@pytest.mark.parametrize("pipeline", [INSTRUCT_PIX2PIX, IMG2IMG])
+def test_every_scheduler_runs_and_is_seeded(tiny_export: Path, pipeline: str, scheduler: str) -> None:
+    sampler, unet = _sampler(tiny_export, pipeline)
+    inputs = _inputs(num_inference_steps=4, scheduler=scheduler, temperature=0.9)
+    first = sampler(inputs)
+    second = sampler(inputs)
+    assert first.shape == (1, 4, 8, 8) and np.isfinite(first).all()
+    np.testing.assert_array_equal(first, second)
+    assert type(make_scheduler(scheduler, sampler.scheduler_config)).__name__ == (
+        SCHEDULER_CLASSES[scheduler]
+    )
+    assert unet.batches
+
+
+def test_different_seeds_give_different_latents(tiny_export: Path) -> None:
+    sampler, _ = _sampler(tiny_export, INSTRUCT_PIX2PIX)
+    assert not np.allclose(sampler(_inputs(seed=1)), sampler(_inputs(seed=2)))
