@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from export.onnx_export import export_checkpoint
+from export.onnx_export import export_checkpoint, format_table
 from export.presets import build_preset
 
 
@@ -18,13 +19,35 @@ def tiny_preset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+# Sections printed at the end of the run: figures worth reading, not only pass/fail.
+_SUMMARY: dict[str, list[str]] = {}
+
+
+def add_summary(section: str, text: str) -> None:
+    _SUMMARY.setdefault(section, []).append(text)
+
+
+@pytest.fixture(scope="session")
+def summary() -> Callable[[str, str], None]:
+    """`summary(section, line)` adds a line to the figures printed after the run."""
+    return add_summary
+
+
 @pytest.fixture(scope="session")
 def tiny_export(tiny_preset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny preset exported to ONNX and validated; the folder holds manifest.json."""
     output = tmp_path_factory.mktemp("onnx") / "tiny"
     manifest, rows = export_checkpoint([tiny_preset], output)
+    add_summary("ONNX export validated against PyTorch (tiny preset)", format_table(rows))
     assert manifest["validation"]["passed"], rows
     return output
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    for section, lines in _SUMMARY.items():
+        terminalreporter.write_sep("-", section)
+        for line in lines:
+            terminalreporter.write_line(line)
 
 
 @pytest.fixture(scope="session")

@@ -113,7 +113,9 @@ def reference_image(pipeline: Any, case: Case, image: Any) -> np.ndarray:
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
-def test_served_image_equals_diffusers(grpc_client, reference_pipelines, case: Case) -> None:
+def test_served_image_equals_diffusers(
+    grpc_client, reference_pipelines, summary, case: Case
+) -> None:
     encoded = png_bytes(photo(*case.size))
     served = edit(
         grpc_client,
@@ -130,7 +132,10 @@ def test_served_image_equals_diffusers(grpc_client, reference_pipelines, case: C
     actual = served.pixels
     assert actual.shape == expected.shape == (case.size[1], case.size[0], 3)
     difference = np.abs(actual.astype(np.int16) - expected.astype(np.int16))
-    print(f"\nparity {case.name}: max {difference.max()} mean {difference.mean():.4f}")
+    summary(
+        "served vs diffusers, uint8 |difference| (tiny preset)",
+        f"{case.name:<34} max {difference.max()}  mean {difference.mean():.4f}",
+    )
     assert difference.max() <= MAX_ABS_DIFFERENCE
     # Random weights still give an image that depends on the input, not a constant.
     assert actual.std() > 1.0

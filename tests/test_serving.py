@@ -84,7 +84,9 @@ CONCURRENT_REQUESTS: list[tuple[str, dict[str, Any]]] = [
 ]
 
 
-def test_concurrent_requests_equal_their_sequential_results(tiny_server, good_image) -> None:
+def test_concurrent_requests_equal_their_sequential_results(
+    tiny_server, good_image, summary
+) -> None:
     def run(request: tuple[str, dict[str, Any]]) -> np.ndarray:
         model, arguments = request
         client = grpcclient.InferenceServerClient(tiny_server.grpc_url)
@@ -103,7 +105,11 @@ def test_concurrent_requests_equal_their_sequential_results(tiny_server, good_im
         assert np.abs(alone.astype(np.int16) - together.astype(np.int16)).max() <= 1
     inferences = after[0] - before[0]
     executions = after[1] - before[1]
-    print(f"\nunet_pix2pix: {inferences} requests in {executions} executions while concurrent")
+    summary(
+        "dynamic batching",
+        f"unet_pix2pix: {inferences} UNet requests ran in {executions} executions "
+        f"while {len(CONCURRENT_REQUESTS)} edits were in flight",
+    )
     assert executions <= inferences
 
 
