@@ -71,11 +71,15 @@ _STATUS_TYPES: dict[str, type[EditError]] = {
 
 # Triton names the offending tensor like this in its own input checks.
 _TENSOR_NAME = re.compile(r"input '(?P<field>\w+)'")
-# The contract's messages start with the field: "seed=-1 is out of range: allowed ...",
-# "prompt is required: allowed ...", "model='x' is not served: allowed ...".
+# The contract's messages start with the field and end with the allowed values:
+# "seed=-1 is out of range: allowed ...", "prompt is required: allowed ...",
+# "model='x' is not served: allowed ...", and the server's image checks such as
+# "image could not be decoded (PNG: image file is truncated): allowed ...".
 _FIELDS = sorted([*contract.PARAMETERS_BY_NAME, "model"], key=len, reverse=True)
+# The field opens the message or a clause of Triton's wrapping ("in ensemble 'x', ...",
+# "... message: ..."), so "for model 'preprocess_0_0'" is not taken for one.
 _CONTRACT_MESSAGE = re.compile(
-    r"\b(?P<field>" + "|".join(_FIELDS) + r")(=.*| is .*): allowed ", re.DOTALL
+    r"(?:^|(?<=, )|(?<=: ))(?P<field>" + "|".join(_FIELDS) + r")[= ].*: allowed ", re.DOTALL
 )
 
 
