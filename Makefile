@@ -16,7 +16,7 @@ MODEL_NAME := $(if $(MODEL),$(notdir $(abspath $(MODEL))),$(PRESET))
 EXPORT_DIR := $(BUILD)/onnx/$(MODEL_NAME)
 REPO_DIR := $(BUILD)/repository/$(MODEL_NAME)-$(FLAVOUR)
 
-.PHONY: setup test test-slow test-gpu lint format preset export engines serve lock clean
+.PHONY: setup test test-slow test-gpu lint format preset export engines serve demo lock clean
 
 setup: $(STAMP)
 
@@ -57,6 +57,12 @@ export: setup
 # TensorRT engines from the ONNX export (needs an NVIDIA GPU and `pip install -e '.[tensorrt]'`).
 engines: setup
 	$(PY) -m export.tensorrt_engines $(EXPORT_DIR) --output $(BUILD)/engines/$(MODEL_NAME)
+
+# The whole system once: builds the preset (or uses MODEL=<diffusers folder>), exports it,
+# builds the repository, starts tritonserver, edits scikit-image's astronaut through the
+# client library into out/edited.png and out/compare.png, stops the server, prints timings.
+demo: setup
+	$(PY) -m model_repository.demo $(if $(MODEL),--model $(MODEL),--preset $(PRESET)) --build-dir $(BUILD) --out out
 
 # Serves the preset (or MODEL=<diffusers folder>) on localhost:8001 (gRPC) until Ctrl-C,
 # building the preset, export and repository first when they are missing.

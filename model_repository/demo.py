@@ -1,0 +1,201 @@
+"""`make demo`: the whole system once, from weights to an edited photo.
+
+    python -m model_repository.demo [--model DIR | --preset tiny] [--build-dir build]
+        [--out out] [--prompt TEXT] [--steps N] [--seed N]
+
+Builds the preset (random weights of the real architectures) unless --model names a
+diffusers folder, exports it to ONNX, builds the python-onnxruntime repository, starts
+tritonserver, edits scikit-image's astronaut photo through the client library
+(`EditClient`), writes OUT/edited.png and OUT/compare.png (input | output, the
+parameters printed under them), stops the server and prints how long each step took.
+Steps whose output is already there and current are skipped, as in `make serve`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+from pix2pix_client import EditClient, EditError, EditResult
+from pix2pix_client.contract import IMG2IMG, INSTRUCT_PIX2PIX, SCHEDULERS
+
+from export.checkpoint import UnsupportedCheckpointError
+from export.onnx_export import load_manifest
+from export.presets import PRESETS
+from model_repository.serve import DEFAULT_BUILD_DIR, ensure_export, ensure_preset, prepare
+from model_repository.server import TritonServer
+
+DEFAULT_OUT_DIR = Path("out")
+DEFAULT_PROMPT = "turn it into a watercolor painting"
+DEFAULT_SEED = 42
+DEFAULT_STEPS = 20
+# InstructPix2Pix's own scheduler (EulerAncestralDiscreteScheduler in its model card).
+DEFAULT_SCHEDULER = "euler_a"
+RANDOM_WEIGHTS_NOTE = "random weights: the edit is noise; serve a real checkpoint with MODEL=..."
+PRESET_MARKER = "preset.json"
+
+
+@dataclass
+class Timings:
+    """Seconds per demo step, in the order the steps ran, with a note each."""
+
+    steps: dict[str, tuple[float, str]] = field(default_factory=dict)
+
+    @contextmanager
+    def measure(self, step: str, note: str = "") -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.steps[step] = (time.perf_counter() - started, note)
+
+    def table(self) -> str:
+        width = max(len(step) for step in self.steps)
+        lines = ["timings:"]
+        for step, (seconds, note) in self.steps.items():
+            lines.append(f"  {step:<{width}}  {seconds:7.2f} s  {note}".rstrip())
+        total = sum(seconds for seconds, _ in self.steps.values())
+        lines.append(f"  {'total':<{width}}  {total:7.2f} s")
+        return "\n".join(lines)
+
+
+def _log(message: str) -> None:
+    print(message, flush=True)
+
+
+def has_random_weights(source: Path) -> bool:
+    """Whether `source` is (part of) a preset: a preset root, or a pipeline folder in one."""
+    source = source.resolve()
+    return (source / PRESET_MARKER).is_file() or (source.parent / PRESET_MARKER).is_file()
+
+
+def astronaut() -> Image.Image:
+    """scikit-image's astronaut photo (Eileen Collins, NASA; public domain), 512x512 RGB."""
+    from skimage import data
+
+    return Image.fromarray(data.astronaut())
+
+
+def compare_image(source: Image.Image, result: EditResult, lines: list[str]) -> Image.Image:
+    """Input | output side by side, on white, with `lines` of text printed under them."""
+    font = ImageFont.load_default(size=14)
+    margin, gap, line_height = 8, 8, 18
+    edited = result.image.convert("RGB")
+    width = margin * 2 + source.width + gap + edited.width
+    text_top = margin + max(source.height, edited.height) + margin
+    canvas = Image.new("RGB", (width, text_top + line_height * len(lines) + margin), "white")
+    canvas.paste(source.convert("RGB"), (margin, margin))
+    canvas.paste(edited, (margin + source.width + gap, margin))
+    draw = ImageDraw.Draw(canvas)
+    for index, line in enumerate(lines):
+        draw.text((margin, text_top + index * line_height), line, fill="black", font=font)
+    return canvas
+
+
+def parameter_lines(result: EditResult, prompt: str, weights: str) -> list[str]:
+    """What the edit was asked to do, one readable line per group of inputs."""
+    shown = {k: v for k, v in result.parameters.items() if k not in ("prompt", "seed")}
+    settings = "  ".join(f"{name}={value}" for name, value in shown.items())
+    return [
+        f"{result.model}: {prompt!r}",
+        f"{settings}  seed={result.seed}",
+        f"{result.image.width}x{result.image.height}, {result.latency_s:.2f} s; weights: {weights}",
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the demo; returns 0 on success, 2 for a bad model folder, 1 for a failed server."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    source_group = parser.add_mutually_exclusive_group()
+    source_group.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    source_group.add_argument("--model", type=Path, help="a diffusers folder (or a preset root)")
+    parser.add_argument("--build-dir", type=Path, default=DEFAULT_BUILD_DIR)
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT_DIR, help="where images go")
+    parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="the edit instruction")
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="denoising steps")
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    parser.add_argument("--scheduler", default=DEFAULT_SCHEDULER, choices=SCHEDULERS)
+    args = parser.parse_args(argv)
+
+    timings = Timings()
+    try:
+        if args.model is not None:
+            source = Path(args.model)
+            with timings.measure("build", "skipped: MODEL given"):
+                if not source.is_dir():
+                    raise FileNotFoundError(f"--model {source}: no such folder")
+        else:
+            with timings.measure("build", f"{args.preset} preset, skipped when current"):
+                source = ensure_preset(args.preset, args.build_dir)
+        # The same folder prepare() uses, so the export below is found current there.
+        export_dir = args.build_dir / "onnx" / source.resolve().name
+        with timings.measure("export", "ONNX + validation, skipped when current"):
+            ensure_export(source, export_dir)
+        with timings.measure("repository", "python-onnxruntime"):
+            built = prepare(model=source, build_dir=args.build_dir)
+        assert built.export_dir == export_dir, (built.export_dir, export_dir)
+    except (UnsupportedCheckpointError, FileNotFoundError, ValueError, RuntimeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+    pipelines = load_manifest(built.export_dir)["pipelines"]
+    ensemble = INSTRUCT_PIX2PIX if INSTRUCT_PIX2PIX in pipelines else IMG2IMG
+    random_weights = has_random_weights(source)
+    weights = f"{source.resolve().name} (random)" if random_weights else str(source)
+
+    log_file = args.build_dir / "logs" / f"tritonserver-demo-{built.name}.log"
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    server = TritonServer(built.repository, log_file=log_file)
+    photo = astronaut()
+    try:
+        with timings.measure("server start", "tritonserver, every model ready"):
+            server.start()
+            server.wait_ready()
+        _log(f"tritonserver ready at {server.grpc_url} (log: {log_file})")
+        # Every input spelled out, so compare.png shows exactly what made the edit.
+        edit_options = {
+            "num_inference_steps": args.steps,
+            "guidance_scale": 7.5,
+            "temperature": 1.0 if ensemble == INSTRUCT_PIX2PIX else 0.8,
+            "seed": args.seed,
+            "scheduler": args.scheduler,
+        }
+        if ensemble == INSTRUCT_PIX2PIX:
+            edit_options["image_guidance_scale"] = 1.5
+        with (
+            timings.measure(
+                "edit", f"{ensemble}, {args.steps} steps, {photo.width}x{photo.height}"
+            ),
+            EditClient(server.grpc_url) as client,
+        ):
+            result = client.edit(np.asarray(photo), args.prompt, model=ensemble, **edit_options)
+    except (RuntimeError, TimeoutError, EditError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    finally:
+        with timings.measure("server stop"):
+            server.stop()
+    _log("tritonserver stopped")
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    photo.save(args.out / "astronaut.png")
+    edited_path = result.save(args.out / "edited.png")
+    compare_path = args.out / "compare.png"
+    compare_image(photo, result, parameter_lines(result, args.prompt, weights)).save(compare_path)
+    _log(f"edited:  {edited_path}  ({ensemble}, {args.prompt!r}, seed {result.seed})")
+    _log(f"compare: {compare_path}  (input | output)")
+    if random_weights:
+        _log(RANDOM_WEIGHTS_NOTE)
+    _log(timings.table())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
