@@ -73,7 +73,12 @@ _SD_BLOCKS = {
         "CrossAttnDownBlock2D",
         "DownBlock2D",
     ],
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "up_block_types": [
+        "UpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+    ],
 }
 _VAE_BLOCKS = {
     "down_block_types": ["DownEncoderBlock2D"] * 4,
@@ -191,12 +196,8 @@ def build_preset(name: str, output: Path, seed: int = 0) -> dict[str, str]:
     # Components are created in a fixed order from one seeded generator stream.
     text_encoder = CLIPTextModel(CLIPTextConfig(**preset.text_encoder)).eval()
     vae = AutoencoderKL(**preset.vae).eval()
-    unet_pix2pix = UNet2DConditionModel(
-        **preset.unet, in_channels=8, out_channels=4
-    ).eval()
-    unet_img2img = UNet2DConditionModel(
-        **preset.unet, in_channels=4, out_channels=4
-    ).eval()
+    unet_pix2pix = UNet2DConditionModel(**preset.unet, in_channels=8, out_channels=4).eval()
+    unet_img2img = UNet2DConditionModel(**preset.unet, in_channels=4, out_channels=4).eval()
 
     if output.exists():
         shutil.rmtree(output)

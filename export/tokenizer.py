@@ -55,7 +55,8 @@ def _byte_symbols() -> list[str]:
 def write_clip_tokenizer_files(directory: Path, bpe_path: Path | None = None) -> None:
     """Writes vocab.json and merges.txt of CLIP's tokenizer into `directory`."""
     bpe_path = bpe_path or bundled_bpe_path()
-    lines = gzip.open(bpe_path, "rt", encoding="utf-8").read().split("\n")
+    with gzip.open(bpe_path, "rt", encoding="utf-8") as handle:
+        lines = handle.read().split("\n")
     merges = [tuple(line.split()) for line in lines[1 : NUM_MERGES + 1]]
     symbols = _byte_symbols()
     vocab = symbols + [symbol + "</w>" for symbol in symbols]

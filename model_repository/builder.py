@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from google.protobuf import text_format
+from pix2pix_client.contract import IMG2IMG, INSTRUCT_PIX2PIX, OUTPUTS, parameters_for
 from tritonclient.grpc import model_config_pb2 as mc
 
 from export.components import (
@@ -41,7 +42,6 @@ from export.components import (
 )
 from export.onnx_export import EXTERNAL_DATA_FILE, MODEL_FILE, load_manifest
 from model_repository.preprocess import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE, SIDE_MULTIPLE
-from pix2pix_client.contract import IMG2IMG, INSTRUCT_PIX2PIX, OUTPUTS, parameters_for
 
 FLAVOURS = ("python-onnxruntime", "onnxruntime", "tensorrt")
 BACKEND_TEMPLATES = Path(__file__).parent / "backend"
@@ -173,6 +173,11 @@ def _contract_tensor(message: Any, name: str, dtype: str, optional: bool) -> Non
         message.optional = True
 
 
+# The validated request as JSON (floats as the user typed them), and the seed chosen.
+PARAMETERS_TENSOR = TensorSpec("parameters", "bytes", (1,))
+SEED_USED_TENSOR = TensorSpec("seed_used", "int64", (1,))
+
+
 @dataclass(frozen=True)
 class PipelineTensors:
     """The tensors flowing between the steps of one ensemble."""
@@ -184,8 +189,8 @@ class PipelineTensors:
     latent_std: TensorSpec
     latent: TensorSpec
     decoded: TensorSpec
-    parameters: TensorSpec = TensorSpec("parameters", "bytes", (1,))
-    seed_used: TensorSpec = TensorSpec("seed_used", "int64", (1,))
+    parameters: TensorSpec = PARAMETERS_TENSOR
+    seed_used: TensorSpec = SEED_USED_TENSOR
 
     @classmethod
     def from_specs(cls, specs: dict[str, ComponentSpec]) -> PipelineTensors:
@@ -258,7 +263,12 @@ def ensemble_config(pipeline: str, tensors: PipelineTensors) -> Any:
     step(
         preprocess_model(pipeline),
         contract_inputs,
-        {"input_ids": "input_ids", "pixels": "pixels", "parameters": "parameters", "seed_used": "seed_used"},
+        {
+            "input_ids": "input_ids",
+            "pixels": "pixels",
+            "parameters": "parameters",
+            "seed_used": "seed_used",
+        },
     )
     step(TEXT_ENCODER, {"input_ids": "input_ids"}, {"last_hidden_state": "prompt_embeds"})
     step(
@@ -309,7 +319,9 @@ def _write_model(output: Path, config: Any, template: str | None = None) -> Path
 def _engine_files(engines_dir: Path) -> dict[str, Path]:
     record_path = engines_dir / "engines.json"
     if not record_path.is_file():
-        raise FileNotFoundError(f"{engines_dir}: no engines.json; run export.tensorrt_engines first")
+        raise FileNotFoundError(
+            f"{engines_dir}: no engines.json; run export.tensorrt_engines first"
+        )
     record = json.loads(record_path.read_text())
     return {name: engines_dir / entry["engine"] for name, entry in record["components"].items()}
 
@@ -351,7 +363,9 @@ def build_repository(
 
     tensors = PipelineTensors.from_specs(specs)
     for pipeline, details in manifest["pipelines"].items():
-        version_dir = _write_model(output, preprocess_config(pipeline, tensors, options), "preprocess")
+        version_dir = _write_model(
+            output, preprocess_config(pipeline, tensors, options), "preprocess"
+        )
         shutil.copytree(export_dir / manifest["tokenizer"], version_dir / "tokenizer")
         version_dir = _write_model(
             output,

@@ -62,12 +62,15 @@ class OnnxComponent:
                 results[indices[0]] = self.run(requests[indices[0]])
                 continue
             merged = {
-                name: np.concatenate([requests[i][name] for i in indices]) for name in self.input_names
+                name: np.concatenate([requests[i][name] for i in indices])
+                for name in self.input_names
             }
             outputs = self.run(merged)
             offset = 0
             for i in indices:
                 rows = requests[i][self.input_names[0]].shape[0]
-                results[i] = {name: value[offset : offset + rows] for name, value in outputs.items()}
+                results[i] = {
+                    name: value[offset : offset + rows] for name, value in outputs.items()
+                }
                 offset += rows
         return results  # type: ignore[return-value]

@@ -16,7 +16,6 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
-
 from pix2pix_client.contract import (
     MAX_PROMPT_TOKENS,
     MAX_SEED,
@@ -71,7 +70,9 @@ def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> Image.Imag
         try:
             image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
         except UnidentifiedImageError:
-            raise _image_error(f"could not be decoded ({len(data)} bytes, unknown format)") from None
+            raise _image_error(
+                f"could not be decoded ({len(data)} bytes, unknown format)"
+            ) from None
         except Image.DecompressionBombError as error:
             raise _image_error(f"is too large to decode ({error})") from None
         width, height = image.size
@@ -109,8 +110,8 @@ def resize_for_vae(image: Image.Image, limits: ImageLimits) -> Image.Image:
     width, height = image.size
     scale = min(1.0, limits.max_side / max(width, height))
     target = (
-        int(round(width * scale)) // SIDE_MULTIPLE * SIDE_MULTIPLE,
-        int(round(height * scale)) // SIDE_MULTIPLE * SIDE_MULTIPLE,
+        round(width * scale) // SIDE_MULTIPLE * SIDE_MULTIPLE,
+        round(height * scale) // SIDE_MULTIPLE * SIDE_MULTIPLE,
     )
     if min(target) < limits.min_side:
         raise InvalidArgumentError(

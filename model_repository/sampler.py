@@ -16,7 +16,6 @@ from typing import Any
 
 import numpy as np
 import torch
-
 from pix2pix_client.contract import IMG2IMG, INSTRUCT_PIX2PIX, SCHEDULERS
 
 # (sample, timestep per batch row, encoder_hidden_states) -> noise prediction
@@ -128,7 +127,9 @@ class Sampler:
         image_latents = torch.from_numpy(inputs.latent_mean)
         if guided:
             prompt_embeds = np.ascontiguousarray(np.concatenate([text, negative, negative]))
-            image_latents = torch.cat([image_latents, image_latents, torch.zeros_like(image_latents)])
+            image_latents = torch.cat(
+                [image_latents, image_latents, torch.zeros_like(image_latents)]
+            )
         else:
             prompt_embeds = np.ascontiguousarray(text)
 

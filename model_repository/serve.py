@@ -79,10 +79,11 @@ def prepare(
     preset: str | None = None,
     model: Path | None = None,
     build_dir: Path = DEFAULT_BUILD_DIR,
-    options: RepositoryOptions = RepositoryOptions(),
+    options: RepositoryOptions | None = None,
     engines_dir: Path | None = None,
 ) -> BuiltModel:
     """Preset or checkpoint -> validated export -> model repository."""
+    options = options or RepositoryOptions()
     if model is not None:
         source, name = Path(model), Path(model).resolve().name
     else:
@@ -145,7 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         server.wait_ready()
         _log(f"tritonserver ready in {time.perf_counter() - started:.1f} s")
-        _log(f"  gRPC     {server.grpc_url}   (pix2pix edit IMAGE -p '...' --url {server.grpc_url})")
+        _log(
+            f"  gRPC     {server.grpc_url}   (pix2pix edit IMAGE -p '...' --url {server.grpc_url})"
+        )
         _log(f"  HTTP     {server.http_url}")
         _log(f"  metrics  http://127.0.0.1:{server.metrics_port}/metrics")
         _log(f"  log      {log_file}")

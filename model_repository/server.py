@@ -141,7 +141,9 @@ class TritonServer:
         try:
             while time.monotonic() < deadline:
                 if self.process is not None and self.process.poll() is not None:
-                    raise RuntimeError(f"tritonserver exited with {self.process.returncode}\n{self.log_tail()}")
+                    raise RuntimeError(
+                        f"tritonserver exited with {self.process.returncode}\n{self.log_tail()}"
+                    )
                 with contextlib.suppress(Exception):
                     if client.is_server_ready():
                         return

@@ -69,7 +69,10 @@ def test_export_writes_manifest_with_every_component(tiny_export: Path) -> None:
     assert (tiny_export / "tokenizer" / "tokenizer_config.json").is_file()
     for pipeline, path in manifest["schedulers"].items():
         config = json.loads((tiny_export / path).read_text())
-        expected = {"instruct_pix2pix": "EulerAncestralDiscreteScheduler", "img2img": "PNDMScheduler"}
+        expected = {
+            "instruct_pix2pix": "EulerAncestralDiscreteScheduler",
+            "img2img": "PNDMScheduler",
+        }
         assert config["_class_name"] == expected[pipeline]
 
 
@@ -129,8 +132,10 @@ def test_vae_roundtrip_non_square(tiny_preset: Path, tiny_export: Path) -> None:
 def test_validation_table_names_every_component(tiny_export: Path) -> None:
     from export.onnx_export import ValidationRow
 
-    rows = [ValidationRow(**{k: v for k, v in row.items() if k != "passed"})
-            for row in load_manifest(tiny_export)["validation"]["rows"]]
+    rows = [
+        ValidationRow(**{k: v for k, v in row.items() if k != "passed"})
+        for row in load_manifest(tiny_export)["validation"]["rows"]
+    ]
     table = format_table(rows)
     print("\n" + table)
     for component in COMPONENTS:
@@ -217,7 +222,14 @@ def test_engine_builder_says_why_it_cannot_run(tiny_export: Path, tmp_path: Path
     if _has_gpu():
         pytest.skip("this machine has a GPU; the gpu test builds engines instead")
     result = subprocess.run(
-        [sys.executable, "-m", "export.tensorrt_engines", str(tiny_export), "--output", str(tmp_path)],
+        [
+            sys.executable,
+            "-m",
+            "export.tensorrt_engines",
+            str(tiny_export),
+            "--output",
+            str(tmp_path),
+        ],
         capture_output=True,
         text=True,
         check=False,

@@ -7,6 +7,7 @@ import io
 import numpy as np
 import pytest
 from PIL import Image
+from pix2pix_client.contract import InvalidArgumentError
 
 from model_repository.postprocess import encode_png, tensor_to_image
 from model_repository.preprocess import (
@@ -15,7 +16,6 @@ from model_repository.preprocess import (
     image_to_tensor,
     resolve_request,
 )
-from pix2pix_client.contract import InvalidArgumentError
 from tests.serving import photo, png_bytes
 
 
@@ -44,7 +44,9 @@ def test_resize_keeps_aspect_and_floors_to_8(size, max_side, expected) -> None:
 
 def test_pixel_limit_is_checked_before_decoding() -> None:
     limits = ImageLimits(max_pixels=100 * 100)
-    with pytest.raises(InvalidArgumentError, match=r"image is 200x100 pixels: allowed at most 10000"):
+    with pytest.raises(
+        InvalidArgumentError, match=r"image is 200x100 pixels: allowed at most 10000"
+    ):
         decode_image(png_bytes(Image.new("L", (200, 100))), limits)
 
 
@@ -80,7 +82,12 @@ def test_float32_parameters_keep_the_value_the_user_typed() -> None:
     # FP32 0.7 is 0.699999988...; int(20 * that) would be 13 steps instead of diffusers' 14.
     request = resolve_request(
         "img2img",
-        {"image": b"x", "prompt": "p", "temperature": np.float32(0.7), "num_inference_steps": np.int32(20)},
+        {
+            "image": b"x",
+            "prompt": "p",
+            "temperature": np.float32(0.7),
+            "num_inference_steps": np.int32(20),
+        },
     )
     assert request.temperature == 0.7 and int(20 * request.temperature) == 14
     assert isinstance(request.num_inference_steps, int)
@@ -89,7 +96,11 @@ def test_float32_parameters_keep_the_value_the_user_typed() -> None:
 def test_defaults_and_random_seed() -> None:
     first = resolve_request("instruct_pix2pix", {"image": b"x", "prompt": "p"})
     second = resolve_request("instruct_pix2pix", {"image": b"x", "prompt": "p"})
-    assert (first.num_inference_steps, first.guidance_scale, first.image_guidance_scale) == (20, 7.5, 1.5)
+    assert (first.num_inference_steps, first.guidance_scale, first.image_guidance_scale) == (
+        20,
+        7.5,
+        1.5,
+    )
     assert first.temperature == 1.0 and first.scheduler is None and first.negative_prompt == ""
     assert first.seed != second.seed
     assert resolve_request("img2img", {"image": b"x", "prompt": "p"}).temperature == 0.8

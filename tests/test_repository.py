@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 from google.protobuf import text_format
+from pix2pix_client.contract import OUTPUTS, parameters_for
 from tritonclient.grpc import model_config_pb2 as mc
 
 from export.components import COMPONENTS
 from export.onnx_export import load_manifest
 from model_repository.builder import FLAVOURS, RepositoryOptions, build_repository
-from pix2pix_client.contract import OUTPUTS, parameters_for
 
 PIPELINES = ("instruct_pix2pix", "img2img")
 
@@ -124,7 +124,9 @@ def test_ensembles_wire_existing_tensors(repository) -> None:
 def test_python_models_are_thin_and_carry_their_assets(repository) -> None:
     _, root = repository
     for pipeline in ("pix2pix", "img2img"):
-        assert (root / f"preprocess_{pipeline}" / "1" / "tokenizer" / "tokenizer_config.json").is_file()
+        assert (
+            root / f"preprocess_{pipeline}" / "1" / "tokenizer" / "tokenizer_config.json"
+        ).is_file()
         assert (root / f"sampler_{pipeline}" / "1" / "scheduler_config.json").is_file()
     for model_file in root.glob("*/1/model.py"):
         assert len(model_file.read_text().splitlines()) < 110, model_file
@@ -143,5 +145,7 @@ def test_tensorrt_flavour_rejects_images_outside_the_engine_profile(repository) 
 
 
 def test_unknown_flavour_is_refused(tiny_export: Path, tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="allowed one of python-onnxruntime, onnxruntime, tensorrt"):
+    with pytest.raises(
+        ValueError, match="allowed one of python-onnxruntime, onnxruntime, tensorrt"
+    ):
         build_repository(tiny_export, tmp_path / "repo", RepositoryOptions(flavour="openvino"))

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from pix2pix_client.contract import IMG2IMG, INSTRUCT_PIX2PIX, SCHEDULERS
 
 from model_repository.onnx_component import OnnxComponent
 from model_repository.sampler import (
@@ -21,7 +22,6 @@ from model_repository.sampler import (
     first_step,
     make_scheduler,
 )
-from pix2pix_client.contract import IMG2IMG, INSTRUCT_PIX2PIX, SCHEDULERS
 
 SCALING = 0.18215
 
@@ -44,7 +44,9 @@ class RecordingUNet:
 def _sampler(tiny_export: Path, pipeline: str) -> tuple[Sampler, RecordingUNet]:
     unet_name = "unet_pix2pix" if pipeline == INSTRUCT_PIX2PIX else "unet_img2img"
     unet = RecordingUNet(tiny_export / unet_name / "model.onnx")
-    config = json.loads((tiny_export / "schedulers" / pipeline / "scheduler_config.json").read_text())
+    config = json.loads(
+        (tiny_export / "schedulers" / pipeline / "scheduler_config.json").read_text()
+    )
     return Sampler(pipeline, config, SCALING, unet), unet
 
 
@@ -119,9 +121,7 @@ def test_pix2pix_lower_temperature_stays_closer_to_the_image(tiny_export: Path) 
     sampler, _ = _sampler(tiny_export, INSTRUCT_PIX2PIX)
     inputs = _inputs()
     target = inputs.latent_mean
-    distances = [
-        float(np.abs(sampler(_inputs(temperature=t)) - target).mean()) for t in (0.1, 1.0)
-    ]
+    distances = [float(np.abs(sampler(_inputs(temperature=t)) - target).mean()) for t in (0.1, 1.0)]
     assert distances[0] < distances[1]
 
 
@@ -134,7 +134,13 @@ def test_pix2pix_lower_temperature_stays_closer_to_the_image(tiny_export: Path) 
         (IMG2IMG, {}, 2),
         (IMG2IMG, {"guidance_scale": 1.0}, 1),
     ],
-    ids=["pix2pix-guided", "pix2pix-text-off", "pix2pix-image-off", "img2img-guided", "img2img-off"],
+    ids=[
+        "pix2pix-guided",
+        "pix2pix-text-off",
+        "pix2pix-image-off",
+        "img2img-guided",
+        "img2img-off",
+    ],
 )
 def test_unet_batch_shrinks_when_guidance_is_off(
     tiny_export: Path, pipeline: str, overrides: dict, batch: int
@@ -146,15 +152,18 @@ def test_unet_batch_shrinks_when_guidance_is_off(
 
 @pytest.mark.parametrize("scheduler", SCHEDULERS)
 @pytest.mark.parametrize("pipeline", [INSTRUCT_PIX2PIX, IMG2IMG])
-def test_every_scheduler_runs_and_is_seeded(tiny_export: Path, pipeline: str, scheduler: str) -> None:
+def test_every_scheduler_runs_and_is_seeded(
+    tiny_export: Path, pipeline: str, scheduler: str
+) -> None:
     sampler, unet = _sampler(tiny_export, pipeline)
     inputs = _inputs(num_inference_steps=4, scheduler=scheduler, temperature=0.9)
     first = sampler(inputs)
     second = sampler(inputs)
     assert first.shape == (1, 4, 8, 8) and np.isfinite(first).all()
     np.testing.assert_array_equal(first, second)
-    assert type(make_scheduler(scheduler, sampler.scheduler_config)).__name__ == (
-        SCHEDULER_CLASSES[scheduler]
+    assert (
+        type(make_scheduler(scheduler, sampler.scheduler_config)).__name__
+        == (SCHEDULER_CLASSES[scheduler])
     )
     assert unet.batches
 

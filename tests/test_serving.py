@@ -34,8 +34,12 @@ def test_same_seed_gives_byte_identical_png(grpc_client, good_image: bytes) -> N
 
 @pytest.mark.parametrize("model", ["instruct_pix2pix", "img2img"])
 def test_returned_seed_reproduces_an_unseeded_request(grpc_client, good_image, model) -> None:
-    unseeded = edit(grpc_client, model, image=good_image, prompt="a snowy street", num_inference_steps=3)
-    another = edit(grpc_client, model, image=good_image, prompt="a snowy street", num_inference_steps=3)
+    unseeded = edit(
+        grpc_client, model, image=good_image, prompt="a snowy street", num_inference_steps=3
+    )
+    another = edit(
+        grpc_client, model, image=good_image, prompt="a snowy street", num_inference_steps=3
+    )
     assert 0 <= unseeded.seed < 2**63 and unseeded.seed != another.seed
     replay = edit(
         grpc_client,
@@ -78,9 +82,18 @@ def test_temperature_changes_how_far_the_edit_moves(grpc_client, good_image: byt
 
 CONCURRENT_REQUESTS: list[tuple[str, dict[str, Any]]] = [
     ("instruct_pix2pix", {"scheduler": "euler_a", "num_inference_steps": 6, "seed": 11}),
-    ("instruct_pix2pix", {"scheduler": "ddim", "guidance_scale": 1.0, "num_inference_steps": 5, "seed": 12}),
-    ("img2img", {"temperature": 0.5, "num_inference_steps": 8, "seed": 13, "scheduler": "dpmpp_2m"}),
-    ("instruct_pix2pix", {"scheduler": "lms", "temperature": 0.6, "num_inference_steps": 7, "seed": 14}),
+    (
+        "instruct_pix2pix",
+        {"scheduler": "ddim", "guidance_scale": 1.0, "num_inference_steps": 5, "seed": 12},
+    ),
+    (
+        "img2img",
+        {"temperature": 0.5, "num_inference_steps": 8, "seed": 13, "scheduler": "dpmpp_2m"},
+    ),
+    (
+        "instruct_pix2pix",
+        {"scheduler": "lms", "temperature": 0.6, "num_inference_steps": 7, "seed": 14},
+    ),
 ]
 
 
@@ -133,6 +146,7 @@ def _image(format: str, size: tuple[int, int] = (64, 64), mode: str = "RGB") -> 
     return png_bytes(Image.new(mode, size, 128), format=format)
 
 
+# fmt: off
 BAD_INPUTS: list[tuple[str, str, dict[str, Any], str, str]] = [
     # (case, model, inputs replacing the good ones, field named, text expected in message)
     ("steps-too-few", "instruct_pix2pix", {"num_inference_steps": 1}, "num_inference_steps", "allowed 2..1000"),
@@ -160,6 +174,7 @@ BAD_INPUTS: list[tuple[str, str, dict[str, Any], str, str]] = [
     ("prompt-missing", "instruct_pix2pix", {"prompt": None}, "prompt", "is required: allowed UTF-8 text"),
     ("image-missing", "img2img", {"image": None}, "image", "is required: allowed encoded PNG"),
 ]
+# fmt: on
 
 
 def _send(client: grpcclient.InferenceServerClient, model: str, inputs: dict[str, Any]) -> None:

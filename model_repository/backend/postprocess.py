@@ -17,7 +17,9 @@ class TritonPythonModel:
             png = encode_png(tensor_to_image(decoded))
             responses.append(
                 pb_utils.InferenceResponse(
-                    output_tensors=[pb_utils.Tensor("edited_image", np.array([png], dtype=np.object_))]
+                    output_tensors=[
+                        pb_utils.Tensor("edited_image", np.array([png], dtype=np.object_))
+                    ]
                 )
             )
         return responses

@@ -38,14 +38,13 @@ class TritonPythonModel:
         )
         response = request.exec()
         if response.has_error():
-            raise pb_utils.TritonModelException(
-                f"{self.unet_model}: {response.error().message()}"
-            )
+            raise pb_utils.TritonModelException(f"{self.unet_model}: {response.error().message()}")
         return as_numpy(pb_utils.get_output_tensor_by_name(response, "noise_pred"))
 
     def execute(self, requests: list) -> list:
         responses = []
         for request in requests:
+
             def tensor(name: str, request: object = request) -> np.ndarray:
                 return as_numpy(pb_utils.get_input_tensor_by_name(request, name))
 

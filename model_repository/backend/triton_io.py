@@ -31,4 +31,6 @@ def invalid_argument(message: str) -> Any:
 
 
 def internal_error(message: str) -> Any:
-    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, pb_utils.TritonError.INTERNAL))
+    return pb_utils.InferenceResponse(
+        error=pb_utils.TritonError(message, pb_utils.TritonError.INTERNAL)
+    )
