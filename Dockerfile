@@ -1,0 +1,48 @@
+# NVIDIA's tritonserver container plus what this project's Python backend models import
+# (preprocess, sampler, postprocess; the components too in the python-onnxruntime flavour),
+# and what the ONNX export and the TensorRT engine build need, so that engines are built
+# with the same TensorRT as the server that loads them.
+#
+#   docker build -t triton-image-edit .
+#   docker run --gpus all --rm --shm-size=1g -p 8000:8000 -p 8001:8001 -p 8002:8002 \
+#       -v "$PWD/build/repository/instruct-pix2pix-tensorrt:/models" triton-image-edit
+#
+# Not built or run by this project's CI: its machines have no Docker engine, no access to
+# nvcr.io and no GPU (see README.md, "On a GPU").
+
+# 25.01 and later ship Python 3.12 (Ubuntu 24.04). The 24.xx containers have Python 3.10,
+# too old for the diffusers, transformers and torch versions pinned in constraints.txt.
+ARG TRITON_TAG=25.01-py3
+FROM nvcr.io/nvidia/tritonserver:${TRITON_TAG}
+
+# The container's Python is the system one, which PEP 668 marks as externally managed;
+# the Python backend stub runs that interpreter, so the packages must go there.
+ENV PIP_BREAK_SYSTEM_PACKAGES=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+WORKDIR /opt/triton-image-edit
+COPY pyproject.toml constraints.txt ./
+COPY client/ client/
+COPY export/ export/
+COPY model_repository/ model_repository/
+
+# On Linux, torch from PyPI is a CUDA build (the CPU build of the development machines comes
+# from a local wheel folder); constraints.txt keeps the versions the tests ran with.
+# The project itself goes in without its dependencies: they are listed here instead, minus
+# nvidia-pytriton (a tritonserver for machines without this container), and its pyproject
+# asks for the Python 3.11 of the development machines.
+RUN pip install -c constraints.txt \
+        torch diffusers transformers safetensors scipy "numpy<2" pillow psutil \
+        onnx onnxruntime-gpu polygraphy "tritonclient[grpc]" \
+ && pip install -c constraints.txt ./client \
+ && pip install --no-deps --ignore-requires-python .
+
+# TensorRT's Python package at the version of the container's own libnvinfer: an engine
+# only loads in the TensorRT version that built it.
+RUN trt_version="$(find /usr -name 'libnvinfer.so.*.*.*' 2>/dev/null \
+        | sed -E 's/.*libnvinfer\.so\.//' | sort -V | tail -n 1)" \
+ && test -n "$trt_version" \
+ && pip install "tensorrt==${trt_version}.*"
+
+CMD ["tritonserver", "--model-repository=/models"]
