@@ -1,0 +1,151 @@
+"""Per-stage timings from Triton's statistics API, as deltas over a measured window.
+
+Triton keeps cumulative counters per model (request count, and nanoseconds spent queued
+and computing). A snapshot before and after a window, subtracted, gives what that window
+cost; dividing by the ensemble's request count in the window gives the cost per edit.
+The UNet's calls come from the sampler through BLS and are counted under the UNet model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from export.components import TEXT_ENCODER, UNET_FOR_PIPELINE, VAE_DECODER, VAE_ENCODER
+from model_repository.builder import POSTPROCESS, preprocess_model, sampler_model
+
+
+@dataclass(frozen=True)
+class ModelCounters:
+    """Triton's cumulative statistics of one model (durations in ns)."""
+
+    requests: int = 0  # successful requests
+    executions: int = 0  # model executions (a merged batch is one)
+    success_ns: int = 0  # request latency inside the server: queue + compute
+    queue_ns: int = 0
+    compute_input_ns: int = 0
+    compute_infer_ns: int = 0
+    compute_output_ns: int = 0
+
+    def __sub__(self, other: ModelCounters) -> ModelCounters:
+        return ModelCounters(
+            **{f.name: getattr(self, f.name) - getattr(other, f.name) for f in fields(self)}
+        )
+
+    @property
+    def compute_ns(self) -> int:
+        return self.compute_input_ns + self.compute_infer_ns + self.compute_output_ns
+
+
+def _int(value: Any) -> int:
+    # The JSON form of the protobuf writes uint64 as strings; absent means zero.
+    return int(value or 0)
+
+
+def counters_from_json(statistics: dict[str, Any]) -> dict[str, ModelCounters]:
+    """`get_inference_statistics(as_json=True)` -> counters per model name."""
+    counters = {}
+    for model in statistics.get("model_stats", []):
+        stats = model.get("inference_stats", {})
+
+        def ns(key: str, stats: dict[str, Any] = stats) -> int:
+            return _int(stats.get(key, {}).get("ns"))
+
+        counters[model["name"]] = ModelCounters(
+            requests=_int(stats.get("success", {}).get("count")),
+            executions=_int(model.get("execution_count")),
+            success_ns=ns("success"),
+            queue_ns=ns("queue"),
+            compute_input_ns=ns("compute_input"),
+            compute_infer_ns=ns("compute_infer"),
+            compute_output_ns=ns("compute_output"),
+        )
+    return counters
+
+
+def snapshot(client: Any) -> dict[str, ModelCounters]:
+    """Counters of every model, from a tritonclient gRPC or HTTP client."""
+    try:
+        statistics = client.get_inference_statistics(as_json=True)
+    except TypeError:  # the HTTP client returns JSON already
+        statistics = client.get_inference_statistics()
+    return counters_from_json(statistics)
+
+
+def window(
+    before: dict[str, ModelCounters], after: dict[str, ModelCounters]
+) -> dict[str, ModelCounters]:
+    """What happened between two snapshots."""
+    return {name: counters - before.get(name, ModelCounters()) for name, counters in after.items()}
+
+
+@dataclass(frozen=True)
+class StageRow:
+    """One stage of an edit, per edit (ms) over a window."""
+
+    stage: str
+    model: str
+    calls_per_edit: float
+    ms_per_call: float
+    ms_per_edit: float
+    queue_ms_per_edit: float
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def stage_rows(counters: dict[str, ModelCounters], pipeline: str) -> list[StageRow]:
+    """The per-stage table of one ensemble from a window's counters.
+
+    Compute time is compute_infer (the model's own work). "sampler loop" is the sampler's
+    compute minus the UNet requests' server time: the Python loop, the scheduler math and
+    the BLS round trips. The last row is the ensemble's end-to-end time inside the server.
+    """
+    edits = counters[pipeline].requests
+    if edits <= 0:
+        raise ValueError(f"no {pipeline} requests in this window")
+    unet = UNET_FOR_PIPELINE[pipeline]
+
+    def row(stage: str, model: str) -> StageRow:
+        c = counters.get(model, ModelCounters())
+        return StageRow(
+            stage=stage,
+            model=model,
+            calls_per_edit=c.requests / edits,
+            ms_per_call=c.compute_infer_ns / c.requests / 1e6 if c.requests else 0.0,
+            ms_per_edit=c.compute_infer_ns / edits / 1e6,
+            queue_ms_per_edit=c.queue_ns / edits / 1e6,
+        )
+
+    rows = [
+        row("preprocess", preprocess_model(pipeline)),
+        row("text encoder", TEXT_ENCODER),
+        row("VAE encoder", VAE_ENCODER),
+        row("UNet x N", unet),
+    ]
+    sampler = counters.get(sampler_model(pipeline), ModelCounters())
+    unet_server_ns = counters.get(unet, ModelCounters()).success_ns
+    loop_ns = max(sampler.compute_infer_ns - unet_server_ns, 0)
+    rows.append(
+        StageRow(
+            stage="sampler loop (w/o UNet)",
+            model=sampler_model(pipeline),
+            calls_per_edit=sampler.requests / edits,
+            ms_per_call=loop_ns / sampler.requests / 1e6 if sampler.requests else 0.0,
+            ms_per_edit=loop_ns / edits / 1e6,
+            queue_ms_per_edit=sampler.queue_ns / edits / 1e6,
+        )
+    )
+    rows += [row("VAE decoder", VAE_DECODER), row("postprocess", POSTPROCESS)]
+    ensemble = counters[pipeline]
+    rows.append(
+        StageRow(
+            stage="end to end (server)",
+            model=pipeline,
+            calls_per_edit=1.0,
+            ms_per_call=ensemble.success_ns / edits / 1e6,
+            ms_per_edit=ensemble.success_ns / edits / 1e6,
+            queue_ms_per_edit=ensemble.queue_ns / edits / 1e6,
+        )
+    )
+    return rows
