@@ -1,12 +1,15 @@
 """Exports a checkpoint's text encoder, VAE and UNets to ONNX, then validates each one.
 
-    python -m export.onnx_export MODEL [MODEL ...] --output DIR [--fp16] [--opset 17]
+    python -m export.onnx_export MODEL [MODEL ...] --output DIR [--fp16] [--opset 17] [--optimize]
 
 MODEL is a diffusers folder (InstructPix2Pix or SD 1.x img2img) or a preset root holding
 both. The text encoder and VAE are shared by both pipelines and exported once. Every
 component is then run in onnxruntime against PyTorch on random inputs at two shapes; a
 table of errors is printed, and the export fails (exit 1) when one exceeds its tolerance.
 The output folder gets a `manifest.json` that the repository builder reads.
+
+`--optimize` applies onnxruntime's fusions (export/onnx_optimize.py) before validation:
+faster in onnxruntime, but with com.microsoft ops that TensorRT cannot build engines from.
 """
 
 from __future__ import annotations
@@ -184,9 +187,18 @@ def _parameter_bytes(module: Any) -> int:
 
 
 def export_component(
-    module: Any, spec: ComponentSpec, target_dir: Path, scale: int, opset: int, fp16: bool
-) -> Path:
-    """Writes `target_dir/model.onnx` (+ external data when large) for one component."""
+    module: Any,
+    spec: ComponentSpec,
+    target_dir: Path,
+    scale: int,
+    opset: int,
+    fp16: bool,
+    optimize: bool = False,
+) -> tuple[Path, dict[str, int]]:
+    """Writes `target_dir/model.onnx` (+ external data when large) for one component.
+
+    Returns the file and, when `optimize`, how many nodes of each fused op it holds.
+    """
     import onnx
     import torch
 
@@ -219,6 +231,11 @@ def export_component(
                 dynamo=False,
             )
         model = onnx.load(str(traced), load_external_data=True)
+        fused_ops: dict[str, int] = {}
+        if optimize:
+            from export.onnx_optimize import optimize_component
+
+            model, fused_ops = optimize_component(model, spec.name)
         if fp16:
             from onnxruntime.transformers.float16 import convert_float_to_float16
 
@@ -238,7 +255,7 @@ def export_component(
     onnx.checker.check_model(str(target))
     for written in target_dir.iterdir():
         written.chmod(0o644)  # readable by a server running as another user (containers)
-    return target
+    return target, fused_ops
 
 
 # --------------------------------------------------------------------------- validation
@@ -328,7 +345,12 @@ def _copy_pipeline_assets(folders: dict[str, PipelineFolder], output: Path) -> d
 
 
 def export_checkpoint(
-    models: list[Path], output: Path, *, fp16: bool = False, opset: int = DEFAULT_OPSET
+    models: list[Path],
+    output: Path,
+    *,
+    fp16: bool = False,
+    opset: int = DEFAULT_OPSET,
+    optimize: bool = False,
 ) -> tuple[dict[str, Any], list[ValidationRow]]:
     """Exports and validates every component; writes and returns the manifest."""
     import torch
@@ -355,7 +377,9 @@ def export_checkpoint(
     for name, module in modules.items():
         spec = specs[name]
         tick = time.perf_counter()
-        path = export_component(module, spec, output / name, dims.vae_scale_factor, opset, fp16)
+        path, fused_ops = export_component(
+            module, spec, output / name, dims.vae_scale_factor, opset, fp16, optimize
+        )
         export_s = time.perf_counter() - tick
         tick = time.perf_counter()
         component_rows = validate_component(
@@ -372,6 +396,7 @@ def export_checkpoint(
             },
             "model": path.relative_to(output).as_posix(),
             "external_data": (path.parent / EXTERNAL_DATA_FILE).exists(),
+            "fused_ops": fused_ops,
             "export_seconds": round(export_s, 2),
             "validation_seconds": round(time.perf_counter() - tick, 2),
         }
@@ -386,6 +411,8 @@ def export_checkpoint(
         "format": 1,
         "precision": precision,
         "opset": opset,
+        # onnxruntime fusions (com.microsoft ops): onnxruntime only, no TensorRT engines.
+        "optimized": optimize,
         "pipelines": {
             name: {
                 "source": str(folder.path.resolve()),
@@ -427,9 +454,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, required=True, help="export folder")
     parser.add_argument("--fp16", action="store_true", help="fp16 weights (GPUs); fp32 default")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET)
+    parser.add_argument(
+        "--optimize",
+        action="store_true",
+        help="onnxruntime fusions (faster in onnxruntime; not for TensorRT engines)",
+    )
     args = parser.parse_args(argv)
     try:
-        manifest, rows = export_checkpoint(args.models, args.output, fp16=args.fp16, opset=args.opset)
+        manifest, rows = export_checkpoint(
+            args.models, args.output, fp16=args.fp16, opset=args.opset, optimize=args.optimize
+        )
     except UnsupportedCheckpointError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -106,9 +106,14 @@ def build_engines(
     """Builds an engine per exported component; writes and returns `engines.json`."""
     from export.onnx_export import load_manifest
 
+    manifest = load_manifest(export_dir)
+    if manifest.get("optimized"):
+        raise ValueError(
+            f"{export_dir} holds onnxruntime-fused graphs (export --optimize), which TensorRT "
+            "cannot parse: build engines from an export without --optimize"
+        )
     capability = gpu_compute_capability()
     trt = import_tensorrt()
-    manifest = load_manifest(export_dir)
     output.mkdir(parents=True, exist_ok=True)
     built: dict[str, Any] = {}
     for name, entry in manifest["components"].items():
