@@ -29,7 +29,14 @@ from pix2pix_client.contract import IMG2IMG, INSTRUCT_PIX2PIX, SCHEDULERS
 from export.checkpoint import UnsupportedCheckpointError
 from export.onnx_export import load_manifest
 from export.presets import PRESETS
-from model_repository.serve import DEFAULT_BUILD_DIR, ensure_export, ensure_preset, prepare
+from model_repository.builder import RepositoryOptions
+from model_repository.serve import (
+    DEFAULT_BUILD_DIR,
+    ensure_export,
+    export_dir_for,
+    resolve_source,
+    write_repository,
+)
 from model_repository.server import TritonServer
 
 DEFAULT_OUT_DIR = Path("out")
@@ -126,33 +133,29 @@ def main(argv: list[str] | None = None) -> int:
 
     timings = Timings()
     try:
-        if args.model is not None:
-            source = Path(args.model)
-            with timings.measure("build", "skipped: MODEL given"):
-                if not source.is_dir():
-                    raise FileNotFoundError(f"--model {source}: no such folder")
-        else:
-            with timings.measure("build", f"{args.preset} preset, skipped when current"):
-                source = ensure_preset(args.preset, args.build_dir)
-        # The same folder prepare() uses, so the export below is found current there.
-        export_dir = args.build_dir / "onnx" / source.resolve().name
+        preset = None if args.model is not None else args.preset
+        build_note = (
+            "skipped: MODEL given" if preset is None else f"{preset} preset, skipped when current"
+        )
+        with timings.measure("build", build_note):
+            name, source = resolve_source(preset, args.model, args.build_dir)
+        export_dir = export_dir_for(name, args.build_dir)
         with timings.measure("export", "ONNX + validation, skipped when current"):
             ensure_export(source, export_dir)
         with timings.measure("repository", "python-onnxruntime"):
-            built = prepare(model=source, build_dir=args.build_dir)
-        assert built.export_dir == export_dir, (built.export_dir, export_dir)
+            repository = write_repository(name, export_dir, args.build_dir, RepositoryOptions())
     except (UnsupportedCheckpointError, FileNotFoundError, ValueError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
-    pipelines = load_manifest(built.export_dir)["pipelines"]
+    pipelines = load_manifest(export_dir)["pipelines"]
     ensemble = INSTRUCT_PIX2PIX if INSTRUCT_PIX2PIX in pipelines else IMG2IMG
     random_weights = has_random_weights(source)
     weights = f"{source.resolve().name} (random)" if random_weights else str(source)
 
-    log_file = args.build_dir / "logs" / f"tritonserver-demo-{built.name}.log"
+    log_file = args.build_dir / "logs" / f"tritonserver-demo-{name}.log"
     log_file.parent.mkdir(parents=True, exist_ok=True)
-    server = TritonServer(built.repository, log_file=log_file)
+    server = TritonServer(repository, log_file=log_file)
     photo = astronaut()
     try:
         with timings.measure("server start", "tritonserver, every model ready"):

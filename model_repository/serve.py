@@ -74,6 +74,34 @@ def ensure_preset(preset: str, build_dir: Path) -> Path:
     return root
 
 
+def resolve_source(preset: str | None, model: Path | None, build_dir: Path) -> tuple[str, Path]:
+    """The served model's name and its diffusers folder, building the preset if needed."""
+    if model is not None:
+        model = Path(model)
+        if not model.is_dir():
+            raise FileNotFoundError(f"{model}: no such folder")
+        return model.resolve().name, model
+    name = preset or "tiny"
+    return name, ensure_preset(name, build_dir)
+
+
+def export_dir_for(name: str, build_dir: Path) -> Path:
+    return build_dir / "onnx" / name
+
+
+def write_repository(
+    name: str,
+    export_dir: Path,
+    build_dir: Path,
+    options: RepositoryOptions,
+    engines_dir: Path | None = None,
+) -> Path:
+    repository = build_dir / "repository" / f"{name}-{options.flavour}"
+    models = build_repository(export_dir, repository, options, engines_dir)
+    _log(f"repository ({options.flavour}, {len(models)} models): {repository}")
+    return repository
+
+
 def prepare(
     *,
     preset: str | None = None,
@@ -84,16 +112,10 @@ def prepare(
 ) -> BuiltModel:
     """Preset or checkpoint -> validated export -> model repository."""
     options = options or RepositoryOptions()
-    if model is not None:
-        source, name = Path(model), Path(model).resolve().name
-    else:
-        name = preset or "tiny"
-        source = ensure_preset(name, build_dir)
-    export_dir = build_dir / "onnx" / name
+    name, source = resolve_source(preset, model, build_dir)
+    export_dir = export_dir_for(name, build_dir)
     ensure_export(source, export_dir)
-    repository = build_dir / "repository" / f"{name}-{options.flavour}"
-    models = build_repository(export_dir, repository, options, engines_dir)
-    _log(f"repository ({options.flavour}, {len(models)} models): {repository}")
+    repository = write_repository(name, export_dir, build_dir, options, engines_dir)
     return BuiltModel(name=name, export_dir=export_dir, repository=repository)
 
 

@@ -538,3 +538,10 @@ def test_client_installed_alone_in_a_fresh_virtualenv_edits_without_torch(
     assert cli.returncode == 0, cli.stderr
     with Image.open(output) as edited:
         assert edited.size == (64, 64)
+
+
+def test_cli_health_fails_when_no_ensemble_is_served(server_without_models: TritonServer) -> None:
+    result = run_cli("health", "--url", server_without_models.grpc_url)
+    assert result.returncode == 1
+    assert "serves no ready ensemble" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

@@ -155,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
         "health",
         parents=[connection],
         help="is the server live and ready, and which ensembles are ready",
-        description="Exit code 0 when the server is live and ready, 1 otherwise.",
+        description="Exit code 0 when the server is live and ready and serves an ensemble, "
+        "1 otherwise.",
     )
     subcommands.add_parser(
         "models",
@@ -307,7 +308,9 @@ async def _run_edits(
 async def _health(args: argparse.Namespace, connection: dict[str, Any]) -> int:
     async with AsyncEditClient(args.url, **connection) as client:
         health = await client.health(timeout_s=args.timeout)
-    healthy = health["live"] and health["ready"]
+    # A server that is up but serves no edit model is no use to a load balancer.
+    serving = any(health["models"].values())
+    healthy = health["live"] and health["ready"] and serving
     if args.json:
         _print_json({"url": args.url, **health})
     else:
@@ -316,7 +319,13 @@ async def _health(args: argparse.Namespace, connection: dict[str, Any]) -> int:
         for name, ready in health["models"].items():
             print(f"  {name:<{width}}  {'ready' if ready else 'not ready'}")
     if not healthy:
-        _report_failure(f"server {args.url} is not {'ready' if health['live'] else 'live'}")
+        problem = "live" if not health["live"] else "ready" if not health["ready"] else None
+        if problem is None:
+            _report_failure(
+                f"server {args.url} serves no ready ensemble ({', '.join(contract.ENSEMBLES)})"
+            )
+        else:
+            _report_failure(f"server {args.url} is not {problem}")
     return EXIT_OK if healthy else EXIT_SERVER_ERROR
 
 
