@@ -30,13 +30,12 @@ COPY model_repository/ model_repository/
 # On Linux, torch from PyPI is a CUDA build (the CPU build of the development machines comes
 # from a local wheel folder); constraints.txt keeps the versions the tests ran with.
 # The project itself goes in without its dependencies: they are listed here instead, minus
-# nvidia-pytriton (a tritonserver for machines without this container), and its pyproject
-# asks for the Python 3.11 of the development machines.
+# nvidia-pytriton (a tritonserver for machines without this container).
 RUN pip install -c constraints.txt \
         torch diffusers transformers safetensors scipy "numpy<2" pillow psutil \
         onnx onnxruntime-gpu polygraphy "tritonclient[grpc]" \
  && pip install -c constraints.txt ./client \
- && pip install --no-deps --ignore-requires-python .
+ && pip install --no-deps .
 
 # TensorRT's Python package at the version of the container's own libnvinfer: an engine
 # only loads in the TensorRT version that built it.
