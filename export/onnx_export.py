@@ -238,9 +238,12 @@ def export_component(
             model, fused_ops = optimize_component(model, spec.name)
         if fp16:
             from onnxruntime.transformers.float16 import convert_float_to_float16
+            from onnxruntime.transformers.onnx_model import OnnxModel
 
             # Inputs and outputs stay fp32 so the served contract is the same either way.
             model = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=large)
+            # The converter appends the casts of kept fp32 inputs after their consumers.
+            OnnxModel(model).topological_sort()
         if large or model.ByteSize() > EXTERNAL_DATA_THRESHOLD_BYTES:
             onnx.save_model(
                 model,
@@ -297,7 +300,9 @@ def validate_component(
             max_rel = max(max_rel, error / max(float(np.max(np.abs(want))), 1e-12))
         main_input = spec.inputs[0]
         shape = "x".join(str(d) for d in inputs[main_input.name].shape)
-        rows.append(ValidationRow(spec.name, f"{main_input.name} {shape}", max_abs, max_rel, tolerance))
+        rows.append(
+            ValidationRow(spec.name, f"{main_input.name} {shape}", max_abs, max_rel, tolerance)
+        )
     return rows
 
 
@@ -391,7 +396,10 @@ def export_checkpoint(
             "spec": spec.to_json(),
             "triton_max_batch_size": spec.axes["batch"].max,
             "files": {
-                p.relative_to(output).as_posix(): {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
+                p.relative_to(output).as_posix(): {
+                    "bytes": p.stat().st_size,
+                    "sha256": file_sha256(p),
+                }
                 for p in files
             },
             "model": path.relative_to(output).as_posix(),
@@ -400,11 +408,8 @@ def export_checkpoint(
             "export_seconds": round(export_s, 2),
             "validation_seconds": round(time.perf_counter() - tick, 2),
         }
-        print(
-            f"exported {name:<13} {sum(f['bytes'] for f in components[name]['files'].values()) / 1e6:9.1f} MB"
-            f"  in {export_s:6.1f} s",
-            flush=True,
-        )
+        megabytes = sum(f["bytes"] for f in components[name]["files"].values()) / 1e6
+        print(f"exported {name:<13} {megabytes:9.1f} MB  in {export_s:6.1f} s", flush=True)
 
     passed = all(row.passed for row in rows)
     manifest = {
@@ -469,10 +474,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print()
     print(format_table(rows))
+    validation = manifest["validation"]
     print(
-        f"\n{'passed' if manifest['validation']['passed'] else 'FAILED'}: "
-        f"{len(rows)} checks, tolerance max rel {manifest['validation']['tolerance_max_rel']:.0e} "
-        f"({manifest['precision']}); {manifest['seconds']} s, peak RSS {manifest['peak_rss_mb']:.0f} MB"
+        f"\n{'passed' if validation['passed'] else 'FAILED'}: {len(rows)} checks, "
+        f"tolerance max rel {validation['tolerance_max_rel']:.0e} ({manifest['precision']}); "
+        f"{manifest['seconds']} s, peak RSS {manifest['peak_rss_mb']:.0f} MB"
     )
     print(f"manifest: {args.output / MANIFEST}")
     return 0 if manifest["validation"]["passed"] else 1

@@ -46,7 +46,9 @@ def gpu_compute_capability() -> str:
     result = subprocess.run(query, capture_output=True, text=True, check=False)
     capability = result.stdout.strip().splitlines()[0] if result.stdout.strip() else ""
     if result.returncode != 0 or not capability:
-        raise EngineBuildUnavailable(f"no usable NVIDIA GPU: nvidia-smi says {result.stderr.strip()!r}")
+        raise EngineBuildUnavailable(
+            f"no usable NVIDIA GPU: nvidia-smi says {result.stderr.strip()!r}"
+        )
     return "sm" + capability.replace(".", "")
 
 
@@ -55,7 +57,7 @@ def import_tensorrt() -> Any:
         import tensorrt
     except ImportError:
         raise EngineBuildUnavailable(
-            "TensorRT is not installed: pip install -e '.[tensorrt]' on a machine with an NVIDIA GPU"
+            "TensorRT is not installed: pip install -e '.[tensorrt]' on a machine with a GPU"
         ) from None
     return tensorrt
 
@@ -130,7 +132,8 @@ def build_engines(
             "build_seconds": round(seconds, 1),
             "profile": {k: [list(s) for s in v] for k, v in optimization_profile(spec).items()},
         }
-        print(f"built {engine_path.name}: {engine_path.stat().st_size / 1e6:.1f} MB in {seconds:.1f} s")
+        megabytes = engine_path.stat().st_size / 1e6
+        print(f"built {engine_path.name}: {megabytes:.1f} MB in {seconds:.1f} s")
     record = {
         "tensorrt": trt.__version__,
         "compute_capability": capability,

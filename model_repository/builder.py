@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 from google.protobuf import text_format
-from pix2pix_client.contract import IMG2IMG, INSTRUCT_PIX2PIX, OUTPUTS, parameters_for
 from tritonclient.grpc import model_config_pb2 as mc
 
 from export.components import (
@@ -42,6 +41,7 @@ from export.components import (
 )
 from export.onnx_export import EXTERNAL_DATA_FILE, MODEL_FILE, load_manifest
 from model_repository.preprocess import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE, SIDE_MULTIPLE
+from pix2pix_client.contract import IMG2IMG, INSTRUCT_PIX2PIX, OUTPUTS, parameters_for
 
 FLAVOURS = ("python-onnxruntime", "onnxruntime", "tensorrt")
 BACKEND_TEMPLATES = Path(__file__).parent / "backend"

@@ -23,8 +23,6 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
-from pix2pix_client import EditClient, EditError, EditResult
-from pix2pix_client.contract import IMG2IMG, INSTRUCT_PIX2PIX, SCHEDULERS
 
 from export.checkpoint import UnsupportedCheckpointError
 from export.onnx_export import load_manifest
@@ -38,6 +36,8 @@ from model_repository.serve import (
     write_repository,
 )
 from model_repository.server import TritonServer
+from pix2pix_client import EditClient, EditError, EditResult
+from pix2pix_client.contract import IMG2IMG, INSTRUCT_PIX2PIX, SCHEDULERS
 
 DEFAULT_OUT_DIR = Path("out")
 DEFAULT_PROMPT = "turn it into a watercolor painting"

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
 from pix2pix_client.contract import (
     MAX_PROMPT_TOKENS,
     MAX_SEED,

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from pix2pix_client.contract import IMG2IMG, INSTRUCT_PIX2PIX, SCHEDULERS
 
 # (sample, timestep per batch row, encoder_hidden_states) -> noise prediction

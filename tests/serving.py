@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import tritonclient.grpc as grpcclient
 from PIL import Image
+
 from pix2pix_client.contract import PARAMETERS_BY_NAME
 
 NUMPY_DTYPES = {

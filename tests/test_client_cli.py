@@ -18,6 +18,7 @@ from pathlib import Path
 import grpc
 import pytest
 from PIL import Image
+
 from pix2pix_client import contract
 from pix2pix_client.cli import build_parser, main
 from tests.test_client_standin import Failure, StandInTriton, png_bytes, serve

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from tritonclient.utils import InferenceServerException
+
 from pix2pix_client import (
     DeadlineExceeded,
     EditError,
@@ -13,7 +15,6 @@ from pix2pix_client import (
     contract,
 )
 from pix2pix_client.errors import from_triton
-from tritonclient.utils import InferenceServerException
 
 
 @pytest.mark.parametrize(

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+
 from pix2pix_client import EditResult, InvalidArgument, ServerError
 from pix2pix_client.images import decode_image, encode_image
 

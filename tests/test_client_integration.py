@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+
+from model_repository.server import TritonServer, free_port
 from pix2pix_client import (
     AsyncEditClient,
     DeadlineExceeded,
@@ -33,8 +35,6 @@ from pix2pix_client import (
     ServerUnavailable,
     contract,
 )
-
-from model_repository.server import TritonServer, free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "make it look like a watercolor painting"

@@ -18,6 +18,7 @@ import grpc
 import numpy as np
 import pytest
 from PIL import Image
+
 from pix2pix_client import (
     AsyncEditClient,
     DeadlineExceeded,

@@ -7,6 +7,7 @@ import asyncio
 import math
 
 import pytest
+
 from pix2pix_client import AsyncEditClient, EditClient, EditError, InvalidArgument, contract
 from pix2pix_client.request import prepare_request, validate_parameters
 from tests.test_client_standin import png_bytes

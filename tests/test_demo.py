@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from pix2pix_client import contract
 
 from model_repository import demo
+from pix2pix_client import contract
 
 TIMED_STEPS = ("build", "export", "repository", "server start", "edit", "server stop", "total")
 

@@ -270,3 +270,17 @@ def test_sd15_export_with_external_data_validates(tmp_path: Path) -> None:
         entry = manifest["components"][unet]
         assert entry["external_data"]
         assert entry["files"][f"{unet}/model.onnx.data"]["bytes"] > 3_000_000_000
+
+
+def test_fp16_export_keeps_fp32_io_and_validates(tiny_preset: Path, tmp_path: Path) -> None:
+    import onnx
+
+    from export.onnx_export import export_checkpoint
+
+    manifest, rows = export_checkpoint([tiny_preset / PIX2PIX_FOLDER], tmp_path, fp16=True)
+    assert manifest["precision"] == "fp16" and manifest["validation"]["passed"], rows
+    model = onnx.load(str(tmp_path / "unet_pix2pix" / "model.onnx"))
+    weights = {init.data_type for init in model.graph.initializer if len(init.dims) > 1}
+    assert weights == {onnx.TensorProto.FLOAT16}
+    # The served contract does not change with precision.
+    assert {i.type.tensor_type.elem_type for i in model.graph.input} == {onnx.TensorProto.FLOAT}

@@ -7,7 +7,6 @@ import io
 import numpy as np
 import pytest
 from PIL import Image
-from pix2pix_client.contract import InvalidArgumentError
 
 from model_repository.postprocess import encode_png, tensor_to_image
 from model_repository.preprocess import (
@@ -16,6 +15,7 @@ from model_repository.preprocess import (
     image_to_tensor,
     resolve_request,
 )
+from pix2pix_client.contract import InvalidArgumentError
 from tests.serving import photo, png_bytes
 
 

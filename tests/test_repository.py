@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 from google.protobuf import text_format
-from pix2pix_client.contract import OUTPUTS, parameters_for
 from tritonclient.grpc import model_config_pb2 as mc
 
 from export.components import COMPONENTS
 from export.onnx_export import load_manifest
 from model_repository.builder import FLAVOURS, RepositoryOptions, build_repository
+from pix2pix_client.contract import OUTPUTS, parameters_for
 
 PIPELINES = ("instruct_pix2pix", "img2img")
 

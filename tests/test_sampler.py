@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from pix2pix_client.contract import IMG2IMG, INSTRUCT_PIX2PIX, SCHEDULERS
 
 from model_repository.onnx_component import OnnxComponent
 from model_repository.sampler import (
@@ -22,6 +21,7 @@ from model_repository.sampler import (
     first_step,
     make_scheduler,
 )
+from pix2pix_client.contract import IMG2IMG, INSTRUCT_PIX2PIX, SCHEDULERS
 
 SCALING = 0.18215
 

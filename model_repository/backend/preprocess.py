@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
-from pix2pix_client.contract import InvalidArgumentError, parameters_for
 
 from model_repository.backend.triton_io import config_parameters, invalid_argument
 from model_repository.preprocess import (
@@ -18,6 +17,7 @@ from model_repository.preprocess import (
     image_to_tensor,
     resolve_request,
 )
+from pix2pix_client.contract import InvalidArgumentError, parameters_for
 
 
 class TritonPythonModel:
