@@ -69,6 +69,24 @@ demo: setup
 serve: setup
 	$(PY) -m model_repository.serve $(if $(MODEL),--model $(MODEL),--preset $(PRESET)) --flavour $(FLAVOUR)
 
+# Benchmarks Triton (perf_analyzer concurrency sweep over gRPC, per-stage statistics)
+# against diffusers eager PyTorch and a bare onnxruntime loop on the same weights and
+# request; writes benchmarks/results/<date>-<machine>.{md,json,png}. The preset defaults
+# to small here (PRESET=tiny for a quick check). GPU: FLAVOUR=tensorrt PRECISION=fp16
+# BENCH_FLAGS="--url HOST:8001" against the NGC tritonserver (see benchmarks/README.md).
+SIZE ?= 256
+STEPS ?= 20
+SCHEDULER ?=
+CONCURRENCY ?= 1 2 4
+PRECISION ?= fp32
+BENCH_FLAGS ?=
+BENCH_PRESET := $(if $(filter command line environment,$(origin PRESET)),$(PRESET),small)
+.PHONY: bench
+bench: setup
+	$(PY) -m benchmarks.run --preset $(BENCH_PRESET) --size $(SIZE) --steps $(STEPS) \
+		$(if $(SCHEDULER),--scheduler $(SCHEDULER)) --concurrency $(CONCURRENCY) \
+		--flavour $(FLAVOUR) --precision $(PRECISION) $(BENCH_FLAGS)
+
 # Regenerates the pins from the current environment.
 lock: setup
 	( head -2 constraints.txt; $(PIP) freeze --exclude-editable | sed 's/+cpu$$//' ) > constraints.tmp

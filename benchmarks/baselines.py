@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pix2pix_client.contract import INSTRUCT_PIX2PIX
 
 from benchmarks.config import BenchConfig
 from export.components import TEXT_ENCODER, UNET_FOR_PIPELINE, VAE_DECODER, VAE_ENCODER
@@ -35,6 +34,7 @@ from model_repository.preprocess import (
     resolve_request,
 )
 from model_repository.sampler import Sampler, SamplerInputs, make_scheduler
+from pix2pix_client.contract import INSTRUCT_PIX2PIX
 
 CPU = ("CPUExecutionProvider",)
 

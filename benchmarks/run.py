@@ -23,8 +23,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from pix2pix_client.contract import IMG2IMG, INSTRUCT_PIX2PIX, PARAMETERS_BY_NAME, SCHEDULERS
-
 from benchmarks import report
 from benchmarks.baselines import CPU, BareOnnxLoop, DiffusersEager, pixel_difference, time_runs
 from benchmarks.config import BenchConfig
@@ -41,6 +39,7 @@ from benchmarks.photo import photo_png
 from benchmarks.server_stats import snapshot, stage_rows, window
 from export.presets import IMG2IMG_FOLDER, PIX2PIX_FOLDER, PRESETS
 from model_repository.builder import FLAVOURS, RepositoryOptions, build_repository
+from pix2pix_client.contract import IMG2IMG, INSTRUCT_PIX2PIX, PARAMETERS_BY_NAME, SCHEDULERS
 
 DEFAULT_BUILD_DIR = Path("build")
 PIPELINE_FOLDER = {INSTRUCT_PIX2PIX: PIX2PIX_FOLDER, IMG2IMG: IMG2IMG_FOLDER}

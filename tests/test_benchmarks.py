@@ -1,0 +1,316 @@
+"""The benchmark harness's pure parts: input data, perf_analyzer output, statistics, results.
+
+No timing is asserted here: the figures of a run are recorded in benchmarks/results/.
+The perf_analyzer CSV and profile export, and the statistics, are real captures
+(benchmarks/testdata/README.md says from what).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from benchmarks import report
+from benchmarks.config import BenchConfig
+from benchmarks.perf_analyzer import (
+    LevelResult,
+    decode_bytes_element,
+    library_folder,
+    parse_csv,
+    read_profile_export,
+    write_input_data,
+)
+from benchmarks.photo import photo, photo_png
+from benchmarks.run import write_results
+from benchmarks.server_stats import ModelCounters, counters_from_json, stage_rows, window
+from pix2pix_client.contract import IMG2IMG, INSTRUCT_PIX2PIX, PARAMETERS_BY_NAME, parameters_for
+
+TESTDATA = Path(__file__).parent.parent / "benchmarks" / "testdata"
+
+
+# --------------------------------------------------------------------------- input data
+
+
+@pytest.mark.parametrize("pipeline", [INSTRUCT_PIX2PIX, IMG2IMG])
+def test_input_data_carries_the_photo_and_explicit_parameters(
+    pipeline: str, tmp_path: Path
+) -> None:
+    config = BenchConfig(pipeline=pipeline, size=64, steps=7, scheduler="ddim", seed=99)
+    path = write_input_data(tmp_path / "input.json", photo_png(64), config.request())
+    data = json.loads(path.read_text())
+
+    assert len(data["data"]) == 1
+    entry = data["data"][0]
+    allowed = {p.name for p in parameters_for(pipeline)}
+    required = {p.name for p in parameters_for(pipeline) if p.required}
+    assert required <= set(entry) <= allowed
+    for name, tensor in entry.items():
+        assert tensor["shape"] == [1], name
+
+    # The image is one BYTES element: a 4-byte length, then a PNG of the photo.
+    encoded = decode_bytes_element(entry["image"]["content"]["b64"])
+    decoded = Image.open(io.BytesIO(encoded))
+    assert decoded.format == "PNG"
+    assert np.array_equal(np.asarray(decoded.convert("RGB")), np.asarray(photo(64)))
+
+    assert entry["prompt"]["content"] == [config.prompt]
+    assert entry["num_inference_steps"]["content"] == [7]
+    assert entry["seed"]["content"] == [99]
+    assert entry["scheduler"]["content"] == ["ddim"]
+    assert ("image_guidance_scale" in entry) == (pipeline == INSTRUCT_PIX2PIX)
+    for name in entry:
+        assert name in PARAMETERS_BY_NAME
+
+
+def test_bytes_element_length_prefix_is_checked() -> None:
+    import base64
+
+    with pytest.raises(ValueError, match="length prefix"):
+        decode_bytes_element(base64.b64encode(b"\x05\x00\x00\x00abc").decode())
+
+
+def test_photo_is_the_astronaut_at_the_requested_size() -> None:
+    image = Image.open(io.BytesIO(photo_png(96)))
+    assert image.size == (96, 96)
+    assert np.asarray(image).std() > 20  # a photograph, not a flat fill
+
+
+# --------------------------------------------------------------------------- perf_analyzer
+
+
+def test_csv_of_a_real_run_parses_to_milliseconds() -> None:
+    (row,) = parse_csv((TESTDATA / "perf_analyzer_c2.csv").read_text())
+    assert row.concurrency == 2
+    assert row.throughput_per_s == pytest.approx(0.0784173)
+    assert row.p50_ms == pytest.approx(34014.560)
+    assert row.p90_ms == pytest.approx(34507.725)
+    assert row.p99_ms == pytest.approx(34507.725)
+    assert row.server_queue_ms == pytest.approx(0.002)
+    assert row.server_compute_ms == pytest.approx((505 + 24731999 + 5124) / 1000)
+
+
+def test_csv_followed_by_metrics_keeps_only_the_table() -> None:
+    text = (TESTDATA / "perf_analyzer_c2.csv").read_text() + "\n\nMetric,Value\ngpu,0\n"
+    assert len(parse_csv(text)) == 1
+
+
+def test_profile_export_of_a_real_run_gives_latencies_and_span_throughput() -> None:
+    # The capture's outputs hold PNG bytes that are not valid UTF-8, as perf_analyzer writes.
+    with pytest.raises(UnicodeDecodeError):
+        (TESTDATA / "perf_analyzer_c2.profile.json").read_bytes().decode("utf-8")
+    (level,) = read_profile_export(TESTDATA / "perf_analyzer_c2.profile.json")
+    assert level.concurrency == 2
+    assert level.latencies_ms == pytest.approx(
+        [15941.663, 34507.726, 13929.518, 34014.560], abs=1e-3
+    )
+    span_s = (1795568947751960391 - 1795568897302538916) / 1e9
+    assert level.span_s == pytest.approx(span_s)
+    assert level.throughput_per_s == pytest.approx(4 / span_s)
+
+    (row,) = parse_csv((TESTDATA / "perf_analyzer_c2.csv").read_text())
+    combined = LevelResult.combine(row, level)
+    assert combined.requests == 4
+    assert combined.p50_ms == row.p50_ms
+    assert combined.mean_ms == pytest.approx(sum(level.latencies_ms) / 4)
+    # perf_analyzer's own figure divides by a duration rounded to whole seconds.
+    assert combined.reported_throughput_per_s == pytest.approx(0.0784173)
+    assert json.loads(json.dumps(combined.to_json()))["latencies_ms"][0] == pytest.approx(15941.7)
+
+
+def test_library_folder_links_the_sonames_perf_analyzer_needs(tmp_path: Path) -> None:
+    folder = library_folder(tmp_path / "lib")
+    for soname in ("libb64.so.0d", "libcudart.so.12"):
+        link = folder / soname
+        assert link.is_symlink() and link.resolve().is_file(), soname
+        assert link.resolve().name != soname  # the bundled copy has a hashed name
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def test_statistics_delta_and_stage_table_from_a_real_capture() -> None:
+    captured = json.loads((TESTDATA / "inference_statistics.json").read_text())
+    before = counters_from_json(captured["before"])
+    after = counters_from_json(captured["after"])
+    delta = window(before, after)
+
+    # Two edits of 3 steps each happened between the snapshots.
+    assert delta["instruct_pix2pix"].requests == 2
+    assert delta["unet_pix2pix"] == ModelCounters(
+        requests=6,
+        executions=6,
+        success_ns=75066378 - 36410253,
+        queue_ns=19242206 - 6364329,
+        compute_input_ns=288871 - 105627,
+        compute_infer_ns=54388011 - 29746650,
+        compute_output_ns=1117146 - 183073,
+    )
+
+    rows = {row.stage: row for row in stage_rows(delta, INSTRUCT_PIX2PIX)}
+    assert list(rows) == [
+        "preprocess",
+        "text encoder",
+        "VAE encoder",
+        "UNet x N",
+        "sampler loop (w/o UNet)",
+        "VAE decoder",
+        "postprocess",
+        "end to end (server)",
+    ]
+    unet = rows["UNet x N"]
+    assert unet.calls_per_edit == 3
+    assert unet.ms_per_call == pytest.approx((54388011 - 29746650) / 6 / 1e6)
+    assert unet.ms_per_edit == pytest.approx((54388011 - 29746650) / 2 / 1e6)
+    loop = rows["sampler loop (w/o UNet)"]
+    sampler_ns = 4099132853 - 2122582644
+    assert loop.ms_per_edit == pytest.approx((sampler_ns - (75066378 - 36410253)) / 2 / 1e6)
+    end_to_end = rows["end to end (server)"]
+    assert end_to_end.ms_per_edit == pytest.approx((4363813449 - 2298045228) / 2 / 1e6)
+    # Stages inside the ensemble take less than the whole.
+    inner = sum(r.ms_per_edit for stage, r in rows.items() if stage != "end to end (server)")
+    assert inner < end_to_end.ms_per_edit
+
+
+def test_a_model_first_seen_after_the_window_started_counts_from_zero() -> None:
+    after = {"m": ModelCounters(requests=2, compute_infer_ns=10)}
+    assert window({}, after)["m"] == after["m"]
+
+
+def test_stage_table_needs_edits_in_the_window() -> None:
+    with pytest.raises(ValueError, match="no instruct_pix2pix requests"):
+        stage_rows({"instruct_pix2pix": ModelCounters()}, INSTRUCT_PIX2PIX)
+
+
+# --------------------------------------------------------------------------- results
+
+
+def _results() -> dict:
+    config = BenchConfig()
+    levels = [
+        {
+            "concurrency": c,
+            "requests": 4 * c,
+            "throughput_per_s": t,
+            "mean_ms": p,
+            "p50_ms": p,
+            "p90_ms": p * 1.1,
+            "p95_ms": p * 1.1,
+            "p99_ms": p * 1.2,
+            "server_queue_ms": 0.0,
+            "server_compute_ms": p,
+            "reported_throughput_per_s": t,
+            "latencies_ms": [p] * 4 * c,
+        }
+        for c, t, p in ((1, 0.2, 5000.0), (2, 0.21, 9500.0), (4, 0.21, 19000.0))
+    ]
+    captured = json.loads((TESTDATA / "inference_statistics.json").read_text())
+    delta = window(counters_from_json(captured["before"]), counters_from_json(captured["after"]))
+    stages = [row.to_json() for row in stage_rows(delta, INSTRUCT_PIX2PIX)]
+    targets = report.evaluate_targets(5000.0, 8000.0, 4900.0, {1: 0.2, 2: 0.21, 4: 0.21})
+    return {
+        "date": "2026-11-25T01:00:00+00:00",
+        "command": "python -m benchmarks.run",
+        "machine": {
+            "cpu": "AMD EPYC",
+            "logical_cores": 2,
+            "physical_cores": 2,
+            "ram_gib": 23.5,
+            "gpus": [],
+            "os": "Linux",
+            "python": "3.11.7",
+        },
+        "versions": {"onnxruntime": "1.32.0"},
+        "config": config.to_json(),
+        "request_description": "the astronaut",
+        "triton": {"levels": levels, "stages": {"1": stages}},
+        "baselines": {
+            "diffusers_eager": {"p50_ms": 8000.0, "mean_ms": 8100.0, "min_ms": 7900.0},
+            "bare_onnxruntime": {"p50_ms": 4900.0, "mean_ms": 4950.0, "min_ms": 4800.0},
+        },
+        "targets_apply": report.targets_apply(config.to_json()),
+        "targets": [t.to_json() for t in targets],
+        "agreement": {"Triton vs bare onnxruntime": {"max_abs": 0.0, "mean_abs": 0.0}},
+        "latency_note": "note on latency",
+        "stages_note": "note on stages",
+        "notes": [],
+        "optimisations": [
+            {
+                "name": "fusions",
+                "change": "MHA",
+                "p50_ms_c1": 5000.0,
+                "throughput_c1": 0.2,
+                "throughput_c2": 0.21,
+            }
+        ],
+    }
+
+
+def test_targets_are_met_or_fall_short_with_their_numbers() -> None:
+    met = report.evaluate_targets(5000.0, 8000.0, 4900.0, {1: 0.2, 2: 0.21})
+    assert [t.met for t in met] == [True, True, True]
+    assert met[0].value == pytest.approx(0.625)
+    assert "5000 ms / 8000 ms = 0.625" in met[0].line() and met[0].line().endswith("met")
+
+    short = report.evaluate_targets(6000.0, 8000.0, 5000.0, {1: 0.2, 2: 0.19})
+    assert [t.met for t in short] == [False, False, False]
+    assert all(t.line().endswith("falls short") for t in short)
+    # A goal whose measurement is missing is left out, not guessed.
+    assert [t.name for t in report.evaluate_targets(6000.0, None, None, {1: 0.2})] == []
+
+
+def test_targets_apply_only_to_the_cpu_goal_configuration() -> None:
+    assert report.targets_apply(BenchConfig().to_json())
+    assert not report.targets_apply(BenchConfig(preset="tiny").to_json())
+    assert not report.targets_apply(BenchConfig(image_guidance_scale=0.5).to_json())
+    assert not report.targets_apply(BenchConfig(steps=10).to_json())
+
+
+def test_results_are_written_as_json_markdown_and_plot(tmp_path: Path) -> None:
+    results = _results()
+    paths = write_results(results, tmp_path, "2026-11-25-amd-epyc-2c")
+    assert {p.name for p in paths.values()} == {
+        "2026-11-25-amd-epyc-2c.json",
+        "2026-11-25-amd-epyc-2c.md",
+        "2026-11-25-amd-epyc-2c.png",
+    }
+    assert json.loads(paths["json"].read_text()) == results
+    assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert Image.open(paths["png"]).size[0] > 500
+
+    text = paths["md"].read_text()
+    assert "![latency and throughput against concurrency](2026-11-25-amd-epyc-2c.png)" in text
+    assert (
+        "| Triton (perf_analyzer, gRPC, c=1) | 5,000 | 5,000 | p90 5,500, p99 6,000 | 1.000 |"
+        in text
+    )
+    assert "| diffusers eager PyTorch | 8,000 | 8,100 | min 7,900 | 0.625 |" in text
+    assert "| 2 | 8 | 0.210 | 9,500 |" in text
+    assert "Triton end to end <= 0.67 x diffusers eager: 5000 ms / 8000 ms = 0.625" in text
+    assert "| UNet x N | `unet_pix2pix` | 3.00 |" in text
+    assert "## What each optimisation bought" in text
+
+    summary = report.console_summary(results)
+    assert "throughput at concurrency 2 >= at concurrency 1" in summary
+    assert "UNet x N" in summary
+
+
+def test_machine_slug_is_a_safe_file_name() -> None:
+    machine = {"cpu": "AMD EPYC 7B13 64-Core Processor", "logical_cores": 2, "gpus": []}
+    assert report.machine_slug(machine) == "amd-epyc-7b13-2c"
+    gpu = {"cpu": "x", "logical_cores": 16, "gpus": ["NVIDIA H100 80GB HBM3, 81559 MiB"]}
+    assert report.machine_slug(gpu) == "h100-80gb-hbm3"
+
+
+def test_configuration_errors_name_the_setting() -> None:
+    with pytest.raises(ValueError, match="size=100"):
+        BenchConfig(size=100)
+    with pytest.raises(ValueError, match="concurrency"):
+        BenchConfig(concurrency=(0,))
+    with pytest.raises(ValueError, match="tensorrt"):
+        BenchConfig(flavour="tensorrt", optimize=True)
+    assert not BenchConfig(image_guidance_scale=0.5).guided
