@@ -84,6 +84,24 @@ class RepositoryOptions:
     unet_queue_delay_us: int = 2000
     # onnxruntime threads per component session; 0 lets onnxruntime use every core.
     intra_op_threads: int = 0
+    # Whether idle onnxruntime pool threads spin (python-onnxruntime flavour): off, models
+    # running at the same time in other processes keep their cores.
+    allow_spinning: bool = True
+    # python-onnxruntime: one component session computes at a time, with every core
+    # (Triton's rate limiter); two sessions at once on a CPU only take cores from each
+    # other. Needs the server flag in `server_arguments`.
+    cpu_rate_limit: bool = True
+
+
+# The rate limiter's resource: held by a component model instance while it computes.
+CPU_RESOURCE = "onnxruntime_cpu"
+
+
+def server_arguments(options: RepositoryOptions) -> list[str]:
+    """tritonserver flags the repository needs (TritonServer adds them from repository.json)."""
+    if options.flavour == "python-onnxruntime" and options.cpu_rate_limit:
+        return ["--rate-limit=execution_count"]
+    return []
 
 
 # --------------------------------------------------------------------------- tensors
@@ -133,8 +151,16 @@ def component_config(spec: ComponentSpec, options: RepositoryOptions) -> Any:
     _io(config, list(spec.inputs), list(spec.outputs), batched=True)
     if options.flavour == "python-onnxruntime":
         config.backend = "python"
-        _parameters(config, {"intra_op_threads": options.intra_op_threads})
-        config.instance_group.add(count=1, kind=mc.ModelInstanceGroup.KIND_CPU)
+        _parameters(
+            config,
+            {
+                "intra_op_threads": options.intra_op_threads,
+                "allow_spinning": int(options.allow_spinning),
+            },
+        )
+        group = config.instance_group.add(count=1, kind=mc.ModelInstanceGroup.KIND_CPU)
+        if options.cpu_rate_limit:
+            group.rate_limiter.resources.add(name=CPU_RESOURCE, count=1, **{"global": True})
     elif options.flavour == "onnxruntime":
         config.platform = "onnxruntime_onnx"
         _parameters(
@@ -385,6 +411,7 @@ def build_repository(
                 "export": str(export_dir.resolve()),
                 "flavour": options.flavour,
                 "options": options.__dict__,
+                "server_args": server_arguments(options),
                 "models": sorted(written),
                 "pipelines": sorted(manifest["pipelines"]),
             },

@@ -14,13 +14,20 @@ from pathlib import Path
 import numpy as np
 
 
-def session_options(intra_op_threads: int = 0, inter_op_threads: int = 1) -> object:
+def session_options(
+    intra_op_threads: int = 0, inter_op_threads: int = 1, allow_spinning: bool = True
+) -> object:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = intra_op_threads
     options.inter_op_num_threads = inter_op_threads
+    # Idle pool threads spin before sleeping: fast hand-offs inside one model, but CPU
+    # taken from models in other processes that run at the same time.
+    options.add_session_config_entry(
+        "session.intra_op.allow_spinning", "1" if allow_spinning else "0"
+    )
     options.log_severity_level = 3
     return options
 
@@ -28,12 +35,14 @@ def session_options(intra_op_threads: int = 0, inter_op_threads: int = 1) -> obj
 class OnnxComponent:
     """One ONNX model with named inputs and outputs, runnable on merged batches."""
 
-    def __init__(self, model_path: Path, intra_op_threads: int = 0) -> None:
+    def __init__(
+        self, model_path: Path, intra_op_threads: int = 0, allow_spinning: bool = True
+    ) -> None:
         import onnxruntime as ort
 
         self.session = ort.InferenceSession(
             str(model_path),
-            session_options(intra_op_threads),
+            session_options(intra_op_threads, allow_spinning=allow_spinning),
             providers=["CPUExecutionProvider"],
         )
         self.input_names = [i.name for i in self.session.get_inputs()]

@@ -8,6 +8,7 @@ environment, so models import torch, diffusers, onnxruntime and this project.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -103,6 +104,13 @@ class TritonServer:
     def http_url(self) -> str:
         return f"127.0.0.1:{self.http_port}"
 
+    def repository_arguments(self) -> list[str]:
+        """Flags the repository asks for in its repository.json (e.g. the rate limiter)."""
+        record = self.repository / "repository.json"
+        if not record.is_file():
+            return []
+        return list(json.loads(record.read_text()).get("server_args", []))
+
     def command(self, backend_directory: Path) -> list[str]:
         return [
             str(tritonserver_binary()),
@@ -116,6 +124,7 @@ class TritonServer:
             "--strict-readiness=true",
             "--exit-timeout-secs=30",
             f"--log-verbose={self.log_verbose}",
+            *self.repository_arguments(),
             *self.extra_args,
         ]
 

@@ -15,7 +15,9 @@ class TritonPythonModel:
         parameters = config_parameters(args)
         version_dir = Path(args["model_repository"]) / args["model_version"]
         self.component = OnnxComponent(
-            version_dir / "model.onnx", intra_op_threads=int(parameters["intra_op_threads"])
+            version_dir / "model.onnx",
+            intra_op_threads=int(parameters["intra_op_threads"]),
+            allow_spinning=parameters.get("allow_spinning", "1") != "0",
         )
 
     def execute(self, requests: list) -> list:
