@@ -127,15 +127,16 @@ class DiffusersEager:
 class _Component(OnnxComponent):
     """OnnxComponent, optionally on other execution providers (GPU baselines)."""
 
-    def __init__(self, path: Path, intra_op_threads: int, providers: tuple[str, ...]) -> None:
+    def __init__(
+        self, path: Path, intra_op_threads: int, allow_spinning: bool, providers: tuple[str, ...]
+    ) -> None:
         if providers == CPU:
-            super().__init__(path, intra_op_threads)
+            super().__init__(path, intra_op_threads, allow_spinning)
             return
         import onnxruntime as ort
 
-        self.session = ort.InferenceSession(
-            str(path), session_options(intra_op_threads), providers=list(providers)
-        )
+        options = session_options(intra_op_threads, allow_spinning=allow_spinning)
+        self.session = ort.InferenceSession(str(path), options, providers=list(providers))
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.input_ranks = {i.name: len(i.shape) for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]
@@ -145,19 +146,19 @@ class BareOnnxLoop:
     """The served pipeline as plain calls: same files, sessions, preprocessing and sampler."""
 
     def __init__(
-        self,
-        export_dir: Path,
-        config: BenchConfig,
-        intra_op_threads: int = 0,
-        providers: tuple[str, ...] = CPU,
+        self, export_dir: Path, config: BenchConfig, providers: tuple[str, ...] = CPU
     ) -> None:
         manifest = load_manifest(export_dir)
         self.config = config
         unet_name = UNET_FOR_PIPELINE[config.pipeline]
 
         def component(name: str) -> _Component:
+            # The same session settings as the served component models.
             return _Component(
-                export_dir / manifest["components"][name]["model"], intra_op_threads, providers
+                export_dir / manifest["components"][name]["model"],
+                config.intra_op_threads,
+                config.allow_spinning,
+                providers,
             )
 
         self.text_encoder = component(TEXT_ENCODER)

@@ -32,6 +32,7 @@ class BenchConfig:
     precision: str = "fp32"  # fp16: GPU exports and engines
     optimize: bool = True  # onnxruntime fusions in the export (not for tensorrt)
     intra_op_threads: int = 0  # per onnxruntime session; 0: all cores
+    allow_spinning: bool = True  # onnxruntime pool threads spin while idle
     sampler_instances: int = 2
     unet_queue_delay_us: int = 2000
     extra: dict[str, Any] = field(default_factory=dict)

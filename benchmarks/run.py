@@ -96,6 +96,7 @@ def repository_options(config: BenchConfig) -> RepositoryOptions:
         sampler_instances=config.sampler_instances,
         unet_queue_delay_us=config.unet_queue_delay_us,
         intra_op_threads=config.intra_op_threads,
+        allow_spinning=config.allow_spinning,
     )
 
 
@@ -246,7 +247,7 @@ def measure_baselines(
             notes.append("bare loop skipped: onnxruntime here has no CUDAExecutionProvider")
     if providers:
         log(f"bare onnxruntime loop: 1 warm-up + {config.baseline_runs} runs ...")
-        bare = BareOnnxLoop(export_dir, config, config.intra_op_threads, providers)
+        bare = BareOnnxLoop(export_dir, config, providers)
         timing, outputs["bare_onnxruntime"] = time_runs(bare, image, config.baseline_runs)
         timings["bare_onnxruntime"] = timing.to_json()
         log(f"  p50 {timing.p50_ms:,.0f} ms")
@@ -296,7 +297,9 @@ def run(config: BenchConfig, args: argparse.Namespace) -> dict[str, Any]:
     image = photo_png(config.size)
 
     triton = measure_triton(config, repository, args.url, perf, image, workdir)
-    baselines, outputs, notes = measure_baselines(config, preset_root, export_dir, image)
+    baselines, outputs, notes = {}, {}, []
+    if not args.skip_baselines:
+        baselines, outputs, notes = measure_baselines(config, preset_root, export_dir, image)
     outputs["triton"] = triton.pop("output")
 
     levels = {lv["concurrency"]: lv for lv in triton["levels"]}
@@ -389,8 +392,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--no-optimize", action="store_true", help="plain export, without onnxruntime fusions"
     )
     parser.add_argument("--intra-op-threads", type=int, default=BenchConfig.intra_op_threads)
+    parser.add_argument(
+        "--spinning",
+        action=argparse.BooleanOptionalAction,
+        default=BenchConfig.allow_spinning,
+        help="onnxruntime pool threads spin while idle",
+    )
     parser.add_argument("--sampler-instances", type=int, default=BenchConfig.sampler_instances)
     parser.add_argument("--unet-queue-delay-us", type=int, default=BenchConfig.unet_queue_delay_us)
+    parser.add_argument("--skip-baselines", action="store_true", help="measure Triton only")
     parser.add_argument("--url", help="gRPC host:port of a running server (skip starting one)")
     parser.add_argument("--build-dir", type=Path, default=DEFAULT_BUILD_DIR)
     parser.add_argument("--output-dir", type=Path, default=report.RESULTS_DIR)
@@ -421,6 +431,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         precision=args.precision,
         optimize=not args.no_optimize and args.flavour != "tensorrt",
         intra_op_threads=args.intra_op_threads,
+        allow_spinning=args.spinning,
         sampler_instances=args.sampler_instances,
         unet_queue_delay_us=args.unet_queue_delay_us,
     )
