@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import statistics
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,19 +64,6 @@ class Timing:
             "mean_ms": round(self.mean_ms, 1),
             "min_ms": round(self.min_ms, 1),
         }
-
-
-def time_runs(edit: Callable[[bytes], bytes], image: bytes, runs: int) -> tuple[Timing, bytes]:
-    """One warm-up edit, then `runs` timed edits; returns the timing and the last output."""
-    started = time.perf_counter()
-    output = edit(image)
-    warmup = time.perf_counter() - started
-    times = []
-    for _ in range(runs):
-        started = time.perf_counter()
-        output = edit(image)
-        times.append(time.perf_counter() - started)
-    return Timing(tuple(times), warmup), output
 
 
 # --------------------------------------------------------------------------- diffusers

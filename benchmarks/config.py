@@ -25,14 +25,17 @@ class BenchConfig:
     temperature: float = 1.0
     seed: int = 1234
     concurrency: tuple[int, ...] = (1, 2, 4)
-    # perf_analyzer sends this many requests per concurrency level, times the level.
-    requests_per_level: int = 4
-    baseline_runs: int = 4
+    # Every system is measured in `rounds` interleaved rounds (each level, each baseline),
+    # so drift on a shared machine hits all alike. Per round: this many edits per system
+    # at concurrency 1, times the level for the others.
+    rounds: int = 3
+    requests_per_round: int = 2
     flavour: str = "python-onnxruntime"
     precision: str = "fp32"  # fp16: GPU exports and engines
     optimize: bool = True  # onnxruntime fusions in the export (not for tensorrt)
     intra_op_threads: int = 0  # per onnxruntime session; 0: all cores
     allow_spinning: bool = True  # onnxruntime pool threads spin while idle
+    cpu_rate_limit: bool = True  # one component session computes at a time
     sampler_instances: int = 2
     unet_queue_delay_us: int = 2000
     extra: dict[str, Any] = field(default_factory=dict)
@@ -44,6 +47,11 @@ class BenchConfig:
             raise ValueError(f"size={self.size}: allowed a multiple of 8, at least 8")
         if not self.concurrency or min(self.concurrency) < 1:
             raise ValueError(f"concurrency={self.concurrency}: allowed levels of at least 1")
+        if self.rounds < 1 or self.requests_per_round < 1:
+            raise ValueError(
+                f"rounds={self.rounds}, requests_per_round={self.requests_per_round}: "
+                "allowed at least 1 each"
+            )
         if self.precision not in ("fp32", "fp16"):
             raise ValueError(f"precision={self.precision!r}: allowed fp32, fp16")
         if self.flavour == "tensorrt" and self.optimize:

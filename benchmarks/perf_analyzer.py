@@ -249,48 +249,59 @@ def read_profile_export(path: Path) -> list[ProfiledLevel]:
     return parse_profile_export(path.read_bytes().decode("utf-8", errors="replace"))
 
 
+def percentile(values: list[float], q: float) -> float:
+    """perf_analyzer's percentile: the sorted value at index int(n * q / 100)."""
+    ordered = sorted(values)
+    return ordered[min(int(len(ordered) * q / 100), len(ordered) - 1)]
+
+
 @dataclass(frozen=True)
 class LevelResult:
-    """One concurrency level: perf_analyzer's percentiles, throughput over the exact span.
+    """One concurrency level over one or more rounds of perf_analyzer (latencies in ms).
 
-    perf_analyzer's own throughput divides by a duration rounded to whole seconds, which
-    is coarse for requests that take seconds; it is kept as `reported_throughput_per_s`.
+    Percentiles and the mean come from every request's latency in the profile exports,
+    pooled over the rounds, computed as perf_analyzer computes them; throughput is the
+    requests over the summed spans from each round's first send to its last response.
+    perf_analyzer's own per-round CSV figures are kept in `perf_analyzer_rounds` (its
+    throughput divides by a duration rounded to whole seconds: coarse for long requests).
     """
 
     concurrency: int
     requests: int
+    rounds: int
     throughput_per_s: float
     mean_ms: float
     p50_ms: float
     p90_ms: float
     p95_ms: float
     p99_ms: float
-    server_queue_ms: float
-    server_compute_ms: float
-    reported_throughput_per_s: float
     latencies_ms: tuple[float, ...]
+    perf_analyzer_rounds: tuple[CsvLevel, ...]
 
     @classmethod
-    def combine(cls, row: CsvLevel, profiled: ProfiledLevel) -> LevelResult:
-        latencies = profiled.latencies_ms
+    def aggregate(cls, rounds: list[tuple[CsvLevel, ProfiledLevel]]) -> LevelResult:
+        if not rounds or len({row.concurrency for row, _ in rounds}) != 1:
+            raise ValueError("rounds of one concurrency level expected")
+        latencies = [x for _, profiled in rounds for x in profiled.latencies_ms]
+        span_s = sum(profiled.span_s for _, profiled in rounds)
         return cls(
-            concurrency=row.concurrency,
+            concurrency=rounds[0][0].concurrency,
             requests=len(latencies),
-            throughput_per_s=profiled.throughput_per_s,
+            rounds=len(rounds),
+            throughput_per_s=len(latencies) / span_s,
             mean_ms=sum(latencies) / len(latencies),
-            p50_ms=row.p50_ms,
-            p90_ms=row.p90_ms,
-            p95_ms=row.p95_ms,
-            p99_ms=row.p99_ms,
-            server_queue_ms=row.server_queue_ms,
-            server_compute_ms=row.server_compute_ms,
-            reported_throughput_per_s=row.throughput_per_s,
+            p50_ms=percentile(latencies, 50),
+            p90_ms=percentile(latencies, 90),
+            p95_ms=percentile(latencies, 95),
+            p99_ms=percentile(latencies, 99),
             latencies_ms=tuple(round(x, 1) for x in latencies),
+            perf_analyzer_rounds=tuple(row for row, _ in rounds),
         )
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["latencies_ms"] = list(self.latencies_ms)
+        data["perf_analyzer_rounds"] = [asdict(row) for row in self.perf_analyzer_rounds]
         return data
 
 
@@ -336,10 +347,11 @@ class PerfAnalyzer:
         request_count: int,
         workdir: Path,
         timeout_s: float = 3600,
-    ) -> tuple[LevelResult, str]:
-        """Measures one concurrency level; returns the result and perf_analyzer's output."""
-        csv_file = workdir / f"perf_analyzer_c{concurrency}.csv"
-        profile_file = workdir / f"perf_analyzer_c{concurrency}.profile.json"
+        tag: str = "",
+    ) -> tuple[CsvLevel, ProfiledLevel]:
+        """Measures one concurrency level once; perf_analyzer's files stay in `workdir`."""
+        csv_file = workdir / f"perf_analyzer_c{concurrency}{tag}.csv"
+        profile_file = workdir / f"perf_analyzer_c{concurrency}{tag}.profile.json"
         for stale in (csv_file, profile_file):
             stale.unlink(missing_ok=True)
         command = self.command(
@@ -353,7 +365,7 @@ class PerfAnalyzer:
             timeout=timeout_s,
         )
         output = result.stdout + result.stderr
-        (workdir / f"perf_analyzer_c{concurrency}.log").write_text(output)
+        (workdir / f"perf_analyzer_c{concurrency}{tag}.log").write_text(output)
         if result.returncode != 0 or not csv_file.is_file() or not profile_file.is_file():
             raise PerfAnalyzerError(
                 f"perf_analyzer failed at concurrency {concurrency} (exit {result.returncode}):\n"
@@ -363,7 +375,7 @@ class PerfAnalyzer:
         profiled = read_profile_export(profile_file)
         if len(rows) != 1 or len(profiled) != 1:
             raise PerfAnalyzerError(f"{csv_file}: expected one level, got {len(rows)}")
-        return LevelResult.combine(rows[0], profiled[0]), output
+        return rows[0], profiled[0]
 
 
 def write_input_data(path: Path, image: bytes, request: dict[str, Any]) -> Path:

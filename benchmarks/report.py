@@ -319,16 +319,16 @@ def markdown(results: dict[str, Any], plot_name: str | None) -> str:
     lines += [f"- {Target(**t).line()}" for t in results["targets"]] or ["- (not measured)"]
     lines += ["", "## Throughput and latency against concurrency", ""]
     lines += _table(
-        ["concurrency", "requests", "edits/s", "p50 ms", "p90 ms", "p99 ms", "server queue ms"],
+        ["concurrency", "edits (rounds)", "edits/s", "p50 ms", "p90 ms", "p99 ms", "mean ms"],
         [
             [
                 lv["concurrency"],
-                lv["requests"],
+                f"{lv['requests']} ({lv['rounds']})",
                 f"{lv['throughput_per_s']:.3f}",
                 _ms(lv["p50_ms"]),
                 _ms(lv["p90_ms"]),
                 _ms(lv["p99_ms"]),
-                _ms(lv["server_queue_ms"]),
+                _ms(lv["mean_ms"]),
             ]
             for lv in results["triton"]["levels"]
         ],
@@ -366,25 +366,45 @@ def markdown(results: dict[str, Any], plot_name: str | None) -> str:
         )
         lines.append("")
     if results.get("optimisations"):
-        lines += ["## What each optimisation bought", ""]
+        lines += [
+            "## What each optimisation bought",
+            "",
+            "Each change against the configuration before it: both servers up at once, "
+            "perf_analyzer alternating between them in the same rounds (Triton, gRPC).",
+            "",
+        ]
         lines += _table(
-            ["step", "what changed", "Triton p50 c=1 ms", "edits/s c=1", "edits/s c=2", "note"],
-            [
-                [
-                    o["name"],
-                    o["change"],
-                    _ms(o.get("p50_ms_c1")),
-                    "" if o.get("throughput_c1") is None else f"{o['throughput_c1']:.3f}",
-                    "" if o.get("throughput_c2") is None else f"{o['throughput_c2']:.3f}",
-                    o.get("note", ""),
-                ]
-                for o in results["optimisations"]
-            ],
+            ["change", "what", "p50 c=1 ms", "edits/s c=1", "edits/s c=2", "kept"],
+            [optimisation_row(o) for o in results["optimisations"]],
         )
         lines.append("")
     for note in results.get("notes", []):
         lines += [note, ""]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _before_after(before: float, after: float, digits: int, lower_is_better: bool) -> str:
+    change = (after / before - 1) * 100
+    better = change < 0 if lower_is_better else change > 0
+    sign = "+" if change >= 0 else ""
+    verdict = "better" if better else "worse"
+    return f"{before:,.{digits}f} -> {after:,.{digits}f} ({sign}{change:.1f}%, {verdict})"
+
+
+def optimisation_row(o: dict[str, Any]) -> list[str]:
+    """One ablation step: before -> after, with the relative change."""
+    return [
+        o["name"],
+        o["change"],
+        _before_after(o["before_c1"]["p50_ms"], o["after_c1"]["p50_ms"], 0, True),
+        _before_after(
+            o["before_c1"]["throughput_per_s"], o["after_c1"]["throughput_per_s"], 3, False
+        ),
+        _before_after(
+            o["before_c2"]["throughput_per_s"], o["after_c2"]["throughput_per_s"], 3, False
+        ),
+        "yes" if o["kept"] else "no",
+    ]
 
 
 def write_markdown(results: dict[str, Any], path: Path, plot_name: str | None) -> Path:
@@ -412,6 +432,11 @@ def console_summary(results: dict[str, Any]) -> str:
             lines.append(
                 f"  {r['stage']:<26} {r['ms_per_edit']:>9.1f}  ({r['calls_per_edit']:.0f} calls)"
             )
+    if results.get("optimisations"):
+        lines += ["", "optimisations (Triton, before -> after):"]
+        for o in results["optimisations"]:
+            row = optimisation_row(o)
+            lines.append(f"  {row[0]}: p50 c=1 {row[2]}; edits/s c=2 {row[4]}")
     lines.append("")
     if not results["targets_apply"]:
         lines.append(

@@ -1,34 +1,47 @@
 """Benchmarks Triton against diffusers eager and a bare onnxruntime loop, in one run.
 
     python -m benchmarks.run [--preset small] [--size 256] [--steps 20] [--scheduler NAME]
-        [--concurrency 1 2 4] [--flavour python-onnxruntime] [--precision fp32]
+        [--concurrency 1 2 4] [--rounds 3] [--flavour python-onnxruntime] [--precision fp32]
         [--url HOST:PORT] [--ablation]
 
-Steps: build what is missing (preset, ONNX export, model repository); start tritonserver
-(or use --url, e.g. the NGC container for the onnxruntime/tensorrt flavours); warm it up;
-run perf_analyzer at each concurrency level over gRPC with a real photo, taking Triton's
-statistics before and after each level; stop the server; time the baselines in this
-process; write benchmarks/results/<date>-<machine>.{json,md,png} and print the table.
+Steps: build what is missing (preset, validated ONNX export, model repository); load the
+baselines in this process; start tritonserver (or use --url: the NGC container for the
+onnxruntime and tensorrt flavours) and warm everything up. Then, in each of `--rounds`
+rounds: perf_analyzer over gRPC at each concurrency level with a real photo (Triton's
+statistics snapshotted around each), and, after concurrency 1, the same edits through
+the bare onnxruntime loop and diffusers. Interleaving keeps drift on a shared machine
+from favouring whichever system ran first. Results go to
+benchmarks/results/<date>-<machine>.{json,md,png}; the table and the targets are printed.
+
+`--ablation` first measures what each serving optimisation bought: pairs of servers
+(before / after one change) up at once, perf_analyzer alternating between them.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import datetime
 import json
 import shlex
+import statistics
 import sys
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from benchmarks import report
-from benchmarks.baselines import CPU, BareOnnxLoop, DiffusersEager, pixel_difference, time_runs
+from benchmarks.baselines import CPU, BareOnnxLoop, DiffusersEager, Timing, pixel_difference
 from benchmarks.config import BenchConfig
 from benchmarks.perf_analyzer import (
     WIRE_TYPES,
+    CsvLevel,
+    LevelResult,
     PerfAnalyzer,
+    ProfiledLevel,
     check_runs,
     ensure_binary,
     library_folder,
@@ -36,7 +49,7 @@ from benchmarks.perf_analyzer import (
     write_input_data,
 )
 from benchmarks.photo import photo_png
-from benchmarks.server_stats import snapshot, stage_rows, window
+from benchmarks.server_stats import ModelCounters, combine, snapshot, stage_rows, window
 from export.presets import IMG2IMG_FOLDER, PIX2PIX_FOLDER, PRESETS
 from model_repository.builder import FLAVOURS, RepositoryOptions, build_repository
 from pix2pix_client.contract import IMG2IMG, INSTRUCT_PIX2PIX, PARAMETERS_BY_NAME, SCHEDULERS
@@ -48,6 +61,10 @@ NUMPY_TYPES = {
     "TYPE_INT32": "int32",
     "TYPE_INT64": "int64",
     "TYPE_FP32": "float32",
+}
+BASELINE_LABELS = {
+    "bare_onnxruntime": "bare onnxruntime loop",
+    "diffusers_eager": "diffusers eager",
 }
 
 
@@ -84,9 +101,8 @@ def ensure_export(preset_root: Path, export_dir: Path, config: BenchConfig) -> P
 
 
 def export_folder(build_dir: Path, config: BenchConfig) -> Path:
-    suffix = ("-fp16" if config.precision == "fp16" else "") + (
-        "-ortopt" if config.optimize else ""
-    )
+    suffix = "-fp16" if config.precision == "fp16" else ""
+    suffix += "-ortopt" if config.optimize else ""
     return build_dir / "onnx" / f"{config.preset}{suffix}"
 
 
@@ -97,6 +113,7 @@ def repository_options(config: BenchConfig) -> RepositoryOptions:
         unet_queue_delay_us=config.unet_queue_delay_us,
         intra_op_threads=config.intra_op_threads,
         allow_spinning=config.allow_spinning,
+        cpu_rate_limit=config.cpu_rate_limit,
     )
 
 
@@ -108,6 +125,17 @@ def ensure_engines(export_dir: Path, build_dir: Path, config: BenchConfig) -> Pa
         log(f"building TensorRT engines in {engines_dir} ...")
         build_engines(export_dir, engines_dir, fp16=config.precision == "fp16")
     return engines_dir
+
+
+def build_for(config: BenchConfig, preset_root: Path, build_dir: Path, name: str) -> Path:
+    """Export (if missing) and a fresh repository for one configuration; returns it."""
+    export_dir = ensure_export(preset_root, export_folder(build_dir, config), config)
+    repository = build_dir / "bench" / name / "repository"
+    engines = (
+        ensure_engines(export_dir, build_dir, config) if config.flavour == "tensorrt" else None
+    )
+    build_repository(export_dir, repository, repository_options(config), engines)
+    return repository
 
 
 # --------------------------------------------------------------------------- requests
@@ -136,15 +164,17 @@ def infer_once(url: str, pipeline: str, image: bytes, request: dict[str, Any]) -
 
 
 def warm_up(url: str, config: BenchConfig, image: bytes) -> tuple[bytes, float]:
-    """Every sampler instance runs an edit (first runs load lazily); returns one output."""
+    """Twice, as many concurrent edits as sampler instances: every instance of every model
+    has run (the first edit of an instance imports and allocates lazily)."""
     started = time.perf_counter()
     with ThreadPoolExecutor(config.sampler_instances) as pool:
-        outputs = list(
-            pool.map(
-                lambda _: infer_once(url, config.pipeline, image, config.request()),
-                range(config.sampler_instances),
+        for _ in range(2):
+            outputs = list(
+                pool.map(
+                    lambda _: infer_once(url, config.pipeline, image, config.request()),
+                    range(config.sampler_instances),
+                )
             )
-        )
     return outputs[0], time.perf_counter() - started
 
 
@@ -157,86 +187,113 @@ def describe_request(config: BenchConfig, image_bytes: int) -> str:
     )
 
 
-# --------------------------------------------------------------------------- Triton
-
-
-def sweep(
-    perf: PerfAnalyzer,
-    url: str,
-    config: BenchConfig,
-    data_file: Path,
-    workdir: Path,
-) -> dict[str, Any]:
-    """perf_analyzer at each level, with Triton's statistics over each level's window."""
-    import tritonclient.grpc as grpcclient
-
-    client = grpcclient.InferenceServerClient(url)
-    levels, stages = [], {}
-    try:
-        for concurrency in config.concurrency:
-            requests = config.requests_per_level * concurrency
-            log(f"perf_analyzer: concurrency {concurrency}, {requests} requests ...")
-            before = snapshot(client)
-            level, _ = perf.run_level(
-                config.pipeline, url, data_file, concurrency, requests, workdir
-            )
-            counters = window(before, snapshot(client))
-            levels.append(level.to_json())
-            stages[str(concurrency)] = [r.to_json() for r in stage_rows(counters, config.pipeline)]
-            log(
-                f"  {level.throughput_per_s:.3f} edits/s, p50 {level.p50_ms:,.0f} ms, "
-                f"p90 {level.p90_ms:,.0f} ms, p99 {level.p99_ms:,.0f} ms"
-            )
-    finally:
-        client.close()
-    return {"levels": levels, "stages": stages}
-
-
-def measure_triton(
-    config: BenchConfig,
-    repository: Path | None,
-    url: str | None,
-    perf: PerfAnalyzer,
-    image: bytes,
-    workdir: Path,
-) -> dict[str, Any]:
-    """Starts a server on `repository` unless `url` names a running one, then sweeps."""
+@contextlib.contextmanager
+def serving(repository: Path | None, url: str | None, log_file: Path) -> Iterator[str]:
+    """The gRPC URL of a running server: `url`, or one started on `repository`."""
     from model_repository.server import TritonServer
 
-    data_file = write_input_data(workdir / "input_data.json", image, config.request())
-    server = None
-    if url is None:
-        assert repository is not None
-        log_file = workdir / "tritonserver.log"
-        log_file.unlink(missing_ok=True)
-        server = TritonServer(repository, log_file=log_file)
-        started = time.perf_counter()
-        server.start()
-        server.wait_ready(timeout_s=600)
-        url = server.grpc_url
-        log(f"tritonserver ready in {time.perf_counter() - started:.0f} s ({url})")
+    if url is not None:
+        yield url
+        return
+    assert repository is not None
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    log_file.unlink(missing_ok=True)
+    server = TritonServer(repository, log_file=log_file)
+    started = time.perf_counter()
+    server.start()
     try:
-        output, warmup_s = warm_up(url, config, image)
-        log(f"warm-up ({config.sampler_instances} concurrent edits): {warmup_s:.1f} s")
-        measured = sweep(perf, url, config, data_file, workdir)
+        server.wait_ready(timeout_s=600)
+        log(f"tritonserver ready in {time.perf_counter() - started:.0f} s ({server.grpc_url})")
+        yield server.grpc_url
     finally:
-        if server is not None:
-            server.stop()
-    measured["output"] = output
+        server.stop()
+
+
+# --------------------------------------------------------------------------- the rounds
+
+
+@dataclasses.dataclass
+class Measurement:
+    """Everything measured over the rounds of one run."""
+
+    levels: dict[int, list[tuple[CsvLevel, ProfiledLevel]]]
+    counters: dict[int, list[dict[str, ModelCounters]]]
+    baseline_runs: dict[str, list[float]]
+    baseline_warmups: dict[str, float]
+    outputs: dict[str, bytes]
+
+
+def measure_rounds(
+    config: BenchConfig,
+    url: str,
+    perf: PerfAnalyzer,
+    data_file: Path,
+    workdir: Path,
+    baselines: dict[str, Callable[[bytes], bytes]],
+    image: bytes,
+) -> Measurement:
+    """perf_analyzer at every level, then each baseline, round after round."""
+    import tritonclient.grpc as grpcclient
+
+    measured = Measurement({}, {}, {}, {}, {})
+    measured.outputs["triton"], warmup_s = warm_up(url, config, image)
+    log(f"Triton warm-up ({2 * config.sampler_instances} edits): {warmup_s:.1f} s")
+    for name, edit in baselines.items():
+        started = time.perf_counter()
+        measured.outputs[name] = edit(image)
+        measured.baseline_warmups[name] = time.perf_counter() - started
+        measured.baseline_runs[name] = []
+        log(f"{BASELINE_LABELS[name]} warm-up: {measured.baseline_warmups[name]:.1f} s")
+
+    client = grpcclient.InferenceServerClient(url)
+    try:
+        for round_index in range(config.rounds):
+            log(f"round {round_index + 1} of {config.rounds}")
+            for concurrency in config.concurrency:
+                requests = config.requests_per_round * concurrency
+                before = snapshot(client)
+                row, profiled = perf.run_level(
+                    config.pipeline,
+                    url,
+                    data_file,
+                    concurrency,
+                    requests,
+                    workdir,
+                    tag=f"_r{round_index + 1}",
+                )
+                measured.counters.setdefault(concurrency, []).append(
+                    window(before, snapshot(client))
+                )
+                measured.levels.setdefault(concurrency, []).append((row, profiled))
+                log(
+                    f"  Triton c={concurrency}: {requests} edits, "
+                    f"{profiled.throughput_per_s:.3f} edits/s, median "
+                    f"{statistics.median(profiled.latencies_ms):,.0f} ms"
+                )
+                if concurrency != config.concurrency[0]:
+                    continue
+                for name, edit in baselines.items():
+                    for _ in range(config.requests_per_round):
+                        started = time.perf_counter()
+                        edit(image)
+                        measured.baseline_runs[name].append(time.perf_counter() - started)
+                    runs = measured.baseline_runs[name][-config.requests_per_round :]
+                    log(
+                        f"  {BASELINE_LABELS[name]}: {len(runs)} edits, median "
+                        f"{statistics.median(runs) * 1000:,.0f} ms"
+                    )
+    finally:
+        client.close()
     return measured
 
 
-# --------------------------------------------------------------------------- baselines
-
-
-def measure_baselines(
-    config: BenchConfig, preset_root: Path, export_dir: Path, image: bytes
-) -> tuple[dict[str, Any], dict[str, bytes], list[str]]:
-    timings: dict[str, Any] = {}
-    outputs: dict[str, bytes] = {}
+def load_baselines(
+    config: BenchConfig, preset_root: Path, export_dir: Path
+) -> tuple[dict[str, Callable[[bytes], bytes]], list[str]]:
+    """The in-process systems, loaded once; notes say why one is missing."""
+    baselines: dict[str, Callable[[bytes], bytes]] = {}
     notes: list[str] = []
     gpu = config.flavour == "tensorrt" or config.precision == "fp16"
-
     providers = CPU
     if gpu:
         import onnxruntime as ort
@@ -244,29 +301,155 @@ def measure_baselines(
         providers = ("CUDAExecutionProvider",)
         if "CUDAExecutionProvider" not in ort.get_available_providers():
             providers = ()
-            notes.append("bare loop skipped: onnxruntime here has no CUDAExecutionProvider")
+            notes.append("The bare loop was skipped: this onnxruntime has no CUDA provider.")
     if providers:
-        log(f"bare onnxruntime loop: 1 warm-up + {config.baseline_runs} runs ...")
-        bare = BareOnnxLoop(export_dir, config, providers)
-        timing, outputs["bare_onnxruntime"] = time_runs(bare, image, config.baseline_runs)
-        timings["bare_onnxruntime"] = timing.to_json()
-        log(f"  p50 {timing.p50_ms:,.0f} ms")
-        del bare
-
+        baselines["bare_onnxruntime"] = BareOnnxLoop(export_dir, config, providers)
     try:
         device = "cuda" if gpu else "cpu"
-        diffusers = DiffusersEager(preset_root / PIPELINE_FOLDER[config.pipeline], config, device)
+        folder = preset_root / PIPELINE_FOLDER[config.pipeline]
+        baselines["diffusers_eager"] = DiffusersEager(folder, config, device)
     except ValueError as error:
-        notes.append(f"diffusers baseline skipped: {error}")
-    else:
-        log(f"diffusers eager: 1 warm-up + {config.baseline_runs} runs ...")
-        timing, outputs["diffusers_eager"] = time_runs(diffusers, image, config.baseline_runs)
-        timings["diffusers_eager"] = timing.to_json()
-        log(f"  p50 {timing.p50_ms:,.0f} ms")
-    return timings, outputs, notes
+        notes.append(f"The diffusers baseline was skipped: {error}.")
+    return baselines, notes
+
+
+# --------------------------------------------------------------------------- ablation
+
+
+@dataclasses.dataclass(frozen=True)
+class AblationStep:
+    """One change measured against the configuration before it."""
+
+    name: str
+    change: str
+    before: dict[str, Any]  # BenchConfig fields that differ from the run's configuration
+    after: dict[str, Any]
+    kept: bool
+
+
+def ablation_steps(config: BenchConfig) -> list[AblationStep]:
+    """The serving optimisations, each against the step before; then what was rejected."""
+    plain = {"optimize": False, "cpu_rate_limit": False}
+    fused = {"optimize": True, "cpu_rate_limit": False}
+    final = {"optimize": config.optimize, "cpu_rate_limit": config.cpu_rate_limit}
+    return [
+        AblationStep(
+            "onnxruntime fusions",
+            "export --optimize: onnxruntime's SD fusions; self-attention as "
+            "MultiHeadAttention, which runs flash attention on CPU",
+            plain,
+            fused,
+            kept=True,
+        ),
+        AblationStep(
+            "rate limiter",
+            "one component session computes at a time, with every core (Triton rate "
+            "limiter on the python-onnxruntime component models)",
+            fused,
+            final,
+            kept=True,
+        ),
+        AblationStep(
+            "no spinning (rejected)",
+            "onnxruntime pool threads sleep instead of spinning between operators",
+            final,
+            {**final, "allow_spinning": False},
+            kept=False,
+        ),
+    ]
+
+
+def _summary(rounds: list[tuple[CsvLevel, ProfiledLevel]]) -> dict[str, float]:
+    level = LevelResult.aggregate(rounds)
+    return {"p50_ms": level.p50_ms, "throughput_per_s": level.throughput_per_s}
+
+
+def measure_ablation(
+    config: BenchConfig,
+    preset_root: Path,
+    build_dir: Path,
+    perf: PerfAnalyzer,
+    data_file: Path,
+    image: bytes,
+) -> list[dict[str, Any]]:
+    """Each step: both servers up, perf_analyzer alternating between them (c=1, c=2)."""
+    results = []
+    levels = (1, 2)
+    for index, step in enumerate(ablation_steps(config)):
+        log(f"ablation {index + 1}: {step.name}")
+        variants = {
+            "before": dataclasses.replace(config, **step.before),
+            "after": dataclasses.replace(config, **step.after),
+        }
+        repositories = {
+            side: build_for(variant, preset_root, build_dir, f"ablation-{index + 1}-{side}")
+            for side, variant in variants.items()
+        }
+        measured: dict[tuple[str, int], list[tuple[CsvLevel, ProfiledLevel]]] = {}
+        with contextlib.ExitStack() as stack:
+            urls = {
+                side: stack.enter_context(
+                    serving(repository, None, repository.parent / "tritonserver.log")
+                )
+                for side, repository in repositories.items()
+            }
+            for side, url in urls.items():
+                warm_up(url, variants[side], image)
+            for round_index in range(config.rounds):
+                for concurrency in levels:
+                    for side, url in urls.items():
+                        workdir = repositories[side].parent
+                        measured.setdefault((side, concurrency), []).append(
+                            perf.run_level(
+                                config.pipeline,
+                                url,
+                                data_file,
+                                concurrency,
+                                config.requests_per_round * concurrency,
+                                workdir,
+                                tag=f"_r{round_index + 1}",
+                            )
+                        )
+        entry: dict[str, Any] = {"name": step.name, "change": step.change, "kept": step.kept}
+        for side in ("before", "after"):
+            for concurrency in levels:
+                summary = _summary(measured[(side, concurrency)])
+                entry[f"{side}_c{concurrency}"] = summary
+        results.append(entry)
+        log(
+            f"  p50 c=1 {entry['before_c1']['p50_ms']:,.0f} -> {entry['after_c1']['p50_ms']:,.0f}"
+            f" ms; edits/s c=2 {entry['before_c2']['throughput_per_s']:.3f} -> "
+            f"{entry['after_c2']['throughput_per_s']:.3f}"
+        )
+    return results
 
 
 # --------------------------------------------------------------------------- main
+
+
+def summarise(
+    config: BenchConfig, measured: Measurement
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """Triton's levels and stage tables, the baselines' timings, and output agreement."""
+    triton = {
+        "levels": [LevelResult.aggregate(measured.levels[c]).to_json() for c in config.concurrency],
+        "stages": {
+            str(c): [
+                row.to_json() for row in stage_rows(combine(*measured.counters[c]), config.pipeline)
+            ]
+            for c in config.concurrency
+        },
+    }
+    baselines = {
+        name: Timing(tuple(runs), measured.baseline_warmups[name]).to_json()
+        for name, runs in measured.baseline_runs.items()
+    }
+    agreement = {
+        f"Triton vs {BASELINE_LABELS[name]}": pixel_difference(measured.outputs["triton"], output)
+        for name, output in measured.outputs.items()
+        if name != "triton"
+    }
+    return triton, baselines, agreement
 
 
 def run(config: BenchConfig, args: argparse.Namespace) -> dict[str, Any]:
@@ -275,60 +458,59 @@ def run(config: BenchConfig, args: argparse.Namespace) -> dict[str, Any]:
     build_dir: Path = args.build_dir
     preset_root = ensure_preset(config.preset, build_dir)
     export_dir = ensure_export(preset_root, export_folder(build_dir, config), config)
-    workdir = build_dir / "bench" / f"{export_dir.name}-{config.flavour}"
+    name = f"{export_dir.name}-{config.flavour}"
+    workdir = build_dir / "bench" / name
     workdir.mkdir(parents=True, exist_ok=True)
     repository = None
-    if args.url is None:
-        if config.flavour != "python-onnxruntime":
-            raise SystemExit(
-                f"error: the {config.flavour} flavour needs the NGC tritonserver (the wheel's "
-                "server has the Python backend only): serve the repository there and pass --url"
-            )
-        repository = workdir / "repository"
-        build_repository(export_dir, repository, repository_options(config))
-    elif config.flavour == "tensorrt":
-        engines = ensure_engines(export_dir, build_dir, config)
-        repository = workdir / "repository"
-        build_repository(export_dir, repository, repository_options(config), engines)
-        log(f"repository for the server at {args.url}: {repository} (it must serve this one)")
+    if args.url is None and config.flavour != "python-onnxruntime":
+        raise SystemExit(
+            f"error: the {config.flavour} flavour needs the NGC tritonserver (the wheel's "
+            "server has the Python backend only): serve the repository there and pass --url"
+        )
+    if args.url is None or config.flavour == "tensorrt":
+        repository = build_for(config, preset_root, build_dir, name)
+    if args.url is not None and repository is not None:
+        log(f"the server at {args.url} must serve {repository}")
 
     perf = PerfAnalyzer(ensure_binary(), library_folder(build_dir / "perf_analyzer" / "lib"))
     perf_version = check_runs(perf.binary, perf.libraries)
     image = photo_png(config.size)
+    data_file = write_input_data(workdir / "input_data.json", image, config.request())
 
-    triton = measure_triton(config, repository, args.url, perf, image, workdir)
-    baselines, outputs, notes = {}, {}, []
-    if not args.skip_baselines:
-        baselines, outputs, notes = measure_baselines(config, preset_root, export_dir, image)
-    outputs["triton"] = triton.pop("output")
+    optimisations = []
+    if args.ablation:
+        if args.url is not None:
+            raise SystemExit("error: --ablation starts its own servers; leave out --url")
+        optimisations = measure_ablation(config, preset_root, build_dir, perf, data_file, image)
+
+    baselines, notes = (
+        ({}, []) if args.skip_baselines else load_baselines(config, preset_root, export_dir)
+    )
+    with serving(repository, args.url, workdir / "tritonserver.log") as url:
+        measured = measure_rounds(config, url, perf, data_file, workdir, baselines, image)
+    triton, timings, agreement = summarise(config, measured)
 
     levels = {lv["concurrency"]: lv for lv in triton["levels"]}
     triton_ms = levels[1]["p50_ms"] if 1 in levels else None
     targets = report.evaluate_targets(
         triton_ms,
-        baselines.get("diffusers_eager", {}).get("p50_ms"),
-        baselines.get("bare_onnxruntime", {}).get("p50_ms"),
+        timings.get("diffusers_eager", {}).get("p50_ms"),
+        timings.get("bare_onnxruntime", {}).get("p50_ms"),
         {c: lv["throughput_per_s"] for c, lv in levels.items()},
     )
-    agreement = {
-        f"Triton vs {name.replace('_', ' ')}": pixel_difference(outputs["triton"], output)
-        for name, output in outputs.items()
-        if name != "triton"
-    }
-    machine = report.machine_info()
-    results: dict[str, Any] = {
+    return {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "command": args.command_line,
-        "machine": machine,
+        "machine": report.machine_info(),
         "versions": report.library_versions() | {"perf_analyzer": version_number(perf_version)},
         "config": config.to_json(),
         "request_description": describe_request(config, len(image)),
         "export": str(export_dir),
         "triton": triton,
-        "baselines": baselines,
+        "baselines": timings,
         "ratios": {
-            "triton_over_diffusers": _ratio(triton_ms, baselines.get("diffusers_eager")),
-            "triton_over_bare": _ratio(triton_ms, baselines.get("bare_onnxruntime")),
+            "triton_over_diffusers": _ratio(triton_ms, timings.get("diffusers_eager")),
+            "triton_over_bare": _ratio(triton_ms, timings.get("bare_onnxruntime")),
         },
         "targets_apply": report.targets_apply(config.to_json()),
         "targets": [t.to_json() for t in targets],
@@ -336,20 +518,19 @@ def run(config: BenchConfig, args: argparse.Namespace) -> dict[str, Any]:
         "latency_note": (
             "Triton: client-side latency measured by perf_analyzer over gRPC on this machine "
             "(the whole ensemble: PNG decode, CLIP, VAE encode, the BLS sampler loop, VAE "
-            "decode, PNG encode). Baselines: wall clock of the same work in this process, "
-            "after one warm-up edit, the server stopped. p99 of a handful of requests is "
-            "their maximum."
+            "decode, PNG encode). Baselines: wall clock of the same work in this process "
+            "while the server sat idle. All three ran in the same interleaved rounds, after "
+            "warm-up; percentiles pool the rounds (p99 of a few edits is their maximum)."
         ),
         "stages_note": (
-            "compute_infer per model over each level's window, divided by the edits in it. "
-            "At concurrency above 1, merged UNet batches count their whole duration for each "
-            "request in them, and stages of different edits overlap, so rows can add up to "
-            "more than the wall clock."
+            "compute_infer per model, summed over the rounds of each level, divided by the "
+            "edits. At concurrency above 1, merged UNet batches count their whole duration "
+            "for each request in them and stages of different edits may overlap, so rows "
+            "can add up to more than the wall clock."
         ),
         "notes": notes,
-        "optimisations": [],
+        "optimisations": optimisations,
     }
-    return results
 
 
 def _ratio(triton_ms: float | None, baseline: dict[str, Any] | None) -> float | None:
@@ -367,48 +548,57 @@ def write_results(results: dict[str, Any], output_dir: Path, stem: str) -> dict[
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    defaults = BenchConfig()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="small")
-    parser.add_argument("--pipeline", choices=(INSTRUCT_PIX2PIX, IMG2IMG), default=INSTRUCT_PIX2PIX)
-    parser.add_argument("--size", type=int, default=256, help="photo side in pixels")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--scheduler", choices=SCHEDULERS, help="default: the checkpoint's")
-    parser.add_argument("--prompt", default=BenchConfig.prompt)
-    parser.add_argument("--guidance-scale", type=float, default=BenchConfig.guidance_scale)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=defaults.preset)
     parser.add_argument(
-        "--image-guidance-scale", type=float, default=BenchConfig.image_guidance_scale
+        "--pipeline", choices=(INSTRUCT_PIX2PIX, IMG2IMG), default=defaults.pipeline
     )
-    parser.add_argument("--temperature", type=float, default=BenchConfig.temperature)
-    parser.add_argument("--seed", type=int, default=BenchConfig.seed)
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--size", type=int, default=defaults.size, help="photo side in pixels")
+    parser.add_argument("--steps", type=int, default=defaults.steps)
+    parser.add_argument("--scheduler", choices=SCHEDULERS, help="default: the checkpoint's")
+    parser.add_argument("--prompt", default=defaults.prompt)
+    parser.add_argument("--guidance-scale", type=float, default=defaults.guidance_scale)
+    parser.add_argument("--image-guidance-scale", type=float, default=defaults.image_guidance_scale)
+    parser.add_argument("--temperature", type=float, default=defaults.temperature)
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=list(defaults.concurrency))
+    parser.add_argument("--rounds", type=int, default=defaults.rounds)
     parser.add_argument(
-        "--requests", type=int, default=BenchConfig.requests_per_level,
-        help="perf_analyzer requests per level, times the concurrency",
+        "--requests", type=int, default=defaults.requests_per_round,
+        help="edits per system per round at concurrency 1 (times the level above it)",
     )  # fmt: skip
-    parser.add_argument("--baseline-runs", type=int, default=BenchConfig.baseline_runs)
-    parser.add_argument("--flavour", choices=FLAVOURS, default="python-onnxruntime")
-    parser.add_argument("--precision", choices=("fp32", "fp16"), default="fp32")
+    parser.add_argument("--flavour", choices=FLAVOURS, default=defaults.flavour)
+    parser.add_argument("--precision", choices=("fp32", "fp16"), default=defaults.precision)
     parser.add_argument(
         "--no-optimize", action="store_true", help="plain export, without onnxruntime fusions"
     )
-    parser.add_argument("--intra-op-threads", type=int, default=BenchConfig.intra_op_threads)
+    parser.add_argument("--intra-op-threads", type=int, default=defaults.intra_op_threads)
     parser.add_argument(
         "--spinning",
         action=argparse.BooleanOptionalAction,
-        default=BenchConfig.allow_spinning,
+        default=defaults.allow_spinning,
         help="onnxruntime pool threads spin while idle",
     )
-    parser.add_argument("--sampler-instances", type=int, default=BenchConfig.sampler_instances)
-    parser.add_argument("--unet-queue-delay-us", type=int, default=BenchConfig.unet_queue_delay_us)
+    parser.add_argument(
+        "--rate-limit",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.cpu_rate_limit,
+        help="one component session computes at a time (Triton rate limiter)",
+    )
+    parser.add_argument("--sampler-instances", type=int, default=defaults.sampler_instances)
+    parser.add_argument("--unet-queue-delay-us", type=int, default=defaults.unet_queue_delay_us)
     parser.add_argument("--skip-baselines", action="store_true", help="measure Triton only")
+    parser.add_argument(
+        "--ablation", action="store_true", help="first measure what each optimisation bought"
+    )
     parser.add_argument("--url", help="gRPC host:port of a running server (skip starting one)")
     parser.add_argument("--build-dir", type=Path, default=DEFAULT_BUILD_DIR)
     parser.add_argument("--output-dir", type=Path, default=report.RESULTS_DIR)
     parser.add_argument("--stem", help="result file name without extension (default: date-machine)")
     args = parser.parse_args(argv)
-    args.command_line = "python -m benchmarks.run " + shlex.join(
-        sys.argv[1:] if argv is None else argv
-    )
+    shown = sys.argv[1:] if argv is None else argv
+    args.command_line = "python -m benchmarks.run " + shlex.join(shown)
     return args
 
 
@@ -425,13 +615,14 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         temperature=args.temperature,
         seed=args.seed,
         concurrency=tuple(args.concurrency),
-        requests_per_level=args.requests,
-        baseline_runs=args.baseline_runs,
+        rounds=args.rounds,
+        requests_per_round=args.requests,
         flavour=args.flavour,
         precision=args.precision,
         optimize=not args.no_optimize and args.flavour != "tensorrt",
         intra_op_threads=args.intra_op_threads,
         allow_spinning=args.spinning,
+        cpu_rate_limit=args.rate_limit,
         sampler_instances=args.sampler_instances,
         unet_queue_delay_us=args.unet_queue_delay_us,
     )

@@ -32,6 +32,11 @@ class ModelCounters:
             **{f.name: getattr(self, f.name) - getattr(other, f.name) for f in fields(self)}
         )
 
+    def __add__(self, other: ModelCounters) -> ModelCounters:
+        return ModelCounters(
+            **{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)}
+        )
+
     @property
     def compute_ns(self) -> int:
         return self.compute_input_ns + self.compute_infer_ns + self.compute_output_ns
@@ -77,6 +82,15 @@ def window(
 ) -> dict[str, ModelCounters]:
     """What happened between two snapshots."""
     return {name: counters - before.get(name, ModelCounters()) for name, counters in after.items()}
+
+
+def combine(*windows: dict[str, ModelCounters]) -> dict[str, ModelCounters]:
+    """Several windows (e.g. the rounds of one concurrency level) as one."""
+    total: dict[str, ModelCounters] = {}
+    for counters in windows:
+        for name, value in counters.items():
+            total[name] = total.get(name, ModelCounters()) + value
+    return total
 
 
 @dataclass(frozen=True)

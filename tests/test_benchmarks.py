@@ -22,12 +22,19 @@ from benchmarks.perf_analyzer import (
     decode_bytes_element,
     library_folder,
     parse_csv,
+    percentile,
     read_profile_export,
     write_input_data,
 )
 from benchmarks.photo import photo, photo_png
 from benchmarks.run import write_results
-from benchmarks.server_stats import ModelCounters, counters_from_json, stage_rows, window
+from benchmarks.server_stats import (
+    ModelCounters,
+    combine,
+    counters_from_json,
+    stage_rows,
+    window,
+)
 from pix2pix_client.contract import IMG2IMG, INSTRUCT_PIX2PIX, PARAMETERS_BY_NAME, parameters_for
 
 TESTDATA = Path(__file__).parent.parent / "benchmarks" / "testdata"
@@ -112,14 +119,35 @@ def test_profile_export_of_a_real_run_gives_latencies_and_span_throughput() -> N
     assert level.span_s == pytest.approx(span_s)
     assert level.throughput_per_s == pytest.approx(4 / span_s)
 
+
+def test_levels_pool_rounds_with_perf_analyzers_percentiles() -> None:
     (row,) = parse_csv((TESTDATA / "perf_analyzer_c2.csv").read_text())
-    combined = LevelResult.combine(row, level)
-    assert combined.requests == 4
-    assert combined.p50_ms == row.p50_ms
-    assert combined.mean_ms == pytest.approx(sum(level.latencies_ms) / 4)
-    # perf_analyzer's own figure divides by a duration rounded to whole seconds.
-    assert combined.reported_throughput_per_s == pytest.approx(0.0784173)
-    assert json.loads(json.dumps(combined.to_json()))["latencies_ms"][0] == pytest.approx(15941.7)
+    (level,) = read_profile_export(TESTDATA / "perf_analyzer_c2.profile.json")
+
+    one = LevelResult.aggregate([(row, level)])
+    # From the raw latencies, the percentiles come out as perf_analyzer printed them.
+    assert (one.p50_ms, one.p90_ms, one.p99_ms) == pytest.approx(
+        (row.p50_ms, row.p90_ms, row.p99_ms), abs=1e-3
+    )
+    assert one.requests == 4 and one.rounds == 1
+    assert one.mean_ms == pytest.approx(sum(level.latencies_ms) / 4)
+    assert one.throughput_per_s == pytest.approx(level.throughput_per_s)
+
+    two = LevelResult.aggregate([(row, level), (row, level)])
+    assert two.requests == 8 and two.rounds == 2
+    assert two.throughput_per_s == pytest.approx(level.throughput_per_s)  # 8 over twice the span
+    assert two.p50_ms == pytest.approx(34014.560, abs=1e-3)
+    data = json.loads(json.dumps(two.to_json()))
+    assert data["latencies_ms"][:2] == pytest.approx([15941.7, 34507.7])
+    # perf_analyzer's own throughput divides by a duration rounded to whole seconds.
+    assert data["perf_analyzer_rounds"][0]["throughput_per_s"] == pytest.approx(0.0784173)
+    with pytest.raises(ValueError, match="one concurrency level"):
+        LevelResult.aggregate([])
+
+
+def test_percentile_is_perf_analyzers_index_rule() -> None:
+    values = [5.0, 1.0, 4.0, 2.0, 3.0]
+    assert [percentile(values, q) for q in (0, 50, 90, 99, 100)] == [1.0, 3.0, 5.0, 5.0, 5.0]
 
 
 def test_library_folder_links_the_sonames_perf_analyzer_needs(tmp_path: Path) -> None:
@@ -181,6 +209,14 @@ def test_a_model_first_seen_after_the_window_started_counts_from_zero() -> None:
     assert window({}, after)["m"] == after["m"]
 
 
+def test_windows_of_several_rounds_add_up() -> None:
+    first = {"m": ModelCounters(requests=2, compute_infer_ns=10), "n": ModelCounters(requests=1)}
+    second = {"m": ModelCounters(requests=3, compute_infer_ns=5)}
+    total = combine(first, second)
+    assert total["m"] == ModelCounters(requests=5, compute_infer_ns=15)
+    assert total["n"] == ModelCounters(requests=1)
+
+
 def test_stage_table_needs_edits_in_the_window() -> None:
     with pytest.raises(ValueError, match="no instruct_pix2pix requests"):
         stage_rows({"instruct_pix2pix": ModelCounters()}, INSTRUCT_PIX2PIX)
@@ -195,16 +231,15 @@ def _results() -> dict:
         {
             "concurrency": c,
             "requests": 4 * c,
+            "rounds": 2,
             "throughput_per_s": t,
             "mean_ms": p,
             "p50_ms": p,
             "p90_ms": p * 1.1,
             "p95_ms": p * 1.1,
             "p99_ms": p * 1.2,
-            "server_queue_ms": 0.0,
-            "server_compute_ms": p,
-            "reported_throughput_per_s": t,
             "latencies_ms": [p] * 4 * c,
+            "perf_analyzer_rounds": [],
         }
         for c, t, p in ((1, 0.2, 5000.0), (2, 0.21, 9500.0), (4, 0.21, 19000.0))
     ]
@@ -242,9 +277,11 @@ def _results() -> dict:
             {
                 "name": "fusions",
                 "change": "MHA",
-                "p50_ms_c1": 5000.0,
-                "throughput_c1": 0.2,
-                "throughput_c2": 0.21,
+                "kept": True,
+                "before_c1": {"p50_ms": 6000.0, "throughput_per_s": 0.16},
+                "after_c1": {"p50_ms": 5000.0, "throughput_per_s": 0.2},
+                "before_c2": {"p50_ms": 12000.0, "throughput_per_s": 0.17},
+                "after_c2": {"p50_ms": 9500.0, "throughput_per_s": 0.21},
             }
         ],
     }
@@ -289,10 +326,12 @@ def test_results_are_written_as_json_markdown_and_plot(tmp_path: Path) -> None:
         in text
     )
     assert "| diffusers eager PyTorch | 8,000 | 8,100 | min 7,900 | 0.625 |" in text
-    assert "| 2 | 8 | 0.210 | 9,500 |" in text
+    assert "| 2 | 8 (2) | 0.210 | 9,500 |" in text
     assert "Triton end to end <= 0.67 x diffusers eager: 5000 ms / 8000 ms = 0.625" in text
     assert "| UNet x N | `unet_pix2pix` | 3.00 |" in text
     assert "## What each optimisation bought" in text
+    assert "| fusions | MHA | 6,000 -> 5,000 (-16.7%, better) |" in text
+    assert "0.170 -> 0.210 (+23.5%, better) | yes |" in text
 
     summary = report.console_summary(results)
     assert "throughput at concurrency 2 >= at concurrency 1" in summary
