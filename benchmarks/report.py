@@ -301,6 +301,10 @@ def markdown(results: dict[str, Any], plot_name: str | None) -> str:
         "",
         "## Latency of one edit (ms)",
         "",
+        "Other processes' share of the machine per round: "
+        + (", ".join(f"{x:.0%}" for x in results["triton"].get("foreign_load", [])) or "n/a")
+        + ".",
+        "",
         *_table(
             ["system", "p50", "mean", "spread", "Triton p50 / this p50"], latency_rows(results)
         ),

@@ -36,6 +36,7 @@ from typing import Any
 from benchmarks import report
 from benchmarks.baselines import CPU, BareOnnxLoop, DiffusersEager, Timing, pixel_difference
 from benchmarks.config import BenchConfig
+from benchmarks.machine_load import LoadMeter
 from benchmarks.perf_analyzer import (
     WIRE_TYPES,
     CsvLevel,
@@ -221,6 +222,8 @@ class Measurement:
     baseline_runs: dict[str, list[float]]
     baseline_warmups: dict[str, float]
     outputs: dict[str, bytes]
+    # Per round: the share of the machine's CPU other processes used meanwhile.
+    foreign_load: list[float] = dataclasses.field(default_factory=list)
 
 
 def measure_rounds(
@@ -249,6 +252,7 @@ def measure_rounds(
     try:
         for round_index in range(config.rounds):
             log(f"round {round_index + 1} of {config.rounds}")
+            meter = LoadMeter().start()
             for concurrency in config.concurrency:
                 requests = config.requests_per_round * concurrency
                 before = snapshot(client)
@@ -282,6 +286,8 @@ def measure_rounds(
                         f"  {BASELINE_LABELS[name]}: {len(runs)} edits, median "
                         f"{statistics.median(runs) * 1000:,.0f} ms"
                     )
+            measured.foreign_load.append(meter.foreign_fraction())
+            log(f"  other processes used {measured.foreign_load[-1]:.0%} of the machine")
     finally:
         client.close()
     return measured
@@ -386,6 +392,7 @@ def measure_ablation(
             for side, variant in variants.items()
         }
         measured: dict[tuple[str, int], list[tuple[CsvLevel, ProfiledLevel]]] = {}
+        foreign_load = []
         with contextlib.ExitStack() as stack:
             urls = {
                 side: stack.enter_context(
@@ -396,6 +403,7 @@ def measure_ablation(
             for side, url in urls.items():
                 warm_up(url, variants[side], image)
             for round_index in range(config.rounds):
+                meter = LoadMeter().start()
                 for concurrency in levels:
                     for side, url in urls.items():
                         workdir = repositories[side].parent
@@ -410,7 +418,13 @@ def measure_ablation(
                                 tag=f"_r{round_index + 1}",
                             )
                         )
-        entry: dict[str, Any] = {"name": step.name, "change": step.change, "kept": step.kept}
+                foreign_load.append(meter.foreign_fraction())
+        entry: dict[str, Any] = {
+            "name": step.name,
+            "change": step.change,
+            "kept": step.kept,
+            "foreign_load": [round(x, 3) for x in foreign_load],
+        }
         for side in ("before", "after"):
             for concurrency in levels:
                 summary = _summary(measured[(side, concurrency)])
@@ -462,13 +476,17 @@ def run(config: BenchConfig, args: argparse.Namespace) -> dict[str, Any]:
     workdir = build_dir / "bench" / name
     workdir.mkdir(parents=True, exist_ok=True)
     repository = None
-    if args.url is None and config.flavour != "python-onnxruntime":
+    if args.url is None and not args.prepare_only and config.flavour != "python-onnxruntime":
         raise SystemExit(
             f"error: the {config.flavour} flavour needs the NGC tritonserver (the wheel's "
             "server has the Python backend only): serve the repository there and pass --url"
         )
     if args.url is None or config.flavour == "tensorrt":
         repository = build_for(config, preset_root, build_dir, name)
+    if args.prepare_only:
+        log(f"repository: {repository}")
+        log("serve it, then run again with --url HOST:8001 (see benchmarks/README.md)")
+        return {}
     if args.url is not None and repository is not None:
         log(f"the server at {args.url} must serve {repository}")
 
@@ -489,6 +507,16 @@ def run(config: BenchConfig, args: argparse.Namespace) -> dict[str, Any]:
     with serving(repository, args.url, workdir / "tritonserver.log") as url:
         measured = measure_rounds(config, url, perf, data_file, workdir, baselines, image)
     triton, timings, agreement = summarise(config, measured)
+    triton["foreign_load"] = [round(x, 3) for x in measured.foreign_load]
+    disturbed = [
+        f"round {i + 1}: {load:.0%}" for i, load in enumerate(measured.foreign_load) if load > 0.05
+    ]
+    if disturbed:
+        notes.append(
+            "Other processes used part of the machine during the measurement ("
+            + ", ".join(disturbed)
+            + "); every system in those rounds ran slower."
+        )
 
     levels = {lv["concurrency"]: lv for lv in triton["levels"]}
     triton_ms = levels[1]["p50_ms"] if 1 in levels else None
@@ -593,6 +621,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--ablation", action="store_true", help="first measure what each optimisation bought"
     )
     parser.add_argument("--url", help="gRPC host:port of a running server (skip starting one)")
+    parser.add_argument(
+        "--prepare-only",
+        action="store_true",
+        help="build the export, engines and repository, print where, and stop",
+    )
     parser.add_argument("--build-dir", type=Path, default=DEFAULT_BUILD_DIR)
     parser.add_argument("--output-dir", type=Path, default=report.RESULTS_DIR)
     parser.add_argument("--stem", help="result file name without extension (default: date-machine)")
@@ -636,6 +669,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     results = run(config, args)
+    if not results:
+        return 0
     stem = args.stem or report.result_stem(datetime.date.today().isoformat(), results["machine"])
     paths = write_results(results, args.output_dir, stem)
     log("")
