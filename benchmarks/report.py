@@ -343,12 +343,21 @@ def markdown(results: dict[str, Any], plot_name: str | None) -> str:
     for level, rows in results["triton"]["stages"].items():
         lines += [f"Concurrency {level}:", ""]
         lines += _table(
-            ["stage", "model", "calls / edit", "ms / call", "ms / edit", "queued ms / edit"],
+            [
+                "stage",
+                "model",
+                "calls / edit",
+                "executions / edit",
+                "ms / call",
+                "ms / edit",
+                "queued ms / edit",
+            ],
             [
                 [
                     r["stage"],
                     f"`{r['model']}`",
                     f"{r['calls_per_edit']:.2f}",
+                    f"{r.get('executions_per_edit', 0.0):.2f}",
                     f"{r['ms_per_call']:.1f}",
                     f"{r['ms_per_edit']:.1f}",
                     f"{r['queue_ms_per_edit']:.1f}",

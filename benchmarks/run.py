@@ -50,7 +50,7 @@ from benchmarks.perf_analyzer import (
     write_input_data,
 )
 from benchmarks.photo import photo_png
-from benchmarks.server_stats import ModelCounters, combine, snapshot, stage_rows, window
+from benchmarks.server_stats import ModelCounters, combine, settled_snapshot, stage_rows, window
 from export.presets import IMG2IMG_FOLDER, PIX2PIX_FOLDER, PRESETS
 from model_repository.builder import FLAVOURS, RepositoryOptions, build_repository
 from pix2pix_client.contract import IMG2IMG, INSTRUCT_PIX2PIX, PARAMETERS_BY_NAME, SCHEDULERS
@@ -255,7 +255,7 @@ def measure_rounds(
             meter = LoadMeter().start()
             for concurrency in config.concurrency:
                 requests = config.requests_per_round * concurrency
-                before = snapshot(client)
+                before = settled_snapshot(client)
                 row, profiled = perf.run_level(
                     config.pipeline,
                     url,
@@ -266,7 +266,7 @@ def measure_rounds(
                     tag=f"_r{round_index + 1}",
                 )
                 measured.counters.setdefault(concurrency, []).append(
-                    window(before, snapshot(client))
+                    window(before, settled_snapshot(client))
                 )
                 measured.levels.setdefault(concurrency, []).append((row, profiled))
                 log(

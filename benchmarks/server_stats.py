@@ -77,6 +77,25 @@ def snapshot(client: Any) -> dict[str, ModelCounters]:
     return counters_from_json(statistics)
 
 
+def settled_snapshot(client: Any, timeout_s: float = 10.0) -> dict[str, ModelCounters]:
+    """A snapshot once the counters stop moving.
+
+    Triton updates a model's statistics just after it sends the response, so a snapshot
+    taken the moment the last response arrived can miss that request: it would then fall
+    into the next window.
+    """
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    previous = snapshot(client)
+    while True:
+        time.sleep(0.2)
+        current = snapshot(client)
+        if current == previous or time.monotonic() > deadline:
+            return current
+        previous = current
+
+
 def window(
     before: dict[str, ModelCounters], after: dict[str, ModelCounters]
 ) -> dict[str, ModelCounters]:
@@ -103,6 +122,8 @@ class StageRow:
     ms_per_call: float
     ms_per_edit: float
     queue_ms_per_edit: float
+    # Model executions per edit: below calls_per_edit when the dynamic batcher merged calls.
+    executions_per_edit: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -129,6 +150,7 @@ def stage_rows(counters: dict[str, ModelCounters], pipeline: str) -> list[StageR
             ms_per_call=c.compute_infer_ns / c.requests / 1e6 if c.requests else 0.0,
             ms_per_edit=c.compute_infer_ns / edits / 1e6,
             queue_ms_per_edit=c.queue_ns / edits / 1e6,
+            executions_per_edit=c.executions / edits,
         )
 
     rows = [
@@ -148,6 +170,7 @@ def stage_rows(counters: dict[str, ModelCounters], pipeline: str) -> list[StageR
             ms_per_call=loop_ns / sampler.requests / 1e6 if sampler.requests else 0.0,
             ms_per_edit=loop_ns / edits / 1e6,
             queue_ms_per_edit=sampler.queue_ns / edits / 1e6,
+            executions_per_edit=sampler.executions / edits,
         )
     )
     rows += [row("VAE decoder", VAE_DECODER), row("postprocess", POSTPROCESS)]
@@ -160,6 +183,7 @@ def stage_rows(counters: dict[str, ModelCounters], pipeline: str) -> list[StageR
             ms_per_call=ensemble.success_ns / edits / 1e6,
             ms_per_edit=ensemble.success_ns / edits / 1e6,
             queue_ms_per_edit=ensemble.queue_ns / edits / 1e6,
+            executions_per_edit=1.0,
         )
     )
     return rows

@@ -192,6 +192,7 @@ def test_statistics_delta_and_stage_table_from_a_real_capture() -> None:
     ]
     unet = rows["UNet x N"]
     assert unet.calls_per_edit == 3
+    assert unet.executions_per_edit == 3  # one edit at a time: nothing to merge
     assert unet.ms_per_call == pytest.approx((54388011 - 29746650) / 6 / 1e6)
     assert unet.ms_per_edit == pytest.approx((54388011 - 29746650) / 2 / 1e6)
     loop = rows["sampler loop (w/o UNet)"]
@@ -328,7 +329,7 @@ def test_results_are_written_as_json_markdown_and_plot(tmp_path: Path) -> None:
     assert "| diffusers eager PyTorch | 8,000 | 8,100 | min 7,900 | 0.625 |" in text
     assert "| 2 | 8 (2) | 0.210 | 9,500 |" in text
     assert "Triton end to end <= 0.67 x diffusers eager: 5000 ms / 8000 ms = 0.625" in text
-    assert "| UNet x N | `unet_pix2pix` | 3.00 |" in text
+    assert "| UNet x N | `unet_pix2pix` | 3.00 | 3.00 |" in text
     assert "## What each optimisation bought" in text
     assert "| fusions | MHA | 6,000 -> 5,000 (-16.7%, better) |" in text
     assert "0.170 -> 0.210 (+23.5%, better) | yes |" in text
