@@ -99,6 +99,16 @@ _CLIP_TEXT = {
     "layer_norm_eps": 1e-5,
 }
 
+# The real width and depth: CLIP ViT-L/14's text tower.
+_VIT_L14_TEXT = {
+    **_CLIP_TEXT,
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_attention_heads": 12,
+    "num_hidden_layers": 12,
+    "projection_dim": 768,
+}
+
 PRESETS: dict[str, Preset] = {
     "tiny": Preset(
         name="tiny",
@@ -135,14 +145,7 @@ PRESETS: dict[str, Preset] = {
             "sample_size": 32,
         },
         vae={**_VAE_BLOCKS, "block_out_channels": [64, 128, 256, 256], "layers_per_block": 2},
-        text_encoder={
-            **_CLIP_TEXT,
-            "hidden_size": 768,
-            "intermediate_size": 3072,
-            "num_attention_heads": 12,
-            "num_hidden_layers": 12,
-            "projection_dim": 768,
-        },
+        text_encoder=_VIT_L14_TEXT,
     ),
     "sd15": Preset(
         name="sd15",
@@ -161,14 +164,7 @@ PRESETS: dict[str, Preset] = {
             "layers_per_block": 2,
             "sample_size": 512,
         },
-        text_encoder={
-            **_CLIP_TEXT,
-            "hidden_size": 768,
-            "intermediate_size": 3072,
-            "num_attention_heads": 12,
-            "num_hidden_layers": 12,
-            "projection_dim": 768,
-        },
+        text_encoder=_VIT_L14_TEXT,
     ),
 }
 
