@@ -18,6 +18,7 @@ class TritonPythonModel:
             version_dir / "model.onnx",
             intra_op_threads=int(parameters["intra_op_threads"]),
             allow_spinning=parameters.get("allow_spinning", "1") != "0",
+            split_threads=parameters.get("split_threads", "0") == "1",
         )
 
     def execute(self, requests: list) -> list:
