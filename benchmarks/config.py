@@ -36,6 +36,9 @@ class BenchConfig:
     intra_op_threads: int = 0  # per onnxruntime session; 0: all cores
     allow_spinning: bool = True  # onnxruntime pool threads spin while idle
     cpu_rate_limit: bool = True  # one component session computes at a time
+    # Merged UNet calls run side by side, one thread each (loads a UNet copy per core;
+    # off by default in RepositoryOptions for that reason, on for the CPU benchmark).
+    unet_split_threads: bool = True
     sampler_instances: int = 2
     unet_queue_delay_us: int = 2000
     extra: dict[str, Any] = field(default_factory=dict)

@@ -115,6 +115,7 @@ def repository_options(config: BenchConfig) -> RepositoryOptions:
         intra_op_threads=config.intra_op_threads,
         allow_spinning=config.allow_spinning,
         cpu_rate_limit=config.cpu_rate_limit,
+        unet_split_threads=config.unet_split_threads,
     )
 
 
@@ -335,9 +336,14 @@ class AblationStep:
 
 def ablation_steps(config: BenchConfig) -> list[AblationStep]:
     """The serving optimisations, each against the step before; then what was rejected."""
-    plain = {"optimize": False, "cpu_rate_limit": False}
-    fused = {"optimize": True, "cpu_rate_limit": False}
-    final = {"optimize": config.optimize, "cpu_rate_limit": config.cpu_rate_limit}
+    plain = {"optimize": False, "cpu_rate_limit": False, "unet_split_threads": False}
+    fused = {**plain, "optimize": True}
+    limited = {**fused, "cpu_rate_limit": True}
+    final = {
+        "optimize": config.optimize,
+        "cpu_rate_limit": config.cpu_rate_limit,
+        "unet_split_threads": config.unet_split_threads,
+    }
     return [
         AblationStep(
             "onnxruntime fusions",
@@ -352,6 +358,14 @@ def ablation_steps(config: BenchConfig) -> list[AblationStep]:
             "one component session computes at a time, with every core (Triton rate "
             "limiter on the python-onnxruntime component models)",
             fused,
+            limited,
+            kept=True,
+        ),
+        AblationStep(
+            "UNet side by side",
+            "UNet calls the dynamic batcher merges run side by side on one-thread sessions "
+            "instead of as one batch on all cores",
+            limited,
             final,
             kept=True,
         ),
@@ -614,6 +628,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=defaults.cpu_rate_limit,
         help="one component session computes at a time (Triton rate limiter)",
     )
+    parser.add_argument(
+        "--unet-split-threads",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.unet_split_threads,
+        help="merged UNet calls run side by side, one thread each",
+    )
     parser.add_argument("--sampler-instances", type=int, default=defaults.sampler_instances)
     parser.add_argument("--unet-queue-delay-us", type=int, default=defaults.unet_queue_delay_us)
     parser.add_argument("--skip-baselines", action="store_true", help="measure Triton only")
@@ -656,6 +676,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         intra_op_threads=args.intra_op_threads,
         allow_spinning=args.spinning,
         cpu_rate_limit=args.rate_limit,
+        unet_split_threads=args.unet_split_threads,
         sampler_instances=args.sampler_instances,
         unet_queue_delay_us=args.unet_queue_delay_us,
     )
