@@ -28,7 +28,7 @@ class BenchConfig:
     # Every system is measured in `rounds` interleaved rounds (each level, each baseline),
     # so drift on a shared machine hits all alike. Per round: this many edits per system
     # at concurrency 1, times the level for the others.
-    rounds: int = 3
+    rounds: int = 5
     requests_per_round: int = 2
     flavour: str = "python-onnxruntime"
     precision: str = "fp32"  # fp16: GPU exports and engines

@@ -14,6 +14,7 @@ import io
 import json
 import os
 import re
+import statistics
 import struct
 import subprocess
 import sys
@@ -271,6 +272,7 @@ class LevelResult:
     rounds: int
     throughput_per_s: float
     mean_ms: float
+    median_ms: float  # the middle of the pooled latencies (interpolated), as for baselines
     p50_ms: float
     p90_ms: float
     p95_ms: float
@@ -290,6 +292,7 @@ class LevelResult:
             rounds=len(rounds),
             throughput_per_s=len(latencies) / span_s,
             mean_ms=sum(latencies) / len(latencies),
+            median_ms=statistics.median(latencies),
             p50_ms=percentile(latencies, 50),
             p90_ms=percentile(latencies, 90),
             p95_ms=percentile(latencies, 95),

@@ -224,13 +224,32 @@ class Measurement:
 
     levels: dict[int, list[tuple[CsvLevel, ProfiledLevel]]]
     counters: dict[int, list[dict[str, ModelCounters]]]
-    baseline_runs: dict[str, list[float]]
+    baseline_runs: dict[str, list[list[float]]]  # seconds, per kept round
     baseline_warmups: dict[str, float]
     outputs: dict[str, bytes]
     # Per round kept: the share of the machine's CPU other processes used meanwhile.
     foreign_load: list[float] = dataclasses.field(default_factory=list)
     # Rounds left out because other processes used more than DISTURBED_LOAD of it.
     discarded_load: list[float] = dataclasses.field(default_factory=list)
+
+
+def _time_baselines(
+    baselines: dict[str, Callable[[bytes], bytes]],
+    order: list[str],
+    image: bytes,
+    count: int,
+    runs: dict[str, list[float]],
+) -> None:
+    """`count` edits through each baseline in `order`; wall-clock seconds go to `runs`."""
+    for name in order:
+        for _ in range(count):
+            started = time.perf_counter()
+            baselines[name](image)
+            runs[name].append(time.perf_counter() - started)
+        log(
+            f"  {BASELINE_LABELS[name]}: {len(runs[name])} edits, median "
+            f"{statistics.median(runs[name]) * 1000:,.0f} ms"
+        )
 
 
 def measure_rounds(
@@ -242,7 +261,7 @@ def measure_rounds(
     baselines: dict[str, Callable[[bytes], bytes]],
     image: bytes,
 ) -> Measurement:
-    """perf_analyzer at every level, then each baseline, round after round."""
+    """perf_analyzer at every level and each baseline next to the first, round after round."""
     import tritonclient.grpc as grpcclient
 
     measured = Measurement({}, {}, {}, {}, {})
@@ -265,7 +284,15 @@ def measure_rounds(
             levels: dict[int, tuple[CsvLevel, ProfiledLevel]] = {}
             counters: dict[int, dict[str, ModelCounters]] = {}
             runs: dict[str, list[float]] = {name: [] for name in baselines}
+            # Every other round the baselines go first, so drift within a round does not
+            # always favour the same system.
+            order = list(baselines) if attempt % 2 else list(reversed(baselines))
+            baselines_first = attempt % 2 == 0
+
             for concurrency in config.concurrency:
+                first_level = concurrency == config.concurrency[0]
+                if first_level and baselines_first:
+                    _time_baselines(baselines, order, image, config.requests_per_round, runs)
                 requests = config.requests_per_round * concurrency
                 before = settled_snapshot(client)
                 row, profiled = perf.run_level(
@@ -284,17 +311,8 @@ def measure_rounds(
                     f"{profiled.throughput_per_s:.3f} edits/s, median "
                     f"{statistics.median(profiled.latencies_ms):,.0f} ms"
                 )
-                if concurrency != config.concurrency[0]:
-                    continue
-                for name, edit in baselines.items():
-                    for _ in range(config.requests_per_round):
-                        started = time.perf_counter()
-                        edit(image)
-                        runs[name].append(time.perf_counter() - started)
-                    log(
-                        f"  {BASELINE_LABELS[name]}: {len(runs[name])} edits, median "
-                        f"{statistics.median(runs[name]) * 1000:,.0f} ms"
-                    )
+                if first_level and not baselines_first:
+                    _time_baselines(baselines, order, image, config.requests_per_round, runs)
             load = meter.foreign_fraction()
             log(f"  other processes used {load:.0%} of the machine")
             if load > DISTURBED_LOAD and attempt < config.rounds + MAX_EXTRA_ROUNDS:
@@ -307,7 +325,7 @@ def measure_rounds(
                 measured.levels.setdefault(concurrency, []).append(level)
                 measured.counters.setdefault(concurrency, []).append(counters[concurrency])
             for name, times in runs.items():
-                measured.baseline_runs[name].extend(times)
+                measured.baseline_runs[name].append(times)
     finally:
         client.close()
     return measured
@@ -410,6 +428,7 @@ def measure_ablation(
     perf: PerfAnalyzer,
     data_file: Path,
     image: bytes,
+    rounds: int,
 ) -> list[dict[str, Any]]:
     """Each step: both servers up, perf_analyzer alternating between them (c=1, c=2)."""
     results = []
@@ -437,7 +456,7 @@ def measure_ablation(
             for side, url in urls.items():
                 warm_up(url, variants[side], image)
             attempt = 0
-            while len(foreign_load) < config.rounds:
+            while len(foreign_load) < rounds:
                 attempt += 1
                 meter = LoadMeter().start()
                 this_round = {}
@@ -453,7 +472,7 @@ def measure_ablation(
                             tag=f"_a{attempt}",
                         )
                 load = meter.foreign_fraction()
-                if load > DISTURBED_LOAD and attempt < config.rounds + MAX_EXTRA_ROUNDS:
+                if load > DISTURBED_LOAD and attempt < rounds + MAX_EXTRA_ROUNDS:
                     discarded_load.append(load)
                     log(f"  other processes used {load:.0%} of the machine: measured again")
                     continue
@@ -497,8 +516,10 @@ def summarise(
         },
     }
     baselines = {
-        name: Timing(tuple(runs), measured.baseline_warmups[name]).to_json()
-        for name, runs in measured.baseline_runs.items()
+        name: Timing(
+            tuple(x for runs in rounds for x in runs), measured.baseline_warmups[name]
+        ).to_json()
+        for name, rounds in measured.baseline_runs.items()
     }
     agreement = {
         f"Triton vs {BASELINE_LABELS[name]}": pixel_difference(measured.outputs["triton"], output)
@@ -541,7 +562,9 @@ def run(config: BenchConfig, args: argparse.Namespace) -> dict[str, Any]:
     if args.ablation:
         if args.url is not None:
             raise SystemExit("error: --ablation starts its own servers; leave out --url")
-        optimisations = measure_ablation(config, preset_root, build_dir, perf, data_file, image)
+        optimisations = measure_ablation(
+            config, preset_root, build_dir, perf, data_file, image, args.ablation_rounds
+        )
 
     baselines, notes = (
         ({}, []) if args.skip_baselines else load_baselines(config, preset_root, export_dir)
@@ -573,12 +596,16 @@ def run(config: BenchConfig, args: argparse.Namespace) -> dict[str, Any]:
             )
 
     levels = {lv["concurrency"]: lv for lv in triton["levels"]}
-    triton_ms = levels[1]["p50_ms"] if 1 in levels else None
+    ratios = {}
+    if 1 in measured.levels:
+        # Triton at concurrency 1 against each baseline, round by round.
+        triton_rounds = [profiled.latencies_ms for _, profiled in measured.levels[1]]
+        ratios = {
+            name: report.paired_ratio(triton_rounds, [[s * 1000 for s in r] for r in rounds])
+            for name, rounds in measured.baseline_runs.items()
+        }
     targets = report.evaluate_targets(
-        triton_ms,
-        timings.get("diffusers_eager", {}).get("p50_ms"),
-        timings.get("bare_onnxruntime", {}).get("p50_ms"),
-        {c: lv["throughput_per_s"] for c, lv in levels.items()},
+        ratios, {c: lv["throughput_per_s"] for c, lv in levels.items()}
     )
     return {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -590,10 +617,7 @@ def run(config: BenchConfig, args: argparse.Namespace) -> dict[str, Any]:
         "export": str(export_dir),
         "triton": triton,
         "baselines": timings,
-        "ratios": {
-            "triton_over_diffusers": _ratio(triton_ms, timings.get("diffusers_eager")),
-            "triton_over_bare": _ratio(triton_ms, timings.get("bare_onnxruntime")),
-        },
+        "ratios": ratios,
         "targets_apply": report.targets_apply(config.to_json()),
         "targets": [t.to_json() for t in targets],
         "agreement": agreement,
@@ -601,8 +625,12 @@ def run(config: BenchConfig, args: argparse.Namespace) -> dict[str, Any]:
             "Triton: client-side latency measured by perf_analyzer over gRPC on this machine "
             "(the whole ensemble: PNG decode, CLIP, VAE encode, the BLS sampler loop, VAE "
             "decode, PNG encode). Baselines: wall clock of the same work in this process "
-            "while the server sat idle. All three ran in the same interleaved rounds, after "
-            "warm-up; percentiles pool the rounds (p99 of a few edits is their maximum)."
+            "while the server sat idle. All three ran in the same interleaved rounds (every "
+            "other round the baselines went before Triton's concurrency 1), after warm-up. "
+            "Medians and percentiles pool the rounds (p99 of a few edits is their maximum). "
+            "The ratio is paired by round: the geometric mean over rounds of Triton's median "
+            "over the baseline's median in that round, so the machine's drift from one round "
+            "to the next cancels out."
         ),
         "stages_note": (
             "compute_infer per model, summed over the rounds of each level, divided by the "
@@ -613,12 +641,6 @@ def run(config: BenchConfig, args: argparse.Namespace) -> dict[str, Any]:
         "notes": notes,
         "optimisations": optimisations,
     }
-
-
-def _ratio(triton_ms: float | None, baseline: dict[str, Any] | None) -> float | None:
-    if not triton_ms or not baseline:
-        return None
-    return round(triton_ms / baseline["p50_ms"], 4)
 
 
 def write_results(results: dict[str, Any], output_dir: Path, stem: str) -> dict[str, Path]:
@@ -680,6 +702,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--ablation", action="store_true", help="first measure what each optimisation bought"
     )
+    parser.add_argument("--ablation-rounds", type=int, default=3, help="rounds per --ablation step")
     parser.add_argument("--url", help="gRPC host:port of a running server (skip starting one)")
     parser.add_argument(
         "--prepare-only",

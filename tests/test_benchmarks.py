@@ -1,4 +1,4 @@
-"""The benchmark harness's pure parts: input data, perf_analyzer output, statistics, results.
+"""The benchmark harness: its parts on real captures, and one scaled-down run end to end.
 
 No timing is asserted here: the figures of a run are recorded in benchmarks/results/.
 The perf_analyzer CSV and profile export, and the statistics, are real captures
@@ -235,6 +235,7 @@ def _results() -> dict:
             "rounds": 2,
             "throughput_per_s": t,
             "mean_ms": p,
+            "median_ms": p,
             "p50_ms": p,
             "p90_ms": p * 1.1,
             "p95_ms": p * 1.1,
@@ -247,7 +248,11 @@ def _results() -> dict:
     captured = json.loads((TESTDATA / "inference_statistics.json").read_text())
     delta = window(counters_from_json(captured["before"]), counters_from_json(captured["after"]))
     stages = [row.to_json() for row in stage_rows(delta, INSTRUCT_PIX2PIX)]
-    targets = report.evaluate_targets(5000.0, 8000.0, 4900.0, {1: 0.2, 2: 0.21, 4: 0.21})
+    ratios = {
+        "diffusers_eager": report.paired_ratio([[5000.0], [5000.0]], [[8000.0], [8000.0]]),
+        "bare_onnxruntime": report.paired_ratio([[5000.0], [5000.0]], [[4900.0], [4900.0]]),
+    }
+    targets = report.evaluate_targets(ratios, {1: 0.2, 2: 0.21, 4: 0.21})
     return {
         "date": "2026-11-25T01:00:00+00:00",
         "command": "python -m benchmarks.run",
@@ -268,6 +273,7 @@ def _results() -> dict:
             "diffusers_eager": {"p50_ms": 8000.0, "mean_ms": 8100.0, "min_ms": 7900.0},
             "bare_onnxruntime": {"p50_ms": 4900.0, "mean_ms": 4950.0, "min_ms": 4800.0},
         },
+        "ratios": ratios,
         "targets_apply": report.targets_apply(config.to_json()),
         "targets": [t.to_json() for t in targets],
         "agreement": {"Triton vs bare onnxruntime": {"max_abs": 0.0, "mean_abs": 0.0}},
@@ -288,17 +294,39 @@ def _results() -> dict:
     }
 
 
+def test_ratios_are_paired_by_round() -> None:
+    # The machine is 10% slower in the second round: every system is.
+    triton = [[5000.0, 5200.0], [5500.0, 5720.0]]
+    diffusers = [[8000.0, 8400.0], [8800.0, 9240.0]]
+    ratio = report.paired_ratio(triton, diffusers)
+    assert ratio["per_round"] == pytest.approx([5100 / 8200, 5610 / 9020], abs=1e-4)
+    assert ratio["value"] == pytest.approx(5100 / 8200, abs=1e-4)
+    assert ratio["triton_median_ms"] == pytest.approx(5350.0)
+    assert ratio["baseline_median_ms"] == pytest.approx(8600.0)
+    # A round in which either system has no edit pairs nothing.
+    assert report.paired_ratio([[1.0], []], [[2.0], [9.0]])["per_round"] == [0.5]
+    with pytest.raises(ValueError, match="no round"):
+        report.paired_ratio([[]], [[1.0]])
+
+
 def test_targets_are_met_or_fall_short_with_their_numbers() -> None:
-    met = report.evaluate_targets(5000.0, 8000.0, 4900.0, {1: 0.2, 2: 0.21})
+    def ratios(triton: float, diffusers: float, bare: float) -> dict:
+        return {
+            "diffusers_eager": report.paired_ratio([[triton]], [[diffusers]]),
+            "bare_onnxruntime": report.paired_ratio([[triton]], [[bare]]),
+        }
+
+    met = report.evaluate_targets(ratios(5000.0, 8000.0, 4900.0), {1: 0.2, 2: 0.21})
     assert [t.met for t in met] == [True, True, True]
     assert met[0].value == pytest.approx(0.625)
-    assert "5000 ms / 8000 ms = 0.625" in met[0].line() and met[0].line().endswith("met")
+    assert "0.625, geometric mean of 1 rounds (0.625); medians 5000 ms / 8000 ms" in met[0].line()
+    assert met[0].line().endswith("met")
 
-    short = report.evaluate_targets(6000.0, 8000.0, 5000.0, {1: 0.2, 2: 0.19})
+    short = report.evaluate_targets(ratios(6000.0, 8000.0, 5000.0), {1: 0.2, 2: 0.19})
     assert [t.met for t in short] == [False, False, False]
     assert all(t.line().endswith("falls short") for t in short)
     # A goal whose measurement is missing is left out, not guessed.
-    assert [t.name for t in report.evaluate_targets(6000.0, None, None, {1: 0.2})] == []
+    assert report.evaluate_targets({}, {1: 0.2}) == []
 
 
 def test_targets_apply_only_to_the_cpu_goal_configuration() -> None:
@@ -328,7 +356,7 @@ def test_results_are_written_as_json_markdown_and_plot(tmp_path: Path) -> None:
     )
     assert "| diffusers eager PyTorch | 8,000 | 8,100 | min 7,900 | 0.625 |" in text
     assert "| 2 | 8 (2) | 0.210 | 9,500 |" in text
-    assert "Triton end to end <= 0.67 x diffusers eager: 5000 ms / 8000 ms = 0.625" in text
+    assert "Triton end to end <= 0.67 x diffusers eager: 0.625, geometric mean of 2" in text
     assert "| UNet x N | `unet_pix2pix` | 3.00 | 3.00 |" in text
     assert "## What each optimisation bought" in text
     assert "| fusions | MHA | 6,000 -> 5,000 (-16.7%, better) |" in text
@@ -354,3 +382,52 @@ def test_configuration_errors_name_the_setting() -> None:
     with pytest.raises(ValueError, match="tensorrt"):
         BenchConfig(flavour="tensorrt", optimize=True)
     assert not BenchConfig(image_guidance_scale=0.5).guided
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def test_the_harness_runs_end_to_end_on_the_tiny_preset(
+    tiny_preset: Path, tiny_export: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A whole `make bench` run, scaled down: real tritonserver, perf_analyzer, baselines.
+
+    One round of one edit per level keeps it quick; the figures are not asserted, only that
+    every part of a run was measured, agrees on the output and lands in the result files.
+    """
+    from benchmarks.run import main
+
+    build = tmp_path / "build"
+    (build / "presets").mkdir(parents=True)
+    (build / "presets" / "tiny").symlink_to(tiny_preset)
+    (build / "onnx").mkdir()
+    (build / "onnx" / "tiny").symlink_to(tiny_export)  # the plain export: --no-optimize
+    steps = 3
+    argv = ["--preset", "tiny", "--size", "64", "--steps", str(steps), "--no-optimize"]
+    argv += ["--concurrency", "1", "2", "--rounds", "1", "--requests", "1"]
+    argv += ["--build-dir", str(build), "--output-dir", str(tmp_path / "results")]
+    assert main([*argv, "--stem", "tiny"]) == 0
+
+    results = json.loads((tmp_path / "results" / "tiny.json").read_text())
+    levels = {level["concurrency"]: level for level in results["triton"]["levels"]}
+    assert [levels[1]["requests"], levels[2]["requests"]] == [1, 2]
+    assert all(level["p50_ms"] > 0 and level["throughput_per_s"] > 0 for level in levels.values())
+    stages = {row["stage"]: row for row in results["triton"]["stages"]["1"]}
+    assert stages["UNet x N"]["calls_per_edit"] == steps
+    assert stages["end to end (server)"]["calls_per_edit"] == 1
+    for name in ("bare_onnxruntime", "diffusers_eager"):
+        assert results["baselines"][name]["p50_ms"] > 0, name
+    # The same request gives the same picture on all three systems.
+    assert set(results["agreement"]) == {
+        "Triton vs bare onnxruntime loop",
+        "Triton vs diffusers eager",
+    }
+    assert all(pair["max_abs"] <= 2 for pair in results["agreement"].values())
+    assert not results["targets_apply"]
+    assert len(results["targets"]) == 3
+
+    markdown = (tmp_path / "results" / "tiny.md").read_text()
+    assert "informative only" in markdown and "## Per stage" in markdown
+    assert (tmp_path / "results" / "tiny.png").read_bytes()[:4] == b"\x89PNG"
+    printed = capsys.readouterr().out
+    assert "throughput at concurrency 2 >= at concurrency 1" in printed
