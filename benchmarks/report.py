@@ -220,8 +220,8 @@ def plot(results: dict[str, Any], path: Path) -> Path:
     for key, label in (("p50_ms", "p50"), ("p90_ms", "p90"), ("p99_ms", "p99")):
         latency_axes.plot(concurrency, [lv[key] / 1000 for lv in levels], marker="o", label=label)
     for name, label, colour in (
-        ("diffusers_eager", "diffusers eager p50", "tab:red"),
-        ("bare_onnxruntime", "bare ORT loop p50", "tab:grey"),
+        ("diffusers_eager", "diffusers eager median", "tab:red"),
+        ("bare_onnxruntime", "bare ORT loop median", "tab:grey"),
     ):
         baseline = results["baselines"].get(name)
         if baseline:
