@@ -23,7 +23,7 @@ import numpy as np
 from benchmarks.config import BenchConfig
 from export.components import TEXT_ENCODER, UNET_FOR_PIPELINE, VAE_DECODER, VAE_ENCODER
 from export.onnx_export import load_manifest
-from model_repository.onnx_component import OnnxComponent, session_options
+from model_repository.onnx_component import OnnxComponent
 from model_repository.postprocess import encode_png, tensor_to_image
 from model_repository.preprocess import (
     PromptTokenizer,
@@ -109,24 +109,6 @@ class DiffusersEager:
 # --------------------------------------------------------------------------- bare loop
 
 
-class _Component(OnnxComponent):
-    """OnnxComponent, optionally on other execution providers (GPU baselines)."""
-
-    def __init__(
-        self, path: Path, intra_op_threads: int, allow_spinning: bool, providers: tuple[str, ...]
-    ) -> None:
-        if providers == CPU:
-            super().__init__(path, intra_op_threads, allow_spinning)
-            return
-        import onnxruntime as ort
-
-        options = session_options(intra_op_threads, allow_spinning=allow_spinning)
-        self.session = ort.InferenceSession(str(path), options, providers=list(providers))
-        self.input_names = [i.name for i in self.session.get_inputs()]
-        self.input_ranks = {i.name: len(i.shape) for i in self.session.get_inputs()}
-        self.output_names = [o.name for o in self.session.get_outputs()]
-
-
 class BareOnnxLoop:
     """The served pipeline as plain calls: same files, sessions, preprocessing and sampler."""
 
@@ -137,13 +119,13 @@ class BareOnnxLoop:
         self.config = config
         unet_name = UNET_FOR_PIPELINE[config.pipeline]
 
-        def component(name: str) -> _Component:
+        def component(name: str) -> OnnxComponent:
             # The same session settings as the served component models.
-            return _Component(
+            return OnnxComponent(
                 export_dir / manifest["components"][name]["model"],
                 config.intra_op_threads,
                 config.allow_spinning,
-                providers,
+                providers=providers,
             )
 
         self.text_encoder = component(TEXT_ENCODER)

@@ -44,9 +44,11 @@ class OnnxComponent:
         intra_op_threads: int = 0,
         allow_spinning: bool = True,
         split_threads: bool = False,
+        providers: Sequence[str] = ("CPUExecutionProvider",),
     ) -> None:
         self.model_path = Path(model_path)
         self.allow_spinning = allow_spinning
+        self.providers = list(providers)
         self.session = self._new_session(intra_op_threads)
         # Merged requests run side by side, one thread each (see run_merged).
         self.split_threads = split_threads and (os.cpu_count() or 1) > 1
@@ -59,15 +61,11 @@ class OnnxComponent:
     def _new_session(self, intra_op_threads: int) -> Any:
         import onnxruntime as ort
 
-        session = ort.InferenceSession(
+        return ort.InferenceSession(
             str(self.model_path),
             session_options(intra_op_threads, allow_spinning=self.allow_spinning),
-            providers=["CPUExecutionProvider"],
+            providers=self.providers,
         )
-        self.input_names = [i.name for i in session.get_inputs()]
-        self.input_ranks = {i.name: len(i.shape) for i in session.get_inputs()}
-        self.output_names = [o.name for o in session.get_outputs()]
-        return session
 
     def run(self, inputs: dict[str, np.ndarray], session: Any = None) -> dict[str, np.ndarray]:
         feed = {}
