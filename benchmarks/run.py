@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import functools
 import json
 import shlex
 import statistics
@@ -31,7 +32,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from benchmarks import report
 from benchmarks.baselines import CPU, BareOnnxLoop, DiffusersEager, Timing, pixel_difference
@@ -67,6 +68,7 @@ NUMPY_TYPES = {
 # again (at most MAX_EXTRA_ROUNDS times per run or ablation step).
 DISTURBED_LOAD = 0.05
 MAX_EXTRA_ROUNDS = 3
+T = TypeVar("T")
 BASELINE_LABELS = {
     "bare_onnxruntime": "bare onnxruntime loop",
     "diffusers_eager": "diffusers eager",
@@ -219,6 +221,49 @@ def serving(repository: Path | None, url: str | None, log_file: Path) -> Iterato
 
 
 @dataclasses.dataclass
+class RoundLoads:
+    """Other processes' share of the machine per round: kept rounds and left-out ones."""
+
+    kept: list[float] = dataclasses.field(default_factory=list)
+    # Rounds left out because other processes used more than DISTURBED_LOAD of it.
+    discarded: list[float] = dataclasses.field(default_factory=list)
+
+
+def undisturbed_rounds(rounds: int, measure: Callable[[int], T], loads: RoundLoads) -> list[T]:
+    """`measure(attempt)` until `rounds` rounds ran with the machine to ourselves.
+
+    A round in which other processes used more than DISTURBED_LOAD of the machine measured
+    someone else's job as much as ours: it is left out and run again, at most
+    MAX_EXTRA_ROUNDS times. Returns the kept rounds' results; `loads` records both kinds.
+    """
+    kept: list[T] = []
+    attempt = 0
+    while len(kept) < rounds:
+        attempt += 1
+        log(f"round {len(kept) + 1} of {rounds} (attempt {attempt})")
+        meter = LoadMeter().start()
+        result = measure(attempt)
+        load = meter.foreign_fraction()
+        log(f"  other processes used {load:.0%} of the machine")
+        if load > DISTURBED_LOAD and attempt < rounds + MAX_EXTRA_ROUNDS:
+            loads.discarded.append(load)
+            log("  round left out and measured again")
+            continue
+        loads.kept.append(load)
+        kept.append(result)
+    return kept
+
+
+# One round of the main sweep: Triton's levels with their statistics windows, and the
+# baselines' wall-clock seconds.
+Round = tuple[
+    dict[int, tuple[CsvLevel, ProfiledLevel]],
+    dict[int, dict[str, ModelCounters]],
+    dict[str, list[float]],
+]
+
+
+@dataclasses.dataclass
 class Measurement:
     """Everything measured over the rounds of one run."""
 
@@ -227,10 +272,7 @@ class Measurement:
     baseline_runs: dict[str, list[list[float]]]  # seconds, per kept round
     baseline_warmups: dict[str, float]
     outputs: dict[str, bytes]
-    # Per round kept: the share of the machine's CPU other processes used meanwhile.
-    foreign_load: list[float] = dataclasses.field(default_factory=list)
-    # Rounds left out because other processes used more than DISTURBED_LOAD of it.
-    discarded_load: list[float] = dataclasses.field(default_factory=list)
+    loads: RoundLoads = dataclasses.field(default_factory=RoundLoads)
 
 
 def _time_baselines(
@@ -274,60 +316,45 @@ def measure_rounds(
         measured.baseline_runs[name] = []
         log(f"{BASELINE_LABELS[name]} warm-up: {measured.baseline_warmups[name]:.1f} s")
 
+    def one_round(attempt: int) -> Round:
+        levels: dict[int, tuple[CsvLevel, ProfiledLevel]] = {}
+        counters: dict[int, dict[str, ModelCounters]] = {}
+        runs: dict[str, list[float]] = {name: [] for name in baselines}
+        # Every other round the baselines go first, so drift within a round does not
+        # always favour the same system.
+        order = list(baselines) if attempt % 2 else list(reversed(baselines))
+        baselines_first = attempt % 2 == 0
+        for concurrency in config.concurrency:
+            first_level = concurrency == config.concurrency[0]
+            if first_level and baselines_first:
+                _time_baselines(baselines, order, image, config.requests_per_round, runs)
+            requests = config.requests_per_round * concurrency
+            before = settled_snapshot(client)
+            row, profiled = perf.run_level(
+                config.pipeline, url, data_file, concurrency, requests, workdir, tag=f"_a{attempt}"
+            )
+            counters[concurrency] = window(before, settled_snapshot(client))
+            levels[concurrency] = (row, profiled)
+            log(
+                f"  Triton c={concurrency}: {requests} edits, "
+                f"{profiled.throughput_per_s:.3f} edits/s, median "
+                f"{statistics.median(profiled.latencies_ms):,.0f} ms"
+            )
+            if first_level and not baselines_first:
+                _time_baselines(baselines, order, image, config.requests_per_round, runs)
+        return levels, counters, runs
+
     client = grpcclient.InferenceServerClient(url)
     try:
-        attempt = 0
-        while len(measured.foreign_load) < config.rounds:
-            attempt += 1
-            log(f"round {len(measured.foreign_load) + 1} of {config.rounds} (attempt {attempt})")
-            meter = LoadMeter().start()
-            levels: dict[int, tuple[CsvLevel, ProfiledLevel]] = {}
-            counters: dict[int, dict[str, ModelCounters]] = {}
-            runs: dict[str, list[float]] = {name: [] for name in baselines}
-            # Every other round the baselines go first, so drift within a round does not
-            # always favour the same system.
-            order = list(baselines) if attempt % 2 else list(reversed(baselines))
-            baselines_first = attempt % 2 == 0
-
-            for concurrency in config.concurrency:
-                first_level = concurrency == config.concurrency[0]
-                if first_level and baselines_first:
-                    _time_baselines(baselines, order, image, config.requests_per_round, runs)
-                requests = config.requests_per_round * concurrency
-                before = settled_snapshot(client)
-                row, profiled = perf.run_level(
-                    config.pipeline,
-                    url,
-                    data_file,
-                    concurrency,
-                    requests,
-                    workdir,
-                    tag=f"_a{attempt}",
-                )
-                counters[concurrency] = window(before, settled_snapshot(client))
-                levels[concurrency] = (row, profiled)
-                log(
-                    f"  Triton c={concurrency}: {requests} edits, "
-                    f"{profiled.throughput_per_s:.3f} edits/s, median "
-                    f"{statistics.median(profiled.latencies_ms):,.0f} ms"
-                )
-                if first_level and not baselines_first:
-                    _time_baselines(baselines, order, image, config.requests_per_round, runs)
-            load = meter.foreign_fraction()
-            log(f"  other processes used {load:.0%} of the machine")
-            if load > DISTURBED_LOAD and attempt < config.rounds + MAX_EXTRA_ROUNDS:
-                # It measured someone else's job as much as ours: leave it out, run another.
-                measured.discarded_load.append(load)
-                log("  round left out and measured again")
-                continue
-            measured.foreign_load.append(load)
-            for concurrency, level in levels.items():
-                measured.levels.setdefault(concurrency, []).append(level)
-                measured.counters.setdefault(concurrency, []).append(counters[concurrency])
-            for name, times in runs.items():
-                measured.baseline_runs[name].append(times)
+        kept = undisturbed_rounds(config.rounds, one_round, measured.loads)
     finally:
         client.close()
+    for levels, counters, runs in kept:
+        for concurrency, level in levels.items():
+            measured.levels.setdefault(concurrency, []).append(level)
+            measured.counters.setdefault(concurrency, []).append(counters[concurrency])
+        for name, times in runs.items():
+            measured.baseline_runs[name].append(times)
     return measured
 
 
@@ -421,6 +448,31 @@ def _summary(rounds: list[tuple[CsvLevel, ProfiledLevel]]) -> dict[str, float]:
     return {"p50_ms": level.p50_ms, "throughput_per_s": level.throughput_per_s}
 
 
+def _ablation_round(
+    config: BenchConfig,
+    perf: PerfAnalyzer,
+    data_file: Path,
+    urls: dict[str, str],
+    workdirs: dict[str, Path],
+    levels: tuple[int, ...],
+    attempt: int,
+) -> dict[tuple[str, int], tuple[CsvLevel, ProfiledLevel]]:
+    """Each level on the servers in turn: (side, concurrency) -> perf_analyzer's result."""
+    return {
+        (side, concurrency): perf.run_level(
+            config.pipeline,
+            url,
+            data_file,
+            concurrency,
+            config.requests_per_round * concurrency,
+            workdirs[side],
+            tag=f"_a{attempt}",
+        )
+        for concurrency in levels
+        for side, url in urls.items()
+    }
+
+
 def measure_ablation(
     config: BenchConfig,
     preset_root: Path,
@@ -443,9 +495,7 @@ def measure_ablation(
             side: build_for(variant, preset_root, build_dir, f"ablation-{index + 1}-{side}")
             for side, variant in variants.items()
         }
-        measured: dict[tuple[str, int], list[tuple[CsvLevel, ProfiledLevel]]] = {}
-        foreign_load: list[float] = []
-        discarded_load: list[float] = []
+        loads = RoundLoads()
         with contextlib.ExitStack() as stack:
             urls = {
                 side: stack.enter_context(
@@ -455,36 +505,19 @@ def measure_ablation(
             }
             for side, url in urls.items():
                 warm_up(url, variants[side], image)
-            attempt = 0
-            while len(foreign_load) < rounds:
-                attempt += 1
-                meter = LoadMeter().start()
-                this_round = {}
-                for concurrency in levels:
-                    for side, url in urls.items():
-                        this_round[(side, concurrency)] = perf.run_level(
-                            config.pipeline,
-                            url,
-                            data_file,
-                            concurrency,
-                            config.requests_per_round * concurrency,
-                            repositories[side].parent,
-                            tag=f"_a{attempt}",
-                        )
-                load = meter.foreign_fraction()
-                if load > DISTURBED_LOAD and attempt < rounds + MAX_EXTRA_ROUNDS:
-                    discarded_load.append(load)
-                    log(f"  other processes used {load:.0%} of the machine: measured again")
-                    continue
-                foreign_load.append(load)
-                for key, level in this_round.items():
-                    measured.setdefault(key, []).append(level)
+
+            workdirs = {side: repository.parent for side, repository in repositories.items()}
+            one_round = functools.partial(
+                _ablation_round, config, perf, data_file, urls, workdirs, levels
+            )
+            kept = undisturbed_rounds(rounds, one_round, loads)
+        measured = {key: [round_[key] for round_ in kept] for key in kept[0]}
         entry: dict[str, Any] = {
             "name": step.name,
             "change": step.change,
             "kept": step.kept,
-            "foreign_load": [round(x, 3) for x in foreign_load],
-            "discarded_rounds_load": [round(x, 3) for x in discarded_load],
+            "foreign_load": [round(x, 3) for x in loads.kept],
+            "discarded_rounds_load": [round(x, 3) for x in loads.discarded],
         }
         for side in ("before", "after"):
             for concurrency in levels:
@@ -572,16 +605,16 @@ def run(config: BenchConfig, args: argparse.Namespace) -> dict[str, Any]:
     with serving(repository, args.url, workdir / "tritonserver.log") as url:
         measured = measure_rounds(config, url, perf, data_file, workdir, baselines, image)
     triton, timings, agreement = summarise(config, measured)
-    triton["foreign_load"] = [round(x, 3) for x in measured.foreign_load]
-    triton["discarded_rounds_load"] = [round(x, 3) for x in measured.discarded_load]
-    if measured.discarded_load:
+    triton["foreign_load"] = [round(x, 3) for x in measured.loads.kept]
+    triton["discarded_rounds_load"] = [round(x, 3) for x in measured.loads.discarded]
+    if measured.loads.discarded:
         notes.append(
-            f"{len(measured.discarded_load)} round(s) were left out and measured again: other "
+            f"{len(measured.loads.discarded)} round(s) were left out and measured again: other "
             "processes used "
-            + ", ".join(f"{x:.0%}" for x in measured.discarded_load)
+            + ", ".join(f"{x:.0%}" for x in measured.loads.discarded)
             + f" of the machine meanwhile (more than {DISTURBED_LOAD:.0%})."
         )
-    disturbed = [x for x in measured.foreign_load if x > DISTURBED_LOAD]
+    disturbed = [x for x in measured.loads.kept if x > DISTURBED_LOAD]
     if disturbed:
         notes.append(
             "Some rounds kept here still had other processes on the machine ("
