@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from benchmarks.config import BenchConfig
 from export.components import TEXT_ENCODER, UNET_FOR_PIPELINE, VAE_DECODER, VAE_ENCODER
@@ -73,8 +74,6 @@ class DiffusersEager:
     """diffusers' reference pipeline in eager PyTorch, loaded once."""
 
     def __init__(self, pipeline_dir: Path, config: BenchConfig, device: str = "cpu") -> None:
-        import torch
-
         from export.checkpoint import inspect_folder, load_pipeline
 
         if config.pipeline == INSTRUCT_PIX2PIX and config.temperature != 1.0:
@@ -88,8 +87,6 @@ class DiffusersEager:
             )
 
     def __call__(self, image: bytes) -> bytes:
-        import torch
-
         request = self.config.request()
         arguments: dict[str, Any] = {
             "num_inference_steps": request["num_inference_steps"],
@@ -137,12 +134,23 @@ class BareOnnxLoop:
             (export_dir / manifest["schedulers"][config.pipeline]).read_text()
         )
         scaling = manifest["pipelines"][config.pipeline]["vae_scaling_factor"]
-        self.sampler = Sampler(config.pipeline, scheduler_config, scaling, self._unet)
+        # With the CUDA provider the loop's tensors stay on the GPU, as in the served sampler.
+        device = "cuda" if "CUDAExecutionProvider" in providers else "cpu"
+        self.sampler = Sampler(config.pipeline, scheduler_config, scaling, self._unet, device)
+        self.latent_channels = self.unet.session.get_outputs()[0].shape[1]
 
-    def _unet(self, sample: np.ndarray, timestep: np.ndarray, embeds: np.ndarray) -> np.ndarray:
+    def _unet(
+        self, sample: torch.Tensor, timestep: torch.Tensor, embeds: torch.Tensor
+    ) -> torch.Tensor:
+        noise_pred = torch.empty(
+            (sample.shape[0], self.latent_channels, *sample.shape[2:]), device=sample.device
+        )
         names = self.unet.input_names
-        outputs = self.unet.run({names[0]: sample, names[1]: timestep, names[2]: embeds})
-        return outputs[self.unet.output_names[0]]
+        self.unet.run_bound(
+            {names[0]: sample, names[1]: timestep, names[2]: embeds},
+            {self.unet.output_names[0]: noise_pred},
+        )
+        return noise_pred
 
     def __call__(self, image: bytes) -> bytes:
         edit = resolve_request(self.config.pipeline, {"image": image, **self.config.request()})
@@ -163,7 +171,9 @@ class BareOnnxLoop:
                 scheduler=edit.scheduler,
             )
         )
-        (decoded,) = self.vae_decoder.run({self.vae_decoder.input_names[0]: latent}).values()
+        (decoded,) = self.vae_decoder.run(
+            {self.vae_decoder.input_names[0]: latent.cpu().numpy()}
+        ).values()
         return encode_png(tensor_to_image(decoded))
 
 

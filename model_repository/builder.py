@@ -43,6 +43,10 @@ from export.onnx_export import EXTERNAL_DATA_FILE, MODEL_FILE, load_manifest
 from model_repository.preprocess import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE, SIDE_MULTIPLE
 from pix2pix_client.contract import IMG2IMG, INSTRUCT_PIX2PIX, OUTPUTS, parameters_for
 
+KIND_AUTO = mc.ModelInstanceGroup.KIND_AUTO
+KIND_CPU = mc.ModelInstanceGroup.KIND_CPU
+KIND_GPU = mc.ModelInstanceGroup.KIND_GPU
+
 FLAVOURS = ("python-onnxruntime", "onnxruntime", "tensorrt")
 BACKEND_TEMPLATES = Path(__file__).parent / "backend"
 POSTPROCESS = "postprocess"
@@ -164,7 +168,7 @@ def component_config(spec: ComponentSpec, options: RepositoryOptions) -> Any:
                 "split_threads": int(split),
             },
         )
-        group = config.instance_group.add(count=1, kind=mc.ModelInstanceGroup.KIND_CPU)
+        group = config.instance_group.add(count=1, kind=KIND_CPU)
         if options.cpu_rate_limit:
             group.rate_limiter.resources.add(name=CPU_RESOURCE, count=1, **{"global": True})
     elif options.flavour == "onnxruntime":
@@ -173,20 +177,31 @@ def component_config(spec: ComponentSpec, options: RepositoryOptions) -> Any:
             config,
             {"intra_op_thread_count": options.intra_op_threads, "inter_op_thread_count": 1},
         )
-        config.instance_group.add(count=1, kind=mc.ModelInstanceGroup.KIND_AUTO)
+        config.instance_group.add(count=1, kind=KIND_AUTO)
     else:
         config.platform = "tensorrt_plan"
-        config.instance_group.add(count=1, kind=mc.ModelInstanceGroup.KIND_GPU)
+        config.instance_group.add(count=1, kind=KIND_GPU)
     if spec.name in UNET_FOR_PIPELINE.values():
         config.dynamic_batching.max_queue_delay_microseconds = options.unet_queue_delay_us
     return config
 
 
-def _python_config(name: str, instances: int, parameters: dict[str, Any]) -> Any:
+def _python_config(
+    name: str, instances: int, parameters: dict[str, Any], kind: int = KIND_CPU
+) -> Any:
     config = mc.ModelConfig(name=name, backend="python", max_batch_size=0)
-    config.instance_group.add(count=instances, kind=mc.ModelInstanceGroup.KIND_CPU)
+    config.instance_group.add(count=instances, kind=kind)
     _parameters(config, parameters)
     return config
+
+
+def sampler_instance_kind(flavour: str) -> int:
+    """Where the sampler loop runs: next to the UNet, so its tensors never change device.
+
+    tensorrt UNets are on a GPU; onnxruntime backend UNets are wherever Triton put them
+    (KIND_AUTO: a GPU when there is one); python-onnxruntime UNets are on the CPU.
+    """
+    return {"tensorrt": KIND_GPU, "onnxruntime": KIND_AUTO}.get(flavour, KIND_CPU)
 
 
 def _contract_inputs(config: Any, pipeline: str) -> None:
@@ -266,7 +281,11 @@ def sampler_config(
             "pipeline": pipeline,
             "unet_model": UNET_FOR_PIPELINE[pipeline],
             "vae_scaling_factor": vae_scaling_factor,
+            # Inputs stay where the encoders left them (GPU memory on a GPU) instead of
+            # being copied to the CPU first, the Python backend's default.
+            "FORCE_CPU_ONLY_INPUT_TENSORS": "no",
         },
+        sampler_instance_kind(options.flavour),
     )
     inputs = [tensors.prompt_embeds, tensors.latent_mean, tensors.latent_std, tensors.parameters]
     _io(config, inputs, [tensors.latent], batched=False)

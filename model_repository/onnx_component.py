@@ -9,12 +9,15 @@ where concurrent edits' UNet steps merge.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 
 def session_options(
@@ -77,6 +80,35 @@ class OnnxComponent:
             feed[name] = array
         outputs = (session or self.session).run(self.output_names, feed)
         return dict(zip(self.output_names, outputs, strict=True))
+
+    def run_bound(
+        self, inputs: Mapping[str, torch.Tensor], outputs: Mapping[str, torch.Tensor]
+    ) -> None:
+        """Runs on torch tensors where they lie, CPU or CUDA, writing into `outputs`.
+
+        Nothing is copied: onnxruntime reads and writes the tensors' own memory (I/O
+        binding), so a loop on a GPU keeps its tensors there between calls.
+        """
+        import torch
+
+        binding = self.session.io_binding()
+        for name, tensor in (*inputs.items(), *outputs.items()):
+            if not tensor.is_contiguous():
+                raise ValueError(f"{name}: onnxruntime binds contiguous tensors only")
+            bind = binding.bind_input if name in inputs else binding.bind_output
+            bind(
+                name,
+                tensor.device.type,
+                tensor.device.index or 0,
+                torch.empty((), dtype=tensor.dtype).numpy().dtype,
+                tuple(tensor.shape),
+                tensor.data_ptr(),
+            )
+        devices = {t.device for t in (*inputs.values(), *outputs.values()) if t.is_cuda}
+        for device in devices:
+            # onnxruntime works on its own stream: what torch queued to write inputs ends first.
+            torch.cuda.current_stream(device).synchronize()
+        self.session.run_with_iobinding(binding)
 
     def run_merged(self, requests: Sequence[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
         """Runs requests that arrived together; returns per-request outputs.

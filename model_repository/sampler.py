@@ -5,6 +5,11 @@ tests and the bare onnxruntime baseline pass an onnxruntime session instead. It 
 diffusers' `StableDiffusionInstructPix2PixPipeline` and `StableDiffusionImg2ImgPipeline`
 step for step (same scheduler objects, same order of random draws from a CPU
 `torch.Generator`), so a seeded request reproduces the reference pipeline's image.
+
+It runs on one torch device. On a GPU the latents, the scheduler's arithmetic and every
+UNet input and output stay in GPU memory for the whole loop; only the random draws are
+made on the CPU (with the CPU generator, as diffusers does) and moved over, so a seed gives
+the same noise on any device.
 """
 
 from __future__ import annotations
@@ -19,8 +24,10 @@ import torch
 
 from pix2pix_client.contract import IMG2IMG, INSTRUCT_PIX2PIX, SCHEDULERS
 
-# (sample, timestep per batch row, encoder_hidden_states) -> noise prediction
-UNetFn = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+# (sample, timestep per batch row, encoder_hidden_states) -> noise prediction: float32
+# tensors on the sampler's device, contiguous; the prediction comes back on any device.
+UNetFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+Array = np.ndarray | torch.Tensor
 
 SCHEDULER_CLASSES = {
     "euler_a": "EulerAncestralDiscreteScheduler",
@@ -54,6 +61,15 @@ def _step_kwargs(scheduler: Any, generator: torch.Generator) -> dict[str, Any]:
     return kwargs
 
 
+def instance_device(kind: str, device_id: str | int) -> torch.device:
+    """The torch device of a Triton model instance (`model_instance_kind` and `_device_id`)."""
+    if kind == "GPU":
+        return torch.device("cuda", int(device_id))
+    if kind == "CPU":
+        return torch.device("cpu")
+    raise ValueError(f"model_instance_kind={kind!r}: allowed CPU, GPU")
+
+
 def first_step(num_inference_steps: int, temperature: float) -> int:
     """Index of the first timestep run: `N - int(N * temperature)`, keeping at least one."""
     denoised = min(int(num_inference_steps * temperature), num_inference_steps)
@@ -64,9 +80,9 @@ def first_step(num_inference_steps: int, temperature: float) -> int:
 class SamplerInputs:
     """What the ensemble hands the sampler for one request."""
 
-    prompt_embeds: np.ndarray  # [2, 77, hidden]: prompt, negative prompt
-    latent_mean: np.ndarray  # [1, 4, h, w] unscaled VAE latent mean of the input image
-    latent_std: np.ndarray  # [1, 4, h, w]
+    prompt_embeds: Array  # [2, 77, hidden]: prompt, negative prompt
+    latent_mean: Array  # [1, 4, h, w] unscaled VAE latent mean of the input image
+    latent_std: Array  # [1, 4, h, w]
     num_inference_steps: int
     guidance_scale: float
     image_guidance_scale: float
@@ -93,6 +109,7 @@ class Sampler:
         scheduler_config: dict[str, Any],
         vae_scaling_factor: float,
         unet: UNetFn,
+        device: torch.device | str = "cpu",
     ) -> None:
         if pipeline not in (INSTRUCT_PIX2PIX, IMG2IMG):
             raise ValueError(f"unknown pipeline {pipeline!r}")
@@ -100,57 +117,71 @@ class Sampler:
         self.scheduler_config = dict(scheduler_config)
         self.vae_scaling_factor = vae_scaling_factor
         self.unet = unet
+        self.device = torch.device(device)
 
-    def __call__(self, inputs: SamplerInputs, trace: SamplerTrace | None = None) -> np.ndarray:
+    def __call__(self, inputs: SamplerInputs, trace: SamplerTrace | None = None) -> torch.Tensor:
+        """The final latents, unscaled for the VAE decoder: float32 on the sampler's device."""
         if self.pipeline == INSTRUCT_PIX2PIX:
             latents = self._instruct_pix2pix(inputs, trace)
         else:
             latents = self._img2img(inputs, trace)
-        return (latents / self.vae_scaling_factor).numpy()
+        return (latents / self.vae_scaling_factor).contiguous()
+
+    def _tensor(self, array: Array) -> torch.Tensor:
+        # Zero-copy for a NumPy array or a tensor already on the device.
+        return torch.as_tensor(array, device=self.device, dtype=torch.float32)
+
+    def _randn(self, shape: torch.Size, generator: torch.Generator) -> torch.Tensor:
+        # Drawn on the CPU and moved, as diffusers' randn_tensor does with a CPU generator.
+        return torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device)
+
+    def _scheduler(self, inputs: SamplerInputs) -> Any:
+        scheduler = make_scheduler(inputs.scheduler, self.scheduler_config)
+        scheduler.set_timesteps(inputs.num_inference_steps, device=self.device)
+        return scheduler
 
     def _predict(
-        self, model_input: torch.Tensor, t: torch.Tensor, prompt_embeds: np.ndarray
+        self, model_input: torch.Tensor, t: torch.Tensor, prompt_embeds: torch.Tensor
     ) -> torch.Tensor:
-        timesteps = np.full((model_input.shape[0],), float(t), dtype=np.float32)
-        sample = model_input.numpy()
-        if sample.dtype != np.float32:
-            sample = sample.astype(np.float32)
-        return torch.from_numpy(self.unet(sample, timesteps, prompt_embeds))
+        batch = model_input.shape[0]
+        timestep = t.to(self.device, torch.float32).reshape(1).repeat(batch)
+        sample = model_input.to(torch.float32).contiguous()
+        return self.unet(sample, timestep, prompt_embeds).to(self.device)
 
     def _instruct_pix2pix(self, inputs: SamplerInputs, trace: SamplerTrace | None) -> torch.Tensor:
         generator = torch.Generator("cpu").manual_seed(inputs.seed)
-        scheduler = make_scheduler(inputs.scheduler, self.scheduler_config)
-        scheduler.set_timesteps(inputs.num_inference_steps)
+        scheduler = self._scheduler(inputs)
         timesteps = scheduler.timesteps
         # diffusers turns guidance off unless both scales ask for it.
         guided = inputs.guidance_scale > 1.0 and inputs.image_guidance_scale >= 1.0
-        text, negative = inputs.prompt_embeds[0:1], inputs.prompt_embeds[1:2]
-        image_latents = torch.from_numpy(inputs.latent_mean)
+        embeds = self._tensor(inputs.prompt_embeds)
+        text, negative = embeds[0:1], embeds[1:2]
+        latent_mean = self._tensor(inputs.latent_mean)
+        image_latents = latent_mean
         if guided:
-            prompt_embeds = np.ascontiguousarray(np.concatenate([text, negative, negative]))
+            prompt_embeds = torch.cat([text, negative, negative])
             image_latents = torch.cat(
                 [image_latents, image_latents, torch.zeros_like(image_latents)]
             )
         else:
-            prompt_embeds = np.ascontiguousarray(text)
+            prompt_embeds = text.contiguous()
 
-        shape = inputs.latent_mean.shape
+        shape = latent_mean.shape
         start = first_step(inputs.num_inference_steps, inputs.temperature)
         if start == 0:
-            latents = torch.randn(shape, generator=generator, dtype=torch.float32)
-            latents = latents * scheduler.init_noise_sigma
+            latents = self._randn(shape, generator) * scheduler.init_noise_sigma
         else:
             # Temperature below 1: start part-way, from the image latents noised to there.
             timesteps = timesteps[start * scheduler.order :]
             if hasattr(scheduler, "set_begin_index"):
                 scheduler.set_begin_index(start * scheduler.order)
-            noise = torch.randn(shape, generator=generator, dtype=torch.float32)
-            scaled = torch.from_numpy(inputs.latent_mean) * self.vae_scaling_factor
+            noise = self._randn(shape, generator)
+            scaled = latent_mean * self.vae_scaling_factor
             latents = scheduler.add_noise(scaled, noise, timesteps[:1])
         if trace is not None:
             trace.timesteps = [float(t) for t in timesteps]
             trace.unet_batch = 3 if guided else 1
-            trace.initial_latents = latents.numpy().copy()
+            trace.initial_latents = latents.cpu().numpy().copy()
 
         step_kwargs = _step_kwargs(scheduler, generator)
         for t in timesteps:
@@ -170,12 +201,12 @@ class Sampler:
 
     def _img2img(self, inputs: SamplerInputs, trace: SamplerTrace | None) -> torch.Tensor:
         generator = torch.Generator("cpu").manual_seed(inputs.seed)
-        scheduler = make_scheduler(inputs.scheduler, self.scheduler_config)
+        scheduler = self._scheduler(inputs)
         guided = inputs.guidance_scale > 1.0
-        text, negative = inputs.prompt_embeds[0:1], inputs.prompt_embeds[1:2]
-        prompt_embeds = np.ascontiguousarray(np.concatenate([negative, text]) if guided else text)
+        embeds = self._tensor(inputs.prompt_embeds)
+        text, negative = embeds[0:1], embeds[1:2]
+        prompt_embeds = torch.cat([negative, text]) if guided else text.contiguous()
 
-        scheduler.set_timesteps(inputs.num_inference_steps)
         start = first_step(inputs.num_inference_steps, inputs.temperature)
         timesteps = scheduler.timesteps[start * scheduler.order :]
         if hasattr(scheduler, "set_begin_index"):
@@ -183,16 +214,16 @@ class Sampler:
 
         # The VAE latent is sampled from its distribution first, then the noise is drawn:
         # the same order of draws as diffusers, so the same seed gives the same image.
-        mean = torch.from_numpy(inputs.latent_mean)
-        std = torch.from_numpy(inputs.latent_std)
-        sample = torch.randn(mean.shape, generator=generator, dtype=torch.float32)
+        mean = self._tensor(inputs.latent_mean)
+        std = self._tensor(inputs.latent_std)
+        sample = self._randn(mean.shape, generator)
         init_latents = (mean + std * sample) * self.vae_scaling_factor
-        noise = torch.randn(init_latents.shape, generator=generator, dtype=torch.float32)
+        noise = self._randn(init_latents.shape, generator)
         latents = scheduler.add_noise(init_latents, noise, timesteps[:1])
         if trace is not None:
             trace.timesteps = [float(t) for t in timesteps]
             trace.unet_batch = 2 if guided else 1
-            trace.initial_latents = latents.numpy().copy()
+            trace.initial_latents = latents.cpu().numpy().copy()
 
         step_kwargs = _step_kwargs(scheduler, generator)
         for t in timesteps:

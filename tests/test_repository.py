@@ -149,3 +149,25 @@ def test_unknown_flavour_is_refused(tiny_export: Path, tmp_path: Path) -> None:
         ValueError, match="allowed one of python-onnxruntime, onnxruntime, tensorrt"
     ):
         build_repository(tiny_export, tmp_path / "repo", RepositoryOptions(flavour="openvino"))
+
+
+def test_sampler_runs_next_to_its_unet(repository) -> None:
+    # The loop's tensors never change device: the sampler instance sits where the UNet
+    # does, and takes its inputs where the encoders left them instead of copied to the CPU.
+    flavour, root = repository
+    configs = _configs(root)
+    expected = {
+        "python-onnxruntime": mc.ModelInstanceGroup.KIND_CPU,
+        "onnxruntime": mc.ModelInstanceGroup.KIND_AUTO,
+        "tensorrt": mc.ModelInstanceGroup.KIND_GPU,
+    }[flavour]
+    for pipeline in ("pix2pix", "img2img"):
+        sampler = configs[f"sampler_{pipeline}"]
+        unet = configs[f"unet_{pipeline}"]
+        assert sampler.instance_group[0].kind == expected
+        assert unet.instance_group[0].kind in (expected, mc.ModelInstanceGroup.KIND_CPU)
+        if flavour != "python-onnxruntime":
+            assert unet.instance_group[0].kind == expected
+        assert sampler.parameters["FORCE_CPU_ONLY_INPUT_TENSORS"].string_value == "no"
+    # Postprocess encodes PNGs on the CPU: its input is copied there, as it must be.
+    assert "FORCE_CPU_ONLY_INPUT_TENSORS" not in configs["postprocess"].parameters

@@ -19,6 +19,7 @@ from model_repository.sampler import (
     SamplerInputs,
     SamplerTrace,
     first_step,
+    instance_device,
     make_scheduler,
 )
 from pix2pix_client.contract import IMG2IMG, INSTRUCT_PIX2PIX, SCHEDULERS
@@ -33,12 +34,21 @@ class RecordingUNet:
         self.component = OnnxComponent(model_path, intra_op_threads=1)
         self.batches: list[int] = []
 
-    def __call__(self, sample: np.ndarray, timestep: np.ndarray, embeds: np.ndarray) -> np.ndarray:
+    def __call__(
+        self, sample: torch.Tensor, timestep: torch.Tensor, embeds: torch.Tensor
+    ) -> torch.Tensor:
         self.batches.append(sample.shape[0])
         assert timestep.shape == (sample.shape[0],) and embeds.shape[0] == sample.shape[0]
-        return self.component.run(
-            {"sample": sample, "timestep": timestep, "encoder_hidden_states": embeds}
-        )["noise_pred"]
+        assert all(t.dtype == torch.float32 for t in (sample, timestep, embeds))
+        return torch.from_numpy(
+            self.component.run(
+                {
+                    "sample": sample.numpy(),
+                    "timestep": timestep.numpy(),
+                    "encoder_hidden_states": embeds.numpy(),
+                }
+            )["noise_pred"]
+        )
 
 
 def _sampler(tiny_export: Path, pipeline: str) -> tuple[Sampler, RecordingUNet]:
@@ -121,7 +131,9 @@ def test_pix2pix_lower_temperature_stays_closer_to_the_image(tiny_export: Path) 
     sampler, _ = _sampler(tiny_export, INSTRUCT_PIX2PIX)
     inputs = _inputs()
     target = inputs.latent_mean
-    distances = [float(np.abs(sampler(_inputs(temperature=t)) - target).mean()) for t in (0.1, 1.0)]
+    distances = [
+        float(np.abs(sampler(_inputs(temperature=t)).numpy() - target).mean()) for t in (0.1, 1.0)
+    ]
     assert distances[0] < distances[1]
 
 
@@ -159,8 +171,8 @@ def test_every_scheduler_runs_and_is_seeded(
     inputs = _inputs(num_inference_steps=4, scheduler=scheduler, temperature=0.9)
     first = sampler(inputs)
     second = sampler(inputs)
-    assert first.shape == (1, 4, 8, 8) and np.isfinite(first).all()
-    np.testing.assert_array_equal(first, second)
+    assert first.shape == (1, 4, 8, 8) and torch.isfinite(first).all()
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
     assert (
         type(make_scheduler(scheduler, sampler.scheduler_config)).__name__
         == (SCHEDULER_CLASSES[scheduler])
@@ -170,4 +182,66 @@ def test_every_scheduler_runs_and_is_seeded(
 
 def test_different_seeds_give_different_latents(tiny_export: Path) -> None:
     sampler, _ = _sampler(tiny_export, INSTRUCT_PIX2PIX)
-    assert not np.allclose(sampler(_inputs(seed=1)), sampler(_inputs(seed=2)))
+    assert not torch.allclose(sampler(_inputs(seed=1)), sampler(_inputs(seed=2)))
+
+
+def test_instance_device_follows_the_triton_instance() -> None:
+    assert instance_device("CPU", "0") == torch.device("cpu")
+    assert instance_device("GPU", "1") == torch.device("cuda", 1)
+    with pytest.raises(ValueError, match="model_instance_kind='MODEL': allowed CPU, GPU"):
+        instance_device("MODEL", "0")
+
+
+def test_bound_run_reads_and_writes_torch_tensors_in_place(tiny_export: Path) -> None:
+    # The bare baseline's UNet call: onnxruntime I/O binding on the tensors' own memory
+    # (CUDA on a GPU; here CPU), the same numbers as a plain run.
+    component = OnnxComponent(tiny_export / "unet_pix2pix" / "model.onnx", intra_op_threads=1)
+    generator = torch.Generator().manual_seed(0)
+    inputs = {
+        "sample": torch.randn((3, 8, 8, 8), generator=generator),
+        "timestep": torch.tensor([981.0, 981.0, 981.0]),
+        "encoder_hidden_states": torch.randn((3, 77, 32), generator=generator),
+    }
+    noise_pred = torch.full((3, 4, 8, 8), float("nan"))
+    address = noise_pred.data_ptr()
+    component.run_bound(inputs, {"noise_pred": noise_pred})
+    expected = component.run({name: t.numpy() for name, t in inputs.items()})["noise_pred"]
+    assert noise_pred.data_ptr() == address
+    np.testing.assert_array_equal(noise_pred.numpy(), expected)
+    with pytest.raises(ValueError, match="sample: onnxruntime binds contiguous tensors only"):
+        component.run_bound(
+            {**inputs, "sample": inputs["sample"].transpose(2, 3)}, {"noise_pred": noise_pred}
+        )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pipeline", [INSTRUCT_PIX2PIX, IMG2IMG])
+def test_sampler_on_cuda_keeps_tensors_there_and_matches_the_cpu(
+    tiny_export: Path, pipeline: str
+) -> None:
+    # Runs only with a GPU (`make test-gpu`): the same loop on cuda, the UNet fed through
+    # I/O binding with onnxruntime's CUDA provider, every call's tensors on the GPU.
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    unet_name = "unet_pix2pix" if pipeline == INSTRUCT_PIX2PIX else "unet_img2img"
+    component = OnnxComponent(
+        tiny_export / unet_name / "model.onnx", providers=("CUDAExecutionProvider",)
+    )
+    devices: set[str] = set()
+
+    def unet(sample: torch.Tensor, timestep: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+        devices.update(t.device.type for t in (sample, timestep, embeds))
+        noise_pred = torch.empty((sample.shape[0], 4, *sample.shape[2:]), device=sample.device)
+        component.run_bound(
+            {"sample": sample, "timestep": timestep, "encoder_hidden_states": embeds},
+            {"noise_pred": noise_pred},
+        )
+        return noise_pred
+
+    cpu_sampler, _ = _sampler(tiny_export, pipeline)
+    config = cpu_sampler.scheduler_config
+    cuda_sampler = Sampler(pipeline, config, SCALING, unet, "cuda")
+    inputs = _inputs(num_inference_steps=6, scheduler="euler_a")
+    on_cuda = cuda_sampler(inputs)
+    assert on_cuda.is_cuda and devices == {"cuda"}
+    torch.testing.assert_close(on_cuda.cpu(), cpu_sampler(inputs), rtol=1e-3, atol=1e-3)

@@ -1,21 +1,43 @@
-"""Triton model: the denoising loop, calling the UNet model through BLS every step."""
+"""Triton model: the denoising loop, calling the UNet model through BLS every step.
+
+Tensors cross into and out of Triton through DLPack, never through NumPy: on a GPU
+instance (the tensorrt flavour) the inputs arrive in GPU memory, every UNet call asks for
+its output in GPU memory (`preferred_memory`), and the final latent goes to the VAE decoder
+without leaving the GPU. On a CPU instance the same calls hand over CPU memory, zero-copy.
+"""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-import numpy as np
+import torch
 import triton_python_backend_utils as pb_utils
+from torch.utils.dlpack import from_dlpack, to_dlpack
 
 from model_repository.backend.triton_io import as_numpy, config_parameters, internal_error
-from model_repository.sampler import Sampler, SamplerInputs
+from model_repository.sampler import Sampler, SamplerInputs, instance_device
+
+
+def _to_triton(name: str, tensor: torch.Tensor) -> object:
+    return pb_utils.Tensor.from_dlpack(name, to_dlpack(tensor.contiguous()))
+
+
+def _to_torch(tensor: object) -> torch.Tensor:
+    return from_dlpack(tensor.to_dlpack())  # type: ignore[attr-defined]
 
 
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
         parameters = config_parameters(args)
         self.unet_model = parameters["unet_model"]
+        self.device = instance_device(args["model_instance_kind"], args["model_instance_device_id"])
+        if self.device.type == "cuda":
+            memory = pb_utils.TRITONSERVER_MEMORY_GPU
+            torch.cuda.set_device(self.device)
+        else:
+            memory = pb_utils.TRITONSERVER_MEMORY_CPU
+        self.unet_memory = pb_utils.PreferredMemory(memory, self.device.index or 0)
         version_dir = Path(args["model_repository"]) / args["model_version"]
         scheduler_config = json.loads((version_dir / "scheduler_config.json").read_text())
         self.sampler = Sampler(
@@ -23,32 +45,41 @@ class TritonPythonModel:
             scheduler_config,
             float(parameters["vae_scaling_factor"]),
             self._unet,
+            self.device,
         )
 
-    def _unet(self, sample: np.ndarray, timestep: np.ndarray, embeds: np.ndarray) -> np.ndarray:
+    def _unet(
+        self, sample: torch.Tensor, timestep: torch.Tensor, embeds: torch.Tensor
+    ) -> torch.Tensor:
+        if self.device.type == "cuda":
+            # Triton reads the inputs on its own stream: the torch work that wrote them ends first.
+            torch.cuda.current_stream(self.device).synchronize()
         request = pb_utils.InferenceRequest(
             model_name=self.unet_model,
             requested_output_names=["noise_pred"],
             inputs=[
-                pb_utils.Tensor("sample", sample),
+                _to_triton("sample", sample),
                 # [batch] travels as [batch, 1]: dims [1] reshaped to [] in the UNet config
-                pb_utils.Tensor("timestep", timestep.reshape(-1, 1)),
-                pb_utils.Tensor("encoder_hidden_states", embeds),
+                _to_triton("timestep", timestep.reshape(-1, 1)),
+                _to_triton("encoder_hidden_states", embeds),
             ],
+            preferred_memory=self.unet_memory,
         )
         response = request.exec()
         if response.has_error():
             raise pb_utils.TritonModelException(f"{self.unet_model}: {response.error().message()}")
-        return as_numpy(pb_utils.get_output_tensor_by_name(response, "noise_pred"))
+        return _to_torch(pb_utils.get_output_tensor_by_name(response, "noise_pred"))
 
     def execute(self, requests: list) -> list:
         responses = []
         for request in requests:
 
-            def tensor(name: str, request: object = request) -> np.ndarray:
-                return as_numpy(pb_utils.get_input_tensor_by_name(request, name))
+            def tensor(name: str, request: object = request) -> torch.Tensor:
+                return _to_torch(pb_utils.get_input_tensor_by_name(request, name))
 
-            parameters = json.loads(tensor("parameters").reshape(-1)[0])
+            parameters = json.loads(
+                as_numpy(pb_utils.get_input_tensor_by_name(request, "parameters")).reshape(-1)[0]
+            )
             inputs = SamplerInputs(
                 prompt_embeds=tensor("prompt_embeds"),
                 latent_mean=tensor("latent_mean"),
@@ -65,7 +96,9 @@ class TritonPythonModel:
             except pb_utils.TritonModelException as error:
                 responses.append(internal_error(str(error)))
                 continue
+            if latent.is_cuda:
+                torch.cuda.current_stream(self.device).synchronize()
             responses.append(
-                pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("latent", latent)])
+                pb_utils.InferenceResponse(output_tensors=[_to_triton("latent", latent)])
             )
         return responses
