@@ -221,8 +221,12 @@ def test_sampler_on_cuda_keeps_tensors_there_and_matches_the_cpu(
 ) -> None:
     # Runs only with a GPU (`make test-gpu`): the same loop on cuda, the UNet fed through
     # I/O binding with onnxruntime's CUDA provider, every call's tensors on the GPU.
+    import onnxruntime as ort
+
     if not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
+        pytest.skip("torch sees no CUDA device (a CPU build of torch, or no GPU)")
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("onnxruntime has no CUDA provider (install onnxruntime-gpu)")
     unet_name = "unet_pix2pix" if pipeline == INSTRUCT_PIX2PIX else "unet_img2img"
     component = OnnxComponent(
         tiny_export / unet_name / "model.onnx", providers=("CUDAExecutionProvider",)
