@@ -38,6 +38,10 @@ from pix2pix_client.contract import INSTRUCT_PIX2PIX
 CPU = ("CPUExecutionProvider",)
 
 
+class ProviderUnavailable(RuntimeError):
+    """onnxruntime lists an execution provider that a session then could not load."""
+
+
 @dataclass(frozen=True)
 class Timing:
     """Wall-clock seconds of repeated runs of one system (after its warm-up)."""
@@ -135,9 +139,15 @@ class BareOnnxLoop:
         )
         scaling = manifest["pipelines"][config.pipeline]["vae_scaling_factor"]
         # With the CUDA provider the loop's tensors stay on the GPU, as in the served sampler.
-        device = "cuda" if "CUDAExecutionProvider" in providers else "cpu"
+        # What the session got, not what was asked: onnxruntime falls back to the CPU, with
+        # a warning only, when the CUDA provider cannot load.
+        on_gpu = "CUDAExecutionProvider" in self.unet.session.get_providers()
+        if "CUDAExecutionProvider" in providers and not on_gpu:
+            raise ProviderUnavailable("onnxruntime could not load its CUDA provider")
+        device = "cuda" if on_gpu else "cpu"
         self.sampler = Sampler(config.pipeline, scheduler_config, scaling, self._unet, device)
-        self.latent_channels = self.unet.session.get_outputs()[0].shape[1]
+        (noise_pred,) = manifest["components"][unet_name]["spec"]["outputs"]
+        self.latent_channels = int(noise_pred["dims"][1])
 
     def _unet(
         self, sample: torch.Tensor, timestep: torch.Tensor, embeds: torch.Tensor

@@ -35,7 +35,14 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from benchmarks import report
-from benchmarks.baselines import CPU, BareOnnxLoop, DiffusersEager, Timing, pixel_difference
+from benchmarks.baselines import (
+    CPU,
+    BareOnnxLoop,
+    DiffusersEager,
+    ProviderUnavailable,
+    Timing,
+    pixel_difference,
+)
 from benchmarks.config import BenchConfig
 from benchmarks.machine_load import LoadMeter
 from benchmarks.perf_analyzer import (
@@ -374,7 +381,10 @@ def load_baselines(
             providers = ()
             notes.append("The bare loop was skipped: this onnxruntime has no CUDA provider.")
     if providers:
-        baselines["bare_onnxruntime"] = BareOnnxLoop(export_dir, config, providers)
+        try:
+            baselines["bare_onnxruntime"] = BareOnnxLoop(export_dir, config, providers)
+        except ProviderUnavailable as error:
+            notes.append(f"The bare loop was skipped: {error} (see its warning above).")
     try:
         device = "cuda" if gpu else "cpu"
         folder = preset_root / PIPELINE_FOLDER[config.pipeline]

@@ -13,14 +13,16 @@ from pathlib import Path
 
 import torch
 import triton_python_backend_utils as pb_utils
-from torch.utils.dlpack import from_dlpack, to_dlpack
+from torch.utils.dlpack import from_dlpack
 
 from model_repository.backend.triton_io import as_numpy, config_parameters, internal_error
 from model_repository.sampler import Sampler, SamplerInputs, instance_device
 
 
 def _to_triton(name: str, tensor: torch.Tensor) -> object:
-    return pb_utils.Tensor.from_dlpack(name, to_dlpack(tensor.contiguous()))
+    # Handed over as the tensor itself (`__dlpack__`), not a capsule: for GPU memory the
+    # Python backend then waits for the torch stream that wrote it before reading it.
+    return pb_utils.Tensor.from_dlpack(name, tensor.contiguous())
 
 
 def _to_torch(tensor: object) -> torch.Tensor:
@@ -51,9 +53,6 @@ class TritonPythonModel:
     def _unet(
         self, sample: torch.Tensor, timestep: torch.Tensor, embeds: torch.Tensor
     ) -> torch.Tensor:
-        if self.device.type == "cuda":
-            # Triton reads the inputs on its own stream: the torch work that wrote them ends first.
-            torch.cuda.current_stream(self.device).synchronize()
         request = pb_utils.InferenceRequest(
             model_name=self.unet_model,
             requested_output_names=["noise_pred"],
@@ -96,8 +95,6 @@ class TritonPythonModel:
             except pb_utils.TritonModelException as error:
                 responses.append(internal_error(str(error)))
                 continue
-            if latent.is_cuda:
-                torch.cuda.current_stream(self.device).synchronize()
             responses.append(
                 pb_utils.InferenceResponse(output_tensors=[_to_triton("latent", latent)])
             )
