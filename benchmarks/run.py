@@ -458,6 +458,28 @@ def _summary(rounds: list[tuple[CsvLevel, ProfiledLevel]]) -> dict[str, float]:
     return {"p50_ms": level.p50_ms, "throughput_per_s": level.throughput_per_s}
 
 
+def paired_changes(
+    measured: dict[tuple[str, int], list[tuple[CsvLevel, ProfiledLevel]]],
+) -> dict[str, dict[str, Any]]:
+    """After against before, round by round: the c=1 median latency and c=2 throughput."""
+    latency = report.paired_ratio(
+        [profiled.latencies_ms for _, profiled in measured[("after", 1)]],
+        [profiled.latencies_ms for _, profiled in measured[("before", 1)]],
+    )
+    throughput = report.geometric_mean_ratio(
+        [
+            after.throughput_per_s / before.throughput_per_s
+            for (_, after), (_, before) in zip(
+                measured[("after", 2)], measured[("before", 2)], strict=True
+            )
+        ]
+    )
+    return {
+        "median_ms_c1": {key: latency[key] for key in ("value", "per_round")},
+        "throughput_c2": throughput,
+    }
+
+
 def _ablation_round(
     config: BenchConfig,
     perf: PerfAnalyzer,
@@ -533,12 +555,10 @@ def measure_ablation(
             for concurrency in levels:
                 summary = _summary(measured[(side, concurrency)])
                 entry[f"{side}_c{concurrency}"] = summary
+        entry["paired"] = paired_changes(measured)
         results.append(entry)
-        log(
-            f"  p50 c=1 {entry['before_c1']['p50_ms']:,.0f} -> {entry['after_c1']['p50_ms']:,.0f}"
-            f" ms; edits/s c=2 {entry['before_c2']['throughput_per_s']:.3f} -> "
-            f"{entry['after_c2']['throughput_per_s']:.3f}"
-        )
+        row = report.optimisation_row(entry)
+        log(f"  median c=1 {row[2]}; edits/s c=2 {row[3]}")
     return results
 
 

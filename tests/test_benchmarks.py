@@ -19,6 +19,7 @@ from benchmarks import report
 from benchmarks.config import BenchConfig
 from benchmarks.perf_analyzer import (
     LevelResult,
+    ProfiledLevel,
     decode_bytes_element,
     library_folder,
     parse_csv,
@@ -27,7 +28,7 @@ from benchmarks.perf_analyzer import (
     write_input_data,
 )
 from benchmarks.photo import photo, photo_png
-from benchmarks.run import write_results
+from benchmarks.run import paired_changes, write_results
 from benchmarks.server_stats import (
     ModelCounters,
     combine,
@@ -289,7 +290,21 @@ def _results() -> dict:
                 "after_c1": {"p50_ms": 5000.0, "throughput_per_s": 0.2},
                 "before_c2": {"p50_ms": 12000.0, "throughput_per_s": 0.17},
                 "after_c2": {"p50_ms": 9500.0, "throughput_per_s": 0.21},
-            }
+                "paired": {
+                    "median_ms_c1": {"value": 0.84, "per_round": [0.8, 0.882]},
+                    "throughput_c2": {"value": 1.2, "per_round": [1.25, 1.152]},
+                },
+            },
+            {
+                # written before the ablation paired its rounds: no "paired"
+                "name": "rate limiter",
+                "change": "one session at a time",
+                "kept": True,
+                "before_c1": {"p50_ms": 5000.0, "throughput_per_s": 0.2},
+                "after_c1": {"p50_ms": 5100.0, "throughput_per_s": 0.19},
+                "before_c2": {"p50_ms": 9500.0, "throughput_per_s": 0.21},
+                "after_c2": {"p50_ms": 9000.0, "throughput_per_s": 0.22},
+            },
         ],
     }
 
@@ -307,6 +322,28 @@ def test_ratios_are_paired_by_round() -> None:
     assert report.paired_ratio([[1.0], []], [[2.0], [9.0]])["per_round"] == [0.5]
     with pytest.raises(ValueError, match="no round"):
         report.paired_ratio([[]], [[1.0]])
+
+
+def test_ablation_changes_are_paired_by_round() -> None:
+    # Round 2 ran on a machine 10% slower; within each round "after" is 5% faster at c=1
+    # and has 10% more throughput at c=2. Pooled percentiles would mix the two speeds.
+    def level(concurrency: int, latencies_ms: list[float], span_s: float) -> tuple:
+        starts = [0] * len(latencies_ms)
+        ends = [int(ms * 1e6) for ms in latencies_ms]
+        ends[-1] = int(span_s * 1e9)  # the level's span: first send to last response
+        profiled = ProfiledLevel(concurrency, tuple(starts), tuple(ends))
+        return (None, profiled)
+
+    measured = {
+        ("before", 1): [level(1, [1000.0, 1000.0, 1000.0], 1.0), level(1, [1100.0] * 3, 1.1)],
+        ("after", 1): [level(1, [950.0, 950.0, 950.0], 0.95), level(1, [1045.0] * 3, 1.045)],
+        ("before", 2): [level(2, [1.0, 1.0], 2.0), level(2, [1.0, 1.0], 2.2)],
+        ("after", 2): [level(2, [1.0, 1.0], 2.0 / 1.1), level(2, [1.0, 1.0], 2.0)],
+    }
+    paired = paired_changes(measured)
+    assert paired["median_ms_c1"]["per_round"] == pytest.approx([0.95, 0.95])
+    assert paired["median_ms_c1"]["value"] == pytest.approx(0.95)
+    assert paired["throughput_c2"]["per_round"] == pytest.approx([1.1, 1.1], abs=1e-4)
 
 
 def test_targets_are_met_or_fall_short_with_their_numbers() -> None:
@@ -359,10 +396,16 @@ def test_results_are_written_as_json_markdown_and_plot(tmp_path: Path) -> None:
     assert "Triton end to end <= 0.67 x diffusers eager: 0.625, geometric mean of 2" in text
     assert "| UNet x N | `unet_pix2pix` | 3.00 | 3.00 |" in text
     assert "## What each optimisation bought" in text
-    assert "| fusions | MHA | 6,000 -> 5,000 (-16.7%, better) |" in text
-    assert "0.170 -> 0.210 (+23.5%, better) | yes |" in text
+    assert (
+        "| fusions | MHA | -16.0% (-20.0, -11.8), better | +20.0% (+25.0, +15.2), better "
+        "| 6,000 -> 5,000 (-16.7%, better) | 0.170 -> 0.210 (+23.5%, better) | yes |"
+    ) in text
+    assert (
+        "| rate limiter | one session at a time | - | - | 5,000 -> 5,100 (+2.0%, worse) |" in text
+    )
 
     summary = report.console_summary(results)
+    assert "fusions: median c=1 -16.0% (-20.0, -11.8), better; edits/s c=2 +20.0%" in summary
     assert "throughput at concurrency 2 >= at concurrency 1" in summary
     assert "UNet x N" in summary
 
