@@ -282,31 +282,45 @@ def _results() -> dict:
         "stages_note": "note on stages",
         "notes": [],
         "optimisations": [
-            {
-                "name": "fusions",
-                "change": "MHA",
-                "kept": True,
-                "before_c1": {"p50_ms": 6000.0, "throughput_per_s": 0.16},
-                "after_c1": {"p50_ms": 5000.0, "throughput_per_s": 0.2},
-                "before_c2": {"p50_ms": 12000.0, "throughput_per_s": 0.17},
-                "after_c2": {"p50_ms": 9500.0, "throughput_per_s": 0.21},
-                "paired": {
+            _optimisation(
+                "fusions",
+                "MHA",
+                c1=((6000.0, 0.16), (5000.0, 0.2)),
+                c2=((12000.0, 0.17), (9500.0, 0.21)),
+                paired={
                     "median_ms_c1": {"value": 0.84, "per_round": [0.8, 0.882]},
                     "throughput_c2": {"value": 1.2, "per_round": [1.25, 1.152]},
                 },
-            },
-            {
-                # written before the ablation paired its rounds: no "paired"
-                "name": "rate limiter",
-                "change": "one session at a time",
-                "kept": True,
-                "before_c1": {"p50_ms": 5000.0, "throughput_per_s": 0.2},
-                "after_c1": {"p50_ms": 5100.0, "throughput_per_s": 0.19},
-                "before_c2": {"p50_ms": 9500.0, "throughput_per_s": 0.21},
-                "after_c2": {"p50_ms": 9000.0, "throughput_per_s": 0.22},
-            },
+            ),
+            # written before the ablation paired its rounds: no "paired"
+            _optimisation(
+                "rate limiter",
+                "one session at a time",
+                c1=((5000.0, 0.2), (5100.0, 0.19)),
+                c2=((9500.0, 0.21), (9000.0, 0.22)),
+            ),
         ],
     }
+
+
+Level = tuple[float, float]  # (p50 ms, edits/s)
+
+
+def _optimisation(
+    name: str,
+    change: str,
+    c1: tuple[Level, Level],
+    c2: tuple[Level, Level],
+    paired: dict | None = None,
+) -> dict:
+    """One ablation entry; c1 and c2 hold (before, after) at that concurrency."""
+    entry: dict = {"name": name, "change": change, "kept": True}
+    for level, pair in (("c1", c1), ("c2", c2)):
+        for side, (p50_ms, throughput) in zip(("before", "after"), pair, strict=True):
+            entry[f"{side}_{level}"] = {"p50_ms": p50_ms, "throughput_per_s": throughput}
+    if paired is not None:
+        entry["paired"] = paired
+    return entry
 
 
 def test_ratios_are_paired_by_round() -> None:
