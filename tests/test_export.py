@@ -284,3 +284,30 @@ def test_fp16_export_keeps_fp32_io_and_validates(tiny_preset: Path, tmp_path: Pa
     assert weights == {onnx.TensorProto.FLOAT16}
     # The served contract does not change with precision.
     assert {i.type.tensor_type.elem_type for i in model.graph.input} == {onnx.TensorProto.FLOAT}
+
+
+def test_optimized_export_splits_every_geglu_and_validates(
+    tiny_preset: Path, tmp_path: Path
+) -> None:
+    """`--optimize`: onnxruntime's fusions plus ours, checked against PyTorch like any export."""
+    import onnx
+    from diffusers import UNet2DConditionModel
+    from diffusers.models.activations import GEGLU
+
+    from export.onnx_export import export_checkpoint
+
+    manifest, rows = export_checkpoint([tiny_preset / PIX2PIX_FOLDER], tmp_path, optimize=True)
+    assert manifest["optimized"] and manifest["validation"]["passed"], rows
+    unet = UNet2DConditionModel.from_pretrained(tiny_preset / PIX2PIX_FOLDER / "unet")
+    geglus = sum(isinstance(module, GEGLU) for module in unet.modules())
+    assert geglus > 0
+    fused = manifest["components"]["unet_pix2pix"]["fused_ops"]
+    assert fused["BiasGelu"] == geglus
+    assert fused["MultiHeadAttention"] > 0
+    # Slower than LayerNormalization + Add on CPU, so left unfused in the UNet.
+    assert "SkipLayerNormalization" not in fused
+    graph = onnx.load(str(tmp_path / "unet_pix2pix" / "model.onnx")).graph
+    ops = [node.op_type for node in graph.node]
+    assert "Gelu" not in ops and "Attention" not in ops
+    # The text encoder keeps its own fusions.
+    assert manifest["components"]["text_encoder"]["fused_ops"]
