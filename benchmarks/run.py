@@ -422,7 +422,8 @@ def ablation_steps(config: BenchConfig) -> list[AblationStep]:
         AblationStep(
             "onnxruntime fusions",
             "export --optimize: onnxruntime's SD fusions; self-attention as "
-            "MultiHeadAttention, which runs flash attention on CPU",
+            "MultiHeadAttention, which runs flash attention on CPU; GEGLU split into value "
+            "and gate projections (BiasGelu); SkipLayerNormalization left unfused in the UNet",
             plain,
             fused,
             kept=True,

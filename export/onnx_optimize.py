@@ -14,8 +14,8 @@ Two steps are ours:
   rewritten into MatMul + Split + `MultiHeadAttention`, which runs flash attention on CPU;
 - each GEGLU feed-forward (one projection to twice the width, chunked into value and gate,
   value * gelu(gate)) is split into a value and a gate projection, and the gate's bias add
-  and Gelu become one `BiasGelu`. The two chunk copies are gone (with the previous step,
-  the small preset's UNet step went from 296 to 277 ms).
+  and Gelu become one `BiasGelu`. The two chunk copies are gone. This split and the
+  unfused SkipLayerNormalization together took that UNet step from 296 to 277 ms.
 
 The output uses com.microsoft ops: TensorRT cannot parse it, so engines are built from
 an export without this step. The export validates the optimized graph against PyTorch
@@ -143,7 +143,7 @@ def _geglu(
     model: Any, gelu: Any, output_name_to_node: dict[str, Any], input_name_to_nodes: dict[str, Any]
 ) -> tuple[Any, Any, Any, Any] | None:
     """(MatMul, bias Add, value Slice, gate Slice) when `gelu` ends a GEGLU, else None."""
-    if gelu.op_type != "Gelu" or len(input_name_to_nodes.get(gelu.output[0], [])) != 1:
+    if gelu.op_type != "Gelu":
         return None
     if _attribute(gelu, "approximate") not in (None, b"none", "none"):
         return None  # BiasGelu is the exact (erf) Gelu
