@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -311,3 +312,61 @@ def test_optimized_export_splits_every_geglu_and_validates(
     assert "Gelu" not in ops and "Attention" not in ops
     # The text encoder keeps its own fusions.
     assert manifest["components"]["text_encoder"]["fused_ops"]
+
+
+def _geglu_graph(approximate: str) -> Any:
+    """x @ W + b, chunked in two on the last axis, value * gelu(gate): diffusers' GEGLU."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    width = 6
+    constants = {
+        "W": rng.standard_normal((4, 2 * width)).astype(np.float32),
+        "b": rng.standard_normal(2 * width).astype(np.float32),
+        "zero": np.array([0], np.int64),
+        "half": np.array([width], np.int64),
+        "whole": np.array([2 * width], np.int64),
+        "last": np.array([-1], np.int64),
+    }
+    nodes = [
+        helper.make_node("MatMul", ["x", "W"], ["xW"], "proj"),
+        helper.make_node("Add", ["b", "xW"], ["h"], "bias"),
+        helper.make_node("Slice", ["h", "zero", "half", "last"], ["value"], "value"),
+        helper.make_node("Slice", ["h", "half", "whole", "last"], ["gate"], "gate"),
+        helper.make_node("Gelu", ["gate"], ["gelu"], "gelu", approximate=approximate),
+        helper.make_node("Mul", ["value", "gelu"], ["y"], "mul"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "geglu",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3, width])],
+        [numpy_helper.from_array(value, name) for name, value in constants.items()],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+
+
+@pytest.mark.parametrize(("approximate", "rewritten"), [("none", 1), ("tanh", 0)])
+def test_geglu_split_computes_the_same(approximate: str, rewritten: int) -> None:
+    from onnx import helper
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    from export.onnx_optimize import MS_DOMAIN, split_geglu
+
+    original = _geglu_graph(approximate)
+    model = OnnxModel(_geglu_graph(approximate))
+    assert split_geglu(model) == rewritten
+    ops = sorted(node.op_type for node in model.nodes())
+    if rewritten:
+        model.model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+        assert ops == ["Add", "BiasGelu", "MatMul", "MatMul", "Mul"]
+    else:  # BiasGelu is the exact Gelu: the tanh approximation stays as it is
+        assert ops == ["Add", "Gelu", "MatMul", "Mul", "Slice", "Slice"]
+    x = np.random.default_rng(1).standard_normal((2, 3, 4)).astype(np.float32)
+    want, got = (
+        ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+            None, {"x": x}
+        )[0]
+        for m in (original, model.model)
+    )
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
