@@ -6,7 +6,7 @@ Several of those ops only have CUDA kernels (GroupNorm, SkipGroupNorm, BiasSplit
 BiasAdd, NhwcConv, packed QKV/KV), so they stay off here and the fused graph runs on CPU
 and GPU alike. In the UNet, SkipLayerNormalization stays off too: onnxruntime's CPU kernel
 is slower at a UNet's shapes than the LayerNormalization and Add it replaces (one batch-3
-step of the small preset at 32x32 latents: 296 ms with it, 288 ms without).
+step of the small preset at 32x32 latents: 296 ms with it, 286-290 ms without).
 
 Two steps are ours:
 - the fusions turn self-attention into `Attention`, whose CPU kernel materialises the
