@@ -202,37 +202,24 @@ def split_geglu(model: Any) -> int:
         bias = model.get_constant_input(bias_add)[1]
         half = weights.shape[1] // 2
         name = matmul.name or model.create_node_name("MatMul")
-        parts = {
-            "value": (weights[:, :half], bias[:half]),
-            "gate": (weights[:, half:], bias[half:]),
-        }
-        for part, (part_weight, part_bias) in parts.items():
+        parts = (  # part, its columns, the op that adds its bias, the output it replaces
+            ("value", slice(None, half), "Add", value_slice.output[0], ""),
+            ("gate", slice(half, None), "BiasGelu", gelu.output[0], MS_DOMAIN),
+        )
+        nodes = []
+        for part, columns, bias_op, output, domain in parts:
+            product = f"{name}_{part}"
+            weight_name, bias_name = f"{product}_weight", f"{product}_bias"
             model.add_initializer(
-                numpy_helper.from_array(np.ascontiguousarray(part_weight), f"{name}_{part}_weight")
+                numpy_helper.from_array(np.ascontiguousarray(weights[:, columns]), weight_name)
             )
-            model.add_initializer(numpy_helper.from_array(part_bias, f"{name}_{part}_bias"))
-        x = matmul.input[0]
-        nodes = [
-            helper.make_node(
-                "MatMul", [x, f"{name}_value_weight"], [f"{name}_value"], f"{name}_value"
-            ),
-            helper.make_node(
-                "Add",
-                [f"{name}_value", f"{name}_value_bias"],
-                [value_slice.output[0]],
-                f"{name}_value_bias",
-            ),
-            helper.make_node(
-                "MatMul", [x, f"{name}_gate_weight"], [f"{name}_gate"], f"{name}_gate"
-            ),
-            helper.make_node(
-                "BiasGelu",
-                [f"{name}_gate", f"{name}_gate_bias"],
-                [gelu.output[0]],
-                f"{name}_BiasGelu",
-                domain=MS_DOMAIN,
-            ),
-        ]
+            model.add_initializer(numpy_helper.from_array(bias[columns], bias_name))
+            nodes += [
+                helper.make_node("MatMul", [matmul.input[0], weight_name], [product], product),
+                helper.make_node(
+                    bias_op, [product, bias_name], [output], f"{product}_{bias_op}", domain=domain
+                ),
+            ]
         model.remove_nodes([matmul, bias_add, gate_slice, value_slice, gelu])
         model.add_nodes(nodes)
         rewritten += 1
