@@ -60,7 +60,8 @@ from benchmarks.perf_analyzer import (
 from benchmarks.photo import photo_png
 from benchmarks.server_stats import ModelCounters, combine, settled_snapshot, stage_rows, window
 from export.presets import IMG2IMG_FOLDER, PIX2PIX_FOLDER, PRESETS
-from model_repository.builder import FLAVOURS, RepositoryOptions, build_repository
+from model_repository.builder import build_repository
+from model_repository.configs import FLAVOURS, RepositoryOptions
 from pix2pix_client.contract import IMG2IMG, INSTRUCT_PIX2PIX, PARAMETERS_BY_NAME, SCHEDULERS
 
 DEFAULT_BUILD_DIR = Path("build")

@@ -27,7 +27,7 @@ from PIL import Image, ImageDraw, ImageFont
 from export.checkpoint import UnsupportedCheckpointError
 from export.onnx_export import load_manifest
 from export.presets import PRESETS
-from model_repository.builder import RepositoryOptions
+from model_repository.configs import RepositoryOptions
 from model_repository.serve import (
     DEFAULT_BUILD_DIR,
     ensure_export,

@@ -70,6 +70,14 @@ class OnnxComponent:
             providers=self.providers,
         )
 
+    def close(self) -> None:
+        """Releases the sessions and the side-by-side thread pool."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        self._single_thread_sessions.clear()
+        self.session = None
+
     def run(self, inputs: dict[str, np.ndarray], session: Any = None) -> dict[str, np.ndarray]:
         feed = {}
         for name in self.input_names:

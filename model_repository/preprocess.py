@@ -1,8 +1,9 @@
 """Request preprocessing: validated parameters, the decoded input image, prompt token ids.
 
-Plain Python, called by the `preprocess_*` Triton models and directly by tests and the
-bare onnxruntime baseline. Every failure is an `InvalidArgumentError` naming the input
-and its allowed values, which the Triton model turns into INVALID_ARG.
+Plain Python, called by the edit pipeline (model_repository/pipeline.py) that the served
+edit models and the bare onnxruntime baseline run. Every failure is an
+`InvalidArgumentError` naming the input and its allowed values, which the Triton model
+turns into INVALID_ARG.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from pix2pix_client.contract import (
     MAX_PROMPT_TOKENS,
     MAX_SEED,
+    PARAMETERS_BY_NAME,
     InvalidArgumentError,
     validate_request,
 )
@@ -28,15 +30,24 @@ ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP")
 DEFAULT_MAX_SIDE = 512
 # Decoded-pixel guard against decompression bombs, checked before decoding.
 DEFAULT_MAX_PIXELS = 4096 * 4096
-SIDE_MULTIPLE = 8
-IMAGE_ALLOWED = "encoded PNG, JPEG or WebP bytes"
+# The VAE's downsampling factor of Stable Diffusion 1.x: sides are floored to a multiple.
+DEFAULT_SIDE_MULTIPLE = 8
+IMAGE_ALLOWED = PARAMETERS_BY_NAME["image"].allowed()
 
 
 @dataclass(frozen=True)
 class ImageLimits:
     max_side: int = DEFAULT_MAX_SIDE
     max_pixels: int = DEFAULT_MAX_PIXELS
-    min_side: int = SIDE_MULTIPLE
+    min_side: int = DEFAULT_SIDE_MULTIPLE
+    side_multiple: int = DEFAULT_SIDE_MULTIPLE
+
+    def too_many_pixels(self, shown: str) -> InvalidArgumentError:
+        side = int(self.max_pixels**0.5)
+        return InvalidArgumentError(
+            "image",
+            f"image is {shown}: allowed at most {self.max_pixels} pixels ({side}x{side})",
+        )
 
 
 @dataclass(frozen=True)
@@ -61,7 +72,9 @@ def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> Image.Imag
     """Decodes, orients by EXIF, converts to RGB and resizes an uploaded image.
 
     The longer side is scaled down to `limits.max_side` (never up), keeping the aspect
-    ratio; both sides are then floored to a multiple of 8, as the VAE needs.
+    ratio; both sides are then floored to a multiple of `limits.side_multiple`, as the
+    VAE needs. Any byte string either decodes or raises InvalidArgumentError naming the
+    image: Pillow raises many exception types for broken files, and none may escape.
     """
     if not data:
         raise _image_error("is empty (0 bytes)")
@@ -74,22 +87,35 @@ def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> Image.Imag
             raise _image_error(
                 f"could not be decoded ({len(data)} bytes, unknown format)"
             ) from None
-        except Image.DecompressionBombError as error:
-            raise _image_error(f"is too large to decode ({error})") from None
+        except Image.DecompressionBombError:
+            raise limits.too_many_pixels("too large to decode") from None
+        except Exception as error:
+            raise _undecodable(None, error) from None
         width, height = image.size
         if width * height > limits.max_pixels:
-            side = int(limits.max_pixels**0.5)
-            raise InvalidArgumentError(
-                "image",
-                f"image is {width}x{height} pixels: allowed at most {limits.max_pixels} "
-                f"pixels ({side}x{side})",
-            )
+            raise limits.too_many_pixels(f"{width}x{height} pixels")
         try:
             image.load()
-            image = ImageOps.exif_transpose(image)
-        except (OSError, SyntaxError, ValueError) as error:
-            raise _image_error(f"could not be decoded ({image.format}: {error})") from None
-    return resize_for_vae(to_rgb(image), limits)
+            image = to_rgb(ImageOps.exif_transpose(image))
+        except Image.DecompressionBombError:
+            raise limits.too_many_pixels(f"{width}x{height} pixels") from None
+        except Exception as error:
+            raise _undecodable(image.format, error) from None
+    return resize_for_vae(image, limits)
+
+
+def _undecodable(image_format: str | None, error: Exception) -> InvalidArgumentError:
+    """The image error for whatever Pillow raised, in the project's words."""
+    if isinstance(error, ValueError) and "too large" in str(error):
+        # A PNG text or ICC chunk that inflates past Pillow's limits (a zip bomb).
+        return _image_error("has a metadata chunk that inflates too far to decode")
+    # Pillow's messages are short and name what is broken ("image file is truncated");
+    # one line at most, and none that shows an object or a path.
+    lines = str(error).strip().splitlines()
+    reason = lines[0][:120] if lines and not any(c in lines[0] for c in "<>/\\") else ""
+    detail = f"{type(error).__name__}: {reason}" if reason else type(error).__name__
+    shown = f"{image_format}: {detail}" if image_format else detail
+    return _image_error(f"could not be decoded ({shown})")
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -110,9 +136,10 @@ def to_rgb(image: Image.Image) -> Image.Image:
 def resize_for_vae(image: Image.Image, limits: ImageLimits) -> Image.Image:
     width, height = image.size
     scale = min(1.0, limits.max_side / max(width, height))
+    multiple = limits.side_multiple
     target = (
-        round(width * scale) // SIDE_MULTIPLE * SIDE_MULTIPLE,
-        round(height * scale) // SIDE_MULTIPLE * SIDE_MULTIPLE,
+        round(width * scale) // multiple * multiple,
+        round(height * scale) // multiple * multiple,
     )
     if min(target) < limits.min_side:
         raise InvalidArgumentError(

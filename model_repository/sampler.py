@@ -17,12 +17,15 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from pix2pix_client.contract import IMG2IMG, INSTRUCT_PIX2PIX, SCHEDULERS
+
+if TYPE_CHECKING:
+    from model_repository.preprocess import EditRequest
 
 # (sample, timestep per batch row, encoder_hidden_states) -> noise prediction: float32
 # tensors on the sampler's device, contiguous; the prediction comes back on any device.
@@ -78,7 +81,7 @@ def first_step(num_inference_steps: int, temperature: float) -> int:
 
 @dataclass(frozen=True)
 class SamplerInputs:
-    """What the ensemble hands the sampler for one request."""
+    """What the sampler needs of one request: the encoded prompts and image, the settings."""
 
     prompt_embeds: Array  # [2, 77, hidden]: prompt, negative prompt
     latent_mean: Array  # [1, 4, h, w] unscaled VAE latent mean of the input image
@@ -89,6 +92,28 @@ class SamplerInputs:
     temperature: float
     seed: int
     scheduler: str | None
+
+    @classmethod
+    def for_request(
+        cls, request: EditRequest, prompt_embeds: Array, latent_mean: Array, latent_std: Array
+    ) -> SamplerInputs:
+        """The encoded tensors with a validated request's settings."""
+        return cls(
+            prompt_embeds=prompt_embeds,
+            latent_mean=latent_mean,
+            latent_std=latent_std,
+            num_inference_steps=request.num_inference_steps,
+            guidance_scale=request.guidance_scale,
+            image_guidance_scale=request.image_guidance_scale,
+            temperature=request.temperature,
+            seed=request.seed,
+            scheduler=request.scheduler,
+        )
+
+
+# Called after every denoising step with (step index, steps run, latents after the step);
+# raising from it stops the loop (a cancelled edit).
+StepCallback = Callable[[int, int, torch.Tensor], None]
 
 
 @dataclass
@@ -119,12 +144,17 @@ class Sampler:
         self.unet = unet
         self.device = torch.device(device)
 
-    def __call__(self, inputs: SamplerInputs, trace: SamplerTrace | None = None) -> torch.Tensor:
+    def __call__(
+        self,
+        inputs: SamplerInputs,
+        trace: SamplerTrace | None = None,
+        on_step: StepCallback | None = None,
+    ) -> torch.Tensor:
         """The final latents, unscaled for the VAE decoder: float32 on the sampler's device."""
         if self.pipeline == INSTRUCT_PIX2PIX:
-            latents = self._instruct_pix2pix(inputs, trace)
+            latents = self._instruct_pix2pix(inputs, trace, on_step)
         else:
-            latents = self._img2img(inputs, trace)
+            latents = self._img2img(inputs, trace, on_step)
         return (latents / self.vae_scaling_factor).contiguous()
 
     def _tensor(self, array: Array) -> torch.Tensor:
@@ -148,7 +178,9 @@ class Sampler:
         sample = model_input.to(torch.float32).contiguous()
         return self.unet(sample, timestep, prompt_embeds).to(self.device)
 
-    def _instruct_pix2pix(self, inputs: SamplerInputs, trace: SamplerTrace | None) -> torch.Tensor:
+    def _instruct_pix2pix(
+        self, inputs: SamplerInputs, trace: SamplerTrace | None, on_step: StepCallback | None
+    ) -> torch.Tensor:
         generator = torch.Generator("cpu").manual_seed(inputs.seed)
         scheduler = self._scheduler(inputs)
         timesteps = scheduler.timesteps
@@ -184,7 +216,7 @@ class Sampler:
             trace.initial_latents = latents.cpu().numpy().copy()
 
         step_kwargs = _step_kwargs(scheduler, generator)
-        for t in timesteps:
+        for index, t in enumerate(timesteps):
             model_input = torch.cat([latents] * 3) if guided else latents
             model_input = scheduler.scale_model_input(model_input, t)
             model_input = torch.cat([model_input, image_latents], dim=1)
@@ -197,9 +229,13 @@ class Sampler:
                     + inputs.image_guidance_scale * (image_pred - uncond_pred)
                 )
             latents = scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
+            if on_step is not None:
+                on_step(index, len(timesteps), latents)
         return latents
 
-    def _img2img(self, inputs: SamplerInputs, trace: SamplerTrace | None) -> torch.Tensor:
+    def _img2img(
+        self, inputs: SamplerInputs, trace: SamplerTrace | None, on_step: StepCallback | None
+    ) -> torch.Tensor:
         generator = torch.Generator("cpu").manual_seed(inputs.seed)
         scheduler = self._scheduler(inputs)
         guided = inputs.guidance_scale > 1.0
@@ -226,7 +262,7 @@ class Sampler:
             trace.initial_latents = latents.cpu().numpy().copy()
 
         step_kwargs = _step_kwargs(scheduler, generator)
-        for t in timesteps:
+        for index, t in enumerate(timesteps):
             model_input = torch.cat([latents] * 2) if guided else latents
             model_input = scheduler.scale_model_input(model_input, t)
             noise_pred = self._predict(model_input, t, prompt_embeds)
@@ -234,4 +270,6 @@ class Sampler:
                 uncond_pred, text_pred = noise_pred.chunk(2)
                 noise_pred = uncond_pred + inputs.guidance_scale * (text_pred - uncond_pred)
             latents = scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
+            if on_step is not None:
+                on_step(index, len(timesteps), latents)
         return latents

@@ -22,7 +22,8 @@ from pathlib import Path
 from export.checkpoint import UnsupportedCheckpointError
 from export.onnx_export import MANIFEST
 from export.presets import PRESETS
-from model_repository.builder import FLAVOURS, RepositoryOptions, build_repository
+from model_repository.builder import build_repository
+from model_repository.configs import FLAVOURS, RepositoryOptions
 from model_repository.server import TritonServer
 
 DEFAULT_BUILD_DIR = Path("build")

@@ -1,8 +1,16 @@
-"""Runs a real tritonserver without Docker, from the binary in the `nvidia-pytriton` wheel.
+"""A real tritonserver, started with this project's flags and kept healthy by a supervisor.
 
-That wheel ships tritonserver with the Python backend only, which is all the
-`python-onnxruntime` flavour needs. The Python backend stub runs in this interpreter's
-environment, so models import torch, diffusers, onnxruntime and this project.
+`server_flags` is the one list of tritonserver flags: the process started here, the
+container command and the Kubernetes manifests all take it from there. Secure by
+default: every endpoint binds to 127.0.0.1 unless a host is given, and every API but
+inference, health, metadata and metrics needs the admin key (Triton's restricted
+protocols). Models load under explicit model control, so the supervisor can replace a
+model whose process died without restarting the server.
+
+Without Docker the binary comes from the `nvidia-pytriton` wheel, which ships tritonserver
+with the Python backend only: all the `python-onnxruntime` flavour needs. The Python
+backend stub runs in this interpreter's environment, so models import torch, diffusers,
+onnxruntime and this project.
 """
 
 from __future__ import annotations
@@ -10,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -18,9 +27,106 @@ import sys
 import sysconfig
 import tempfile
 import time
-from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+
+from model_repository.runtime import RUNTIME_DIR_VARIABLE
+from pix2pix_client.contract import ADMIN_GRPC_HEADER, ADMIN_HEADER, ADMIN_KEY_VARIABLE
+
+ADMIN_KEY_FILE_VARIABLE = "IMAGE_EDIT_ADMIN_KEY_FILE"
+# Everything but inference, health, metadata (and metrics, a port of its own).
+RESTRICTED_APIS = (
+    "shared-memory",
+    "model-config",
+    "model-repository",
+    "statistics",
+    "trace",
+    "logging",
+)
+LOOPBACK = "127.0.0.1"
+# Seconds tritonserver may take to exit once every model process is gone.
+UNLOADED_EXIT_S = 3.0
+
+
+def admin_key_from_environment() -> str | None:
+    """The admin key the operator set: $IMAGE_EDIT_ADMIN_KEY, or the file named by
+    $IMAGE_EDIT_ADMIN_KEY_FILE (a mounted secret). None when neither is set."""
+    if os.environ.get(ADMIN_KEY_VARIABLE):
+        return os.environ[ADMIN_KEY_VARIABLE]
+    path = os.environ.get(ADMIN_KEY_FILE_VARIABLE)
+    if path:
+        key = Path(path).read_text().strip()
+        if not key:
+            raise ValueError(f"{ADMIN_KEY_FILE_VARIABLE}={path}: the file is empty")
+        return key
+    return None
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """PEM files of gRPC's TLS: the server's certificate and key; with a root
+    certificate, clients must present a certificate it signed (mutual TLS)."""
+
+    certificate: Path
+    private_key: Path
+    root_certificate: Path | None = None
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """How a tritonserver listens and what it lets through."""
+
+    host: str = LOOPBACK
+    grpc_port: int = 8001
+    http_port: int = 8000
+    metrics_port: int = 8002
+    # Never a default value: None makes a random key for this process only.
+    admin_key: str | None = None
+    tls: TlsFiles | None = None
+    exit_timeout_s: int = 30
+    log_verbose: int = 0
+    extra_flags: tuple[str, ...] = field(default=())
+
+    @property
+    def connect_host(self) -> str:
+        """Where local clients reach the server (a wildcard bind answers on loopback)."""
+        return LOOPBACK if self.host in ("0.0.0.0", "::", "") else self.host
+
+
+def server_flags(repository: str, settings: ServerSettings, admin_key: str) -> list[str]:
+    """Every tritonserver flag of this project, but --backend-directory."""
+    restricted = f"{','.join(RESTRICTED_APIS)}:{ADMIN_HEADER}={admin_key}"
+    flags = [
+        f"--model-repository={repository}",
+        f"--grpc-address={settings.host}",
+        f"--http-address={settings.host}",
+        f"--metrics-address={settings.host}",
+        f"--grpc-port={settings.grpc_port}",
+        f"--http-port={settings.http_port}",
+        f"--metrics-port={settings.metrics_port}",
+        f"--grpc-restricted-protocol={restricted}",
+        f"--http-restricted-api={restricted}",
+        "--allow-metrics=true",
+        "--allow-gpu-metrics=false",
+        "--strict-readiness=true",
+        "--model-control-mode=explicit",
+        "--load-model=*",
+        f"--exit-timeout-secs={settings.exit_timeout_s}",
+        f"--log-verbose={settings.log_verbose}",
+    ]
+    if settings.tls is not None:
+        flags += [
+            "--grpc-use-ssl=true",
+            f"--grpc-server-cert={settings.tls.certificate}",
+            f"--grpc-server-key={settings.tls.private_key}",
+        ]
+        if settings.tls.root_certificate is not None:
+            flags += [
+                "--grpc-use-ssl-mutual=true",
+                f"--grpc-root-cert={settings.tls.root_certificate}",
+            ]
+    return [*flags, *settings.extra_flags]
 
 
 def _pytriton_dir() -> Path:
@@ -65,100 +171,161 @@ def server_environment() -> dict[str, str]:
 
 def free_port() -> int:
     with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((LOOPBACK, 0))
         return int(sock.getsockname()[1])
 
 
 class TritonServer:
-    """A tritonserver process serving one model repository on local ports.
+    """A tritonserver process serving one model repository, and its supervisor.
 
-    Use as a context manager; `wait_ready` blocks until every model is loaded.
+    Use as a context manager, or `start()`, `wait_ready()` and `stop()`. While it runs,
+    a supervisor thread replaces a model whose process dies or hangs (readiness is false
+    meanwhile) and restarts tritonserver if it exits. `stop()` drains: readiness goes
+    false, new edits are refused with UNAVAILABLE, edits in flight finish (up to
+    `grace_s`), then the server exits.
     """
 
     def __init__(
         self,
-        repository: Path,
+        repository: Path | str,
         *,
         grpc_port: int | None = None,
         http_port: int | None = None,
         metrics_port: int | None = None,
+        host: str = LOOPBACK,
+        admin_key: str | None = None,
+        tls: TlsFiles | None = None,
         log_file: Path | None = None,
         log_verbose: int = 0,
         extra_args: tuple[str, ...] = (),
+        supervise: bool = True,
+        grace_s: float = 60.0,
     ) -> None:
-        self.repository = Path(repository).resolve()
-        self.grpc_port = grpc_port or free_port()
-        self.http_port = http_port or free_port()
-        self.metrics_port = metrics_port or free_port()
+        text = str(repository)
+        self.repository = text if "://" in text else str(Path(text).resolve())
+        self.settings = ServerSettings(
+            host=host,
+            grpc_port=grpc_port or free_port(),
+            http_port=http_port or free_port(),
+            metrics_port=metrics_port or free_port(),
+            admin_key=admin_key,
+            tls=tls,
+            log_verbose=log_verbose,
+            extra_flags=tuple(extra_args),
+        )
+        # Never a default value: without one, a random key only this process knows.
+        self.admin_key = admin_key or admin_key_from_environment() or secrets.token_urlsafe(24)
         self.log_file = log_file
-        self.log_verbose = log_verbose
-        self.extra_args = extra_args
+        self.grace_s = grace_s
         self.process: subprocess.Popen[bytes] | None = None
         self._scratch: tempfile.TemporaryDirectory[str] | None = None
+        self._supervise = supervise
+        self.supervisor = None
 
     @property
     def grpc_url(self) -> str:
-        return f"127.0.0.1:{self.grpc_port}"
+        return f"{self.settings.connect_host}:{self.settings.grpc_port}"
 
     @property
     def http_url(self) -> str:
-        return f"127.0.0.1:{self.http_port}"
+        return f"{self.settings.connect_host}:{self.settings.http_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.settings.connect_host}:{self.settings.metrics_port}/metrics"
+
+    @property
+    def grpc_admin_headers(self) -> dict[str, str]:
+        """Headers that open the restricted APIs to a tritonclient gRPC call."""
+        return {ADMIN_GRPC_HEADER: self.admin_key}
+
+    @property
+    def http_admin_headers(self) -> dict[str, str]:
+        return {ADMIN_HEADER: self.admin_key}
+
+    @property
+    def runtime_dir(self) -> Path:
+        if self._scratch is None:
+            raise RuntimeError("the server has not been started")
+        return Path(self._scratch.name) / "runtime"
 
     def repository_arguments(self) -> list[str]:
         """Flags the repository asks for in its repository.json (e.g. the rate limiter)."""
-        record = self.repository / "repository.json"
+        if "://" in self.repository:
+            return []
+        record = Path(self.repository) / "repository.json"
         if not record.is_file():
             return []
         return list(json.loads(record.read_text()).get("server_args", []))
 
     def command(self, backend_directory: Path) -> list[str]:
+        flags = server_flags(self.repository, self.settings, self.admin_key)
         return [
             str(tritonserver_binary()),
-            f"--model-repository={self.repository}",
+            *flags,
             f"--backend-directory={backend_directory}",
-            f"--grpc-port={self.grpc_port}",
-            f"--http-port={self.http_port}",
-            f"--metrics-port={self.metrics_port}",
-            "--allow-metrics=true",
-            "--allow-gpu-metrics=false",
-            "--strict-readiness=true",
-            "--exit-timeout-secs=30",
-            f"--log-verbose={self.log_verbose}",
             *self.repository_arguments(),
-            *self.extra_args,
         ]
 
     def start(self) -> TritonServer:
         self._scratch = tempfile.TemporaryDirectory(prefix="tritonserver-")
-        backends = prepare_backend_directory(Path(self._scratch.name) / "backends")
+        self.runtime_dir.mkdir()
+        self._launch()
+        if self._supervise:
+            from model_repository.supervisor import Supervisor
+
+            self.supervisor = Supervisor(self)
+            self.supervisor.start()
+        return self
+
+    def _launch(self) -> None:
+        """Starts the tritonserver process (again, after it died)."""
+        assert self._scratch is not None
+        backends = Path(self._scratch.name) / "backends"
+        if not backends.exists():
+            prepare_backend_directory(backends)
         log_target = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL  # noqa: SIM115
+        environment = server_environment()
+        environment[RUNTIME_DIR_VARIABLE] = str(self.runtime_dir)
         self.process = subprocess.Popen(
             self.command(backends),
-            env=server_environment(),
+            env=environment,
             stdout=log_target,
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        return self
+        if log_target is not subprocess.DEVNULL:
+            log_target.close()
+
+    def http_client(self) -> object:
+        import tritonclient.http as httpclient
+
+        return httpclient.InferenceServerClient(self.http_url, connection_timeout=5.0)
+
+    def is_ready(self) -> bool:
+        client = self.http_client()
+        try:
+            return bool(client.is_server_ready())  # type: ignore[attr-defined]
+        except Exception:
+            return False
+        finally:
+            client.close()  # type: ignore[attr-defined]
 
     def wait_ready(self, timeout_s: float = 300.0) -> None:
         """Blocks until the server reports ready, or raises with the end of its log."""
-        import tritonclient.http as httpclient
-
-        client = httpclient.InferenceServerClient(self.http_url)
         deadline = time.monotonic() + timeout_s
-        try:
-            while time.monotonic() < deadline:
-                if self.process is not None and self.process.poll() is not None:
-                    raise RuntimeError(
-                        f"tritonserver exited with {self.process.returncode}\n{self.log_tail()}"
-                    )
-                with contextlib.suppress(Exception):
-                    if client.is_server_ready():
-                        return
-                time.sleep(0.25)
-        finally:
-            client.close()
+        while time.monotonic() < deadline:
+            if (
+                self.process is not None
+                and self.process.poll() is not None
+                and not (self.supervisor and self.supervisor.restarting)
+            ):
+                raise RuntimeError(
+                    f"tritonserver exited with {self.process.returncode}\n{self.log_tail()}"
+                )
+            if self.is_ready():
+                return
+            time.sleep(0.25)
         raise TimeoutError(f"tritonserver not ready after {timeout_s:.0f} s\n{self.log_tail()}")
 
     def log_tail(self, lines: int = 60) -> str:
@@ -166,17 +333,48 @@ class TritonServer:
             return "\n".join(Path(self.log_file).read_text(errors="replace").splitlines()[-lines:])
         return "(no log file)"
 
-    def stop(self, timeout_s: float = 45.0) -> None:
+    def stop(self, grace_s: float | None = None) -> None:
+        """Drains (edits in flight finish, up to the grace period), then stops the server."""
+        grace_s = self.grace_s if grace_s is None else grace_s
+        if self.supervisor is not None:
+            self.supervisor.drain(grace_s)
+            # Models unloading from here on are not failures to heal.
+            self.supervisor.stop()
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGINT)
-            try:
-                self.process.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+            self._wait_for_exit()
+        if self.supervisor is not None:
+            self.supervisor.remove_shared_memory()
+            self.supervisor = None
         if self._scratch is not None:
             self._scratch.cleanup()
             self._scratch = None
+
+    def _wait_for_exit(self) -> None:
+        """Waits for tritonserver to exit after SIGINT; kills it when it cannot.
+
+        A model whose process died never finishes unloading in Triton 2.51, so shutdown
+        would wait the whole exit timeout for it. After the drain nothing is in flight:
+        once no live model process is left for a while, the rest is that wait, cut short.
+        """
+        assert self.process is not None
+        deadline = time.monotonic() + self.settings.exit_timeout_s + 5
+        unloaded_since: float | None = None
+        while time.monotonic() < deadline:
+            try:
+                self.process.wait(timeout=0.5)
+                return
+            except subprocess.TimeoutExpired:
+                pass
+            if self.supervisor is None or self.supervisor.model_processes_alive():
+                unloaded_since = None
+            elif unloaded_since is None:
+                unloaded_since = time.monotonic()
+            elif time.monotonic() - unloaded_since > UNLOADED_EXIT_S:
+                break
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
 
     def __enter__(self) -> TritonServer:
         return self.start()
@@ -188,15 +386,3 @@ class TritonServer:
         traceback: TracebackType | None,
     ) -> None:
         self.stop()
-
-
-@contextlib.contextmanager
-def running_server(repository: Path, **kwargs: object) -> Iterator[TritonServer]:
-    """Starts a server, waits until it is ready, and stops it afterwards."""
-    server = TritonServer(repository, **kwargs)  # type: ignore[arg-type]
-    server.start()
-    try:
-        server.wait_ready()
-        yield server
-    finally:
-        server.stop()

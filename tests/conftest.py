@@ -53,7 +53,8 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
 @pytest.fixture(scope="session")
 def tiny_repository(tiny_export: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A python-onnxruntime model repository of the tiny preset."""
-    from model_repository.builder import RepositoryOptions, build_repository
+    from model_repository.builder import build_repository
+    from model_repository.configs import RepositoryOptions
 
     output = tmp_path_factory.mktemp("repository") / "tiny"
     # One onnxruntime thread per session: the test machine has 2 cores shared by all models.

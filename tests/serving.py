@@ -11,14 +11,7 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from PIL import Image
 
-from pix2pix_client.contract import PARAMETERS_BY_NAME
-
-NUMPY_DTYPES = {
-    "TYPE_STRING": (np.object_, "BYTES"),
-    "TYPE_INT32": (np.int32, "INT32"),
-    "TYPE_INT64": (np.int64, "INT64"),
-    "TYPE_FP32": (np.float32, "FP32"),
-}
+from pix2pix_client.request import contract_input
 
 
 def photo(width: int = 64, height: int = 64) -> Image.Image:
@@ -32,17 +25,6 @@ def png_bytes(image: Image.Image, format: str = "PNG", **save_args: Any) -> byte
     buffer = io.BytesIO()
     image.save(buffer, format=format, **save_args)
     return buffer.getvalue()
-
-
-def contract_input(name: str, value: Any) -> grpcclient.InferInput:
-    """One [1]-shaped input with the contract's dtype; raw bytes pass through unchanged."""
-    dtype, triton = NUMPY_DTYPES[PARAMETERS_BY_NAME[name].triton_dtype]
-    if dtype is np.object_ and isinstance(value, str):
-        value = value.encode()
-    array = np.array([value], dtype=dtype)
-    tensor = grpcclient.InferInput(name, [1], triton)
-    tensor.set_data_from_numpy(array)
-    return tensor
 
 
 @dataclass
@@ -64,3 +46,16 @@ def edit(client: grpcclient.InferenceServerClient, model: str, **inputs: Any) ->
 
 def repository_log(path: Path) -> str:
     return path.read_text(errors="replace") if path.is_file() else ""
+
+
+def execution_counts(server: Any, model: str) -> tuple[int, int]:
+    """A model's (inference count, execution count) from the statistics API, which is
+    restricted: the server's admin key opens it."""
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    try:
+        stats = client.get_inference_statistics(
+            model, headers=server.grpc_admin_headers, as_json=True
+        )["model_stats"][0]
+    finally:
+        client.close()
+    return int(stats.get("inference_count", 0)), int(stats.get("execution_count", 0))

@@ -34,11 +34,13 @@ from pix2pix_client.errors import from_triton
             "Request for unknown model: 'img2img' is not found",
             ModelNotFound,
         ),
+        # A model reloading after its process died: transient, retried.
         (
-            "StatusCode.UNAVAILABLE",
+            "StatusCode.NOT_FOUND",
             "Request for unknown model: 'img2img' has no available versions",
-            ModelNotFound,
+            ServerUnavailable,
         ),
+        ("StatusCode.INTERNAL", "Stub process 'img2img_0_1' is not healthy.", ServerUnavailable),
         ("StatusCode.INTERNAL", "CUDA out of memory", ServerError),
         ("StatusCode.UNKNOWN", "Stream removed", ServerError),
         ("StatusCode.UNAUTHENTICATED", "missing bearer token", ServerError),

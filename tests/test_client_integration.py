@@ -26,6 +26,7 @@ from PIL import Image
 
 from model_repository.server import TritonServer, free_port
 from pix2pix_client import (
+    AccessDenied,
     AsyncEditClient,
     DeadlineExceeded,
     EditClient,
@@ -153,15 +154,19 @@ def test_every_parameter_and_img2img(client: EditClient) -> None:
     assert img2img.png != pix2pix.png
 
 
-def test_health_and_models(client: EditClient) -> None:
+def test_health_and_models(client: EditClient, url: str, tiny_server: TritonServer) -> None:
     health = client.health()
     assert health == {
         "live": True,
         "ready": True,
         "models": {contract.INSTRUCT_PIX2PIX: True, contract.IMG2IMG: True},
     }
-    models = {entry["name"]: entry for entry in client.models()}
-    assert set(contract.ENSEMBLES) <= set(models)
+    # The repository index is an operator's API: refused without the admin key.
+    with pytest.raises(AccessDenied, match="admin key"):
+        client.models()
+    with EditClient(url, admin_key=tiny_server.admin_key) as admin:
+        models = {entry["name"]: entry for entry in admin.models()}
+    assert set(contract.PIPELINES) <= set(models)
     assert {"unet_pix2pix", "unet_img2img", "text_encoder", "vae_decoder"} <= set(models)
     assert all(entry["state"] == "READY" for entry in models.values()), models
 
@@ -202,9 +207,9 @@ def test_eight_concurrent_async_edits_equal_their_sequential_results(
         assert result.png == client.edit(image, prompt, **options).png, options
 
 
-def test_async_health_and_models(url: str) -> None:
+def test_async_health_and_models(url: str, tiny_server: TritonServer) -> None:
     async def check() -> tuple[dict, list]:
-        async with AsyncEditClient(url) as async_client:
+        async with AsyncEditClient(url, admin_key=tiny_server.admin_key) as async_client:
             return await async_client.health(), await async_client.models()
 
     health, models = asyncio.run(check())
@@ -430,12 +435,12 @@ def test_cli_closed_port_exits_1(photo: Path, tmp_path: Path) -> None:
     assert "unavailable" in one_error_line(completed.stderr)
 
 
-def test_cli_health_and_models(url: str) -> None:
+def test_cli_health_and_models(url: str, tiny_server: TritonServer) -> None:
     health = run_cli("health", "--url", url)
     assert health.returncode == 0, health.stderr
     summary, *ensembles = health.stdout.splitlines()
     assert summary == f"server {url}: live=yes ready=yes"
-    assert dict(line.split() for line in ensembles) == dict.fromkeys(contract.ENSEMBLES, "ready")
+    assert dict(line.split() for line in ensembles) == dict.fromkeys(contract.PIPELINES, "ready")
 
     health_json = run_cli("health", "--url", url, "--json")
     assert json.loads(health_json.stdout) == {
@@ -445,7 +450,12 @@ def test_cli_health_and_models(url: str) -> None:
         "models": {contract.INSTRUCT_PIX2PIX: True, contract.IMG2IMG: True},
     }
 
-    models = run_cli("models", "--url", url)
+    refused = run_cli("models", "--url", url)
+    assert refused.returncode == 1
+    assert "admin key" in one_error_line(refused.stderr)
+
+    admin = ("--admin-key", tiny_server.admin_key)
+    models = run_cli("models", "--url", url, *admin)
     assert models.returncode == 0, models.stderr
     header, *rows = models.stdout.splitlines()
     assert header.split() == ["NAME", "VERSION", "STATE", "REASON"]
@@ -453,7 +463,7 @@ def test_cli_health_and_models(url: str) -> None:
     assert listed[contract.INSTRUCT_PIX2PIX] == "READY"
     assert listed["unet_pix2pix"] == "READY"
 
-    models_json = run_cli("models", "--url", url, "--json")
+    models_json = run_cli("models", "--url", url, "--json", *admin)
     assert {e["name"] for e in json.loads(models_json.stdout)} == set(listed)
 
 
@@ -543,5 +553,5 @@ def test_client_installed_alone_in_a_fresh_virtualenv_edits_without_torch(
 def test_cli_health_fails_when_no_ensemble_is_served(server_without_models: TritonServer) -> None:
     result = run_cli("health", "--url", server_without_models.grpc_url)
     assert result.returncode == 1
-    assert "serves no ready ensemble" in result.stderr
+    assert "serves no ready edit model" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1

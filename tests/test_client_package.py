@@ -70,17 +70,16 @@ def test_readme_parameter_table_matches_the_contract() -> None:
             rows[cells[0].strip("`")] = cells
     assert list(rows) == [parameter.name for parameter in contract.PARAMETERS]
 
-    triton_types = {"TYPE_STRING": "BYTES", "TYPE_INT32": "INT32", "TYPE_INT64": "INT64"}
     flags = {name: flag for flag, (name, _, _) in EDIT_FLAGS.items()}
     for parameter in contract.PARAMETERS:
         _, triton_type, flag, allowed, pix2pix, img2img, meaning = rows[parameter.name]
-        assert triton_type == triton_types.get(parameter.triton_dtype, "FP32")
+        assert triton_type == parameter.wire_type
         assert allowed == parameter.allowed()
         assert parameter.description in meaning
         if parameter.name in flags:
             assert f"`{flags[parameter.name]}`" in flag
         for ensemble, shown in (("instruct_pix2pix", pix2pix), ("img2img", img2img)):
-            if ensemble not in parameter.ensembles:
+            if ensemble not in parameter.pipelines:
                 assert shown == "not an input"
             elif parameter.required:
                 assert shown == "required"

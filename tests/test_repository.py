@@ -9,9 +9,10 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from export.components import COMPONENTS
+from export.components import COMPONENTS, UNET_FOR_PIPELINE
 from export.onnx_export import load_manifest
-from model_repository.builder import FLAVOURS, RepositoryOptions, build_repository
+from model_repository.builder import build_repository
+from model_repository.configs import FLAVOURS, READINESS_MODEL, RepositoryOptions
 from pix2pix_client.contract import OUTPUTS, parameters_for
 
 PIPELINES = ("instruct_pix2pix", "img2img")
@@ -51,15 +52,7 @@ def _configs(repository: Path) -> dict[str, mc.ModelConfig]:
 def test_every_config_parses_as_model_config(repository) -> None:
     flavour, root = repository
     configs = _configs(root)
-    expected = set(COMPONENTS) | {
-        "preprocess_pix2pix",
-        "preprocess_img2img",
-        "sampler_pix2pix",
-        "sampler_img2img",
-        "postprocess",
-        *PIPELINES,
-    }
-    assert set(configs) == expected
+    assert set(configs) == {*COMPONENTS, *PIPELINES, READINESS_MODEL}
     for name in COMPONENTS:
         config = configs[name]
         if flavour == "python-onnxruntime":
@@ -95,39 +88,60 @@ def test_component_configs_follow_the_specs(repository, tiny_export: Path) -> No
     assert not configs["text_encoder"].HasField("dynamic_batching")
 
 
-def test_ensembles_wire_existing_tensors(repository) -> None:
-    """Every ensemble step reads and writes tensors its model declares, dtypes agreeing."""
+def test_edit_models_take_the_contract(repository) -> None:
+    """The models clients call: the contract's inputs (all optional to Triton, so the
+    model names a missing one itself) and outputs, with wire types matching."""
     _, root = repository
     configs = _configs(root)
     for pipeline in PIPELINES:
-        ensemble = configs[pipeline]
-        assert ensemble.platform == "ensemble"
-        assert [i.name for i in ensemble.input] == [p.name for p in parameters_for(pipeline)]
-        assert all(i.optional for i in ensemble.input)
-        assert [o.name for o in ensemble.output] == [name for name, _, _ in OUTPUTS]
-        dtypes = {t.name: t.data_type for t in ensemble.input}
-        produced: set[str] = set(dtypes)
-        for step in ensemble.ensemble_scheduling.step:
-            model = configs[step.model_name]
-            model_inputs = {t.name: t.data_type for t in model.input}
-            model_outputs = {t.name: t.data_type for t in model.output}
-            for model_input, tensor in step.input_map.items():
-                assert tensor in produced, f"{step.model_name} reads {tensor} before it exists"
-                assert model_inputs[model_input] == dtypes[tensor], (step.model_name, tensor)
-            for model_output, tensor in step.output_map.items():
-                dtypes[tensor] = model_outputs[model_output]
-                produced.add(tensor)
-        for output in ensemble.output:
-            assert output.name in produced and dtypes[output.name] == output.data_type
+        config = configs[pipeline]
+        assert config.backend == "python" and config.max_batch_size == 0
+        parameters = parameters_for(pipeline)
+        assert [i.name for i in config.input] == [p.name for p in parameters]
+        assert all(i.optional and list(i.dims) == [1] for i in config.input)
+        for tensor, parameter in zip(config.input, parameters, strict=True):
+            wire = "STRING" if parameter.wire_type == "BYTES" else parameter.wire_type
+            assert mc.DataType.Name(tensor.data_type) == f"TYPE_{wire}"
+        assert [o.name for o in config.output] == [name for name, _, _ in OUTPUTS]
 
 
-def test_python_models_are_thin_and_carry_their_assets(repository) -> None:
+def test_edit_models_call_components_by_the_names_of_the_specs(
+    repository, tiny_export: Path
+) -> None:
+    """pipeline.json names every component call with the specs' tensor names, and those
+    tensors exist in the component configs: a renamed tensor fails here."""
     _, root = repository
-    for pipeline in ("pix2pix", "img2img"):
-        assert (
-            root / f"preprocess_{pipeline}" / "1" / "tokenizer" / "tokenizer_config.json"
-        ).is_file()
-        assert (root / f"sampler_{pipeline}" / "1" / "scheduler_config.json").is_file()
+    configs = _configs(root)
+    specs = load_manifest(tiny_export)["components"]
+    for pipeline in PIPELINES:
+        settings = json.loads((root / pipeline / "1" / "pipeline.json").read_text())
+        assert settings["pipeline"] == pipeline
+        assert settings["components"]["unet"]["model"] == UNET_FOR_PIPELINE[pipeline]
+        for call in settings["components"].values():
+            spec = specs[call["model"]]["spec"]
+            assert call["inputs"] == [t["name"] for t in spec["inputs"]]
+            assert call["outputs"] == [t["name"] for t in spec["outputs"]]
+            config = configs[call["model"]]
+            assert call["inputs"] == [t.name for t in config.input]
+            assert call["outputs"] == [t.name for t in config.output]
+
+
+def test_edit_models_hold_a_bounded_number_of_edits(repository) -> None:
+    _, root = repository
+    options = RepositoryOptions()
+    for pipeline in PIPELINES:
+        config = _configs(root)[pipeline]
+        assert sum(group.count for group in config.instance_group) == options.edit_instances
+        policy = config.dynamic_batching.default_queue_policy
+        assert policy.max_queue_size == options.max_edits - options.edit_instances
+
+
+def test_edit_models_carry_their_assets_and_stay_thin(repository) -> None:
+    _, root = repository
+    for pipeline in PIPELINES:
+        folder = root / pipeline / "1"
+        assert (folder / "tokenizer" / "tokenizer_config.json").is_file()
+        assert (folder / "scheduler_config.json").is_file()
     for model_file in root.glob("*/1/model.py"):
         assert len(model_file.read_text().splitlines()) < 110, model_file
 
@@ -139,9 +153,9 @@ def test_tensorrt_flavour_needs_engines(tiny_export: Path, tmp_path: Path) -> No
 
 def test_tensorrt_flavour_rejects_images_outside_the_engine_profile(repository) -> None:
     flavour, root = repository
-    config = _configs(root)["preprocess_pix2pix"]
-    expected = "256" if flavour == "tensorrt" else "8"
-    assert config.parameters["min_image_side"].string_value == expected
+    limits = json.loads((root / "instruct_pix2pix" / "1" / "pipeline.json").read_text())["limits"]
+    assert limits["min_side"] == (256 if flavour == "tensorrt" else 8)
+    assert limits["side_multiple"] == 8
 
 
 def test_unknown_flavour_is_refused(tiny_export: Path, tmp_path: Path) -> None:
@@ -151,8 +165,8 @@ def test_unknown_flavour_is_refused(tiny_export: Path, tmp_path: Path) -> None:
         build_repository(tiny_export, tmp_path / "repo", RepositoryOptions(flavour="openvino"))
 
 
-def test_sampler_runs_next_to_its_unet(repository) -> None:
-    # The loop's tensors never change device: the sampler instance sits where the UNet
+def test_edit_models_run_next_to_their_unet(repository) -> None:
+    # The loop's tensors never change device: the edit model instance sits where the UNet
     # does, and takes its inputs where the encoders left them instead of copied to the CPU.
     flavour, root = repository
     configs = _configs(root)
@@ -161,13 +175,11 @@ def test_sampler_runs_next_to_its_unet(repository) -> None:
         "onnxruntime": mc.ModelInstanceGroup.KIND_AUTO,
         "tensorrt": mc.ModelInstanceGroup.KIND_GPU,
     }[flavour]
-    for pipeline in ("pix2pix", "img2img"):
-        sampler = configs[f"sampler_{pipeline}"]
-        unet = configs[f"unet_{pipeline}"]
-        assert sampler.instance_group[0].kind == expected
+    for pipeline in PIPELINES:
+        edit = configs[pipeline]
+        unet = configs[UNET_FOR_PIPELINE[pipeline]]
+        assert edit.instance_group[0].kind == expected
         assert unet.instance_group[0].kind in (expected, mc.ModelInstanceGroup.KIND_CPU)
         if flavour != "python-onnxruntime":
             assert unet.instance_group[0].kind == expected
-        assert sampler.parameters["FORCE_CPU_ONLY_INPUT_TENSORS"].string_value == "no"
-    # Postprocess encodes PNGs on the CPU: its input is copied there, as it must be.
-    assert "FORCE_CPU_ONLY_INPUT_TENSORS" not in configs["postprocess"].parameters
+        assert edit.parameters["FORCE_CPU_ONLY_INPUT_TENSORS"].string_value == "no"

@@ -13,7 +13,7 @@ import tritonclient.grpc as grpcclient
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
-from tests.serving import contract_input, edit, photo, png_bytes
+from tests.serving import contract_input, edit, execution_counts, photo, png_bytes
 
 GOOD = {"prompt": "make it snowy", "num_inference_steps": 3, "seed": 5}
 
@@ -109,10 +109,10 @@ def test_concurrent_requests_equal_their_sequential_results(
             client.close()
 
     sequential = [run(request) for request in CONCURRENT_REQUESTS]
-    before = _unet_statistics(tiny_server.grpc_url)
+    before = execution_counts(tiny_server, "unet_pix2pix")
     with ThreadPoolExecutor(max_workers=len(CONCURRENT_REQUESTS)) as pool:
         concurrent = list(pool.map(run, CONCURRENT_REQUESTS))
-    after = _unet_statistics(tiny_server.grpc_url)
+    after = execution_counts(tiny_server, "unet_pix2pix")
     for alone, together in zip(sequential, concurrent, strict=True):
         # A merged UNet batch may round differently in the last float bit.
         assert np.abs(alone.astype(np.int16) - together.astype(np.int16)).max() <= 1
@@ -124,15 +124,6 @@ def test_concurrent_requests_equal_their_sequential_results(
         f"while {len(CONCURRENT_REQUESTS)} edits were in flight",
     )
     assert executions <= inferences
-
-
-def _unet_statistics(url: str) -> tuple[int, int]:
-    client = grpcclient.InferenceServerClient(url)
-    try:
-        stats = client.get_inference_statistics("unet_pix2pix", as_json=True)["model_stats"][0]
-    finally:
-        client.close()
-    return int(stats.get("inference_count", 0)), int(stats.get("execution_count", 0))
 
 
 # --------------------------------------------------------------------------- bad input

@@ -14,6 +14,7 @@ from pix2pix_client import contract
 from pix2pix_client.aio import AsyncEditClient
 from pix2pix_client.client import EditClient
 from pix2pix_client.errors import (
+    AccessDenied,
     DeadlineExceeded,
     EditError,
     InvalidArgument,
@@ -24,6 +25,7 @@ from pix2pix_client.errors import (
 from pix2pix_client.request import EditResult
 
 __all__ = [
+    "AccessDenied",
     "AsyncEditClient",
     "DeadlineExceeded",
     "EditClient",

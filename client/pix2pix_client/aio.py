@@ -48,12 +48,13 @@ class AsyncEditClient:
         private_key: str | Path | None = None,
         certificate_chain: str | Path | None = None,
         headers: dict[str, str] | None = None,
+        admin_key: str | None = None,
         retries: int = 2,
         backoff_s: float = 0.5,
         timeout_s: float | None = None,
     ) -> None:
         self.url = url
-        self.headers = normalise_headers(headers)
+        self.headers = normalise_headers(headers, admin_key)
         self.retry_policy = RetryPolicy(retries=retries, backoff_s=backoff_s)
         Deadline(timeout_s)  # rejects a non-positive default early
         self.timeout_s = timeout_s
@@ -119,7 +120,7 @@ class AsyncEditClient:
         )
 
     async def health(self, *, timeout_s: float | None = None) -> dict[str, Any]:
-        """The server's liveness and readiness, and whether each ensemble is ready."""
+        """The server's liveness and readiness, and whether each edit model is ready."""
         live = await self._call(
             lambda t: self._client().is_server_live(headers=self.headers, client_timeout=t),
             timeout_s,
@@ -128,7 +129,7 @@ class AsyncEditClient:
             lambda t: self._client().is_server_ready(headers=self.headers, client_timeout=t),
             timeout_s,
         )
-        models = {name: await self._model_ready(name, timeout_s) for name in contract.ENSEMBLES}
+        models = {name: await self._model_ready(name, timeout_s) for name in contract.PIPELINES}
         return {"live": bool(live), "ready": bool(ready), "models": models}
 
     async def models(self, *, timeout_s: float | None = None) -> list[dict[str, str]]:

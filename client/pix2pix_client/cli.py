@@ -84,6 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="gRPC metadata sent with every call, e.g. 'authorization=Bearer TOKEN'; repeatable",
     )
     group.add_argument(
+        "--admin-key",
+        default=os.environ.get(contract.ADMIN_KEY_VARIABLE),
+        metavar="KEY",
+        help="the operator's key for the server's restricted APIs, which `models` needs "
+        f"(default: ${contract.ADMIN_KEY_VARIABLE})",
+    )
+    group.add_argument(
         "--timeout",
         type=float,
         metavar="SECONDS",
@@ -128,8 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument(
         "--model",
         default=DEFAULT_MODEL,
-        choices=contract.ENSEMBLES,
-        help=f"the ensemble to call (default: {DEFAULT_MODEL})",
+        choices=contract.PIPELINES,
+        help=f"the model (pipeline) to call (default: {DEFAULT_MODEL})",
     )
     parameters = edit.add_argument_group("edit parameters (validated against the contract)")
     for flag, (name, value_type, metavar) in EDIT_FLAGS.items():
@@ -154,8 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     subcommands.add_parser(
         "health",
         parents=[connection],
-        help="is the server live and ready, and which ensembles are ready",
-        description="Exit code 0 when the server is live and ready and serves an ensemble, "
+        help="is the server live and ready, and which edit models are ready",
+        description="Exit code 0 when the server is live and ready and serves an edit model, "
         "1 otherwise.",
     )
     subcommands.add_parser(
@@ -322,7 +329,7 @@ async def _health(args: argparse.Namespace, connection: dict[str, Any]) -> int:
         problem = "live" if not health["live"] else "ready" if not health["ready"] else None
         if problem is None:
             _report_failure(
-                f"server {args.url} serves no ready ensemble ({', '.join(contract.ENSEMBLES)})"
+                f"server {args.url} serves no ready edit model ({', '.join(contract.PIPELINES)})"
             )
         else:
             _report_failure(f"server {args.url} is not {problem}")
@@ -361,6 +368,7 @@ def _connection_arguments(args: argparse.Namespace) -> dict[str, Any]:
         "private_key": args.private_key,
         "certificate_chain": args.certificate_chain,
         "headers": headers or None,
+        "admin_key": args.admin_key,
         "retries": args.retries,
         "timeout_s": args.timeout,
     }
@@ -459,13 +467,13 @@ def _report_failure(message: str) -> None:
 def _parameter_help(parameter: contract.Parameter) -> str:
     """A flag's help from the contract: description, allowed values, server default."""
     text = parameter.description
-    if parameter.choices is not None or parameter.triton_dtype != "TYPE_STRING":
+    if parameter.choices is not None or parameter.wire_type != "BYTES":
         text += f"; {parameter.allowed()}"
-    if len(parameter.ensembles) == 1:
-        text += f"; {parameter.ensembles[0]} only"
-    defaults = {e: parameter.default_for(e) for e in parameter.ensembles}
+    if len(parameter.pipelines) == 1:
+        text += f"; {parameter.pipelines[0]} only"
+    defaults = {e: parameter.default_for(e) for e in parameter.pipelines}
     defaults = {e: v for e, v in defaults.items() if v not in (None, "")}
-    if len(set(defaults.values())) == 1 and len(defaults) == len(parameter.ensembles):
+    if len(set(defaults.values())) == 1 and len(defaults) == len(parameter.pipelines):
         text += f" (server default: {next(iter(defaults.values()))})"
     elif defaults:
         text += " (server default: " + ", ".join(f"{e} {v}" for e, v in defaults.items()) + ")"

@@ -29,14 +29,15 @@ T = TypeVar("T")
 
 
 class EditClient:
-    """Edits images with the "instruct_pix2pix" and "img2img" ensembles served by Triton.
+    """Edits images with the "instruct_pix2pix" and "img2img" models served by Triton.
 
     `url` is Triton's gRPC endpoint, "host:port". With `ssl=True` the channel uses TLS;
     `root_certificates`, `private_key` and `certificate_chain` are PEM file paths passed
     to tritonclient. `headers` (for example {"authorization": "Bearer ..."}) go with every
-    call. Calls that fail because the server is unavailable are retried `retries` times
-    with exponential backoff starting at `backoff_s`; no other error is retried.
-    `timeout_s` is the default overall deadline of a call, retries included.
+    call; `admin_key` opens the server's restricted APIs (`models()` needs it). Calls
+    that fail because the server is unavailable, busy or replacing a model are retried
+    `retries` times with exponential backoff starting at `backoff_s`; no other error is
+    retried. `timeout_s` is the default overall deadline of a call, retries included.
 
     Use it as a context manager, or call close() when done.
     """
@@ -50,12 +51,13 @@ class EditClient:
         private_key: str | Path | None = None,
         certificate_chain: str | Path | None = None,
         headers: dict[str, str] | None = None,
+        admin_key: str | None = None,
         retries: int = 2,
         backoff_s: float = 0.5,
         timeout_s: float | None = None,
     ) -> None:
         self.url = url
-        self.headers = normalise_headers(headers)
+        self.headers = normalise_headers(headers, admin_key)
         self.retry_policy = RetryPolicy(retries=retries, backoff_s=backoff_s)
         Deadline(timeout_s)  # rejects a non-positive default early
         self.timeout_s = timeout_s
@@ -127,9 +129,9 @@ class EditClient:
         )
 
     def health(self, *, timeout_s: float | None = None) -> dict[str, Any]:
-        """The server's liveness and readiness, and whether each ensemble is ready.
+        """The server's liveness and readiness, and whether each edit model is ready.
 
-        Returns {"live": bool, "ready": bool, "models": {ensemble: bool}}. Raises
+        Returns {"live": bool, "ready": bool, "models": {pipeline: bool}}. Raises
         ServerUnavailable when the server cannot be reached.
         """
         live = self._call(
@@ -143,7 +145,7 @@ class EditClient:
         return {
             "live": bool(live),
             "ready": bool(ready),
-            "models": {name: self._model_ready(name, timeout_s) for name in contract.ENSEMBLES},
+            "models": {name: self._model_ready(name, timeout_s) for name in contract.PIPELINES},
         }
 
     def models(self, *, timeout_s: float | None = None) -> list[dict[str, str]]:

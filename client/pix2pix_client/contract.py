@@ -1,4 +1,4 @@
-"""The public contract of the served ensembles: inputs, defaults and allowed values.
+"""The public contract of the served edit models: inputs, defaults and allowed values.
 
 This module is the single source of truth for request parameters. The client validates
 with it before a request crosses the network, and the server's preprocess model imports
@@ -12,15 +12,29 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+# The two pipelines, each served as a model of the same name.
 INSTRUCT_PIX2PIX = "instruct_pix2pix"
 IMG2IMG = "img2img"
-ENSEMBLES = (INSTRUCT_PIX2PIX, IMG2IMG)
+PIPELINES = (INSTRUCT_PIX2PIX, IMG2IMG)
 
 SCHEDULERS = ("euler_a", "euler", "ddim", "ddpm", "dpmpp_2m", "lms", "pndm")
 
 MAX_SEED = 2**63 - 1
 # CLIP's context length: longer prompts are truncated as diffusers does.
 MAX_PROMPT_TOKENS = 77
+# Checked before tokenizing: 77 tokens are a few hundred bytes of text, and a megabyte
+# prompt would only cost the server seconds of tokenizer time.
+MAX_PROMPT_BYTES = 4096
+# Checked before decoding; a 4096x4096 photo is well under it even as PNG.
+MAX_IMAGE_BYTES = 64 * 1024 * 1024
+
+
+# The server's restricted APIs (model repository, statistics, model config, shared
+# memory, trace, logging) need the operator's admin key in this gRPC header ("admin-key"
+# over HTTP). Server and command line read the key from the same variable.
+ADMIN_KEY_VARIABLE = "IMAGE_EDIT_ADMIN_KEY"
+ADMIN_HEADER = "admin-key"
+ADMIN_GRPC_HEADER = f"triton-grpc-protocol-{ADMIN_HEADER}"
 
 
 class InvalidArgumentError(ValueError):
@@ -33,20 +47,20 @@ class InvalidArgumentError(ValueError):
 
 @dataclass(frozen=True)
 class Parameter:
-    """One input of the ensembles' public contract."""
+    """One input of the edit models' public contract."""
 
     name: str
-    triton_dtype: str  # as in config.pbtxt: TYPE_STRING, TYPE_INT32, TYPE_FP32, TYPE_INT64
+    wire_type: str  # Triton's datatype on the wire: BYTES, INT32, INT64 or FP32
     required: bool
     description: str
-    default: dict[str, Any] | None = None  # per ensemble; None means "no default"
+    default: dict[str, Any] | None = None  # per pipeline; None means "no default"
     minimum: float | None = None
     maximum: float | None = None
     choices: tuple[str, ...] | None = None
-    ensembles: tuple[str, ...] = ENSEMBLES
+    pipelines: tuple[str, ...] = PIPELINES
 
-    def default_for(self, ensemble: str) -> Any:
-        return None if self.default is None else self.default.get(ensemble)
+    def default_for(self, pipeline: str) -> Any:
+        return None if self.default is None else self.default.get(pipeline)
 
     def allowed(self) -> str:
         """Human-readable allowed values, used in every error message."""
@@ -55,15 +69,17 @@ class Parameter:
         if self.minimum is not None and self.maximum is not None:
             low, high = _format_number(self.minimum), _format_number(self.maximum)
             return f"{low}..{high}"
-        if self.triton_dtype == "TYPE_STRING":
-            return "UTF-8 text" if self.name != "image" else "encoded PNG, JPEG or WebP bytes"
+        if self.wire_type == "BYTES":
+            if self.name == "image":
+                return f"encoded PNG, JPEG or WebP bytes, at most {_format_bytes(MAX_IMAGE_BYTES)}"
+            return f"UTF-8 text of at most {MAX_PROMPT_BYTES} bytes"
         return "any value"
 
     def validate(self, value: Any) -> Any:
         """Returns the value normalised to its Python type, or raises InvalidArgumentError."""
-        if self.triton_dtype == "TYPE_STRING":
+        if self.wire_type == "BYTES":
             return self._validate_text(value)
-        if self.triton_dtype in ("TYPE_INT32", "TYPE_INT64"):
+        if self.wire_type in ("INT32", "INT64"):
             return self._validate_integer(value)
         return self._validate_float(value)
 
@@ -79,7 +95,13 @@ class Parameter:
         if self.name == "image":
             if not isinstance(value, (bytes, bytearray)) or len(value) == 0:
                 raise self._fail(value, "is empty")
+            if len(value) > MAX_IMAGE_BYTES:
+                raise self._too_long(len(value))
             return bytes(value)
+        if self.choices is None and isinstance(value, (str, bytes, bytearray)):
+            size = len(value.encode("utf-8", "surrogatepass") if isinstance(value, str) else value)
+            if size > MAX_PROMPT_BYTES:
+                raise self._too_long(size)
         if isinstance(value, (bytes, bytearray)):
             try:
                 value = bytes(value).decode("utf-8")
@@ -90,6 +112,12 @@ class Parameter:
         if self.choices is not None and value not in self.choices:
             raise self._fail(value, "is not supported")
         return value
+
+    def _too_long(self, size: int) -> InvalidArgumentError:
+        # The value itself is not shown: it is what is too long.
+        return InvalidArgumentError(
+            self.name, f"{self.name} is {size} bytes long: allowed {self.allowed()}"
+        )
 
     def _validate_integer(self, value: Any) -> int:
         if isinstance(value, bool) or not _is_integral(value):
@@ -124,6 +152,10 @@ def _is_integral(value: Any) -> bool:
     return hasattr(value, "__index__") and not isinstance(value, float)
 
 
+def _format_bytes(size: int) -> str:
+    return f"{size // (1024 * 1024)} MiB" if size >= 1024 * 1024 else f"{size} bytes"
+
+
 def _format_number(number: float) -> str:
     if float(number).is_integer():
         if abs(number) >= 2**31:
@@ -133,18 +165,18 @@ def _format_number(number: float) -> str:
 
 
 PARAMETERS: tuple[Parameter, ...] = (
-    Parameter("image", "TYPE_STRING", True, "the input photo, encoded"),
-    Parameter("prompt", "TYPE_STRING", True, "the edit instruction (pix2pix) or target prompt"),
+    Parameter("image", "BYTES", True, "the input photo, encoded"),
+    Parameter("prompt", "BYTES", True, "the edit instruction (pix2pix) or target prompt"),
     Parameter(
         "negative_prompt",
-        "TYPE_STRING",
+        "BYTES",
         False,
         "what the result should not show",
         default={INSTRUCT_PIX2PIX: "", IMG2IMG: ""},
     ),
     Parameter(
         "num_inference_steps",
-        "TYPE_INT32",
+        "INT32",
         False,
         "denoising steps of the scheduler",
         default={INSTRUCT_PIX2PIX: 20, IMG2IMG: 20},
@@ -153,7 +185,7 @@ PARAMETERS: tuple[Parameter, ...] = (
     ),
     Parameter(
         "guidance_scale",
-        "TYPE_FP32",
+        "FP32",
         False,
         "text guidance (CFG); 1 turns it off",
         default={INSTRUCT_PIX2PIX: 7.5, IMG2IMG: 7.5},
@@ -162,17 +194,17 @@ PARAMETERS: tuple[Parameter, ...] = (
     ),
     Parameter(
         "image_guidance_scale",
-        "TYPE_FP32",
+        "FP32",
         False,
         "how closely to follow the input image; below 1 turns guidance off",
         default={INSTRUCT_PIX2PIX: 1.5},
         minimum=0.0,
         maximum=10.0,
-        ensembles=(INSTRUCT_PIX2PIX,),
+        pipelines=(INSTRUCT_PIX2PIX,),
     ),
     Parameter(
         "temperature",
-        "TYPE_FP32",
+        "FP32",
         False,
         "how far the result may move from the input image",
         default={INSTRUCT_PIX2PIX: 1.0, IMG2IMG: 0.8},
@@ -181,7 +213,7 @@ PARAMETERS: tuple[Parameter, ...] = (
     ),
     Parameter(
         "seed",
-        "TYPE_INT64",
+        "INT64",
         False,
         "noise seed; random when absent, returned with the result",
         minimum=0,
@@ -189,7 +221,7 @@ PARAMETERS: tuple[Parameter, ...] = (
     ),
     Parameter(
         "scheduler",
-        "TYPE_STRING",
+        "BYTES",
         False,
         "the sampler; the checkpoint's own when absent",
         choices=SCHEDULERS,
@@ -198,25 +230,27 @@ PARAMETERS: tuple[Parameter, ...] = (
 
 PARAMETERS_BY_NAME = {parameter.name: parameter for parameter in PARAMETERS}
 
-# The seed output is not called `seed`: an ensemble output that shares its name with an
-# optional input is dropped by Triton (2.51) whenever a request leaves that input out,
-# which is exactly when the caller needs to learn the seed.
+# The seed output is not called `seed`: Triton (2.51) drops an ensemble output that
+# shares its name with an optional input whenever a request leaves that input out, and
+# clients of any Triton model expect outputs named apart from inputs.
+OUTPUT_IMAGE = "edited_image"
+OUTPUT_SEED = "seed_used"
 OUTPUTS = (
-    ("edited_image", "TYPE_STRING", "the edited image, PNG bytes"),
-    ("seed_used", "TYPE_INT64", "the seed used, so the result can be reproduced"),
+    (OUTPUT_IMAGE, "BYTES", "the edited image, PNG bytes"),
+    (OUTPUT_SEED, "INT64", "the seed used, so the result can be reproduced"),
 )
 
 
-def parameters_for(ensemble: str) -> tuple[Parameter, ...]:
-    """The inputs one ensemble accepts, in contract order."""
-    if ensemble not in ENSEMBLES:
+def parameters_for(pipeline: str) -> tuple[Parameter, ...]:
+    """The inputs one pipeline accepts, in contract order."""
+    if pipeline not in PIPELINES:
         raise InvalidArgumentError(
-            "model", f"model={ensemble!r} is not served: allowed one of {', '.join(ENSEMBLES)}"
+            "model", f"model={pipeline!r} is not served: allowed one of {', '.join(PIPELINES)}"
         )
-    return tuple(p for p in PARAMETERS if ensemble in p.ensembles)
+    return tuple(p for p in PARAMETERS if pipeline in p.pipelines)
 
 
-def validate_request(ensemble: str, values: dict[str, Any]) -> dict[str, Any]:
+def validate_request(pipeline: str, values: dict[str, Any]) -> dict[str, Any]:
     """Checks a request's inputs against the contract.
 
     `values` maps input names to Python values; absent or None inputs are optional ones
@@ -224,13 +258,13 @@ def validate_request(ensemble: str, values: dict[str, Any]) -> dict[str, Any]:
     scheduler stay None when absent: the server picks them). Raises InvalidArgumentError
     naming the first bad input and its allowed values.
     """
-    accepted = parameters_for(ensemble)
+    accepted = parameters_for(pipeline)
     known = {p.name for p in accepted}
     for name, value in values.items():
         if name not in known and value is not None:
             raise InvalidArgumentError(
                 name,
-                f"{name} is not an input of {ensemble}: allowed {', '.join(sorted(known))}",
+                f"{name} is not an input of {pipeline}: allowed {', '.join(sorted(known))}",
             )
     validated: dict[str, Any] = {}
     for parameter in accepted:
@@ -241,7 +275,7 @@ def validate_request(ensemble: str, values: dict[str, Any]) -> dict[str, Any]:
                     parameter.name,
                     f"{parameter.name} is required: allowed {parameter.allowed()}",
                 )
-            validated[parameter.name] = parameter.default_for(ensemble)
+            validated[parameter.name] = parameter.default_for(pipeline)
             continue
         validated[parameter.name] = parameter.validate(value)
     return validated

@@ -59,6 +59,10 @@ class ModelNotFound(EditError):
     """The server does not serve the requested model (or has no ready version of it)."""
 
 
+class AccessDenied(EditError):
+    """The server restricts this API: it needs the admin key (`admin_key=`)."""
+
+
 class ServerError(EditError):
     """The server failed the request, or answered something the client cannot read."""
 
@@ -100,9 +104,21 @@ def from_triton(error: InferenceServerException, *, model: str | None = None) ->
     message = error.message() or str(error)
     lowered = message.lower()
 
-    # Triton reports an unknown or unloaded model as UNAVAILABLE in some versions: look at
-    # the message first, so that a missing model is never retried as if it were transient.
-    if "unknown model" in lowered or "no available versions" in lowered:
+    # Transient whatever the status says: a model that is loading or reloading (its
+    # process died and the server replaces it), a model process that just died, a full
+    # queue. Checked first, so none of them is taken for a missing model.
+    if "no available versions" in lowered or "is not healthy" in lowered:
+        return ServerUnavailable(
+            f"the server is replacing a model, retry: {message}", status=status
+        )
+    if "exceeds maximum queue size" in lowered:
+        return ServerUnavailable(f"the server is busy, retry: {message}", status=status)
+    if "protocol is restricted" in lowered or "api is restricted" in lowered:
+        return AccessDenied(
+            f"the server restricts this API to its operator: pass the admin key ({message})",
+            status=status,
+        )
+    if "unknown model" in lowered:
         shown = f"model {model!r} is not served: {message}" if model else message
         return ModelNotFound(shown, status=status)
 

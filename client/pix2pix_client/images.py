@@ -1,4 +1,4 @@
-"""Turning the image a caller has into the encoded bytes the ensembles accept, and back."""
+"""Turning the image a caller has into the encoded bytes the edit models accept, and back."""
 
 from __future__ import annotations
 

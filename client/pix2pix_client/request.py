@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 from tritonclient import grpc as triton_grpc
+from tritonclient.utils import triton_to_np_dtype
 
 from pix2pix_client import contract
 from pix2pix_client.errors import InvalidArgument, ServerError
@@ -23,15 +24,6 @@ from pix2pix_client.images import ImageInput, decode_image, encode_image
 DEFAULT_URL = "localhost:8001"
 DEFAULT_MODEL = contract.INSTRUCT_PIX2PIX
 
-# Triton's datatype names for the contract's config.pbtxt types, and the numpy dtypes
-# tritonclient serialises them from.
-_TRITON_DATATYPES: dict[str, tuple[str, type]] = {
-    "TYPE_STRING": ("BYTES", np.object_),
-    "TYPE_INT32": ("INT32", np.int32),
-    "TYPE_INT64": ("INT64", np.int64),
-    "TYPE_FP32": ("FP32", np.float32),
-}
-_OUTPUT_IMAGE, _OUTPUT_SEED = (name for name, _, _ in contract.OUTPUTS)
 # The contract never checks the image's content; it stands in when only the other inputs
 # are checked, before any image is read.
 _UNREAD_IMAGE = b"\x00"
@@ -114,20 +106,22 @@ def prepare_request(
     return validated["image"], {name: validated[name] for name in given}
 
 
+def contract_input(name: str, value: Any) -> triton_grpc.InferInput:
+    """One [1]-shaped input tensor of the contract, in its wire type; text goes as UTF-8."""
+    wire_type = contract.PARAMETERS_BY_NAME[name].wire_type
+    if wire_type == "BYTES" and isinstance(value, str):
+        value = value.encode("utf-8")
+    tensor = triton_grpc.InferInput(name, [1], wire_type)
+    tensor.set_data_from_numpy(np.array([value], dtype=triton_to_np_dtype(wire_type)))
+    return tensor
+
+
 def build_inputs(
     image: bytes, parameters: dict[str, Any]
 ) -> tuple[list[triton_grpc.InferInput], list[triton_grpc.InferRequestedOutput]]:
     """The Triton input tensors (each of shape [1]) and the requested outputs."""
-    inputs = []
-    for name, value in {"image": image, **parameters}.items():
-        parameter = contract.PARAMETERS_BY_NAME[name]
-        datatype, numpy_dtype = _TRITON_DATATYPES[parameter.triton_dtype]
-        if numpy_dtype is np.object_ and isinstance(value, str):
-            value = value.encode("utf-8")
-        tensor = triton_grpc.InferInput(name, [1], datatype)
-        tensor.set_data_from_numpy(np.array([value], dtype=numpy_dtype))
-        inputs.append(tensor)
-    outputs = [triton_grpc.InferRequestedOutput(name) for name in (_OUTPUT_IMAGE, _OUTPUT_SEED)]
+    inputs = [contract_input(name, value) for name, value in {"image": image, **parameters}.items()]
+    outputs = [triton_grpc.InferRequestedOutput(name) for name, _, _ in contract.OUTPUTS]
     return inputs, outputs
 
 
@@ -140,12 +134,12 @@ def read_result(
     attempts: int,
 ) -> EditResult:
     """Reads the edited image and the seed out of a Triton response."""
-    image_tensor = response.as_numpy(_OUTPUT_IMAGE)
-    seed_tensor = response.as_numpy(_OUTPUT_SEED)
+    image_tensor = response.as_numpy(contract.OUTPUT_IMAGE)
+    seed_tensor = response.as_numpy(contract.OUTPUT_SEED)
     if image_tensor is None or image_tensor.size == 0:
-        raise ServerError(f"the response of {model} lacks the output {_OUTPUT_IMAGE!r}")
+        raise ServerError(f"the response of {model} lacks the output {contract.OUTPUT_IMAGE!r}")
     if seed_tensor is None or seed_tensor.size == 0:
-        raise ServerError(f"the response of {model} lacks the output {_OUTPUT_SEED!r}")
+        raise ServerError(f"the response of {model} lacks the output {contract.OUTPUT_SEED!r}")
     png = bytes(image_tensor.reshape(-1)[0])
     return EditResult(
         image=decode_image(png),
@@ -202,11 +196,15 @@ class Deadline:
         return self._end is None or time.monotonic() + wait_s < self._end
 
 
-def normalise_headers(headers: dict[str, str] | None) -> dict[str, str] | None:
-    """gRPC metadata keys must be lowercase; HTTP-style spellings are accepted."""
-    if not headers:
-        return None
-    return {str(key).lower(): str(value) for key, value in headers.items()}
+def normalise_headers(
+    headers: dict[str, str] | None, admin_key: str | None = None
+) -> dict[str, str] | None:
+    """The gRPC metadata of every call: keys lowercase (HTTP-style spellings accepted),
+    plus the header that opens the server's restricted APIs when an admin key is given."""
+    merged = {str(key).lower(): str(value) for key, value in (headers or {}).items()}
+    if admin_key:
+        merged[contract.ADMIN_GRPC_HEADER] = admin_key
+    return merged or None
 
 
 def _given(values: dict[str, Any]) -> dict[str, Any]:

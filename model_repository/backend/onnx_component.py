@@ -6,13 +6,15 @@ from pathlib import Path
 
 import triton_python_backend_utils as pb_utils
 
-from model_repository.backend.triton_io import as_numpy, config_parameters
+from model_repository.backend.triton_io import as_numpy, config_parameters, error_response
 from model_repository.onnx_component import OnnxComponent
+from model_repository.runtime import InstanceStatus
 
 
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
         parameters = config_parameters(args)
+        self.model_name = args["model_name"]
         version_dir = Path(args["model_repository"]) / args["model_version"]
         self.component = OnnxComponent(
             version_dir / "model.onnx",
@@ -20,6 +22,7 @@ class TritonPythonModel:
             allow_spinning=parameters.get("allow_spinning", "1") != "0",
             split_threads=parameters.get("split_threads", "0") == "1",
         )
+        self.status = InstanceStatus(args["model_instance_name"])
 
     def execute(self, requests: list) -> list:
         # The dynamic batcher hands over concurrent requests together: run them as one.
@@ -30,9 +33,20 @@ class TritonPythonModel:
             }
             for request in requests
         ]
+        self.status.busy()
+        try:
+            results = self.component.run_merged(feeds)
+        except Exception as error:
+            return [error_response(error, self.model_name) for _ in requests]
+        finally:
+            self.status.idle()
         return [
             pb_utils.InferenceResponse(
                 output_tensors=[pb_utils.Tensor(name, value) for name, value in outputs.items()]
             )
-            for outputs in self.component.run_merged(feeds)
+            for outputs in results
         ]
+
+    def finalize(self) -> None:
+        self.component.close()
+        self.status.close()

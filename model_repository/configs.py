@@ -1,0 +1,203 @@
+"""Every config.pbtxt of a repository, built as Triton's `ModelConfig` protobuf.
+
+Built from the component specs of the export's manifest and from the public contract,
+so field names and tensor names cannot drift from what export, engines and clients use.
+
+    text_encoder, vae_encoder, vae_decoder   the exported components
+    unet_pix2pix, unet_img2img               dynamic batching merges concurrent steps
+    instruct_pix2pix, img2img                the edit models clients call (Python BLS)
+    readiness                                the gate the supervisor switches readiness with
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from tritonclient.grpc import model_config_pb2 as mc
+
+from export.components import MIN_IMAGE_SIDE, UNET_FOR_PIPELINE, ComponentSpec, TensorSpec
+from model_repository.preprocess import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE, ImageLimits
+from pix2pix_client.contract import OUTPUTS, parameters_for
+
+KIND_AUTO = mc.ModelInstanceGroup.KIND_AUTO
+KIND_CPU = mc.ModelInstanceGroup.KIND_CPU
+KIND_GPU = mc.ModelInstanceGroup.KIND_GPU
+
+FLAVOURS = ("python-onnxruntime", "onnxruntime", "tensorrt")
+READINESS_MODEL = "readiness"
+# The rate limiter's resource: held by a component model instance while it computes.
+CPU_RESOURCE = "onnxruntime_cpu"
+
+# Export dtype names -> Triton's config types (the contract's own are wire type names).
+_SPEC_DTYPES = {
+    "float32": mc.TYPE_FP32,
+    "float16": mc.TYPE_FP16,
+    "int32": mc.TYPE_INT32,
+    "int64": mc.TYPE_INT64,
+    "bytes": mc.TYPE_STRING,
+}
+
+
+@dataclass(frozen=True)
+class RepositoryOptions:
+    """Serving settings that are not part of the export."""
+
+    flavour: str = "python-onnxruntime"
+    max_image_side: int = DEFAULT_MAX_SIDE
+    max_image_pixels: int = DEFAULT_MAX_PIXELS
+    # Edits one edit model runs at once (one per instance), and how many it holds in all,
+    # running and waiting: a request beyond that is refused at once with UNAVAILABLE.
+    edit_instances: int = 2
+    max_edits: int = 4
+    # Microseconds the UNet's dynamic batcher waits for a partner request: small against a
+    # UNet step (tens of ms on GPU, hundreds on CPU), enough for concurrent loops to meet.
+    unet_queue_delay_us: int = 2000
+    # onnxruntime threads per component session; 0 lets onnxruntime use every core.
+    intra_op_threads: int = 0
+    # Whether idle onnxruntime pool threads spin (python-onnxruntime flavour): off, models
+    # running at the same time in other processes keep their cores.
+    allow_spinning: bool = True
+    # python-onnxruntime: one component session computes at a time, with every core
+    # (Triton's rate limiter); two sessions at once on a CPU only take cores from each
+    # other. Needs the server flag in `server_arguments`.
+    cpu_rate_limit: bool = True
+    # python-onnxruntime UNets: calls the dynamic batcher merges run side by side, one
+    # thread each, instead of as one batch (more edits/s on a CPU; the first merged call
+    # loads one more copy of the UNet per core).
+    unet_split_threads: bool = False
+
+    def check(self) -> None:
+        """Raises ValueError naming the first option outside its allowed values."""
+        if self.flavour not in FLAVOURS:
+            raise ValueError(f"flavour={self.flavour!r}: allowed one of {', '.join(FLAVOURS)}")
+        if self.edit_instances < 1:
+            raise ValueError(f"edit_instances={self.edit_instances}: allowed >= 1")
+        if self.max_edits <= self.edit_instances:
+            raise ValueError(
+                f"max_edits={self.max_edits}: allowed more than edit_instances "
+                f"({self.edit_instances}); Triton's queue holds the difference"
+            )
+
+    def image_limits(self, side_multiple: int) -> ImageLimits:
+        # TensorRT engines only run inside their optimization profile.
+        min_side = MIN_IMAGE_SIDE if self.flavour == "tensorrt" else side_multiple
+        return ImageLimits(
+            max_side=self.max_image_side,
+            max_pixels=self.max_image_pixels,
+            min_side=min_side,
+            side_multiple=side_multiple,
+        )
+
+
+def server_arguments(options: RepositoryOptions) -> list[str]:
+    """tritonserver flags the repository needs (TritonServer adds them from repository.json)."""
+    if options.flavour == "python-onnxruntime" and options.cpu_rate_limit:
+        return ["--rate-limit=execution_count"]
+    return []
+
+
+def _parameters(config: Any, values: dict[str, Any]) -> None:
+    for key, value in values.items():
+        config.parameters[key].string_value = str(value)
+
+
+def _tensor(message: Any, tensor: TensorSpec) -> None:
+    """A batched tensor: the config lists the dims after the batch axis."""
+    message.name = tensor.name
+    message.data_type = _SPEC_DTYPES[tensor.dtype]
+    dims = [-1 if isinstance(d, str) else int(d) for d in tensor.dims[1:]]
+    if dims:
+        message.dims.extend(dims)
+    else:
+        # A tensor that is only the batch axis, like the UNet's per-row timestep: Triton
+        # wants at least one dim, so it travels as [batch, 1] and reaches the model as [batch].
+        message.dims.append(1)
+        message.reshape.SetInParent()
+
+
+def _scalar(message: Any, name: str, wire_type: str, optional: bool) -> None:
+    """A [1]-shaped contract tensor of a model without a batch axis."""
+    message.name = name
+    # The wire's BYTES is a config's TYPE_STRING; the other names agree.
+    message.data_type = getattr(mc, "TYPE_STRING" if wire_type == "BYTES" else f"TYPE_{wire_type}")
+    message.dims.append(1)
+    if optional:
+        message.optional = True
+
+
+def component_config(spec: ComponentSpec, options: RepositoryOptions) -> Any:
+    """config.pbtxt of an exported component, for the chosen flavour."""
+    config = mc.ModelConfig(name=spec.name, max_batch_size=spec.axes["batch"].max)
+    for tensor in spec.inputs:
+        _tensor(config.input.add(), tensor)
+    for tensor in spec.outputs:
+        _tensor(config.output.add(), tensor)
+    is_unet = spec.name in UNET_FOR_PIPELINE.values()
+    if options.flavour == "python-onnxruntime":
+        config.backend = "python"
+        _parameters(
+            config,
+            {
+                "intra_op_threads": options.intra_op_threads,
+                "allow_spinning": int(options.allow_spinning),
+                "split_threads": int(options.unet_split_threads and is_unet),
+            },
+        )
+        group = config.instance_group.add(count=1, kind=KIND_CPU)
+        if options.cpu_rate_limit:
+            group.rate_limiter.resources.add(name=CPU_RESOURCE, count=1, **{"global": True})
+    elif options.flavour == "onnxruntime":
+        config.platform = "onnxruntime_onnx"
+        _parameters(
+            config,
+            {"intra_op_thread_count": options.intra_op_threads, "inter_op_thread_count": 1},
+        )
+        config.instance_group.add(count=1, kind=KIND_AUTO)
+    else:
+        config.platform = "tensorrt_plan"
+        config.instance_group.add(count=1, kind=KIND_GPU)
+    if is_unet:
+        config.dynamic_batching.max_queue_delay_microseconds = options.unet_queue_delay_us
+    return config
+
+
+def edit_instance_kind(flavour: str) -> int:
+    """Where an edit model runs: next to its UNet, so the loop's tensors never move.
+
+    tensorrt UNets are on a GPU; onnxruntime backend UNets are wherever Triton put them
+    (KIND_AUTO: a GPU when there is one); python-onnxruntime UNets are on the CPU.
+    """
+    return {"tensorrt": KIND_GPU, "onnxruntime": KIND_AUTO}.get(flavour, KIND_CPU)
+
+
+def edit_config(pipeline: str, options: RepositoryOptions) -> Any:
+    """The model clients call: the contract's inputs and outputs, one edit per instance."""
+    config = mc.ModelConfig(name=pipeline, backend="python", max_batch_size=0)
+    # Every input is optional to Triton, required ones included: the model names a
+    # missing input and its allowed values itself, which Triton's own check does not.
+    for parameter in parameters_for(pipeline):
+        _scalar(config.input.add(), parameter.name, parameter.wire_type, optional=True)
+    for name, wire_type, _ in OUTPUTS:
+        _scalar(config.output.add(), name, wire_type, optional=False)
+    config.instance_group.add(
+        count=options.edit_instances, kind=edit_instance_kind(options.flavour)
+    )
+    # Edits beyond the running ones wait here, up to a bound; past it Triton refuses them
+    # at once with UNAVAILABLE instead of queueing without end.
+    policy = config.dynamic_batching.default_queue_policy
+    policy.max_queue_size = options.max_edits - options.edit_instances
+    # A request may carry its own queue timeout (tritonclient's `timeout`).
+    policy.allow_timeout_override = True
+    # Inputs stay where the encoders left them (GPU memory on a GPU) instead of being
+    # copied to the CPU first, the Python backend's default.
+    _parameters(config, {"FORCE_CPU_ONLY_INPUT_TENSORS": "no"})
+    return config
+
+
+def readiness_config() -> Any:
+    config = mc.ModelConfig(name=READINESS_MODEL, backend="python", max_batch_size=0)
+    _scalar(config.input.add(), "probe", "BOOL", optional=False)
+    _scalar(config.output.add(), "ready", "BOOL", optional=False)
+    config.instance_group.add(count=1, kind=KIND_CPU)
+    return config

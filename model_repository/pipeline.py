@@ -1,0 +1,159 @@
+"""One edit from request to PNG: the method the served edit models run, top to bottom.
+
+    check inputs -> decode the image -> tokenize -> encode prompts and image -> denoise
+    -> decode latents -> encode PNG
+
+Plain Python around four component calls (`Components`): the Triton edit models reach
+the exported components through BLS, the bare onnxruntime baseline calls sessions in
+this process. `prepare` does everything that can fail on bad input, so a request is
+refused before any component runs.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from model_repository.postprocess import encode_png, tensor_to_image
+from model_repository.preprocess import (
+    EditRequest,
+    ImageLimits,
+    PromptTokenizer,
+    decode_image,
+    image_to_tensor,
+    resolve_request,
+)
+from model_repository.sampler import Sampler, SamplerInputs, StepCallback
+
+# The files an edit model's version folder holds besides model.py.
+SETTINGS_FILE = "pipeline.json"
+SCHEDULER_FILE = "scheduler_config.json"
+TOKENIZER_DIR = "tokenizer"
+
+
+class Components(Protocol):
+    """The exported components one edit calls, whatever runs them."""
+
+    def encode_prompts(self, input_ids: np.ndarray) -> torch.Tensor:
+        """[2, length] token ids (prompt, negative prompt) -> [2, length, width] embeddings."""
+        ...
+
+    def encode_image(self, pixels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """[1, 3, H, W] pixels in [-1, 1] -> the latent distribution's mean and std."""
+        ...
+
+    def predict_noise(
+        self, sample: torch.Tensor, timestep: torch.Tensor, embeds: torch.Tensor
+    ) -> torch.Tensor:
+        """One UNet call."""
+        ...
+
+    def decode_latents(self, latent: torch.Tensor) -> np.ndarray:
+        """[1, C, h, w] unscaled latents -> [1, 3, H, W] pixels in [-1, 1]."""
+        ...
+
+
+@dataclass(frozen=True)
+class PipelineSettings:
+    """What an edit model knows of its pipeline, written by the repository builder."""
+
+    pipeline: str
+    vae_scaling_factor: float
+    limits: ImageLimits
+    # Triton model and tensor names of each component call, from the export's specs.
+    components: dict[str, dict[str, Any]]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "pipeline": self.pipeline,
+            "vae_scaling_factor": self.vae_scaling_factor,
+            "limits": self.limits.__dict__,
+            "components": self.components,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> PipelineSettings:
+        return cls(
+            pipeline=data["pipeline"],
+            vae_scaling_factor=float(data["vae_scaling_factor"]),
+            limits=ImageLimits(**data["limits"]),
+            components=data["components"],
+        )
+
+
+@dataclass(frozen=True)
+class PreparedEdit:
+    """A request that passed every check: its settings and the decoded image."""
+
+    request: EditRequest
+    pixels: np.ndarray  # [1, 3, H, W] float32 in [-1, 1]
+
+
+@dataclass(frozen=True)
+class EditOutput:
+    png: bytes
+    seed: int
+
+
+class EditPipeline:
+    """Runs edits of one pipeline (instruct_pix2pix or img2img) on given components."""
+
+    def __init__(
+        self,
+        settings: PipelineSettings,
+        scheduler_config: dict[str, Any],
+        tokenizer: PromptTokenizer,
+        components: Components,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.settings = settings
+        self.tokenizer = tokenizer
+        self.components = components
+        self.sampler = Sampler(
+            settings.pipeline,
+            scheduler_config,
+            settings.vae_scaling_factor,
+            components.predict_noise,
+            device,
+        )
+
+    @classmethod
+    def from_folder(
+        cls,
+        folder: Path,
+        make_components: Callable[[PipelineSettings], Components],
+        device: torch.device | str = "cpu",
+    ) -> EditPipeline:
+        """The pipeline an edit model's version folder describes, on the given components."""
+        settings = PipelineSettings.from_json(json.loads((folder / SETTINGS_FILE).read_text()))
+        return cls(
+            settings,
+            json.loads((folder / SCHEDULER_FILE).read_text()),
+            PromptTokenizer(folder / TOKENIZER_DIR),
+            make_components(settings),
+            device,
+        )
+
+    def prepare(self, inputs: dict[str, Any]) -> PreparedEdit:
+        """Validates the inputs and decodes the image; raises InvalidArgumentError."""
+        request = resolve_request(self.settings.pipeline, inputs)
+        image = decode_image(inputs["image"], self.settings.limits)
+        return PreparedEdit(request, image_to_tensor(image))
+
+    def run(self, edit: PreparedEdit, on_step: StepCallback | None = None) -> EditOutput:
+        """Encodes, denoises and decodes one prepared edit."""
+        request = edit.request
+        input_ids = self.tokenizer([request.prompt, request.negative_prompt])
+        embeds = self.components.encode_prompts(input_ids)
+        mean, std = self.components.encode_image(edit.pixels)
+        latent = self.sampler(
+            SamplerInputs.for_request(request, embeds, mean, std), on_step=on_step
+        )
+        decoded = self.components.decode_latents(latent)
+        return EditOutput(png=encode_png(tensor_to_image(decoded)), seed=request.seed)

@@ -1,0 +1,116 @@
+"""What the supervisor and the Python backend models tell each other while a server runs.
+
+A directory named by `IMAGE_EDIT_RUNTIME_DIR` (the supervisor sets it; model processes
+inherit tritonserver's environment) holds:
+
+    draining                 present once shutdown began: edit models refuse new edits
+    instances/<instance>.<pid>  per model instance process: since when it is busy, and its
+                             longest call
+
+Each instance file is two float64 values written in place: `busy_since` (wall-clock
+seconds, 0 when idle) and `longest_call_s` (the longest call that completed). The
+supervisor reads them to tell a stuck call from a long one and to know when no edit is in
+flight. Without the variable (a plain tritonserver, as in the NGC container run by hand)
+every function here does nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+RUNTIME_DIR_VARIABLE = "IMAGE_EDIT_RUNTIME_DIR"
+DRAINING_MARKER = "draining"
+INSTANCES_DIR = "instances"
+_RECORD = struct.Struct("<dd")
+
+
+def runtime_dir() -> Path | None:
+    """The directory of the supervisor this process runs under, if any."""
+    value = os.environ.get(RUNTIME_DIR_VARIABLE)
+    return Path(value) if value else None
+
+
+def draining(directory: Path | None = None) -> bool:
+    """Whether the supervisor has begun to shut the server down."""
+    directory = directory or runtime_dir()
+    return directory is not None and (directory / DRAINING_MARKER).exists()
+
+
+def mark_draining(directory: Path) -> None:
+    (directory / DRAINING_MARKER).touch()
+
+
+class InstanceStatus:
+    """What one model instance reports about its calls (a no-op without a supervisor)."""
+
+    def __init__(self, instance_name: str, directory: Path | None = None) -> None:
+        directory = directory or runtime_dir()
+        self._fd: int | None = None
+        self._busy_since = 0.0
+        self._longest_s = 0.0
+        if directory is not None:
+            # Keyed by process too: a reloaded instance has the old one's name while the
+            # old process may still finish an edit.
+            path = directory / INSTANCES_DIR / f"{instance_name}.{os.getpid()}"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+            self._write()
+
+    def busy(self) -> None:
+        """A call starts (or makes progress: a long call beats at every step)."""
+        self._busy_since = time.time()
+        self._write()
+
+    def idle(self) -> None:
+        """The call ended."""
+        if self._busy_since:
+            self._longest_s = max(self._longest_s, time.time() - self._busy_since)
+        self._busy_since = 0.0
+        self._write()
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def _write(self) -> None:
+        if self._fd is not None:
+            os.pwrite(self._fd, _RECORD.pack(self._busy_since, self._longest_s), 0)
+
+
+@dataclass(frozen=True)
+class InstanceReport:
+    """An instance process's status as the supervisor reads it."""
+
+    instance: str
+    pid: int
+    busy_since: float
+    longest_call_s: float
+
+    def busy_for(self, now: float) -> float:
+        return now - self.busy_since if self.busy_since else 0.0
+
+
+def read_reports(directory: Path) -> dict[int, InstanceReport]:
+    """Every instance process's last report, by process id."""
+    reports = {}
+    folder = directory / INSTANCES_DIR
+    if not folder.is_dir():
+        return reports
+    for path in folder.iterdir():
+        instance, _, pid = path.name.rpartition(".")
+        data = path.read_bytes()[: _RECORD.size]
+        if pid.isdigit() and len(data) == _RECORD.size:
+            busy_since, longest = _RECORD.unpack(data)
+            reports[int(pid)] = InstanceReport(instance, int(pid), busy_since, longest)
+    return reports
+
+
+def forget_process(directory: Path, pid: int) -> None:
+    """Drops the report of a process that no longer runs."""
+    for path in (directory / INSTANCES_DIR).glob(f"*.{pid}"):
+        path.unlink(missing_ok=True)

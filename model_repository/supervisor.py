@@ -1,0 +1,325 @@
+"""Keeps a tritonserver healthy: replaces models whose process died or hung, drains.
+
+Triton 2.51 never replaces a Python backend model process that died (kill -9, an OOM
+kill) or hangs: its model stays "ready" and every request routed to it fails. The
+supervisor watches each model process (the stubs are tritonserver's children) and, when
+one is gone, a zombie, stopped, or busy far longer than its calls take, kills what is
+left of it, unloads the model and loads it again (explicit model control, through the
+restricted model-repository API with the admin key). While the model is unloaded,
+server readiness is false (strict readiness), so load balancers and Kubernetes stop
+routing here; the dead process's shared memory region is removed.
+
+While a component is down, the edit models answer UNAVAILABLE (clients retry); while an
+edit model reloads, Triton answers NOT_FOUND "has no available versions", which the
+client library retries too. If tritonserver itself exits, it is started again.
+
+Draining (on stop): the `draining` marker makes edit models refuse new edits with
+UNAVAILABLE, the `readiness` gate is unloaded so readiness turns false at once, and the
+supervisor waits until no model instance is busy or the grace period has passed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from model_repository.configs import READINESS_MODEL
+from model_repository.runtime import InstanceReport, forget_process, mark_draining, read_reports
+
+if TYPE_CHECKING:
+    from model_repository.server import TritonServer
+
+log = logging.getLogger("model_repository.supervisor")
+
+STUB_NAME = "triton_python_backend_stub"
+SHARED_MEMORY = Path("/dev/shm")
+POLL_S = 0.2
+# A call is stuck when it has run this many times longer than the longest one that
+# finished, and at least STUCK_FLOOR_S; before any call finished, FIRST_CALL_S.
+STUCK_FACTOR = 10.0
+STUCK_FLOOR_S = 10.0
+FIRST_CALL_S = 300.0
+# A process stopped by a signal (SIGSTOP) this long is taken as hung; a shorter stop may
+# be someone looking at it.
+STOPPED_FOR_S = 1.0
+# After a failed reload or restart, wait before the next try, doubling up to the maximum.
+RETRY_S = 1.0
+MAX_RETRY_S = 30.0
+GONE = (None, "Z", "X")
+
+
+def stuck_limit(report: InstanceReport) -> float:
+    """How long one call of this instance may run before it counts as stuck."""
+    if not report.longest_call_s:
+        return FIRST_CALL_S
+    return max(STUCK_FLOOR_S, STUCK_FACTOR * report.longest_call_s)
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """One replacement the supervisor made: what, why, and how long it took."""
+
+    model: str
+    why: str
+    seconds: float
+
+
+@dataclass
+class ModelProcess:
+    """One Python backend stub: which model instance it runs, and its shm region."""
+
+    pid: int
+    instance: str
+    model: str
+    shm_region: str
+    stopped_since: float | None = None
+
+
+def _read_stub(pid: int) -> ModelProcess | None:
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    # stub, model.py path, shm region, shm size, growth, parent pid, backend dir,
+    # IPC handle, instance name, ...
+    if len(argv) < 9 or not argv[0].endswith(STUB_NAME.encode()):
+        return None
+    model = Path(argv[1].decode()).parent.parent.name
+    return ModelProcess(pid, argv[8].decode(), model, argv[2].decode())
+
+
+def _state(pid: int) -> str | None:
+    """The process state letter of /proc/PID/stat (R, S, D, Z, T, t, ...), None if gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat[stat.rindex(")") + 2]
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        tasks = Path(f"/proc/{pid}/task").iterdir()
+        found = []
+        for task in tasks:
+            text = (task / "children").read_text()
+            found += [int(child) for child in text.split()]
+        return found
+    except OSError:
+        return []
+
+
+class Supervisor:
+    """Watches one TritonServer's model processes from a background thread."""
+
+    def __init__(self, server: TritonServer) -> None:
+        self.server = server
+        self.processes: dict[int, ModelProcess] = {}
+        # Processes of models the supervisor replaced, until they end.
+        self.retired: dict[int, ModelProcess] = {}
+        self.dead_regions: set[str] = set()
+        self.recoveries: list[Recovery] = []
+        self.restarting = False
+        self._served = False
+        self._retry_at: dict[str, float] = {}
+        self._retry_delay: dict[str, float] = {}
+        self._draining = False
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="triton-supervisor", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)
+
+    # ------------------------------------------------------------------ watching
+
+    def _run(self) -> None:
+        while not self._stop.wait(POLL_S):
+            try:
+                with self._lock:
+                    self._check()
+            except Exception:  # the supervisor must outlive anything it watches
+                log.exception("supervisor check failed")
+
+    def _check(self) -> None:
+        process = self.server.process
+        if process is None:
+            return
+        if process.poll() is not None:
+            # A crash is restarted; a server that never came up (a broken repository, a
+            # port in use) is left to fail its start.
+            if self._served and not self._draining:
+                self._restart_server(process.returncode)
+            return
+        if not self._served:
+            self._served = self.server.is_ready()
+            if not self._served:
+                return
+        self._discover()
+        if self.retired:
+            self._retire()
+        for model, (why, pids) in self._broken().items():
+            if time.monotonic() >= self._retry_at.get(model, 0.0):
+                self._recover(model, why, pids)
+
+    def _discover(self) -> None:
+        """Records model processes that appeared (at start and after each reload)."""
+        assert self.server.process is not None
+        for pid in _children(self.server.process.pid):
+            if pid not in self.processes and _state(pid) not in GONE:
+                found = _read_stub(pid)
+                if found is not None:
+                    self.processes[pid] = found
+
+    def _broken(self) -> dict[str, tuple[str, list[int]]]:
+        """Models with a process that died, hung or is stuck: why, and those processes."""
+        now = time.time()
+        reports = read_reports(self.server.runtime_dir)
+        broken: dict[str, tuple[str, list[int]]] = {}
+
+        def fail(stub: ModelProcess, why: str) -> None:
+            broken.setdefault(stub.model, (why, []))[1].append(stub.pid)
+
+        for pid, stub in self.processes.items():
+            state = _state(pid)
+            if state in GONE:
+                fail(stub, f"the process of {stub.instance} exited")
+            elif state == "T":
+                stub.stopped_since = stub.stopped_since or now
+                if now - stub.stopped_since >= STOPPED_FOR_S:
+                    fail(stub, f"the process of {stub.instance} is stopped")
+            else:
+                stub.stopped_since = None
+                report = reports.get(pid)
+                if report is not None and report.busy_for(now) > stuck_limit(report):
+                    fail(
+                        stub,
+                        f"{stub.instance} has been in one call for {report.busy_for(now):.0f} s "
+                        f"(limit {stuck_limit(report):.0f} s)",
+                    )
+        return broken
+
+    # ------------------------------------------------------------------ healing
+
+    def _recover(self, model: str, why: str, broken_pids: list[int]) -> None:
+        started = time.monotonic()
+        log.warning("model %s: %s; reloading it", model, why)
+        client = self.server.http_client()
+        headers = self.server.http_admin_headers
+        try:
+            for pid in broken_pids:
+                # A hung process is killed; a healthy sibling finishes its edit first.
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            # Unloaded, the model makes server readiness false (strict readiness) until
+            # the new one is loaded.
+            client.unload_model(model, headers=headers)  # type: ignore[attr-defined]
+            client.load_model(model, headers=headers)  # type: ignore[attr-defined]
+        except Exception as error:
+            delay = min(MAX_RETRY_S, 2 * self._retry_delay.get(model, RETRY_S / 2))
+            self._retry_delay[model] = delay
+            self._retry_at[model] = time.monotonic() + delay
+            log.warning("model %s: reload failed (%s); next try in %.0f s", model, error, delay)
+            return
+        finally:
+            client.close()  # type: ignore[attr-defined]
+        self._retry_delay.pop(model, None)
+        self._retry_at.pop(model, None)
+        for stub in [s for s in self.processes.values() if s.model == model]:
+            del self.processes[stub.pid]
+            self.retired[stub.pid] = stub
+        self._retire()
+        elapsed = time.monotonic() - started
+        self.recoveries.append(Recovery(model, why, elapsed))
+        log.warning("model %s reloaded in %.1f s", model, elapsed)
+
+    def _retire(self) -> None:
+        """Ends the processes of replaced models and removes their shared memory.
+
+        A model whose process died while it ran a request never finishes unloading in
+        Triton 2.51, and keeps its other instances' processes: each is killed once it is
+        no longer in a call (an unloading model gets no new requests).
+        """
+        reports = read_reports(self.server.runtime_dir)
+        for pid, stub in list(self.retired.items()):
+            report = reports.get(pid)
+            if _state(pid) not in GONE and report is not None and report.busy_since:
+                continue
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            del self.retired[pid]
+            self.dead_regions.add(stub.shm_region)
+            forget_process(self.server.runtime_dir, pid)
+        self.remove_shared_memory()
+
+    def _restart_server(self, returncode: int | None) -> None:
+        if time.monotonic() < self._retry_at.get("tritonserver", 0.0):
+            return
+        log.warning("tritonserver exited with %s; starting it again", returncode)
+        for stub in self.processes.values():
+            self.dead_regions.add(stub.shm_region)
+            forget_process(self.server.runtime_dir, stub.pid)
+        self.processes.clear()
+        self.remove_shared_memory()
+        # A server that keeps exiting (a port taken, a broken repository) is retried slower.
+        delay = min(MAX_RETRY_S, 2 * self._retry_delay.get("tritonserver", RETRY_S / 2))
+        self._retry_delay["tritonserver"] = delay
+        self._retry_at["tritonserver"] = time.monotonic() + delay
+        self.restarting = True
+        try:
+            self.server._launch()
+        finally:
+            self.restarting = False
+        self.recoveries.append(Recovery("tritonserver", f"it exited with {returncode}", 0.0))
+
+    def remove_shared_memory(self) -> None:
+        """Removes the shared memory regions of model processes that are gone."""
+        for region in list(self.dead_regions):
+            with contextlib.suppress(FileNotFoundError):
+                (SHARED_MEMORY / region).unlink()
+            self.dead_regions.discard(region)
+
+    # ------------------------------------------------------------------ stopping
+
+    def drain(self, grace_s: float) -> None:
+        """Refuses new edits, turns readiness off, waits for edits in flight to finish."""
+        with self._lock:
+            self._draining = True
+            mark_draining(self.server.runtime_dir)
+            client = self.server.http_client()
+            try:
+                with contextlib.suppress(Exception):
+                    client.unload_model(  # type: ignore[attr-defined]
+                        READINESS_MODEL, headers=self.server.http_admin_headers
+                    )
+            finally:
+                client.close()  # type: ignore[attr-defined]
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline and self._edits_in_flight():
+            time.sleep(POLL_S)
+        # Every model process is a region to remove once the server is gone.
+        with self._lock:
+            for stub in (*self.processes.values(), *self.retired.values()):
+                self.dead_regions.add(stub.shm_region)
+
+    def _edits_in_flight(self) -> bool:
+        """Whether any live model process is in a call (an edit, or a component for one)."""
+        reports = read_reports(self.server.runtime_dir)
+        return any(r.busy_since and _state(pid) not in GONE for pid, r in reports.items())
+
+    def model_processes_alive(self) -> bool:
+        """Whether a model process of the current models still runs (after SIGINT: they
+        end as their models unload)."""
+        return any(_state(pid) not in GONE for pid in self.processes)
