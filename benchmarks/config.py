@@ -39,7 +39,7 @@ class BenchConfig:
     # Merged UNet calls run side by side, one thread each (loads a UNet copy per core;
     # off by default in RepositoryOptions for that reason, on for the CPU benchmark).
     unet_split_threads: bool = True
-    sampler_instances: int = 2
+    edit_instances: int = 2
     unet_queue_delay_us: int = 2000
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -22,18 +22,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from pix2pix_client.contract import PARAMETERS_BY_NAME
+from pix2pix_client.contract import ADMIN_GRPC_HEADER, ADMIN_KEY_VARIABLE, PARAMETERS_BY_NAME
 
 TRITONCLIENT_PIN = "tritonclient==2.51.0"
 # soname perf_analyzer links -> the start of the bundled file's hashed name
 NEEDED_LIBRARIES = {"libb64.so.0d": "libb64-", "libcudart.so.12": "libcudart-"}
-# perf_analyzer's input-data JSON names Triton's wire types.
-WIRE_TYPES = {
-    "TYPE_STRING": "BYTES",
-    "TYPE_INT32": "INT32",
-    "TYPE_INT64": "INT64",
-    "TYPE_FP32": "FP32",
-}
 
 
 class PerfAnalyzerError(RuntimeError):
@@ -140,7 +133,7 @@ def input_data(image: bytes, request: dict[str, Any]) -> dict[str, Any]:
         "image": {"content": {"b64": bytes_element(image)}, "shape": [1]},
     }
     for name, value in request.items():
-        wire = WIRE_TYPES[PARAMETERS_BY_NAME[name].triton_dtype]
+        wire = PARAMETERS_BY_NAME[name].wire_type
         entry[name] = {"content": [value], "shape": [1]}
         if wire == "BYTES" and not isinstance(value, str):
             raise TypeError(f"{name}: text expected, got {type(value).__name__}")
@@ -311,6 +304,13 @@ class LevelResult:
 # --------------------------------------------------------------------------- running
 
 
+def admin_header_flags() -> list[str]:
+    """perf_analyzer reads the model config and statistics, which the server restricts:
+    the admin key from $IMAGE_EDIT_ADMIN_KEY goes with every call."""
+    key = os.environ.get(ADMIN_KEY_VARIABLE)
+    return ["-H", f"{ADMIN_GRPC_HEADER}:{key}"] if key else []
+
+
 @dataclass(frozen=True)
 class PerfAnalyzer:
     binary: Path
@@ -339,6 +339,7 @@ class PerfAnalyzer:
             "--max-threads", str(max(concurrency, 4)),
             "-f", str(csv_file),
             "--profile-export-file", str(profile_file),
+            *admin_header_flags(),
         ]  # fmt: skip
 
     def run_level(

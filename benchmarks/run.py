@@ -25,6 +25,8 @@ import dataclasses
 import datetime
 import functools
 import json
+import os
+import secrets
 import shlex
 import statistics
 import sys
@@ -46,7 +48,6 @@ from benchmarks.baselines import (
 from benchmarks.config import BenchConfig
 from benchmarks.machine_load import LoadMeter
 from benchmarks.perf_analyzer import (
-    WIRE_TYPES,
     CsvLevel,
     LevelResult,
     PerfAnalyzer,
@@ -62,16 +63,11 @@ from benchmarks.server_stats import ModelCounters, combine, settled_snapshot, st
 from export.presets import IMG2IMG_FOLDER, PIX2PIX_FOLDER, PRESETS
 from model_repository.builder import build_repository
 from model_repository.configs import FLAVOURS, RepositoryOptions
-from pix2pix_client.contract import IMG2IMG, INSTRUCT_PIX2PIX, PARAMETERS_BY_NAME, SCHEDULERS
+from pix2pix_client.contract import ADMIN_KEY_VARIABLE, IMG2IMG, INSTRUCT_PIX2PIX, SCHEDULERS
+from pix2pix_client.request import contract_input
 
 DEFAULT_BUILD_DIR = Path("build")
 PIPELINE_FOLDER = {INSTRUCT_PIX2PIX: PIX2PIX_FOLDER, IMG2IMG: IMG2IMG_FOLDER}
-NUMPY_TYPES = {
-    "TYPE_STRING": "object",
-    "TYPE_INT32": "int32",
-    "TYPE_INT64": "int64",
-    "TYPE_FP32": "float32",
-}
 # A round in which other processes used more than this share of the machine is measured
 # again (at most MAX_EXTRA_ROUNDS times per run or ablation step).
 DISTURBED_LOAD = 0.05
@@ -124,7 +120,7 @@ def export_folder(build_dir: Path, config: BenchConfig) -> Path:
 def repository_options(config: BenchConfig) -> RepositoryOptions:
     return RepositoryOptions(
         flavour=config.flavour,
-        sampler_instances=config.sampler_instances,
+        edit_instances=config.edit_instances,
         unet_queue_delay_us=config.unet_queue_delay_us,
         intra_op_threads=config.intra_op_threads,
         allow_spinning=config.allow_spinning,
@@ -159,20 +155,13 @@ def build_for(config: BenchConfig, preset_root: Path, build_dir: Path, name: str
 
 def infer_once(url: str, pipeline: str, image: bytes, request: dict[str, Any]) -> bytes:
     """One edit over gRPC with plain tritonclient; returns the PNG."""
-    import numpy as np
     import tritonclient.grpc as grpcclient
 
     client = grpcclient.InferenceServerClient(url)
     try:
-        inputs = []
-        for name, value in {"image": image, **request}.items():
-            triton_dtype = PARAMETERS_BY_NAME[name].triton_dtype
-            if isinstance(value, str):
-                value = value.encode()
-            array = np.array([value], dtype=NUMPY_TYPES[triton_dtype])
-            tensor = grpcclient.InferInput(name, [1], WIRE_TYPES[triton_dtype])
-            tensor.set_data_from_numpy(array)
-            inputs.append(tensor)
+        inputs = [
+            contract_input(name, value) for name, value in {"image": image, **request}.items()
+        ]
         result = client.infer(pipeline, inputs, client_timeout=900)
         return bytes(result.as_numpy("edited_image")[0])
     finally:
@@ -183,12 +172,12 @@ def warm_up(url: str, config: BenchConfig, image: bytes) -> tuple[bytes, float]:
     """Twice, as many concurrent edits as sampler instances: every instance of every model
     has run (the first edit of an instance imports and allocates lazily)."""
     started = time.perf_counter()
-    with ThreadPoolExecutor(config.sampler_instances) as pool:
+    with ThreadPoolExecutor(config.edit_instances) as pool:
         for _ in range(2):
             outputs = list(
                 pool.map(
                     lambda _: infer_once(url, config.pipeline, image, config.request()),
-                    range(config.sampler_instances),
+                    range(config.edit_instances),
                 )
             )
     return outputs[0], time.perf_counter() - started
@@ -316,7 +305,7 @@ def measure_rounds(
 
     measured = Measurement({}, {}, {}, {}, {})
     measured.outputs["triton"], warmup_s = warm_up(url, config, image)
-    log(f"Triton warm-up ({2 * config.sampler_instances} edits): {warmup_s:.1f} s")
+    log(f"Triton warm-up ({2 * config.edit_instances} edits): {warmup_s:.1f} s")
     for name, edit in baselines.items():
         started = time.perf_counter()
         measured.outputs[name] = edit(image)
@@ -761,7 +750,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=defaults.unet_split_threads,
         help="merged UNet calls run side by side, one thread each",
     )
-    parser.add_argument("--sampler-instances", type=int, default=defaults.sampler_instances)
+    parser.add_argument("--edit-instances", type=int, default=defaults.edit_instances)
     parser.add_argument("--unet-queue-delay-us", type=int, default=defaults.unet_queue_delay_us)
     parser.add_argument("--skip-baselines", action="store_true", help="measure Triton only")
     parser.add_argument(
@@ -805,13 +794,15 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         allow_spinning=args.spinning,
         cpu_rate_limit=args.rate_limit,
         unet_split_threads=args.unet_split_threads,
-        sampler_instances=args.sampler_instances,
+        edit_instances=args.edit_instances,
         unet_queue_delay_us=args.unet_queue_delay_us,
     )
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # The statistics API needs the admin key; the servers started here take it from here.
+    os.environ.setdefault(ADMIN_KEY_VARIABLE, secrets.token_urlsafe(24))
     try:
         config = config_from_args(args)
     except ValueError as error:

@@ -2,17 +2,19 @@
 
 Triton keeps cumulative counters per model (request count, and nanoseconds spent queued
 and computing). A snapshot before and after a window, subtracted, gives what that window
-cost; dividing by the ensemble's request count in the window gives the cost per edit.
-The UNet's calls come from the sampler through BLS and are counted under the UNet model.
+cost; dividing by the edit model's request count in the window gives the cost per edit.
+The components' calls come from the edit model through BLS and count under their models.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from export.components import TEXT_ENCODER, UNET_FOR_PIPELINE, VAE_DECODER, VAE_ENCODER
-from model_repository.builder import POSTPROCESS, preprocess_model, sampler_model
+from pix2pix_client.contract import ADMIN_KEY_VARIABLE
+from pix2pix_client.request import normalise_headers
 
 
 @dataclass(frozen=True)
@@ -69,12 +71,13 @@ def counters_from_json(statistics: dict[str, Any]) -> dict[str, ModelCounters]:
 
 
 def snapshot(client: Any) -> dict[str, ModelCounters]:
-    """Counters of every model, from a tritonclient gRPC or HTTP client."""
-    try:
-        statistics = client.get_inference_statistics(as_json=True)
-    except TypeError:  # the HTTP client returns JSON already
-        statistics = client.get_inference_statistics()
-    return counters_from_json(statistics)
+    """Counters of every model, from a tritonclient gRPC client.
+
+    The statistics API is restricted: the admin key comes from $IMAGE_EDIT_ADMIN_KEY,
+    which the servers the benchmark starts read too.
+    """
+    headers = normalise_headers(None, os.environ.get(ADMIN_KEY_VARIABLE))
+    return counters_from_json(client.get_inference_statistics(headers=headers, as_json=True))
 
 
 def settled_snapshot(client: Any, timeout_s: float = 10.0) -> dict[str, ModelCounters]:
@@ -130,16 +133,22 @@ class StageRow:
 
 
 def stage_rows(counters: dict[str, ModelCounters], pipeline: str) -> list[StageRow]:
-    """The per-stage table of one ensemble from a window's counters.
+    """The per-stage table of one edit model from a window's counters.
 
-    Compute time is compute_infer (the model's own work). "sampler loop" is the sampler's
-    compute minus the UNet requests' server time: the Python loop, the scheduler math and
-    the BLS round trips. The last row is the ensemble's end-to-end time inside the server.
+    Compute time is compute_infer (the model's own work). "edit model" is the edit
+    model's compute minus its component calls' server time: decoding and resizing the
+    image, tokenizing, the Python loop and scheduler math, the BLS round trips and the PNG
+    encoding. The last row is the edit's end-to-end time inside the server.
     """
     edits = counters[pipeline].requests
     if edits <= 0:
         raise ValueError(f"no {pipeline} requests in this window")
-    unet = UNET_FOR_PIPELINE[pipeline]
+    components = (
+        ("text encoder", TEXT_ENCODER),
+        ("VAE encoder", VAE_ENCODER),
+        ("UNet x N", UNET_FOR_PIPELINE[pipeline]),
+        ("VAE decoder", VAE_DECODER),
+    )
 
     def row(stage: str, model: str) -> StageRow:
         c = counters.get(model, ModelCounters())
@@ -153,37 +162,27 @@ def stage_rows(counters: dict[str, ModelCounters], pipeline: str) -> list[StageR
             executions_per_edit=c.executions / edits,
         )
 
-    rows = [
-        row("preprocess", preprocess_model(pipeline)),
-        row("text encoder", TEXT_ENCODER),
-        row("VAE encoder", VAE_ENCODER),
-        row("UNet x N", unet),
-    ]
-    sampler = counters.get(sampler_model(pipeline), ModelCounters())
-    unet_server_ns = counters.get(unet, ModelCounters()).success_ns
-    loop_ns = max(sampler.compute_infer_ns - unet_server_ns, 0)
-    rows.append(
+    edit = counters[pipeline]
+    component_ns = sum(counters.get(m, ModelCounters()).success_ns for _, m in components)
+    own_ns = max(edit.compute_infer_ns - component_ns, 0)
+    return [
+        *(row(stage, model) for stage, model in components),
         StageRow(
-            stage="sampler loop (w/o UNet)",
-            model=sampler_model(pipeline),
-            calls_per_edit=sampler.requests / edits,
-            ms_per_call=loop_ns / sampler.requests / 1e6 if sampler.requests else 0.0,
-            ms_per_edit=loop_ns / edits / 1e6,
-            queue_ms_per_edit=sampler.queue_ns / edits / 1e6,
-            executions_per_edit=sampler.executions / edits,
-        )
-    )
-    rows += [row("VAE decoder", VAE_DECODER), row("postprocess", POSTPROCESS)]
-    ensemble = counters[pipeline]
-    rows.append(
+            stage="edit model (w/o components)",
+            model=pipeline,
+            calls_per_edit=1.0,
+            ms_per_call=own_ns / edits / 1e6,
+            ms_per_edit=own_ns / edits / 1e6,
+            queue_ms_per_edit=edit.queue_ns / edits / 1e6,
+            executions_per_edit=edit.executions / edits,
+        ),
         StageRow(
             stage="end to end (server)",
             model=pipeline,
             calls_per_edit=1.0,
-            ms_per_call=ensemble.success_ns / edits / 1e6,
-            ms_per_edit=ensemble.success_ns / edits / 1e6,
-            queue_ms_per_edit=ensemble.queue_ns / edits / 1e6,
+            ms_per_call=edit.success_ns / edits / 1e6,
+            ms_per_edit=edit.success_ns / edits / 1e6,
+            queue_ms_per_edit=edit.queue_ns / edits / 1e6,
             executions_per_edit=1.0,
-        )
-    )
-    return rows
+        ),
+    ]

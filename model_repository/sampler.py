@@ -143,6 +143,9 @@ class Sampler:
         self.vae_scaling_factor = vae_scaling_factor
         self.unet = unet
         self.device = torch.device(device)
+        # diffusers imports its scheduler classes lazily, seconds of work: done here, at
+        # model load, instead of in the first edit.
+        make_scheduler(None, self.scheduler_config)
 
     def __call__(
         self,
