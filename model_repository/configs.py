@@ -49,7 +49,7 @@ class RepositoryOptions:
     # Edits one edit model runs at once (one per instance), and how many it holds in all,
     # running and waiting: a request beyond that is refused at once with UNAVAILABLE.
     edit_instances: int = 2
-    max_edits: int = 4
+    max_edits: int = 8
     # Microseconds the UNet's dynamic batcher waits for a partner request: small against a
     # UNet step (tens of ms on GPU, hundreds on CPU), enough for concurrent loops to meet.
     unet_queue_delay_us: int = 2000

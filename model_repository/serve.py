@@ -1,11 +1,20 @@
-"""Builds whatever is missing for a preset or checkpoint, then serves it until Ctrl-C.
+"""Serves a model repository until SIGTERM or Ctrl-C, building it first when needed.
 
-    python -m model_repository.serve [--preset tiny | --model DIR] [--flavour ...]
+    python -m model_repository.serve [--preset tiny | --model DIR | --repository DIR]
+        [--host 127.0.0.1] [--grpc-port 8001] [--tls-cert PEM --tls-key PEM] ...
 
-Steps, each skipped when its output is already there and current: the preset's weights,
-the validated ONNX export, the model repository; then tritonserver (from the
-`nvidia-pytriton` wheel) starts, the endpoints are printed once every model is ready,
-and Ctrl-C (or SIGTERM) shuts it down cleanly.
+With --preset or --model, every step whose output is missing or stale runs first: the
+preset's weights, the validated ONNX export, the model repository. With --repository, a
+built repository is served as it is (the container's entry point). Then tritonserver
+starts with the project's flags (model_repository/server.py) under the supervisor, and
+the endpoints are printed once every model is ready.
+
+Secure by default: it listens on 127.0.0.1 only (`--host 0.0.0.0` to open it), and
+every API but inference, health, metadata and metrics needs the admin key from
+$IMAGE_EDIT_ADMIN_KEY or the file $IMAGE_EDIT_ADMIN_KEY_FILE (without one, a random key
+only this process knows). On SIGTERM or Ctrl-C it drains: readiness turns false, new
+edits are refused with UNAVAILABLE, edits in flight finish (up to --grace seconds), and
+it exits 0.
 """
 
 from __future__ import annotations
@@ -24,9 +33,10 @@ from export.onnx_export import MANIFEST
 from export.presets import PRESETS
 from model_repository.builder import build_repository
 from model_repository.configs import FLAVOURS, RepositoryOptions
-from model_repository.server import TritonServer
+from model_repository.server import TlsFiles, TritonServer
 
 DEFAULT_BUILD_DIR = Path("build")
+DEFAULT_GRACE_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -120,46 +130,108 @@ def prepare(
     return BuiltModel(name=name, export_dir=export_dir, repository=repository)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    defaults = RepositoryOptions()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     source.add_argument("--model", type=Path, help="a diffusers folder (or a preset root)")
-    parser.add_argument("--flavour", choices=FLAVOURS, default="python-onnxruntime")
-    parser.add_argument("--engines", type=Path, help="TensorRT engine folder (tensorrt flavour)")
-    parser.add_argument("--build-dir", type=Path, default=DEFAULT_BUILD_DIR)
-    parser.add_argument("--grpc-port", type=int, default=8001)
-    parser.add_argument("--http-port", type=int, default=8000)
-    parser.add_argument("--metrics-port", type=int, default=8002)
-    parser.add_argument("--max-image-side", type=int, default=RepositoryOptions.max_image_side)
-    parser.add_argument("--intra-op-threads", type=int, default=0)
-    args = parser.parse_args(argv)
+    source.add_argument("--repository", help="a built model repository, served as it is")
+    building = parser.add_argument_group("building (with --preset or --model)")
+    building.add_argument("--flavour", choices=FLAVOURS, default=defaults.flavour)
+    building.add_argument("--engines", type=Path, help="TensorRT engine folder (tensorrt)")
+    building.add_argument("--build-dir", type=Path, default=DEFAULT_BUILD_DIR)
+    building.add_argument("--max-image-side", type=int, default=defaults.max_image_side)
+    building.add_argument("--intra-op-threads", type=int, default=defaults.intra_op_threads)
+    building.add_argument(
+        "--edit-instances",
+        type=int,
+        default=defaults.edit_instances,
+        help="edits each edit model runs at once (default: %(default)s)",
+    )
+    building.add_argument(
+        "--max-edits",
+        type=int,
+        default=defaults.max_edits,
+        help="edits each edit model holds, running and waiting; more are refused with "
+        "UNAVAILABLE (default: %(default)s)",
+    )
+    serving = parser.add_argument_group("serving")
+    serving.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address every endpoint binds to (default: %(default)s; 0.0.0.0 opens it)",
+    )
+    serving.add_argument("--grpc-port", type=int, default=8001)
+    serving.add_argument("--http-port", type=int, default=8000)
+    serving.add_argument("--metrics-port", type=int, default=8002)
+    serving.add_argument("--tls-cert", type=Path, help="gRPC TLS: the server certificate (PEM)")
+    serving.add_argument("--tls-key", type=Path, help="gRPC TLS: its private key (PEM)")
+    serving.add_argument(
+        "--tls-client-ca",
+        type=Path,
+        help="gRPC mutual TLS: clients must present a certificate this CA signed (PEM)",
+    )
+    serving.add_argument(
+        "--grace",
+        type=float,
+        default=DEFAULT_GRACE_S,
+        help="seconds edits in flight may take to finish on SIGTERM (default: %(default)s)",
+    )
+    serving.add_argument("--log-file", type=Path, help="tritonserver's log (default: build/logs)")
+    return parser
 
+
+def tls_files(args: argparse.Namespace) -> TlsFiles | None:
+    if args.tls_cert is None and args.tls_key is None:
+        if args.tls_client_ca is not None:
+            raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
+        return None
+    if args.tls_cert is None or args.tls_key is None:
+        raise ValueError("TLS needs both --tls-cert and --tls-key")
+    for path in (args.tls_cert, args.tls_key, args.tls_client_ca):
+        if path is not None and not path.is_file():
+            raise FileNotFoundError(f"{path}: no such file")
+    return TlsFiles(args.tls_cert, args.tls_key, args.tls_client_ca)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     options = RepositoryOptions(
         flavour=args.flavour,
         max_image_side=args.max_image_side,
         intra_op_threads=args.intra_op_threads,
+        edit_instances=args.edit_instances,
+        max_edits=args.max_edits,
     )
     try:
-        built = prepare(
-            preset=None if args.model else args.preset,
-            model=args.model,
-            build_dir=args.build_dir,
-            options=options,
-            engines_dir=args.engines,
-        )
+        tls = tls_files(args)
+        if args.repository is not None:
+            repository, name = args.repository, Path(str(args.repository).rstrip("/")).name
+        else:
+            built = prepare(
+                preset=None if args.model else args.preset,
+                model=args.model,
+                build_dir=args.build_dir,
+                options=options,
+                engines_dir=args.engines,
+            )
+            repository, name = str(built.repository), built.name
     except (UnsupportedCheckpointError, FileNotFoundError, ValueError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
-    log_file = args.build_dir / "logs" / f"tritonserver-{built.name}.log"
+    log_file = args.log_file or args.build_dir / "logs" / f"tritonserver-{name}.log"
     log_file.parent.mkdir(parents=True, exist_ok=True)
     server = TritonServer(
-        built.repository,
+        repository,
+        host=args.host,
         grpc_port=args.grpc_port,
         http_port=args.http_port,
         metrics_port=args.metrics_port,
+        tls=tls,
         log_file=log_file,
+        grace_s=args.grace,
     )
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -167,25 +239,30 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     server.start()
     try:
-        server.wait_ready()
-        _log(f"tritonserver ready in {time.perf_counter() - started:.1f} s")
-        _log(
-            f"  gRPC     {server.grpc_url}   (pix2pix edit IMAGE -p '...' --url {server.grpc_url})"
-        )
-        _log(f"  HTTP     {server.http_url}")
-        _log(f"  metrics  http://127.0.0.1:{server.metrics_port}/metrics")
-        _log(f"  log      {log_file}")
-        _log("Ctrl-C stops the server.")
+        while not stop.is_set():
+            try:
+                server.wait_ready(timeout_s=0.5)
+                break
+            except TimeoutError:
+                continue
+        if not stop.is_set():
+            _log(f"tritonserver ready in {time.perf_counter() - started:.1f} s")
+            scheme = "TLS" if tls else "plain"
+            _log(
+                f"  gRPC     {args.host}:{args.grpc_port}  ({scheme}; pix2pix edit IMAGE -p '...')"
+            )
+            _log(f"  HTTP     {args.host}:{args.http_port}  (health: /v2/health/ready)")
+            _log(f"  metrics  http://{args.host}:{args.metrics_port}/metrics")
+            _log(f"  log      {log_file}")
+            _log("SIGTERM or Ctrl-C drains and stops the server.")
         while not stop.wait(0.5):
-            if server.process is not None and server.process.poll() is not None:
-                print(f"error: tritonserver exited\n{server.log_tail()}", file=sys.stderr)
-                return 1
+            pass
     except (RuntimeError, TimeoutError) as error:
         print(f"error: {error}", file=sys.stderr)
+        server.stop(grace_s=0)
         return 1
-    finally:
-        _log("stopping tritonserver ...")
-        server.stop()
+    _log(f"draining: edits in flight finish (up to {args.grace:.0f} s), new ones are refused")
+    server.stop()
     _log("stopped.")
     return 0
 

@@ -104,6 +104,16 @@ def _state(pid: int) -> str | None:
     return stat[stat.rindex(")") + 2]
 
 
+def model_processes(server_pid: int) -> list[ModelProcess]:
+    """The live Python backend model processes of a tritonserver."""
+    found = []
+    for pid in _children(server_pid):
+        stub = _read_stub(pid) if _state(pid) not in GONE else None
+        if stub is not None:
+            found.append(stub)
+    return found
+
+
 def _children(pid: int) -> list[int]:
     try:
         tasks = Path(f"/proc/{pid}/task").iterdir()
@@ -177,11 +187,9 @@ class Supervisor:
     def _discover(self) -> None:
         """Records model processes that appeared (at start and after each reload)."""
         assert self.server.process is not None
-        for pid in _children(self.server.process.pid):
-            if pid not in self.processes and _state(pid) not in GONE:
-                found = _read_stub(pid)
-                if found is not None:
-                    self.processes[pid] = found
+        for stub in model_processes(self.server.process.pid):
+            if stub.pid not in self.processes and stub.pid not in self.retired:
+                self.processes[stub.pid] = stub
 
     def _broken(self) -> dict[str, tuple[str, list[int]]]:
         """Models with a process that died, hung or is stuck: why, and those processes."""

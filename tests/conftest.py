@@ -84,3 +84,24 @@ def grpc_client(tiny_server):
     client = grpcclient.InferenceServerClient(tiny_server.grpc_url)
     yield client
     client.close()
+
+
+@pytest.fixture(scope="module")
+def start_server(tmp_path_factory: pytest.TempPathFactory):
+    """Starts servers of the module's own (they stop with the module): `start(repository,
+    **TritonServer options)` returns a ready TritonServer."""
+    from model_repository.server import TritonServer
+
+    started: list[TritonServer] = []
+
+    def start(repository: Path, **options: object) -> TritonServer:
+        log = tmp_path_factory.mktemp("logs") / "tritonserver.log"
+        server = TritonServer(repository, log_file=log, **options)  # type: ignore[arg-type]
+        started.append(server)
+        server.start()
+        server.wait_ready(timeout_s=300)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()

@@ -16,6 +16,7 @@ from model_repository.preprocess import (
     resolve_request,
 )
 from pix2pix_client.contract import InvalidArgumentError
+from tests.bad_images import mutations, named_cases
 from tests.serving import photo, png_bytes
 
 
@@ -104,3 +105,54 @@ def test_defaults_and_random_seed() -> None:
     assert first.temperature == 1.0 and first.scheduler is None and first.negative_prompt == ""
     assert first.seed != second.seed
     assert resolve_request("img2img", {"image": b"x", "prompt": "p"}).temperature == 0.8
+
+
+# --------------------------------------------------------------------------- hostile bytes
+
+MUTATIONS = 6000
+
+
+def test_every_mutation_decodes_or_is_refused_as_the_image(summary) -> None:
+    """Seeded byte flips, insertions, deletions and truncations of valid PNG, JPEG,
+    progressive JPEG and WebP files: each decodes, or raises the contract's error naming
+    the image in the project's words. No other exception, whatever Pillow raises."""
+    outcomes: dict[str, int] = {"decoded": 0, "refused": 0}
+    kinds: dict[str, int] = {}
+    for _, data in mutations(MUTATIONS, seed=12):
+        try:
+            image = decode_image(data)
+        except InvalidArgumentError as error:
+            assert error.field == "image"
+            message = str(error)
+            assert message.startswith("image ") and ": allowed " in message, message
+            assert "Traceback" not in message and "/" not in message.split(": allowed")[0]
+            outcomes["refused"] += 1
+            reason = message.split("(", 1)[-1].split(":")[0] if "(" in message else message
+            kinds[reason] = kinds.get(reason, 0) + 1
+        else:
+            assert image.mode == "RGB" and min(image.size) >= 8
+            outcomes["decoded"] += 1
+    summary(
+        "image mutations through decode_image",
+        f"{MUTATIONS} mutations: {outcomes['decoded']} decoded, {outcomes['refused']} refused "
+        "as image errors, 0 other exceptions",
+    )
+    assert outcomes["refused"] > MUTATIONS // 10 and outcomes["decoded"] > MUTATIONS // 10
+
+
+@pytest.mark.parametrize("case", sorted(named_cases()))
+def test_named_hostile_files_are_image_errors(case: str) -> None:
+    with pytest.raises(InvalidArgumentError) as refused:
+        decode_image(named_cases()[case])
+    assert refused.value.field == "image"
+    message = str(refused.value)
+    assert message.startswith("image ") and "allowed encoded PNG, JPEG or WebP" in message
+    # Pillow's own wording of its limits stays out of the message.
+    assert "MAX_TEXT_CHUNK" not in message and "Decompressed Data Too Large" not in message
+
+
+def test_a_decompression_bomb_gets_the_pixel_message() -> None:
+    with pytest.raises(
+        InvalidArgumentError, match=r"image is too large to decode: allowed at most"
+    ):
+        decode_image(png_bytes(Image.new("1", (20000, 20000))))
