@@ -25,6 +25,7 @@ WEIGHTED_COMPONENTS = ("unet", "vae", "text_encoder")
 # Defaults of diffusers' UNet2DConditionModel and AutoencoderKL for keys a config may omit.
 DEFAULT_CHANNELS = 4
 DEFAULT_CROSS_ATTENTION_DIM = 1280
+SD_TRAINED_IMAGE_SIDE = 512
 
 
 class UnsupportedCheckpointError(ValueError):
@@ -170,8 +171,16 @@ def model_dimensions(folder: PipelineFolder, pipeline: Any) -> ModelDimensions:
         latent_channels=int(pipeline.vae.config.latent_channels),
         # 2 ** (number of VAE blocks - 1)
         vae_scale_factor=int(pipeline.vae_scale_factor),
-        unet_sample_size=int(pipeline.unet.config.sample_size),
+        unet_sample_size=_trained_latent_side(pipeline),
     )
+
+
+def _trained_latent_side(pipeline: Any) -> int:
+    """The UNet's `sample_size`: the latent side it was trained at."""
+    side = pipeline.unet.config.sample_size
+    if side is None:  # optional in diffusers; Stable Diffusion 1.x trained at 512 pixels
+        return SD_TRAINED_IMAGE_SIDE // pipeline.vae_scale_factor
+    return int(max(side) if isinstance(side, list | tuple) else side)
 
 
 def checkpoint_inputs(
