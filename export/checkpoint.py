@@ -62,7 +62,7 @@ def inspect_folder(path: Path) -> PipelineFolder:
     if "XL" in class_name or "text_encoder_2" in index or (path / "text_encoder_2").exists():
         raise UnsupportedCheckpointError(
             f"{path}: {class_name or 'this checkpoint'} is an SDXL pipeline; "
-            "supported: Stable Diffusion 1.x InstructPix2Pix and img2img"
+            "supported: Stable Diffusion 1.x/2.x-style InstructPix2Pix and img2img"
         )
     for component in REQUIRED_COMPONENTS:
         if not (path / component).is_dir():
@@ -80,7 +80,7 @@ def inspect_folder(path: Path) -> PipelineFolder:
     unet = json.loads((path / "unet" / "config.json").read_text())
     if unet.get("addition_embed_type") or unet.get("cross_attention_dim") == 2048:
         raise UnsupportedCheckpointError(
-            f"{path}: unet is conditioned like SDXL; supported: Stable Diffusion 1.x"
+            f"{path}: unet is conditioned like SDXL; supported: Stable Diffusion 1.x/2.x-style"
         )
     pipeline = _pipeline_of_unet(path, unet)
     _check_cross_attention(path, unet)
@@ -194,7 +194,8 @@ def checkpoint_inputs(
             "the two pipelines have different component shapes: "
             + "; ".join(f"{name} {value}" for name, value in dims.items())
         )
-    tokenizer = next(iter(pipelines.values())).tokenizer
+    # The export ships this pipeline's tokenizer (export.onnx_export copies it).
+    tokenizer = (pipelines.get(PIX2PIX) or next(iter(pipelines.values()))).tokenizer
     return CheckpointInputs(
         dims=first,
         bos_token_id=int(tokenizer.bos_token_id),
