@@ -173,17 +173,29 @@ def test_variant_pipelines_run_in_diffusers(exported_variant: ExportedVariant) -
 def test_variants_cover_the_family() -> None:
     """The seeds' draws span what the export must not assume (sizes, ids, depths)."""
     presets = [draw_variant(seed) for seed in VARIANT_SEEDS]
+
+    def drawn(value: Callable[[Preset], object]) -> set[object]:
+        return {value(p) for p in presets}
+
     assert len(presets) >= 4
-    assert {vae_scale_factor(p) for p in presets} >= {4, 8, 16}
-    vocab_sizes = {p.text_encoder["vocab_size"] for p in presets}
-    assert len(vocab_sizes) >= 3 and min(vocab_sizes) < VOCAB_SIZE
-    assert len({p.text_encoder["hidden_size"] for p in presets}) >= 3
-    assert len({len(p.unet["block_out_channels"]) for p in presets}) >= 2
-    assert any(p.vae["latent_channels"] != 4 for p in presets)
-    assert any(isinstance(p.unet["attention_head_dim"], list) for p in presets)
-    assert any(isinstance(p.unet["attention_head_dim"], int) for p in presets)
+    assert drawn(vae_scale_factor) >= {4, 8, 16}
+    assert drawn(lambda p: len(p.unet["block_out_channels"])) == {2, 3, 4}
+    assert drawn(lambda p: p.unet["layers_per_block"]) == {1, 2}
+    assert drawn(lambda p: p.vae["layers_per_block"]) == {1, 2}
+    assert len(drawn(lambda p: p.vae["latent_channels"])) >= 2
+    vocab_sizes = drawn(lambda p: p.text_encoder["vocab_size"])
+    assert len(vocab_sizes) >= 3 and VOCAB_SIZE in vocab_sizes and min(vocab_sizes) <= 1000
+    assert len(drawn(lambda p: p.text_encoder["hidden_size"])) >= 3
+    # Heads as one number and as different numbers per block.
+    heads = [p.unet["attention_head_dim"] for p in presets]
+    assert any(isinstance(h, int) for h in heads)
+    assert any(isinstance(h, list) and len(set(h)) > 1 for h in heads)
+    assert drawn(lambda p: isinstance(p.unet["cross_attention_dim"], list)) == {True, False}
+    assert drawn(lambda p: p.unet["use_linear_projection"]) == {True, False}
     assert any(p.tokenizer_max_length < p.text_encoder["max_position_embeddings"] for p in presets)
-    assert len({p.pad_token for p in presets}) == 2
+    assert len(drawn(lambda p: p.pad_token)) == 2
+    # SD 1.5's legacy special ids in the text encoder config, and the tokenizer's own.
+    assert drawn(lambda p: p.text_encoder["bos_token_id"] == 0) == {True, False}
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ from export.tokenizer import END_OF_TEXT, MIN_VOCAB_SIZE, VOCAB_SIZE
 from export.validation import ValidationRow
 
 # Seeds whose draws together cover the family (checked by test_export_variants).
-VARIANT_SEEDS = (0, 1, 2, 5, 8)
+VARIANT_SEEDS = (2, 5, 9, 21, 27)
 
 TEXT_WIDTHS = (16, 24, 32, 48, 64)
 VOCAB_SIZES = (MIN_VOCAB_SIZE + 86, 1000, 4000, 20000, VOCAB_SIZE)
@@ -57,6 +57,7 @@ def _text_encoder(rng: random.Random) -> tuple[dict[str, Any], str]:
     config = {
         "vocab_size": vocab_size,
         "hidden_size": width,
+        # Sometimes no multiple of the width, like diffusers' test-sized CLIP (37 for 32).
         "intermediate_size": width * rng.choice((2, 3, 4)) + rng.choice((0, 5)),
         "num_attention_heads": rng.choice([h for h in (1, 2, 4, 8) if width % h == 0]),
         "num_hidden_layers": rng.randint(1, 3),
@@ -77,7 +78,7 @@ def _vae(rng: random.Random) -> dict[str, Any]:
         "up_block_types": ["UpDecoderBlock2D"] * depth,
         "layers_per_block": rng.randint(1, 2),
         "norm_num_groups": rng.choice((4, 8)),
-        "latent_channels": rng.choice((4, 4, 8, 16)),
+        "latent_channels": rng.choice((4, 4, 8, 16)),  # SD's 4 twice as often
         "mid_block_add_attention": rng.random() < 0.7,
         "scaling_factor": rng.choice(VAE_SCALING_FACTORS),
         "in_channels": 3,
