@@ -1,9 +1,11 @@
 """Recognises and loads the diffusers folders we serve, real checkpoints and presets alike.
 
-A supported folder is a Stable Diffusion 1.x pipeline in diffusers layout whose UNet takes
-8 input channels (InstructPix2Pix) or 4 (img2img), with weights in safetensors. A preset
-root holding `instruct-pix2pix/` and `img2img/` is accepted as both pipelines at once.
-Anything else fails with one line naming what is wrong.
+A supported folder is a Stable Diffusion pipeline (1.x, 2.x or any other sizes of that
+family) in diffusers layout, with weights in safetensors, whose UNet takes twice the VAE's
+latent channels (InstructPix2Pix: noise and image latents; 8 for SD) or as many
+(img2img), and cross-attends to the text encoder's hidden states. A preset root holding
+`instruct-pix2pix/` and `img2img/` is accepted as both pipelines at once. Anything else
+fails with one line naming what is wrong.
 """
 
 from __future__ import annotations
@@ -14,12 +16,16 @@ from pathlib import Path
 from typing import Any
 
 from export.components import ModelDimensions
+from export.sample_inputs import CheckpointInputs
 
 PIX2PIX = "instruct_pix2pix"
 IMG2IMG = "img2img"
 REQUIRED_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 WEIGHTED_COMPONENTS = ("unet", "vae", "text_encoder")
-UNET_CHANNELS = {8: PIX2PIX, 4: IMG2IMG}
+# Defaults of diffusers' UNet2DConditionModel and AutoencoderKL for keys a config may omit.
+DEFAULT_CHANNELS = 4
+DEFAULT_CROSS_ATTENTION_DIM = 1280
+SD_TRAINED_IMAGE_SIDE = 512
 
 
 class UnsupportedCheckpointError(ValueError):
@@ -36,16 +42,6 @@ class PipelineFolder:
     def config(self, component: str) -> dict[str, Any]:
         name = "scheduler_config.json" if component == "scheduler" else "config.json"
         return json.loads((self.path / component / name).read_text())
-
-    def dimensions(self) -> ModelDimensions:
-        text = self.config("text_encoder")
-        vae = self.config("vae")
-        return ModelDimensions(
-            text_hidden_size=int(text["hidden_size"]),
-            text_max_length=int(text.get("max_position_embeddings", 77)),
-            latent_channels=int(vae.get("latent_channels", 4)),
-            vae_scale_factor=2 ** (len(vae["block_out_channels"]) - 1),
-        )
 
     def vae_scaling_factor(self) -> float:
         return float(self.config("vae").get("scaling_factor", 0.18215))
@@ -66,7 +62,7 @@ def inspect_folder(path: Path) -> PipelineFolder:
     if "XL" in class_name or "text_encoder_2" in index or (path / "text_encoder_2").exists():
         raise UnsupportedCheckpointError(
             f"{path}: {class_name or 'this checkpoint'} is an SDXL pipeline; "
-            "supported: Stable Diffusion 1.x InstructPix2Pix and img2img"
+            "supported: Stable Diffusion 1.x/2.x-style InstructPix2Pix and img2img"
         )
     for component in REQUIRED_COMPONENTS:
         if not (path / component).is_dir():
@@ -82,17 +78,49 @@ def inspect_folder(path: Path) -> PipelineFolder:
                 f"{path}: {component} weights load from safetensors only ({found})"
             )
     unet = json.loads((path / "unet" / "config.json").read_text())
-    channels = int(unet.get("in_channels", -1))
-    if channels not in UNET_CHANNELS:
-        raise UnsupportedCheckpointError(
-            f"{path}: unet has {channels} input channels; supported: "
-            "8 (InstructPix2Pix) or 4 (img2img)"
-        )
     if unet.get("addition_embed_type") or unet.get("cross_attention_dim") == 2048:
         raise UnsupportedCheckpointError(
-            f"{path}: unet is conditioned like SDXL; supported: Stable Diffusion 1.x"
+            f"{path}: unet is conditioned like SDXL; supported: Stable Diffusion 1.x/2.x-style"
         )
-    return PipelineFolder(path=path, pipeline=UNET_CHANNELS[channels])
+    pipeline = _pipeline_of_unet(path, unet)
+    _check_cross_attention(path, unet)
+    return PipelineFolder(path=path, pipeline=pipeline)
+
+
+def _pipeline_of_unet(path: Path, unet: dict[str, Any]) -> str:
+    """Which served pipeline a UNet belongs to, from its channels and the VAE's."""
+    vae = json.loads((path / "vae" / "config.json").read_text())
+    latent = int(vae.get("latent_channels", DEFAULT_CHANNELS))
+    in_channels = int(unet.get("in_channels", DEFAULT_CHANNELS))
+    out_channels = int(unet.get("out_channels", DEFAULT_CHANNELS))
+    pipelines = {2 * latent: PIX2PIX, latent: IMG2IMG}
+    if in_channels not in pipelines:
+        raise UnsupportedCheckpointError(
+            f"{path}: unet has {in_channels} input channels; supported: {2 * latent} "
+            f"(InstructPix2Pix) or {latent} (img2img) with a VAE of {latent} latent channels"
+        )
+    if out_channels != latent:
+        raise UnsupportedCheckpointError(
+            f"{path}: unet predicts {out_channels} channels but the VAE has {latent} "
+            "latent channels; they must agree"
+        )
+    return pipelines[in_channels]
+
+
+def _check_cross_attention(path: Path, unet: dict[str, Any]) -> None:
+    """The UNet attends to the text encoder's hidden states: their widths must agree."""
+    text_width = int(json.loads((path / "text_encoder" / "config.json").read_text())["hidden_size"])
+    # diffusers allows one width per block, and a projection from `encoder_hid_dim` first.
+    width = unet.get("encoder_hid_dim") or unet.get(
+        "cross_attention_dim", DEFAULT_CROSS_ATTENTION_DIM
+    )
+    widths = set(width) if isinstance(width, list) else {width}
+    if widths != {text_width}:
+        shown = ", ".join(str(width) for width in sorted(widths))
+        raise UnsupportedCheckpointError(
+            f"{path}: unet cross-attention width {shown} differs from the text encoder's "
+            f"hidden size {text_width}; they must agree"
+        )
 
 
 def discover_pipelines(paths: list[Path]) -> dict[str, PipelineFolder]:
@@ -115,6 +143,68 @@ def discover_pipelines(paths: list[Path]) -> dict[str, PipelineFolder]:
             )
         found[folder.pipeline] = folder
     return found
+
+
+def model_dimensions(folder: PipelineFolder, pipeline: Any) -> ModelDimensions:
+    """The shapes of a loaded pipeline's components, from the configs diffusers loaded.
+
+    The prompt length is the tokenizer's: diffusers pads and truncates every prompt to
+    `tokenizer.model_max_length`, and a server must feed the text encoder the same tokens.
+    It may be shorter than the text encoder's `max_position_embeddings`, never longer.
+    """
+    text = pipeline.text_encoder.config
+    tokenizer = pipeline.tokenizer
+    if len(tokenizer) > text.vocab_size:
+        raise UnsupportedCheckpointError(
+            f"{folder.path}: the tokenizer has {len(tokenizer)} tokens but the text encoder "
+            f"embeds only {text.vocab_size}"
+        )
+    if tokenizer.model_max_length > text.max_position_embeddings:
+        raise UnsupportedCheckpointError(
+            f"{folder.path}: the tokenizer pads prompts to {tokenizer.model_max_length} tokens "
+            f"but the text encoder has {text.max_position_embeddings} positions"
+        )
+    return ModelDimensions(
+        text_vocab_size=int(text.vocab_size),
+        text_hidden_size=int(text.hidden_size),
+        text_max_length=int(tokenizer.model_max_length),
+        latent_channels=int(pipeline.vae.config.latent_channels),
+        # 2 ** (number of VAE blocks - 1)
+        vae_scale_factor=int(pipeline.vae_scale_factor),
+        unet_sample_size=_trained_latent_side(pipeline),
+    )
+
+
+def _trained_latent_side(pipeline: Any) -> int:
+    """The UNet's `sample_size`: the latent side it was trained at."""
+    side = pipeline.unet.config.sample_size
+    if side is None:  # optional in diffusers; Stable Diffusion 1.x trained at 512 pixels
+        return SD_TRAINED_IMAGE_SIDE // pipeline.vae_scale_factor
+    return int(max(side) if isinstance(side, list | tuple) else side)
+
+
+def checkpoint_inputs(
+    folders: dict[str, PipelineFolder], pipelines: dict[str, Any]
+) -> CheckpointInputs:
+    """Dimensions, token ids and timesteps shared by the loaded pipelines of one export."""
+    dims = {name: model_dimensions(folders[name], pipeline) for name, pipeline in pipelines.items()}
+    first = next(iter(dims.values()))
+    if any(other != first for other in dims.values()):
+        raise UnsupportedCheckpointError(
+            "the two pipelines have different component shapes: "
+            + "; ".join(f"{name} {value}" for name, value in dims.items())
+        )
+    # The export ships this pipeline's tokenizer (export.onnx_export copies it).
+    tokenizer = (pipelines.get(PIX2PIX) or next(iter(pipelines.values()))).tokenizer
+    return CheckpointInputs(
+        dims=first,
+        bos_token_id=int(tokenizer.bos_token_id),
+        eos_token_id=int(tokenizer.eos_token_id),
+        pad_token_id=int(tokenizer.pad_token_id),
+        num_train_timesteps=min(
+            int(pipeline.scheduler.config.num_train_timesteps) for pipeline in pipelines.values()
+        ),
+    )
 
 
 def load_pipeline(folder: PipelineFolder, dtype: Any = None) -> Any:

@@ -19,11 +19,11 @@ UNET_IMG2IMG = "unet_img2img"
 COMPONENTS = (TEXT_ENCODER, VAE_ENCODER, VAE_DECODER, UNET_PIX2PIX, UNET_IMG2IMG)
 UNET_FOR_PIPELINE = {"instruct_pix2pix": UNET_PIX2PIX, "img2img": UNET_IMG2IMG}
 
-TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int32": "TYPE_INT32"}
-
-# Pixel range of served images (TensorRT profiles; 512 is what SD 1.5 was trained at).
+# Served tensors stay fp32 whatever the weights' precision.
+FLOAT = "float32"
+# Pixel range of served images (TensorRT profiles). Both bounds are multiples of every VAE
+# scale factor up to 256, so each profile point is a whole number of latents.
 MIN_IMAGE_SIDE = 256
-OPT_IMAGE_SIDE = 512
 MAX_IMAGE_SIDE = 1024
 
 
@@ -61,11 +61,6 @@ class ComponentSpec:
     outputs: tuple[TensorSpec, ...]
     axes: dict[str, AxisRange]
 
-    @property
-    def batched(self) -> bool:
-        """Whether every tensor's first axis is the batch (Triton's max_batch_size > 0)."""
-        return all(t.dims and t.dims[0] == "batch" for t in (*self.inputs, *self.outputs))
-
     def sizes(self, which: str) -> dict[str, int]:
         """Axis sizes of the `min`, `opt` or `max` profile point."""
         return {axis: getattr(bounds, which) for axis, bounds in self.axes.items()}
@@ -93,22 +88,36 @@ class ComponentSpec:
 
 @dataclass(frozen=True)
 class ModelDimensions:
-    """The few numbers of a checkpoint that tensor shapes depend on."""
+    """The few numbers of a checkpoint that tensor shapes and sample inputs depend on."""
 
-    text_hidden_size: int
-    text_max_length: int
+    text_vocab_size: int  # token ids the text encoder embeds
+    text_hidden_size: int  # also the UNets' cross-attention width
+    text_max_length: int  # tokens per prompt: the tokenizer pads and truncates to it
     latent_channels: int
-    vae_scale_factor: int
+    vae_scale_factor: int  # image side / latent side
+    unet_sample_size: int  # latent side the UNets were trained at
+
+    def image_side(self, latent_side: int) -> int:
+        return latent_side * self.vae_scale_factor
 
 
-def _latent_axes(scale: int, batch: AxisRange) -> dict[str, AxisRange]:
-    latent = AxisRange(MIN_IMAGE_SIDE // scale, OPT_IMAGE_SIDE // scale, MAX_IMAGE_SIDE // scale)
+def _latent_axes(dims: ModelDimensions, batch: AxisRange) -> dict[str, AxisRange]:
+    scale = dims.vae_scale_factor
+    low, high = MIN_IMAGE_SIDE // scale, MAX_IMAGE_SIDE // scale
+    # Engines are tuned for the resolution the checkpoint was trained at.
+    opt = min(max(dims.unet_sample_size, low), high)
+    latent = AxisRange(low, opt, high)
     return {"batch": batch, "latent_height": latent, "latent_width": latent}
 
 
-def component_specs(
-    dims: ModelDimensions, float_dtype: str = "float32"
-) -> dict[str, ComponentSpec]:
+def _pixel_axes(dims: ModelDimensions, batch: AxisRange) -> dict[str, AxisRange]:
+    latent_axes = _latent_axes(dims, batch)
+    latent = latent_axes["latent_height"]
+    pixels = AxisRange(*(dims.image_side(side) for side in (latent.min, latent.opt, latent.max)))
+    return {**latent_axes, "height": pixels, "width": pixels}
+
+
+def component_specs(dims: ModelDimensions) -> dict[str, ComponentSpec]:
     """The specs of all five components for a checkpoint's dimensions."""
     # Text encoder: prompt and negative prompt in one call.
     text_batch = AxisRange(1, 2, 2)
@@ -116,24 +125,24 @@ def component_specs(
     image_batch = AxisRange(1, 1, 4)
     # UNet: 3 for pix2pix guidance, 2 for img2img; two guided requests may merge.
     unet_batch = AxisRange(1, 3, 6)
-    pixels = AxisRange(MIN_IMAGE_SIDE, OPT_IMAGE_SIDE, MAX_IMAGE_SIDE)
     latent = ("batch", dims.latent_channels, "latent_height", "latent_width")
-    f = float_dtype
 
     def unet(name: str, in_channels: int) -> ComponentSpec:
         return ComponentSpec(
             name=name,
             inputs=(
-                TensorSpec("sample", f, ("batch", in_channels, "latent_height", "latent_width")),
-                TensorSpec("timestep", f, ("batch",)),
+                TensorSpec(
+                    "sample", FLOAT, ("batch", in_channels, "latent_height", "latent_width")
+                ),
+                TensorSpec("timestep", FLOAT, ("batch",)),
                 TensorSpec(
                     "encoder_hidden_states",
-                    f,
+                    FLOAT,
                     ("batch", dims.text_max_length, dims.text_hidden_size),
                 ),
             ),
-            outputs=(TensorSpec("noise_pred", f, latent),),
-            axes=_latent_axes(dims.vae_scale_factor, unet_batch),
+            outputs=(TensorSpec("noise_pred", FLOAT, latent),),
+            axes=_latent_axes(dims, unet_batch),
         )
 
     return {
@@ -142,36 +151,32 @@ def component_specs(
             inputs=(TensorSpec("input_ids", "int32", ("batch", dims.text_max_length)),),
             outputs=(
                 TensorSpec(
-                    "last_hidden_state", f, ("batch", dims.text_max_length, dims.text_hidden_size)
+                    "last_hidden_state",
+                    FLOAT,
+                    ("batch", dims.text_max_length, dims.text_hidden_size),
                 ),
             ),
             axes={"batch": text_batch},
         ),
         VAE_ENCODER: ComponentSpec(
             name=VAE_ENCODER,
-            inputs=(TensorSpec("image", f, ("batch", 3, "height", "width")),),
+            inputs=(TensorSpec("image", FLOAT, ("batch", 3, "height", "width")),),
             # Mean and standard deviation of the latent distribution, unscaled: the sampler
             # decides scaling and whether to sample (img2img) or take the mean (pix2pix).
             outputs=(
-                TensorSpec("latent_mean", f, latent),
-                TensorSpec("latent_std", f, latent),
+                TensorSpec("latent_mean", FLOAT, latent),
+                TensorSpec("latent_std", FLOAT, latent),
             ),
-            axes={
-                **_latent_axes(dims.vae_scale_factor, image_batch),
-                "height": pixels,
-                "width": pixels,
-            },
+            axes=_pixel_axes(dims, image_batch),
         ),
         VAE_DECODER: ComponentSpec(
             name=VAE_DECODER,
-            inputs=(TensorSpec("latent", f, latent),),
-            outputs=(TensorSpec("image", f, ("batch", 3, "height", "width")),),
-            axes={
-                **_latent_axes(dims.vae_scale_factor, image_batch),
-                "height": pixels,
-                "width": pixels,
-            },
+            inputs=(TensorSpec("latent", FLOAT, latent),),
+            outputs=(TensorSpec("image", FLOAT, ("batch", 3, "height", "width")),),
+            axes=_pixel_axes(dims, image_batch),
         ),
+        # Noise and image latents side by side: export.checkpoint accepts a pix2pix UNet only
+        # when its config says so, and an img2img UNet only with latent_channels in and out.
         UNET_PIX2PIX: unet(UNET_PIX2PIX, 2 * dims.latent_channels),
         UNET_IMG2IMG: unet(UNET_IMG2IMG, dims.latent_channels),
     }

@@ -2,9 +2,11 @@
 
     python -m export.onnx_export MODEL [MODEL ...] --output DIR [--fp16] [--opset 17] [--optimize]
 
-MODEL is a diffusers folder (InstructPix2Pix or SD 1.x img2img) or a preset root holding
-both. The text encoder and VAE are shared by both pipelines and exported once. Every
-component is then run in onnxruntime against PyTorch on random inputs at two shapes; a
+MODEL is a diffusers folder of the Stable Diffusion family (InstructPix2Pix or img2img)
+or a preset root holding both. The text encoder and VAE are shared by both pipelines and
+exported once. Every shape and sample input comes from the checkpoint's own configs
+(export/checkpoint.py, export/sample_inputs.py). Every component is then run in
+onnxruntime against PyTorch on random inputs at two shapes (export/validation.py); a
 table of errors is printed, and the export fails (exit 1) when one exceeds its tolerance.
 The output folder gets a `manifest.json` that the repository builder reads.
 
@@ -24,17 +26,16 @@ import sys
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from export.checkpoint import (
     PIX2PIX,
     PipelineFolder,
     UnsupportedCheckpointError,
+    checkpoint_inputs,
     discover_pipelines,
 )
 from export.components import (
@@ -45,6 +46,8 @@ from export.components import (
     ComponentSpec,
     component_specs,
 )
+from export.sample_inputs import CheckpointInputs, sample_inputs
+from export.validation import TOLERANCE, ValidationRow, format_table, validate_component
 
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.onnx"
@@ -53,30 +56,12 @@ EXTERNAL_DATA_FILE = "model.onnx.data"
 EXTERNAL_DATA_THRESHOLD_BYTES = 1_800_000_000
 DEFAULT_OPSET = 17
 
-# Validation passes when max|onnx - torch| / max|torch| stays under this, per precision.
-# fp32 differences come from kernel order only (seen: ~1e-6); fp16 keeps ~3 digits.
-TOLERANCE = {"fp32": 1e-3, "fp16": 2e-2}
-
-# Shapes traced at export: a latent side that is not a multiple of the UNet's overall
-# down-sampling factor makes diffusers pass explicit upsample sizes, so the exported graph
-# works for every image side that is a multiple of 8, not only multiples of 64.
+# Shapes traced at export. Odd latent sides are no multiple of any UNet's down-sampling
+# factor, which makes diffusers pass explicit upsample sizes: the exported graph then works
+# for every latent side, not only multiples of that factor. Image sides are the latent
+# sides times the checkpoint's VAE scale factor.
 TRACE_BATCH = 2
-TRACE_IMAGE = (200, 264)
-# Validation cases: (batch for UNets, batch for the rest, image height, image width).
-VALIDATION_CASES = ((1, 1, 128, 128), (3, 2, 200, 136))
-
-
-@dataclass
-class ValidationRow:
-    component: str
-    shapes: str
-    max_abs: float
-    max_rel: float
-    tolerance: float
-
-    @property
-    def passed(self) -> bool:
-        return bool(np.isfinite(self.max_rel)) and self.max_rel <= self.tolerance
+TRACE_LATENT = (25, 33)
 
 
 # --------------------------------------------------------------------------- wrappers
@@ -150,35 +135,6 @@ def _check_shared_weights(pipelines: dict[str, Any]) -> None:
             )
 
 
-# --------------------------------------------------------------------------- inputs
-
-
-def sample_inputs(
-    spec: ComponentSpec, batch: int, height: int, width: int, scale: int, seed: int
-) -> dict[str, np.ndarray]:
-    """Random inputs for a component at one shape, in the spec's dtypes."""
-    rng = np.random.default_rng(seed)
-    sizes = {
-        "batch": batch,
-        "height": height,
-        "width": width,
-        "latent_height": height // scale,
-        "latent_width": width // scale,
-    }
-    arrays: dict[str, np.ndarray] = {}
-    for tensor in spec.inputs:
-        shape = tensor.shape_for(sizes)
-        if tensor.name == "input_ids":
-            arrays[tensor.name] = rng.integers(0, 49407, size=shape).astype(np.int32)
-        elif tensor.name == "timestep":
-            arrays[tensor.name] = rng.uniform(1, 999, size=shape).astype(np.float32)
-        elif tensor.name == "image":
-            arrays[tensor.name] = rng.uniform(-1, 1, size=shape).astype(np.float32)
-        else:
-            arrays[tensor.name] = rng.standard_normal(size=shape).astype(np.float32)
-    return arrays
-
-
 # --------------------------------------------------------------------------- export
 
 
@@ -190,7 +146,7 @@ def export_component(
     module: Any,
     spec: ComponentSpec,
     target_dir: Path,
-    scale: int,
+    checkpoint: CheckpointInputs,
     opset: int,
     fp16: bool,
     optimize: bool = False,
@@ -207,7 +163,7 @@ def export_component(
         if stale.is_file():
             stale.unlink()
     batch = 1 if spec.name == TEXT_ENCODER else TRACE_BATCH
-    example = sample_inputs(spec, batch, *TRACE_IMAGE, scale=scale, seed=0)
+    example = sample_inputs(spec, checkpoint, batch, TRACE_LATENT, seed=0)
     args = tuple(torch.from_numpy(example[t.name]) for t in spec.inputs)
     dynamic_axes = {t.name: t.dynamic_axes for t in (*spec.inputs, *spec.outputs)}
     large = _parameter_bytes(module) > EXTERNAL_DATA_THRESHOLD_BYTES
@@ -261,62 +217,6 @@ def export_component(
     return target, fused_ops
 
 
-# --------------------------------------------------------------------------- validation
-
-
-def _session(path: Path) -> Any:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def validate_component(
-    module: Any, spec: ComponentSpec, model_path: Path, scale: int, tolerance: float
-) -> list[ValidationRow]:
-    """Runs the ONNX file and the torch module on the same random inputs at two shapes."""
-    import torch
-
-    session = _session(model_path)
-    rows = []
-    for case, (unet_batch, batch, height, width) in enumerate(VALIDATION_CASES):
-        if spec.name.startswith("unet"):
-            batch = unet_batch
-        inputs = sample_inputs(spec, batch, height, width, scale=scale, seed=100 + case)
-        with torch.inference_mode():
-            expected = module(*(torch.from_numpy(inputs[t.name]) for t in spec.inputs))
-        if isinstance(expected, torch.Tensor):
-            expected = (expected,)
-        actual = session.run([t.name for t in spec.outputs], inputs)
-        max_abs = 0.0
-        max_rel = 0.0
-        for want, got in zip(expected, actual, strict=True):
-            want = want.float().numpy()
-            if want.shape != got.shape:
-                raise AssertionError(f"{spec.name}: shape {got.shape} != torch {want.shape}")
-            error = float(np.max(np.abs(got.astype(np.float64) - want)))
-            max_abs = max(max_abs, error)
-            max_rel = max(max_rel, error / max(float(np.max(np.abs(want))), 1e-12))
-        main_input = spec.inputs[0]
-        shape = "x".join(str(d) for d in inputs[main_input.name].shape)
-        rows.append(
-            ValidationRow(spec.name, f"{main_input.name} {shape}", max_abs, max_rel, tolerance)
-        )
-    return rows
-
-
-def format_table(rows: list[ValidationRow]) -> str:
-    header = f"{'component':<14} {'input shape':<32} {'max abs':>10} {'max rel':>10} {'tol':>8}  ok"
-    lines = [header, "-" * len(header)]
-    for row in rows:
-        lines.append(
-            f"{row.component:<14} {row.shapes:<32} {row.max_abs:>10.2e} {row.max_rel:>10.2e} "
-            f"{row.tolerance:>8.0e}  {'yes' if row.passed else 'NO'}"
-        )
-    return "\n".join(lines)
-
-
 # --------------------------------------------------------------------------- manifest
 
 
@@ -364,15 +264,12 @@ def export_checkpoint(
 
     started = time.perf_counter()
     folders = discover_pipelines(models)
-    dims_by_pipeline = {name: folder.dimensions() for name, folder in folders.items()}
-    dims = next(iter(dims_by_pipeline.values()))
-    if any(other != dims for other in dims_by_pipeline.values()):
-        raise UnsupportedCheckpointError("the two pipelines have different component shapes")
     precision = "fp16" if fp16 else "fp32"
-    specs = component_specs(dims)
     torch.manual_seed(0)
     pipelines = {name: load_pipeline(folder) for name, folder in folders.items()}
+    checkpoint = checkpoint_inputs(folders, pipelines)
     _check_shared_weights(pipelines)
+    specs = component_specs(checkpoint.dims)
     modules = _wrappers(pipelines)
 
     output.mkdir(parents=True, exist_ok=True)
@@ -383,13 +280,11 @@ def export_checkpoint(
         spec = specs[name]
         tick = time.perf_counter()
         path, fused_ops = export_component(
-            module, spec, output / name, dims.vae_scale_factor, opset, fp16, optimize
+            module, spec, output / name, checkpoint, opset, fp16, optimize
         )
         export_s = time.perf_counter() - tick
         tick = time.perf_counter()
-        component_rows = validate_component(
-            module, spec, path, dims.vae_scale_factor, TOLERANCE[precision]
-        )
+        component_rows = validate_component(module, spec, path, checkpoint, TOLERANCE[precision])
         rows.extend(component_rows)
         files = sorted(p for p in path.parent.iterdir() if p.is_file())
         components[name] = {
@@ -413,7 +308,8 @@ def export_checkpoint(
 
     passed = all(row.passed for row in rows)
     manifest = {
-        "format": 1,
+        # 2: dimensions carry the vocabulary size and the UNets' sample size.
+        "format": 2,
         "precision": precision,
         "opset": opset,
         # onnxruntime fusions (com.microsoft ops): onnxruntime only, no TensorRT engines.
@@ -426,7 +322,7 @@ def export_checkpoint(
             }
             for name, folder in folders.items()
         },
-        "dimensions": dims.__dict__,
+        "dimensions": asdict(checkpoint.dims),
         "components": components,
         **_copy_pipeline_assets(folders, output),
         "validation": {

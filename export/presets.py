@@ -18,11 +18,11 @@ import json
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from export.tokenizer import VOCAB_SIZE, save_clip_tokenizer
+from export.tokenizer import END_OF_TEXT, VOCAB_SIZE, save_clip_tokenizer
 
 PIX2PIX_FOLDER = "instruct-pix2pix"
 IMG2IMG_FOLDER = "img2img"
@@ -56,14 +56,20 @@ SD15_SCHEDULER = {
 
 @dataclass(frozen=True)
 class Preset:
-    """Component configurations of one preset; the UNet's in_channels is set per pipeline."""
+    """Component configurations of one preset.
+
+    The UNets' channels follow the VAE's latent channels: twice as many in for
+    InstructPix2Pix (noise and image latents), as many in for img2img, as many out for both.
+    The tokenizer's vocabulary size is the text encoder's.
+    """
 
     name: str
     description: str
     unet: dict[str, Any]
     vae: dict[str, Any]
     text_encoder: dict[str, Any]
-    sample_size: int = field(default=64)
+    tokenizer_max_length: int = 77
+    pad_token: str = END_OF_TEXT
 
 
 _SD_BLOCKS = {
@@ -170,10 +176,15 @@ PRESETS: dict[str, Preset] = {
 
 
 def build_preset(name: str, output: Path, seed: int = 0) -> dict[str, str]:
-    """Writes the preset's two pipelines under `output`; returns a weights hash per pipeline.
+    """Writes the named preset's two pipelines under `output`; returns a weights hash each.
 
     The same name and seed always give byte-identical weight files.
     """
+    return write_pipelines(PRESETS[name], output, seed)
+
+
+def write_pipelines(preset: Preset, output: Path, seed: int = 0) -> dict[str, str]:
+    """Writes a preset's two pipelines and `preset.json` under `output`; returns weight hashes."""
     import torch
     from diffusers import (
         AutoencoderKL,
@@ -187,18 +198,23 @@ def build_preset(name: str, output: Path, seed: int = 0) -> dict[str, str]:
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     del DDIMScheduler  # imported so a missing diffusers fails here, not mid-build
-    preset = PRESETS[name]
     torch.manual_seed(seed)
     # Components are created in a fixed order from one seeded generator stream.
     text_encoder = CLIPTextModel(CLIPTextConfig(**preset.text_encoder)).eval()
     vae = AutoencoderKL(**preset.vae).eval()
-    unet_pix2pix = UNet2DConditionModel(**preset.unet, in_channels=8, out_channels=4).eval()
-    unet_img2img = UNet2DConditionModel(**preset.unet, in_channels=4, out_channels=4).eval()
+    latent = vae.config.latent_channels
+    unet_pix2pix = UNet2DConditionModel(**preset.unet, in_channels=2 * latent, out_channels=latent)
+    unet_img2img = UNet2DConditionModel(**preset.unet, in_channels=latent, out_channels=latent)
 
     if output.exists():
         shutil.rmtree(output)
     tokenizer_dir = output / "_tokenizer"
-    save_clip_tokenizer(tokenizer_dir)
+    save_clip_tokenizer(
+        tokenizer_dir,
+        vocab_size=text_encoder.config.vocab_size,
+        model_max_length=preset.tokenizer_max_length,
+        pad_token=preset.pad_token,
+    )
     tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
 
     pipelines = {
@@ -230,7 +246,7 @@ def build_preset(name: str, output: Path, seed: int = 0) -> dict[str, str]:
         hashes[folder] = weights_hash(target)
     shutil.rmtree(tokenizer_dir)
     (output / "preset.json").write_text(
-        json.dumps({"preset": name, "seed": seed, "weights_sha256": hashes}, indent=2) + "\n"
+        json.dumps({"preset": preset.name, "seed": seed, "weights_sha256": hashes}, indent=2) + "\n"
     )
     return hashes
 

@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -15,14 +16,17 @@ import pytest
 import torch
 
 from export.checkpoint import (
+    PIX2PIX,
     UnsupportedCheckpointError,
+    checkpoint_inputs,
     discover_pipelines,
     inspect_folder,
     load_pipeline,
 )
 from export.components import COMPONENTS, ModelDimensions, component_specs
-from export.onnx_export import MANIFEST, format_table, load_manifest, sample_inputs
+from export.onnx_export import MANIFEST, format_table, load_manifest
 from export.presets import IMG2IMG_FOLDER, PIX2PIX_FOLDER, build_preset, weights_hash
+from export.sample_inputs import sample_inputs
 from export.tensorrt_engines import engine_name, optimization_profile
 
 
@@ -100,10 +104,13 @@ def test_unet_dynamic_shapes_match_pytorch(
     tiny_preset: Path, tiny_export: Path, batch: int, height: int, width: int
 ) -> None:
     """Shapes never seen at export (odd latent sides, batch 1 and 3) match the torch UNet."""
-    pipeline = load_pipeline(inspect_folder(tiny_preset / PIX2PIX_FOLDER))
+    folder = inspect_folder(tiny_preset / PIX2PIX_FOLDER)
+    pipeline = load_pipeline(folder)
+    checkpoint = checkpoint_inputs({PIX2PIX: folder}, {PIX2PIX: pipeline})
     manifest = load_manifest(tiny_export)
-    spec = component_specs(ModelDimensions(**manifest["dimensions"]))["unet_pix2pix"]
-    inputs = sample_inputs(spec, batch, height, width, scale=8, seed=7)
+    assert ModelDimensions(**manifest["dimensions"]) == checkpoint.dims
+    spec = component_specs(checkpoint.dims)["unet_pix2pix"]
+    inputs = sample_inputs(spec, checkpoint, batch, (height // 8, width // 8), seed=7)
     session = ort.InferenceSession(str(tiny_export / "unet_pix2pix" / "model.onnx"))
     (actual,) = session.run(None, inputs)
     with torch.inference_mode():
@@ -131,7 +138,7 @@ def test_vae_roundtrip_non_square(tiny_preset: Path, tiny_export: Path) -> None:
 
 
 def test_validation_table_names_every_component(tiny_export: Path) -> None:
-    from export.onnx_export import ValidationRow
+    from export.validation import ValidationRow
 
     rows = [
         ValidationRow(**{k: v for k, v in row.items() if k != "passed"})
@@ -203,8 +210,19 @@ def _edit_json(path: Path, **changes: object) -> None:
     path.write_text(json.dumps(data))
 
 
+# Stable Diffusion 1.5's numbers.
+SD15_DIMS = ModelDimensions(
+    text_vocab_size=49408,
+    text_hidden_size=768,
+    text_max_length=77,
+    latent_channels=4,
+    vae_scale_factor=8,
+    unet_sample_size=64,
+)
+
+
 def test_tensorrt_profiles_come_from_the_specs() -> None:
-    specs = component_specs(ModelDimensions(768, 77, 4, 8))
+    specs = component_specs(SD15_DIMS)
     profile = optimization_profile(specs["unet_pix2pix"])
     assert profile["sample"] == ((1, 8, 32, 32), (3, 8, 64, 64), (6, 8, 128, 128))
     assert profile["timestep"] == ((1,), (3,), (6,))
@@ -213,6 +231,26 @@ def test_tensorrt_profiles_come_from_the_specs() -> None:
     assert optimization_profile(specs["vae_encoder"])["image"][2] == (4, 3, 1024, 1024)
     assert optimization_profile(specs["text_encoder"])["input_ids"][0] == (1, 77)
     assert engine_name("unet_pix2pix", "10.5.0", "sm90") == "unet_pix2pix.trt10.5.0.sm90.plan"
+
+
+@pytest.mark.parametrize("scale", [4, 8, 16])
+@pytest.mark.parametrize(("trained_side", "opt_side"), [(512, 512), (128, 256), (2048, 1024)])
+def test_profiles_scale_latents_by_the_vae_factor(
+    scale: int, trained_side: int, opt_side: int
+) -> None:
+    """Pixel range 256..1024 whatever the VAE depth; opt is the trained side, within range."""
+    dims = replace(SD15_DIMS, vae_scale_factor=scale, unet_sample_size=trained_side // scale)
+    specs = component_specs(dims)
+    sides = (256, opt_side, 1024)
+    latents = tuple(side // scale for side in sides)
+    unet = optimization_profile(specs["unet_pix2pix"])["sample"]
+    assert [shape[2:] for shape in unet] == [(side, side) for side in latents]
+    assert [shape[2:] for shape in optimization_profile(specs["vae_encoder"])["image"]] == [
+        (side, side) for side in sides
+    ]
+    assert [shape[2:] for shape in optimization_profile(specs["vae_decoder"])["latent"]] == [
+        (side, side) for side in latents
+    ]
 
 
 def _has_gpu() -> bool:
