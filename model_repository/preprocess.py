@@ -19,7 +19,6 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pix2pix_client.contract import (
-    MAX_PROMPT_TOKENS,
     MAX_SEED,
     PARAMETERS_BY_NAME,
     InvalidArgumentError,
@@ -196,11 +195,12 @@ class PromptTokenizer:
         self.tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
 
     def __call__(self, prompts: list[str]) -> np.ndarray:
-        """[len(prompts), 77] int32 token ids, padded and truncated to CLIP's context."""
+        """[len(prompts), length] int32 token ids, padded and truncated to the tokenizer's
+        context (77 for CLIP), the sequence length the text encoder was exported with."""
         encoded = self.tokenizer(
             prompts,
             padding="max_length",
-            max_length=min(self.tokenizer.model_max_length, MAX_PROMPT_TOKENS),
+            max_length=self.tokenizer.model_max_length,
             truncation=True,
             return_tensors="np",
         )

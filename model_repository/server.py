@@ -110,6 +110,9 @@ def server_flags(repository: str, settings: ServerSettings, admin_key: str) -> l
         "--allow-metrics=true",
         "--allow-gpu-metrics=false",
         "--strict-readiness=true",
+        # The configs are complete; auto-completion would start every Python model's
+        # process once more, importing torch and diffusers, before loading it.
+        "--disable-auto-complete-config",
         "--model-control-mode=explicit",
         "--load-model=*",
         f"--exit-timeout-secs={settings.exit_timeout_s}",
@@ -167,6 +170,15 @@ def server_environment() -> dict[str, str]:
     # The stub must import from the same environment as this interpreter.
     env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
     return env
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL when the process that started it dies, so a
+    killed test run or supervisor never leaves a tritonserver behind."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
 def free_port() -> int:
@@ -293,6 +305,7 @@ class TritonServer:
             stdout=log_target,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
         if log_target is not subprocess.DEVNULL:
             log_target.close()

@@ -181,8 +181,14 @@ class Supervisor:
         if self.retired:
             self._retire()
         for model, (why, pids) in self._broken().items():
-            if time.monotonic() >= self._retry_at.get(model, 0.0):
-                self._recover(model, why, pids)
+            if time.monotonic() < self._retry_at.get(model, 0.0):
+                continue
+            if self._unloaded_on_purpose(model):
+                # An operator unloaded it (model-repository API): not a failure.
+                for pid in pids:
+                    self.retired[pid] = self.processes.pop(pid)
+                continue
+            self._recover(model, why, pids)
 
     def _discover(self) -> None:
         """Records model processes that appeared (at start and after each reload)."""
@@ -220,6 +226,17 @@ class Supervisor:
         return broken
 
     # ------------------------------------------------------------------ healing
+
+    def _unloaded_on_purpose(self, model: str) -> bool:
+        """Whether the model is not ready in Triton's eyes: a model whose process died
+        stays "ready" there, one that was unloaded does not."""
+        client = self.server.http_client()
+        try:
+            return not client.is_model_ready(model)  # type: ignore[attr-defined]
+        except Exception:
+            return False
+        finally:
+            client.close()  # type: ignore[attr-defined]
 
     def _recover(self, model: str, why: str, broken_pids: list[int]) -> None:
         started = time.monotonic()

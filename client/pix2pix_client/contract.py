@@ -20,10 +20,9 @@ PIPELINES = (INSTRUCT_PIX2PIX, IMG2IMG)
 SCHEDULERS = ("euler_a", "euler", "ddim", "ddpm", "dpmpp_2m", "lms", "pndm")
 
 MAX_SEED = 2**63 - 1
-# CLIP's context length: longer prompts are truncated as diffusers does.
-MAX_PROMPT_TOKENS = 77
-# Checked before tokenizing: 77 tokens are a few hundred bytes of text, and a megabyte
-# prompt would only cost the server seconds of tokenizer time.
+# Checked before tokenizing. CLIP reads 77 tokens (longer prompts are truncated, as
+# diffusers does): a few hundred bytes of text, while a megabyte prompt would only cost
+# the server seconds of tokenizer time.
 MAX_PROMPT_BYTES = 4096
 # Checked before decoding; a 4096x4096 photo is well under it even as PNG.
 MAX_IMAGE_BYTES = 64 * 1024 * 1024

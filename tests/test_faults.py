@@ -1,0 +1,278 @@
+"""Faults a production server meets, on real tritonservers of the tiny preset.
+
+A model process killed with SIGKILL mid-edit (one of each kind: the edit model, which
+preprocesses, runs the sampler loop and encodes the PNG; the text encoder; a VAE; the
+UNet), one stopped with SIGSTOP (hung), one stuck in a call: each is replaced without a
+person, readiness is false meanwhile, edits succeed again within 15 s, and its shared
+memory is gone. SIGTERM drains: the edit in flight returns its image, a new one is
+refused with UNAVAILABLE, the process exits 0.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from model_repository.runtime import INSTANCES_DIR, read_reports
+from model_repository.server import TritonServer, free_port
+from model_repository.supervisor import ModelProcess, model_processes
+from pix2pix_client import EditClient, EditError, ServerUnavailable
+from tests.serving import photo, png_bytes
+
+RECOVERY_S = 15.0
+PROMPT = "make it snowy"
+
+
+@pytest.fixture(scope="module")
+def server(start_server: Callable[..., TritonServer], tiny_repository: Path) -> TritonServer:
+    return start_server(tiny_repository)
+
+
+@pytest.fixture(scope="module")
+def image() -> bytes:
+    return png_bytes(photo(64, 64))
+
+
+def processes_of(server: TritonServer, model: str) -> list[ModelProcess]:
+    assert server.process is not None
+    return [p for p in model_processes(server.process.pid) if p.model == model]
+
+
+@dataclass
+class ReadinessWatch:
+    """Polls server readiness from a thread: was it ever false, and when true again."""
+
+    server: TritonServer
+    seen_not_ready: bool = False
+    ready_again_s: float | None = None
+    started: float = field(default_factory=time.monotonic)
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self) -> None:
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.02):
+            ready = self.server.is_ready()
+            if not ready:
+                self.seen_not_ready = True
+            elif self.seen_not_ready:
+                self.ready_again_s = time.monotonic() - self.started
+                return
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _edit(url: str, image: bytes, steps: int, seed: int = 1) -> bytes:
+    with EditClient(url, retries=0, timeout_s=120) as client:
+        return client.edit(image, PROMPT, seed=seed, num_inference_steps=steps).png
+
+
+def _in_loop(server: TritonServer, model: str) -> ModelProcess:
+    """A process of `model`; of the edit model, the one running the edit in flight."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        reports = read_reports(server.runtime_dir)
+        candidates = processes_of(server, model)
+        busy = [p for p in candidates if p.pid in reports and reports[p.pid].busy_since]
+        if busy or (model != "instruct_pix2pix" and candidates):
+            return (busy or candidates)[0]
+        time.sleep(0.05)
+    raise AssertionError(f"no {model} process got busy")
+
+
+def _succeeds_again(url: str, image: bytes, since: float) -> float:
+    """Seconds from `since` until an edit succeeds (retrying every 0.2 s)."""
+    while time.monotonic() - since < 60:
+        try:
+            _edit(url, image, steps=2, seed=9)
+            return time.monotonic() - since
+        except EditError:
+            time.sleep(0.2)
+    raise AssertionError("edits did not succeed again within 60 s")
+
+
+KINDS = {
+    "edit model": "instruct_pix2pix",
+    "text encoder": "text_encoder",
+    "VAE decoder": "vae_decoder",
+    "UNet": "unet_pix2pix",
+}
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_a_killed_model_process_is_replaced(
+    server: TritonServer, image: bytes, kind: str, summary
+) -> None:
+    model = KINDS[kind]
+    with ThreadPoolExecutor(1) as pool:
+        in_flight: Future[bytes] = pool.submit(_edit, server.grpc_url, image, 150)
+        time.sleep(0.3)
+        victim = _in_loop(server, model)
+        killed_at = time.monotonic()
+        watch = ReadinessWatch(server)
+        os.kill(victim.pid, signal.SIGKILL)
+        try:
+            outcome = f"returned its image ({len(in_flight.result())} bytes)"
+        except ServerUnavailable as error:
+            outcome = f"failed, retryable: {error}"
+    recovered_s = _succeeds_again(server.grpc_url, image, killed_at)
+    watch.stop()
+    summary(
+        "recovery after kill -9 mid-edit",
+        f"{kind:<13} ({victim.instance}): ready again {watch.ready_again_s or 0:.1f} s, "
+        f"edits succeed {recovered_s:.1f} s after the kill; the edit in flight {outcome[:90]}",
+    )
+    assert watch.seen_not_ready, "readiness never turned false"
+    assert recovered_s < RECOVERY_S
+    # The dead process's shared memory region is gone with it.
+    assert not (Path("/dev/shm") / victim.shm_region).exists()
+    assert all(p.pid != victim.pid for p in processes_of(server, model))
+
+
+def test_a_stopped_process_is_taken_as_hung_and_replaced(
+    server: TritonServer, image: bytes, summary
+) -> None:
+    (victim,) = processes_of(server, "vae_encoder")
+    stopped_at = time.monotonic()
+    watch = ReadinessWatch(server)
+    os.kill(victim.pid, signal.SIGSTOP)
+    recovered_s = _succeeds_again(server.grpc_url, image, stopped_at)
+    watch.stop()
+    summary(
+        "recovery after SIGSTOP",
+        f"vae_encoder stopped: edits succeed {recovered_s:.1f} s later",
+    )
+    assert watch.seen_not_ready
+    assert recovered_s < RECOVERY_S
+    assert not Path(f"/proc/{victim.pid}").exists() or _state(victim.pid) == "Z"
+
+
+def _state(pid: int) -> str:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.rindex(")") + 2]
+
+
+def test_a_call_stuck_far_past_its_usual_length_is_replaced(
+    server: TritonServer, image: bytes
+) -> None:
+    """The supervisor's watchdog: an instance that reports being in one call for much
+    longer than its longest call so far is replaced. The report is written here for
+    the live vae_decoder process (nothing in the tiny models can be made to hang)."""
+    _edit(server.grpc_url, image, steps=2)  # every model has a longest call by now
+    (victim,) = processes_of(server, "vae_decoder")
+    report = server.runtime_dir / INSTANCES_DIR / f"{victim.instance}.{victim.pid}"
+    longest = struct.unpack("<dd", report.read_bytes()[:16])[1]
+    assert longest > 0
+    since = time.monotonic()
+    report.write_bytes(struct.pack("<dd", time.time() - 120, longest))
+    deadline = since + RECOVERY_S
+    while time.monotonic() < deadline and any(
+        p.pid == victim.pid for p in processes_of(server, "vae_decoder")
+    ):
+        time.sleep(0.1)
+    assert all(p.pid != victim.pid for p in processes_of(server, "vae_decoder"))
+    assert _succeeds_again(server.grpc_url, image, since) < RECOVERY_S
+
+
+def test_every_recovery_was_recorded(server: TritonServer) -> None:
+    assert server.supervisor is not None
+    replaced = {recovery.model for recovery in server.supervisor.recoveries}
+    assert {*KINDS.values(), "vae_encoder"} <= replaced
+
+
+def test_a_normal_stop_leaves_no_shared_memory(
+    start_server: Callable[..., TritonServer], tiny_repository: Path
+) -> None:
+    server = start_server(tiny_repository)
+    assert server.process is not None
+    regions = [p.shm_region for p in model_processes(server.process.pid)]
+    assert regions and all((Path("/dev/shm") / r).exists() for r in regions)
+    server.stop()
+    assert not [r for r in regions if (Path("/dev/shm") / r).exists()]
+
+
+# --------------------------------------------------------------------------- drain
+
+
+def _serve(repository: Path, log_file: Path) -> tuple[subprocess.Popen[bytes], str, str]:
+    grpc_port, http_port, metrics_port = free_port(), free_port(), free_port()
+    command = [
+        sys.executable, "-m", "model_repository.serve",
+        "--repository", str(repository),
+        "--grpc-port", str(grpc_port),
+        "--http-port", str(http_port),
+        "--metrics-port", str(metrics_port),
+        "--log-file", str(log_file),
+        "--grace", "60",
+    ]  # fmt: skip
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    return process, f"127.0.0.1:{grpc_port}", f"127.0.0.1:{http_port}"
+
+
+def _ready(http_url: str) -> bool:
+    import tritonclient.http as httpclient
+
+    client = httpclient.InferenceServerClient(http_url)
+    try:
+        return bool(client.is_server_ready())
+    except Exception:
+        return False
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_sigterm_drains_edits_in_flight(
+    tiny_repository: Path, tmp_path: Path, image: bytes, signum: int, summary
+) -> None:
+    process, grpc_url, http_url = _serve(tiny_repository, tmp_path / "serve.log")
+    try:
+        deadline = time.monotonic() + 300
+        while not _ready(http_url):
+            assert process.poll() is None, process.stdout.read().decode()  # type: ignore[union-attr]
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        with ThreadPoolExecutor(1) as pool:
+            in_flight = pool.submit(_edit, grpc_url, image, 250)
+            time.sleep(1.0)
+            assert not in_flight.done()
+            signalled = time.monotonic()
+            process.send_signal(signum)
+            time.sleep(0.3)
+            assert not _ready(http_url)
+            with pytest.raises(ServerUnavailable, match="shutting down"):
+                _edit(grpc_url, image, 2)
+            png = in_flight.result(timeout=120)
+        assert png.startswith(b"\x89PNG")
+        code = process.wait(timeout=90)
+        summary(
+            "graceful drain",
+            f"{signal.Signals(signum).name}: the edit in flight returned its image, a new one "
+            f"got UNAVAILABLE, exit {code} after {time.monotonic() - signalled:.1f} s",
+        )
+        assert code == 0
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
