@@ -5,7 +5,13 @@
 #
 #   docker build -t triton-image-edit .
 #   docker run --gpus all --rm --shm-size=1g -p 8000:8000 -p 8001:8001 -p 8002:8002 \
+#       -e IMAGE_EDIT_ADMIN_KEY=... \
 #       -v "$PWD/build/repository/instruct-pix2pix-tensorrt:/models" triton-image-edit
+#
+# The entry point is the project's supervisor (model_repository.serve), which starts
+# tritonserver with the project's flags: it replaces model processes that die, and on
+# SIGTERM drains edits in flight before tritonserver stops (bare tritonserver refuses the
+# edits' BLS calls as soon as SIGTERM arrives).
 #
 # Not built or run by this project's CI: its machines have no Docker engine, no access to
 # nvcr.io and no GPU (see README.md, "On a GPU").
@@ -44,4 +50,4 @@ RUN trt_version="$(find /usr -name 'libnvinfer.so.*.*.*' 2>/dev/null \
  && test -n "$trt_version" \
  && pip install "tensorrt==${trt_version}.*"
 
-CMD ["tritonserver", "--model-repository=/models"]
+CMD ["python3", "-m", "model_repository.serve", "--repository", "/models", "--host", "0.0.0.0"]

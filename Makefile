@@ -66,8 +66,11 @@ demo: setup
 
 # Serves the preset (or MODEL=<diffusers folder>) on localhost:8001 (gRPC) until Ctrl-C,
 # building the preset, export and repository first when they are missing.
+# Loopback only unless HOST=0.0.0.0; the admin key from $IMAGE_EDIT_ADMIN_KEY (README:
+# "Running it for others"). SIGTERM or Ctrl-C drains edits in flight, then stops.
+HOST ?= 127.0.0.1
 serve: setup
-	$(PY) -m model_repository.serve $(if $(MODEL),--model $(MODEL),--preset $(PRESET)) --flavour $(FLAVOUR)
+	$(PY) -m model_repository.serve $(if $(MODEL),--model $(MODEL),--preset $(PRESET)) --flavour $(FLAVOUR) --host $(HOST)
 
 # Benchmarks Triton (perf_analyzer concurrency sweep over gRPC, per-stage statistics)
 # against diffusers eager PyTorch and a bare onnxruntime loop on the same weights and

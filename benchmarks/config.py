@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+import os
+import secrets
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from pix2pix_client.contract import IMG2IMG, INSTRUCT_PIX2PIX
+from pix2pix_client.contract import ADMIN_KEY_VARIABLE, IMG2IMG, INSTRUCT_PIX2PIX
 
 DEFAULT_PROMPT = "turn him into a snowman"
 
@@ -89,3 +92,11 @@ class BenchConfig:
         data = asdict(self)
         data["concurrency"] = list(self.concurrency)
         return data
+
+
+@functools.cache
+def admin_key() -> str:
+    """The key of the servers' restricted APIs (statistics, model configs), which the
+    harness reads: $IMAGE_EDIT_ADMIN_KEY for a server given with --url, else one made for
+    this run and handed to the servers it starts."""
+    return os.environ.get(ADMIN_KEY_VARIABLE) or secrets.token_urlsafe(24)

@@ -22,7 +22,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from pix2pix_client.contract import ADMIN_GRPC_HEADER, ADMIN_KEY_VARIABLE, PARAMETERS_BY_NAME
+from benchmarks.config import admin_key
+from pix2pix_client.contract import ADMIN_GRPC_HEADER, PARAMETERS_BY_NAME
 
 TRITONCLIENT_PIN = "tritonclient==2.51.0"
 # soname perf_analyzer links -> the start of the bundled file's hashed name
@@ -306,9 +307,8 @@ class LevelResult:
 
 def admin_header_flags() -> list[str]:
     """perf_analyzer reads the model config and statistics, which the server restricts:
-    the admin key from $IMAGE_EDIT_ADMIN_KEY goes with every call."""
-    key = os.environ.get(ADMIN_KEY_VARIABLE)
-    return ["-H", f"{ADMIN_GRPC_HEADER}:{key}"] if key else []
+    the admin key goes with every call."""
+    return ["-H", f"{ADMIN_GRPC_HEADER}:{admin_key()}"]
 
 
 @dataclass(frozen=True)

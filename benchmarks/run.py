@@ -25,8 +25,6 @@ import dataclasses
 import datetime
 import functools
 import json
-import os
-import secrets
 import shlex
 import statistics
 import sys
@@ -45,7 +43,7 @@ from benchmarks.baselines import (
     Timing,
     pixel_difference,
 )
-from benchmarks.config import BenchConfig
+from benchmarks.config import BenchConfig, admin_key
 from benchmarks.machine_load import LoadMeter
 from benchmarks.perf_analyzer import (
     CsvLevel,
@@ -63,7 +61,7 @@ from benchmarks.server_stats import ModelCounters, combine, settled_snapshot, st
 from export.presets import IMG2IMG_FOLDER, PIX2PIX_FOLDER, PRESETS
 from model_repository.builder import build_repository
 from model_repository.configs import FLAVOURS, RepositoryOptions
-from pix2pix_client.contract import ADMIN_KEY_VARIABLE, IMG2IMG, INSTRUCT_PIX2PIX, SCHEDULERS
+from pix2pix_client.contract import IMG2IMG, INSTRUCT_PIX2PIX, SCHEDULERS
 from pix2pix_client.request import contract_input
 
 DEFAULT_BUILD_DIR = Path("build")
@@ -203,7 +201,7 @@ def serving(repository: Path | None, url: str | None, log_file: Path) -> Iterato
     assert repository is not None
     log_file.parent.mkdir(parents=True, exist_ok=True)
     log_file.unlink(missing_ok=True)
-    server = TritonServer(repository, log_file=log_file)
+    server = TritonServer(repository, log_file=log_file, admin_key=admin_key())
     started = time.perf_counter()
     server.start()
     try:
@@ -801,8 +799,6 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    # The statistics API needs the admin key; the servers started here take it from here.
-    os.environ.setdefault(ADMIN_KEY_VARIABLE, secrets.token_urlsafe(24))
     try:
         config = config_from_args(args)
     except ValueError as error:

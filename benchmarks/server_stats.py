@@ -8,12 +8,11 @@ The components' calls come from the edit model through BLS and count under their
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from benchmarks.config import admin_key
 from export.components import TEXT_ENCODER, UNET_FOR_PIPELINE, VAE_DECODER, VAE_ENCODER
-from pix2pix_client.contract import ADMIN_KEY_VARIABLE
 from pix2pix_client.request import normalise_headers
 
 
@@ -73,10 +72,9 @@ def counters_from_json(statistics: dict[str, Any]) -> dict[str, ModelCounters]:
 def snapshot(client: Any) -> dict[str, ModelCounters]:
     """Counters of every model, from a tritonclient gRPC client.
 
-    The statistics API is restricted: the admin key comes from $IMAGE_EDIT_ADMIN_KEY,
-    which the servers the benchmark starts read too.
+    The statistics API is restricted: the call carries the admin key.
     """
-    headers = normalise_headers(None, os.environ.get(ADMIN_KEY_VARIABLE))
+    headers = normalise_headers(None, admin_key())
     return counters_from_json(client.get_inference_statistics(headers=headers, as_json=True))
 
 

@@ -178,7 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_GRACE_S,
         help="seconds edits in flight may take to finish on SIGTERM (default: %(default)s)",
     )
-    serving.add_argument("--log-file", type=Path, help="tritonserver's log (default: build/logs)")
+    serving.add_argument(
+        "--log-file",
+        type=Path,
+        help="tritonserver's log; - for stdout (default: stdout with --repository, else a "
+        "file in BUILD_DIR/logs)",
+    )
     return parser
 
 
@@ -221,8 +226,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
-    log_file = args.log_file or args.build_dir / "logs" / f"tritonserver-{name}.log"
-    log_file.parent.mkdir(parents=True, exist_ok=True)
+    log_file = args.log_file or (
+        Path("-") if args.repository else args.build_dir / "logs" / f"tritonserver-{name}.log"
+    )
+    if str(log_file) != "-":
+        log_file.parent.mkdir(parents=True, exist_ok=True)
     server = TritonServer(
         repository,
         host=args.host,

@@ -30,6 +30,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from model_repository.runtime import RUNTIME_DIR_VARIABLE
 from pix2pix_client.contract import ADMIN_GRPC_HEADER, ADMIN_HEADER, ADMIN_KEY_VARIABLE
@@ -132,22 +133,36 @@ def server_flags(repository: str, settings: ServerSettings, admin_key: str) -> l
     return [*flags, *settings.extra_flags]
 
 
-def _pytriton_dir() -> Path:
+def _pytriton_dir() -> Path | None:
+    """The nvidia-pytriton wheel's folder, or None where it is not installed."""
     import importlib.util
 
     spec = importlib.util.find_spec("pytriton")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("nvidia-pytriton is not installed: run `make setup`")
+        return None
     return Path(next(iter(spec.submodule_search_locations)))
 
 
 def tritonserver_binary() -> Path:
-    return _pytriton_dir() / "tritonserver" / "bin" / "tritonserver"
+    """The wheel's tritonserver; elsewhere (the NGC container) the one on PATH."""
+    wheel = _pytriton_dir()
+    if wheel is not None:
+        return wheel / "tritonserver" / "bin" / "tritonserver"
+    found = shutil.which("tritonserver")
+    if found is None:
+        raise FileNotFoundError(
+            "no tritonserver: run `make setup` (nvidia-pytriton) or use the NGC container"
+        )
+    return Path(found)
 
 
-def prepare_backend_directory(target: Path) -> Path:
-    """A backend directory whose python/ holds the backend and this Python's stub."""
-    triton = _pytriton_dir() / "tritonserver"
+def prepare_backend_directory(target: Path) -> Path | None:
+    """For the wheel's tritonserver: a backend directory whose python/ holds the backend
+    and this Python's stub. None elsewhere: the container's own backends serve."""
+    wheel = _pytriton_dir()
+    if wheel is None:
+        return None
+    triton = wheel / "tritonserver"
     python_dir = target / "python"
     python_dir.mkdir(parents=True, exist_ok=True)
     source = triton / "backends" / "python"
@@ -160,12 +175,15 @@ def prepare_backend_directory(target: Path) -> Path:
 
 
 def server_environment() -> dict[str, str]:
-    """This interpreter's LIBDIR first: otherwise the stub loads Debian's older libpython."""
-    libs = _pytriton_dir().parent / "nvidia_pytriton.libs"
-    paths = [sysconfig.get_config_var("LIBDIR"), str(libs)]
+    """This interpreter's LIBDIR first: otherwise the wheel's stub loads Debian's older
+    libpython."""
+    env = dict(os.environ)
+    wheel = _pytriton_dir()
+    if wheel is None:
+        return env
+    paths = [sysconfig.get_config_var("LIBDIR"), str(wheel.parent / "nvidia_pytriton.libs")]
     if os.environ.get("LD_LIBRARY_PATH"):
         paths.append(os.environ["LD_LIBRARY_PATH"])
-    env = dict(os.environ)
     env["LD_LIBRARY_PATH"] = ":".join(p for p in paths if p)
     # The stub must import from the same environment as this interpreter.
     env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
@@ -231,6 +249,7 @@ class TritonServer:
         self.grace_s = grace_s
         self.process: subprocess.Popen[bytes] | None = None
         self._scratch: tempfile.TemporaryDirectory[str] | None = None
+        self._backends: Path | None = None
         self._supervise = supervise
         self.supervisor = None
 
@@ -270,18 +289,16 @@ class TritonServer:
             return []
         return list(json.loads(record.read_text()).get("server_args", []))
 
-    def command(self, backend_directory: Path) -> list[str]:
+    def command(self, backend_directory: Path | None) -> list[str]:
         flags = server_flags(self.repository, self.settings, self.admin_key)
-        return [
-            str(tritonserver_binary()),
-            *flags,
-            f"--backend-directory={backend_directory}",
-            *self.repository_arguments(),
-        ]
+        if backend_directory is not None:
+            flags.append(f"--backend-directory={backend_directory}")
+        return [str(tritonserver_binary()), *flags, *self.repository_arguments()]
 
     def start(self) -> TritonServer:
         self._scratch = tempfile.TemporaryDirectory(prefix="tritonserver-")
         self.runtime_dir.mkdir()
+        self._backends = prepare_backend_directory(Path(self._scratch.name) / "backends")
         self._launch()
         if self._supervise:
             from model_repository.supervisor import Supervisor
@@ -293,21 +310,24 @@ class TritonServer:
     def _launch(self) -> None:
         """Starts the tritonserver process (again, after it died)."""
         assert self._scratch is not None
-        backends = Path(self._scratch.name) / "backends"
-        if not backends.exists():
-            prepare_backend_directory(backends)
-        log_target = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL  # noqa: SIM115
+        # A log file, this process's stdout ("-": containers log there), or nowhere.
+        if self.log_file is None:
+            log_target: Any = subprocess.DEVNULL
+        elif str(self.log_file) == "-":
+            log_target = None
+        else:
+            log_target = open(self.log_file, "ab")  # noqa: SIM115
         environment = server_environment()
         environment[RUNTIME_DIR_VARIABLE] = str(self.runtime_dir)
         self.process = subprocess.Popen(
-            self.command(backends),
+            self.command(self._backends),
             env=environment,
             stdout=log_target,
             stderr=subprocess.STDOUT,
             start_new_session=True,
             preexec_fn=_die_with_parent,
         )
-        if log_target is not subprocess.DEVNULL:
+        if hasattr(log_target, "close"):
             log_target.close()
 
     def http_client(self) -> object:
@@ -342,7 +362,7 @@ class TritonServer:
         raise TimeoutError(f"tritonserver not ready after {timeout_s:.0f} s\n{self.log_tail()}")
 
     def log_tail(self, lines: int = 60) -> str:
-        if self.log_file and Path(self.log_file).is_file():
+        if self.log_file and str(self.log_file) != "-" and Path(self.log_file).is_file():
             return "\n".join(Path(self.log_file).read_text(errors="replace").splitlines()[-lines:])
         return "(no log file)"
 
