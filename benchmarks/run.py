@@ -24,7 +24,6 @@ import contextlib
 import dataclasses
 import datetime
 import functools
-import json
 import shlex
 import statistics
 import sys
@@ -58,6 +57,7 @@ from benchmarks.perf_analyzer import (
 )
 from benchmarks.photo import photo_png
 from benchmarks.server_stats import ModelCounters, combine, settled_snapshot, stage_rows, window
+from export.onnx_export import ensure_export
 from export.presets import IMG2IMG_FOLDER, PIX2PIX_FOLDER, PRESETS
 from model_repository.builder import build_repository
 from model_repository.configs import FLAVOURS, RepositoryOptions
@@ -82,31 +82,6 @@ def log(message: str) -> None:
 
 
 # --------------------------------------------------------------------------- building
-
-
-def ensure_export(preset_root: Path, export_dir: Path, config: BenchConfig) -> Path:
-    """A validated export of the preset with the run's precision and fusions."""
-    from export.onnx_export import MANIFEST, export_checkpoint, format_table
-
-    manifest_path = export_dir / MANIFEST
-    if manifest_path.is_file():
-        manifest = json.loads(manifest_path.read_text())
-        current = (
-            manifest["validation"]["passed"]
-            and manifest["precision"] == config.precision
-            and bool(manifest.get("optimized")) == config.optimize
-        )
-        if current:
-            log(f"export up to date: {export_dir}")
-            return export_dir
-    log(f"exporting {preset_root} ({config.precision}, optimize={config.optimize}) ...")
-    manifest, rows = export_checkpoint(
-        [preset_root], export_dir, fp16=config.precision == "fp16", optimize=config.optimize
-    )
-    log(format_table(rows))
-    if not manifest["validation"]["passed"]:
-        raise RuntimeError(f"{export_dir}: the export failed validation against PyTorch")
-    return export_dir
 
 
 def export_folder(build_dir: Path, config: BenchConfig) -> Path:
@@ -139,7 +114,10 @@ def ensure_engines(export_dir: Path, build_dir: Path, config: BenchConfig) -> Pa
 
 def build_for(config: BenchConfig, preset_root: Path, build_dir: Path, name: str) -> Path:
     """Export (if missing) and a fresh repository for one configuration; returns it."""
-    export_dir = ensure_export(preset_root, export_folder(build_dir, config), config)
+    export_dir = export_folder(build_dir, config)
+    ensure_export(
+        [preset_root], export_dir, fp16=config.precision == "fp16", optimize=config.optimize
+    )
     repository = build_dir / "bench" / name / "repository"
     engines = (
         ensure_engines(export_dir, build_dir, config) if config.flavour == "tensorrt" else None
@@ -586,7 +564,10 @@ def run(config: BenchConfig, args: argparse.Namespace) -> dict[str, Any]:
 
     build_dir: Path = args.build_dir
     preset_root = ensure_preset(config.preset, build_dir)
-    export_dir = ensure_export(preset_root, export_folder(build_dir, config), config)
+    export_dir = export_folder(build_dir, config)
+    ensure_export(
+        [preset_root], export_dir, fp16=config.precision == "fp16", optimize=config.optimize
+    )
     name = f"{export_dir.name}-{config.flavour}"
     workdir = build_dir / "bench" / name
     workdir.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,7 @@ from typing import Any
 
 from benchmarks.config import admin_key
 from export.components import TEXT_ENCODER, UNET_FOR_PIPELINE, VAE_DECODER, VAE_ENCODER
-from pix2pix_client.request import normalise_headers
+from pix2pix_client.connection import normalise_headers
 
 
 @dataclass(frozen=True)

@@ -46,10 +46,14 @@ from export.components import (
     ComponentSpec,
     component_specs,
 )
+from export.latent_preview import fit_latent_preview
 from export.sample_inputs import CheckpointInputs, sample_inputs
 from export.validation import TOLERANCE, ValidationRow, format_table, validate_component
 
 MANIFEST = "manifest.json"
+# 2: dimensions carry the vocabulary size and the UNets' sample size; 3: the latent
+# preview map. Exports of another format are made again.
+MANIFEST_FORMAT = 3
 MODEL_FILE = "model.onnx"
 EXTERNAL_DATA_FILE = "model.onnx.data"
 # Protobuf cannot hold a model over 2 GiB; leave headroom for the graph itself.
@@ -307,9 +311,9 @@ def export_checkpoint(
         print(f"exported {name:<13} {megabytes:9.1f} MB  in {export_s:6.1f} s", flush=True)
 
     passed = all(row.passed for row in rows)
+    shared = pipelines.get(PIX2PIX) or next(iter(pipelines.values()))
     manifest = {
-        # 2: dimensions carry the vocabulary size and the UNets' sample size.
-        "format": 2,
+        "format": MANIFEST_FORMAT,
         "precision": precision,
         "opset": opset,
         # onnxruntime fusions (com.microsoft ops): onnxruntime only, no TensorRT engines.
@@ -323,6 +327,7 @@ def export_checkpoint(
             for name, folder in folders.items()
         },
         "dimensions": asdict(checkpoint.dims),
+        "latent_preview": fit_latent_preview(shared.vae, checkpoint.dims.vae_scale_factor),
         "components": components,
         **_copy_pipeline_assets(folders, output),
         "validation": {
@@ -336,6 +341,43 @@ def export_checkpoint(
     }
     (output / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest, rows
+
+
+def export_is_current(
+    export_dir: Path, models: list[Path], *, fp16: bool = False, optimize: bool = False
+) -> bool:
+    """Whether `export_dir` holds a passing export, in today's manifest format, of exactly
+    these diffusers folders (or preset roots), with this precision and these fusions."""
+    path = Path(export_dir) / MANIFEST
+    if not path.is_file():
+        return False
+    manifest = json.loads(path.read_text())
+    wanted = {Path(model).resolve() for model in models}
+    sources = {Path(entry["source"]) for entry in manifest["pipelines"].values()}
+    return (
+        manifest.get("format") == MANIFEST_FORMAT
+        and manifest["validation"]["passed"]
+        and manifest["precision"] == ("fp16" if fp16 else "fp32")
+        and bool(manifest.get("optimized")) == optimize
+        and all(source in wanted or source.parent in wanted for source in sources)
+    )
+
+
+def ensure_export(
+    models: list[Path], export_dir: Path, *, fp16: bool = False, optimize: bool = False
+) -> dict[str, Any]:
+    """The manifest of a current export of `models` (see export_is_current), exporting
+    first when there is none; raises RuntimeError when the export fails validation."""
+    if export_is_current(export_dir, models, fp16=fp16, optimize=optimize):
+        print(f"export up to date: {export_dir}", flush=True)
+        return load_manifest(export_dir)
+    shown = ", ".join(str(model) for model in models)
+    print(f"exporting {shown} to ONNX ({'fp16' if fp16 else 'fp32'}) ...", flush=True)
+    manifest, rows = export_checkpoint(models, export_dir, fp16=fp16, optimize=optimize)
+    print(format_table(rows), flush=True)
+    if not manifest["validation"]["passed"]:
+        raise RuntimeError(f"{export_dir}: the export failed validation against PyTorch")
+    return manifest
 
 
 def load_manifest(export_dir: Path) -> dict[str, Any]:

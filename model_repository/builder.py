@@ -45,6 +45,7 @@ from model_repository.pipeline import (
     TOKENIZER_DIR,
     PipelineSettings,
 )
+from model_repository.preview import LatentPreview
 
 BACKEND_TEMPLATES = Path(__file__).parent / "backend"
 REPOSITORY_RECORD = "repository.json"
@@ -132,18 +133,26 @@ def build_repository(
         written.append(name)
 
     limits = options.image_limits(int(manifest["dimensions"]["vae_scale_factor"]))
+    preview = LatentPreview.from_json(manifest["latent_preview"])
     for pipeline, details in manifest["pipelines"].items():
-        version_dir = _write_model(output, edit_config(pipeline, options), "edit")
         settings = PipelineSettings(
             pipeline=pipeline,
             vae_scaling_factor=details["vae_scaling_factor"],
             limits=limits,
             components=component_calls(specs, pipeline),
+            latent_preview=preview,
         )
-        (version_dir / SETTINGS_FILE).write_text(json.dumps(settings.to_json(), indent=2) + "\n")
-        shutil.copytree(export_dir / manifest["tokenizer"], version_dir / TOKENIZER_DIR)
-        shutil.copyfile(export_dir / manifest["schedulers"][pipeline], version_dir / SCHEDULER_FILE)
-        written.append(pipeline)
+        for streaming in (False, True):
+            config = edit_config(pipeline, options, streaming)
+            version_dir = _write_model(output, config, "edit")
+            (version_dir / SETTINGS_FILE).write_text(
+                json.dumps(settings.to_json(), indent=2) + "\n"
+            )
+            shutil.copytree(export_dir / manifest["tokenizer"], version_dir / TOKENIZER_DIR)
+            shutil.copyfile(
+                export_dir / manifest["schedulers"][pipeline], version_dir / SCHEDULER_FILE
+            )
+            written.append(config.name)
     _write_model(output, readiness_config(), "readiness")
     written.append(READINESS_MODEL)
     (output / REPOSITORY_RECORD).write_text(

@@ -6,6 +6,7 @@ so field names and tensor names cannot drift from what export, engines and clien
     text_encoder, vae_encoder, vae_decoder   the exported components
     unet_pix2pix, unet_img2img               dynamic batching merges concurrent steps
     instruct_pix2pix, img2img                the edit models clients call (Python BLS)
+    instruct_pix2pix_stream, img2img_stream  the same, streaming progress (decoupled)
     readiness                                the gate the supervisor switches readiness with
 """
 
@@ -18,7 +19,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from export.components import MIN_IMAGE_SIDE, UNET_FOR_PIPELINE, ComponentSpec, TensorSpec
 from model_repository.preprocess import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE, ImageLimits
-from pix2pix_client.contract import OUTPUTS, parameters_for
+from pix2pix_client.contract import OUTPUTS, STREAM_OUTPUTS, parameters_for, stream_model
 
 KIND_AUTO = mc.ModelInstanceGroup.KIND_AUTO
 KIND_CPU = mc.ModelInstanceGroup.KIND_CPU
@@ -51,8 +52,9 @@ class RepositoryOptions:
     edit_instances: int = 2
     max_edits: int = 8
     # Microseconds the UNet's dynamic batcher waits for a partner request: small against a
-    # UNet step (tens of ms on GPU, hundreds on CPU), enough for concurrent loops to meet.
-    unet_queue_delay_us: int = 2000
+    # UNet step (tens of ms on GPU, hundreds on CPU), longer than the few ms an edit's loop
+    # spends between its steps, so that concurrent loops meet.
+    unet_queue_delay_us: int = 5000
     # onnxruntime threads per component session; 0 lets onnxruntime use every core.
     intra_op_threads: int = 0
     # Whether idle onnxruntime pool threads spin (python-onnxruntime flavour): off, models
@@ -171,15 +173,22 @@ def edit_instance_kind(flavour: str) -> int:
     return {"tensorrt": KIND_GPU, "onnxruntime": KIND_AUTO}.get(flavour, KIND_CPU)
 
 
-def edit_config(pipeline: str, options: RepositoryOptions) -> Any:
-    """The model clients call: the contract's inputs and outputs, one edit per instance."""
-    config = mc.ModelConfig(name=pipeline, backend="python", max_batch_size=0)
+def edit_config(pipeline: str, options: RepositoryOptions, streaming: bool = False) -> Any:
+    """A model clients call: the contract's inputs and outputs, one edit per instance.
+
+    The streaming model is the same model made decoupled: it answers with a response per
+    denoising step before the result, over gRPC streams only.
+    """
+    name = stream_model(pipeline) if streaming else pipeline
+    config = mc.ModelConfig(name=name, backend="python", max_batch_size=0)
     # Every input is optional to Triton, required ones included: the model names a
     # missing input and its allowed values itself, which Triton's own check does not.
-    for parameter in parameters_for(pipeline):
+    for parameter in parameters_for(pipeline, streaming):
         _scalar(config.input.add(), parameter.name, parameter.wire_type, optional=True)
-    for name, wire_type, _ in OUTPUTS:
-        _scalar(config.output.add(), name, wire_type, optional=False)
+    for output, wire_type, _ in STREAM_OUTPUTS if streaming else OUTPUTS:
+        _scalar(config.output.add(), output, wire_type, optional=False)
+    if streaming:
+        config.model_transaction_policy.decoupled = True
     config.instance_group.add(
         count=options.edit_instances, kind=edit_instance_kind(options.flavour)
     )

@@ -25,12 +25,11 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from export.checkpoint import UnsupportedCheckpointError
-from export.onnx_export import load_manifest
+from export.onnx_export import ensure_export, load_manifest
 from export.presets import PRESETS
 from model_repository.configs import RepositoryOptions
 from model_repository.serve import (
     DEFAULT_BUILD_DIR,
-    ensure_export,
     export_dir_for,
     resolve_source,
     write_repository,
@@ -141,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             name, source = resolve_source(preset, args.model, args.build_dir)
         export_dir = export_dir_for(name, args.build_dir)
         with timings.measure("export", "ONNX + validation, skipped when current"):
-            ensure_export(source, export_dir)
+            ensure_export([source], export_dir)
         with timings.measure("repository", "python-onnxruntime"):
             repository = write_repository(name, export_dir, args.build_dir, RepositoryOptions())
     except (UnsupportedCheckpointError, FileNotFoundError, ValueError, RuntimeError) as error:

@@ -29,6 +29,7 @@ from model_repository.preprocess import (
     image_to_tensor,
     resolve_request,
 )
+from model_repository.preview import LatentPreview
 from model_repository.sampler import Sampler, SamplerInputs, StepCallback
 
 # The files an edit model's version folder holds besides model.py.
@@ -68,6 +69,7 @@ class PipelineSettings:
     limits: ImageLimits
     # Triton model and tensor names of each component call, from the export's specs.
     components: dict[str, dict[str, Any]]
+    latent_preview: LatentPreview
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -75,6 +77,7 @@ class PipelineSettings:
             "vae_scaling_factor": self.vae_scaling_factor,
             "limits": self.limits.__dict__,
             "components": self.components,
+            "latent_preview": self.latent_preview.to_json(),
         }
 
     @classmethod
@@ -84,6 +87,7 @@ class PipelineSettings:
             vae_scaling_factor=float(data["vae_scaling_factor"]),
             limits=ImageLimits(**data["limits"]),
             components=data["components"],
+            latent_preview=LatentPreview.from_json(data["latent_preview"]),
         )
 
 
@@ -140,11 +144,18 @@ class EditPipeline:
             device,
         )
 
-    def prepare(self, inputs: dict[str, Any]) -> PreparedEdit:
-        """Validates the inputs and decodes the image; raises InvalidArgumentError."""
-        request = resolve_request(self.settings.pipeline, inputs)
+    def prepare(self, inputs: dict[str, Any], streaming: bool = False) -> PreparedEdit:
+        """Validates the inputs (a streaming model's too) and decodes the image; raises
+        InvalidArgumentError."""
+        request = resolve_request(self.settings.pipeline, inputs, streaming)
         image = decode_image(inputs["image"], self.settings.limits)
         return PreparedEdit(request, image_to_tensor(image))
+
+    def preview(self, edit: PreparedEdit, latents: torch.Tensor) -> bytes:
+        """A PNG of the sampler's current (scaled) latents, without the VAE decoder."""
+        height, width = edit.pixels.shape[2:]
+        unscaled = latents / self.settings.vae_scaling_factor
+        return self.settings.latent_preview.png(unscaled, (width, height))
 
     def run(self, edit: PreparedEdit, on_step: StepCallback | None = None) -> EditOutput:
         """Encodes, denoises and decodes one prepared edit."""

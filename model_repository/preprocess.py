@@ -61,6 +61,8 @@ class EditRequest:
     temperature: float
     seed: int
     scheduler: str | None
+    # Streaming models: a latent preview every this many steps (0: progress only).
+    preview_every: int = 0
 
 
 def _image_error(message: str) -> InvalidArgumentError:
@@ -166,11 +168,11 @@ def _python_float(value: Any) -> float:
     return float(value)
 
 
-def resolve_request(ensemble: str, inputs: dict[str, Any]) -> EditRequest:
+def resolve_request(pipeline: str, inputs: dict[str, Any], streaming: bool = False) -> EditRequest:
     """Validates the non-image inputs of one request and fills in defaults and the seed."""
     values = {k: (_python_float(v) if isinstance(v, np.floating) else v) for k, v in inputs.items()}
     values = {k: (int(v) if isinstance(v, np.integer) else v) for k, v in values.items()}
-    validated = validate_request(ensemble, values)
+    validated = validate_request(pipeline, values, streaming)
     seed = validated["seed"]
     if seed is None:
         seed = secrets.randbelow(MAX_SEED + 1)
@@ -183,6 +185,7 @@ def resolve_request(ensemble: str, inputs: dict[str, Any]) -> EditRequest:
         temperature=validated["temperature"],
         seed=seed,
         scheduler=validated["scheduler"],
+        preview_every=validated.get("preview_every") or 0,
     )
 
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from export.checkpoint import UnsupportedCheckpointError
-from export.onnx_export import MANIFEST
+from export.onnx_export import ensure_export
 from export.presets import PRESETS
 from model_repository.builder import build_repository
 from model_repository.configs import FLAVOURS, RepositoryOptions
@@ -48,27 +48,6 @@ class BuiltModel:
 
 def _log(message: str) -> None:
     print(message, flush=True)
-
-
-def ensure_export(source: Path, export_dir: Path) -> None:
-    """Exports `source` unless a passing export of the same folder exists."""
-    from export.onnx_export import export_checkpoint, format_table
-
-    manifest_path = export_dir / MANIFEST
-    if manifest_path.is_file():
-        manifest = json.loads(manifest_path.read_text())
-        sources = {Path(p["source"]) for p in manifest["pipelines"].values()}
-        resolved = source.resolve()
-        if manifest["validation"]["passed"] and all(
-            p == resolved or p.parent == resolved for p in sources
-        ):
-            _log(f"export up to date: {export_dir}")
-            return
-    _log(f"exporting {source} to ONNX ...")
-    manifest, rows = export_checkpoint([source], export_dir)
-    _log(format_table(rows))
-    if not manifest["validation"]["passed"]:
-        raise RuntimeError(f"{export_dir}: the export failed validation against PyTorch")
 
 
 def ensure_preset(preset: str, build_dir: Path) -> Path:
@@ -125,7 +104,7 @@ def prepare(
     options = options or RepositoryOptions()
     name, source = resolve_source(preset, model, build_dir)
     export_dir = export_dir_for(name, build_dir)
-    ensure_export(source, export_dir)
+    ensure_export([source], export_dir)
     repository = write_repository(name, export_dir, build_dir, options, engines_dir)
     return BuiltModel(name=name, export_dir=export_dir, repository=repository)
 

@@ -49,8 +49,8 @@ def repository_log(path: Path) -> str:
 
 
 def execution_counts(server: Any, model: str) -> tuple[int, int]:
-    """A model's (inference count, execution count) from the statistics API, which is
-    restricted: the server's admin key opens it."""
+    """A model's (requests, executions) from the statistics API, which is restricted: the
+    server's admin key opens it. Executions below requests: the batcher merged some."""
     client = grpcclient.InferenceServerClient(server.grpc_url)
     try:
         stats = client.get_inference_statistics(
@@ -58,4 +58,5 @@ def execution_counts(server: Any, model: str) -> tuple[int, int]:
         )["model_stats"][0]
     finally:
         client.close()
-    return int(stats.get("inference_count", 0)), int(stats.get("execution_count", 0))
+    requests = stats.get("inference_stats", {}).get("success", {}).get("count", 0)
+    return int(requests), int(stats.get("execution_count", 0))

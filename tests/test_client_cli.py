@@ -7,7 +7,6 @@ connections on an unused localhost port.
 
 from __future__ import annotations
 
-import io
 import json
 import shlex
 import subprocess
@@ -317,29 +316,6 @@ def test_outputs_that_would_collide_or_overwrite_inputs_exit_2(
     assert "would overwrite the input" in _one_error_line(capsys.readouterr().err)
     assert main(["edit", str(photo), str(twin), "-p", "x", "-o", str(photo)]) == 2
     assert "need an output directory" in _one_error_line(capsys.readouterr().err)
-
-
-def test_progress_counter_on_a_terminal(
-    url: str, photos: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    class Terminal(io.StringIO):
-        def isatty(self) -> bool:
-            return True
-
-    terminal = Terminal()
-    monkeypatch.setattr(sys, "stderr", terminal)
-    assert main(["edit", str(photos), "-p", "x", "-o", str(tmp_path / "o"), "--url", url]) == 0
-    shown = terminal.getvalue()
-    assert "pix2pix: 0/5 edited" in shown
-    assert "pix2pix: 5/5 edited" in shown
-    assert shown.endswith("\n")
-
-    quiet = Terminal()
-    monkeypatch.setattr(sys, "stderr", quiet)
-    assert (
-        main(["edit", str(photos), "-p", "x", "-o", str(tmp_path / "q"), "--url", url, "-q"]) == 0
-    )
-    assert quiet.getvalue() == ""
 
 
 def test_health_and_models_commands(url: str, capsys: pytest.CaptureFixture[str]) -> None:

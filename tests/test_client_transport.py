@@ -28,7 +28,7 @@ from pix2pix_client import (
     ServerError,
     ServerUnavailable,
 )
-from pix2pix_client.request import RetryPolicy
+from pix2pix_client.connection import Connection
 from tests.test_client_standin import (
     STANDIN_SEED,
     Failure,
@@ -214,9 +214,16 @@ def test_refused_connection_is_retried_then_unavailable() -> None:
     assert raised.value.status == "StatusCode.UNAVAILABLE"
 
 
-def test_retry_policy_delays_double() -> None:
-    assert list(RetryPolicy(retries=4, backoff_s=0.5).delays()) == [0.5, 1.0, 2.0, 4.0]
-    assert list(RetryPolicy(retries=0).delays()) == []
+def test_retries_double_their_wait() -> None:
+    connection = Connection.from_options("a:1", {"retries": 4, "backoff_s": 0.5})
+    assert list(connection.attempts()) == [(0, 0.0), (0, 0.5), (0, 1.0), (0, 2.0), (0, 4.0)]
+    assert list(Connection.from_options("a:1", {"retries": 0}).attempts()) == [(0, 0.0)]
+
+
+def test_retries_go_to_every_other_address_first() -> None:
+    connection = Connection.from_options("a:1,b:2,c:3", {"retries": 4, "backoff_s": 0.5})
+    connection.preferred = 1
+    assert list(connection.attempts()) == [(1, 0.0), (2, 0.0), (0, 0.0), (1, 0.5), (2, 1.0)]
 
 
 def test_health_and_models(standin: StandInTriton, url: str) -> None:

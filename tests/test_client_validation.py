@@ -35,6 +35,8 @@ BAD_VALUES = [
     ("seed", 2**63, "is out of range"),
     ("seed", 7.5, "is not an integer"),
     ("scheduler", "heun", "is not supported"),
+    ("preview_every", -1, "is out of range"),
+    ("preview_every", 1001, "is out of range"),
 ]
 
 
@@ -47,7 +49,10 @@ def test_every_optional_parameter_has_a_bad_value_case() -> None:
 def test_bad_value_names_field_value_and_allowed_values(field: str, value, reason: str) -> None:
     parameter = contract.PARAMETERS_BY_NAME[field]
     with EditClient(UNUSED_URL, retries=0) as client, pytest.raises(InvalidArgument) as raised:
-        client.edit(png_bytes(), "make it snowy", **{field: value})
+        if parameter.streaming_only:
+            client.edit_stream(png_bytes(), "make it snowy", **{field: value})
+        else:
+            client.edit(png_bytes(), "make it snowy", **{field: value})
     error = raised.value
     assert error.field == field
     message = str(error)
@@ -137,3 +142,10 @@ def test_client_settings_are_checked(keyword: str, value: float) -> None:
     with pytest.raises(InvalidArgument) as raised:
         EditClient(UNUSED_URL, **{keyword: value})
     assert raised.value.field == keyword
+
+
+def test_a_streaming_input_is_refused_by_the_whole_edit_model() -> None:
+    with EditClient(UNUSED_URL, retries=0) as client, pytest.raises(InvalidArgument) as raised:
+        client.edit(png_bytes(), "make it snowy", preview_every=2)  # type: ignore[call-arg]
+    assert raised.value.field == "preview_every"
+    assert "preview_every is not an input of instruct_pix2pix" in str(raised.value)

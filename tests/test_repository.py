@@ -13,7 +13,7 @@ from export.components import COMPONENTS, UNET_FOR_PIPELINE
 from export.onnx_export import load_manifest
 from model_repository.builder import build_repository
 from model_repository.configs import FLAVOURS, READINESS_MODEL, RepositoryOptions
-from pix2pix_client.contract import OUTPUTS, parameters_for
+from pix2pix_client.contract import OUTPUTS, STREAM_OUTPUTS, parameters_for, stream_model
 
 PIPELINES = ("instruct_pix2pix", "img2img")
 
@@ -52,7 +52,8 @@ def _configs(repository: Path) -> dict[str, mc.ModelConfig]:
 def test_every_config_parses_as_model_config(repository) -> None:
     flavour, root = repository
     configs = _configs(root)
-    assert set(configs) == {*COMPONENTS, *PIPELINES, READINESS_MODEL}
+    streams = {stream_model(pipeline) for pipeline in PIPELINES}
+    assert set(configs) == {*COMPONENTS, *PIPELINES, *streams, READINESS_MODEL}
     for name in COMPONENTS:
         config = configs[name]
         if flavour == "python-onnxruntime":
@@ -88,21 +89,26 @@ def test_component_configs_follow_the_specs(repository, tiny_export: Path) -> No
     assert not configs["text_encoder"].HasField("dynamic_batching")
 
 
-def test_edit_models_take_the_contract(repository) -> None:
+@pytest.mark.parametrize("streaming", [False, True], ids=["whole", "streaming"])
+def test_edit_models_take_the_contract(repository, streaming: bool) -> None:
     """The models clients call: the contract's inputs (all optional to Triton, so the
-    model names a missing one itself) and outputs, with wire types matching."""
+    model names a missing one itself) and outputs, with wire types matching; the
+    streaming models are decoupled and take the preview interval too."""
     _, root = repository
     configs = _configs(root)
     for pipeline in PIPELINES:
-        config = configs[pipeline]
+        config = configs[stream_model(pipeline) if streaming else pipeline]
         assert config.backend == "python" and config.max_batch_size == 0
-        parameters = parameters_for(pipeline)
+        assert config.model_transaction_policy.decoupled == streaming
+        parameters = parameters_for(pipeline, streaming)
+        assert ("preview_every" in {p.name for p in parameters}) == streaming
         assert [i.name for i in config.input] == [p.name for p in parameters]
         assert all(i.optional and list(i.dims) == [1] for i in config.input)
         for tensor, parameter in zip(config.input, parameters, strict=True):
             wire = "STRING" if parameter.wire_type == "BYTES" else parameter.wire_type
             assert mc.DataType.Name(tensor.data_type) == f"TYPE_{wire}"
-        assert [o.name for o in config.output] == [name for name, _, _ in OUTPUTS]
+        outputs = STREAM_OUTPUTS if streaming else OUTPUTS
+        assert [o.name for o in config.output] == [name for name, _, _ in outputs]
 
 
 def test_edit_models_call_components_by_the_names_of_the_specs(
@@ -143,7 +149,7 @@ def test_edit_models_carry_their_assets_and_stay_thin(repository) -> None:
         assert (folder / "tokenizer" / "tokenizer_config.json").is_file()
         assert (folder / "scheduler_config.json").is_file()
     for model_file in root.glob("*/1/model.py"):
-        assert len(model_file.read_text().splitlines()) < 110, model_file
+        assert len(model_file.read_text().splitlines()) < 150, model_file
 
 
 def test_tensorrt_flavour_needs_engines(tiny_export: Path, tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ from pix2pix_client.errors import (
     ServerError,
     ServerUnavailable,
 )
-from pix2pix_client.request import EditResult
+from pix2pix_client.request import EditResult, Progress
 
 __all__ = [
     "AccessDenied",
@@ -33,6 +33,7 @@ __all__ = [
     "EditResult",
     "InvalidArgument",
     "ModelNotFound",
+    "Progress",
     "ServerError",
     "ServerUnavailable",
     "contract",

@@ -15,12 +15,20 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn, TextIO
+from typing import Any, NoReturn
 
 from pix2pix_client import contract
 from pix2pix_client.aio import AsyncEditClient
-from pix2pix_client.errors import EditError, InvalidArgument, ModelNotFound, ServerUnavailable
-from pix2pix_client.request import DEFAULT_MODEL, DEFAULT_URL, EditResult, validate_parameters
+from pix2pix_client.connection import DEFAULT_URL
+from pix2pix_client.errors import (
+    EditError,
+    InvalidArgument,
+    ModelNotFound,
+    ServerError,
+    ServerUnavailable,
+)
+from pix2pix_client.progress import EditProgress
+from pix2pix_client.request import DEFAULT_MODEL, EditResult, validate_parameters
 
 EXIT_OK = 0
 EXIT_SERVER_ERROR = 1
@@ -42,7 +50,10 @@ EDIT_FLAGS: dict[str, tuple[str, type, str]] = {
     "--temperature": ("temperature", float, "T"),
     "--seed": ("seed", int, "SEED"),
     "--scheduler": ("scheduler", str, "NAME"),
+    "--preview-every": ("preview_every", int, "N"),
 }
+# With --previews and no --preview-every: a preview every this many steps.
+DEFAULT_PREVIEW_EVERY = 5
 
 
 class _Parser(argparse.ArgumentParser):
@@ -156,7 +167,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="edits in flight at once (default: 4)",
     )
-    edit.add_argument("-q", "--quiet", action="store_true", help="no progress counter on stderr")
+    edit.add_argument(
+        "--previews",
+        type=Path,
+        metavar="DIR",
+        help=f"write the latent previews there, STEM_stepNNNN.png (every {DEFAULT_PREVIEW_EVERY} "
+        "steps unless --preview-every says)",
+    )
+    edit.add_argument("-q", "--quiet", action="store_true", help="no progress bars on stderr")
 
     subcommands.add_parser(
         "health",
@@ -212,51 +230,30 @@ class _Job:
     output: Path
 
 
-class _Progress:
-    """A one-line "done/total" counter on stderr, redrawn in place, only on a terminal."""
-
-    def __init__(self, total: int, stream: TextIO, enabled: bool) -> None:
-        self.total = total
-        self.done = 0
-        self.failed = 0
-        self.stream = stream
-        self.enabled = enabled and total > 1 and stream.isatty()
-
-    def advance(self, *, failed: bool) -> None:
-        self.done += 1
-        self.failed += failed
-        self.draw()
-
-    def draw(self) -> None:
-        if self.enabled:
-            failed = f", {self.failed} failed" if self.failed else ""
-            self.stream.write(f"\r\033[K{PROG}: {self.done}/{self.total} edited{failed}")
-            self.stream.flush()
-
-    def clear(self) -> None:
-        if self.enabled:
-            self.stream.write("\r\033[K")
-            self.stream.flush()
-
-    def finish(self) -> None:
-        if self.enabled:
-            self.stream.write("\n")
-            self.stream.flush()
-
-
 def _edit(args: argparse.Namespace, connection: dict[str, Any]) -> int:
     if args.concurrency < 1:
         raise InvalidArgument(
             "concurrency", f"--concurrency={args.concurrency} is out of range: allowed >= 1"
         )
     options = {name: getattr(args, name) for name, _, _ in EDIT_FLAGS.values()}
+    bars = sys.stderr.isatty() and not args.quiet and not args.json
+    # Progress bars and previews come from the streaming models.
+    streaming = bars or args.previews is not None or options["preview_every"] is not None
+    if args.previews is not None and options["preview_every"] is None:
+        options["preview_every"] = DEFAULT_PREVIEW_EVERY
+    if not streaming:
+        del options["preview_every"]
     try:
         # Every input but the images is checked once, before any file is read.
-        validate_parameters(args.model, args.prompt, **options)
+        validate_parameters(args.model, args.prompt, streaming, **options)
     except InvalidArgument as error:
         raise InvalidArgument(error.field, f"{_flag_of(error.field)}: {error}") from None
     jobs = _plan_jobs(args.inputs, args.output)
-    return asyncio.run(_run_edits(args, connection, options, jobs))
+    if args.previews is not None:
+        _make_directory(args.previews, "previews")
+    display = EditProgress(len(jobs), sys.stderr, enabled=bars)
+    with display:
+        return asyncio.run(_run_edits(args, connection, options, jobs, streaming, display))
 
 
 async def _run_edits(
@@ -264,18 +261,38 @@ async def _run_edits(
     connection: dict[str, Any],
     options: dict[str, Any],
     jobs: list[_Job],
+    streaming: bool,
+    display: EditProgress,
 ) -> int:
-    progress = _Progress(len(jobs), sys.stderr, enabled=not args.quiet)
-    progress.draw()
     semaphore = asyncio.Semaphore(args.concurrency)
     exit_code = EXIT_OK
 
     async with AsyncEditClient(args.url, **connection) as client:
 
+        async def edit(job: _Job) -> EditResult:
+            if not streaming:
+                return await client.edit(job.input, args.prompt, model=args.model, **options)
+            bar = display.start_edit(job.input.name)
+            try:
+                async for event in client.edit_stream(
+                    job.input, args.prompt, model=args.model, **options
+                ):
+                    if isinstance(event, EditResult):
+                        return event
+                    display.step(bar, event)
+                    if event.preview_png is not None and args.previews is not None:
+                        name = f"{job.input.stem}_step{event.step:04d}.png"
+                        await asyncio.to_thread(
+                            (args.previews / name).write_bytes, event.preview_png
+                        )
+            finally:
+                display.remove_edit(bar)
+            raise ServerError(f"{job.input}: the stream ended without a result")
+
         async def run(job: _Job) -> tuple[_Job, EditResult | EditError]:
             try:
                 async with semaphore:
-                    result = await client.edit(job.input, args.prompt, model=args.model, **options)
+                    result = await edit(job)
                 await asyncio.to_thread(result.save, job.output)
             except (ServerUnavailable, ModelNotFound):
                 # The same answer awaits every other input: stop at the first.
@@ -292,23 +309,21 @@ async def _run_edits(
         try:
             for finished in asyncio.as_completed(tasks):
                 job, outcome = await finished
-                progress.clear()
+                failed = isinstance(outcome, EditError)
                 if isinstance(outcome, EditError):
-                    _report_failure(f"{job.input}: {outcome}")
+                    _report_failure(f"{job.input}: {outcome}", display)
                     if args.json:
                         _print_json({"input": str(job.input), "error": _error_dict(outcome)})
                     exit_code = _worse(exit_code, _exit_code_of(outcome))
                 else:
-                    _print_success(job, outcome, as_json=args.json)
-                progress.advance(failed=isinstance(outcome, EditError))
-        except EditError:
-            progress.clear()
-            raise
+                    _print_success(job, outcome, as_json=args.json, display=display)
+                display.edit_done(failed=failed)
         finally:
+            # Ctrl-C or a failure that stops the batch: the edits still running are
+            # cancelled, and so is their work on the server.
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-    progress.finish()
     return exit_code
 
 
@@ -421,13 +436,17 @@ def _plan_jobs(inputs: Sequence[str], output: str | None) -> list[_Job]:
             )
         seen[key] = job.input
     for directory in {job.output.parent for job in jobs}:
-        try:
-            directory.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise InvalidArgument(
-                "output", f"cannot create output directory {str(directory)!r}: {error.strerror}"
-            ) from None
+        _make_directory(directory)
     return jobs
+
+
+def _make_directory(directory: Path, field: str = "output") -> None:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise InvalidArgument(
+            field, f"cannot create directory {str(directory)!r}: {error.strerror}"
+        ) from None
 
 
 def _exit_code_of(error: EditError) -> int:
@@ -441,11 +460,18 @@ def _worse(current: int, new: int) -> int:
     return max(current, new)
 
 
-def _print_success(job: _Job, result: EditResult, *, as_json: bool) -> None:
+def _print_success(
+    job: _Job, result: EditResult, *, as_json: bool, display: EditProgress | None = None
+) -> None:
     if as_json:
         _print_json({"input": str(job.input), "output": str(job.output), **result.to_dict()})
+        return
+    line = f"{job.input} -> {job.output}  seed={result.seed}  {result.latency_s:.2f}s"
+    if display is not None and display.enabled:
+        # Above the bars, on the terminal they are drawn on.
+        display.print(line)
     else:
-        print(f"{job.input} -> {job.output}  seed={result.seed}  {result.latency_s:.2f}s")
+        print(line, flush=True)
 
 
 def _error_dict(error: EditError) -> dict[str, Any]:
@@ -459,9 +485,13 @@ def _print_json(value: Any) -> None:
     print(json.dumps(value), flush=True)
 
 
-def _report_failure(message: str) -> None:
+def _report_failure(message: str, display: EditProgress | None = None) -> None:
     # One line per failure, whatever the underlying message contains.
-    print(f"{PROG}: error: {' '.join(message.split())}", file=sys.stderr, flush=True)
+    line = f"{PROG}: error: {' '.join(message.split())}"
+    if display is not None and display.enabled:
+        display.print(line)
+    else:
+        print(line, file=sys.stderr, flush=True)
 
 
 def _parameter_help(parameter: contract.Parameter) -> str:

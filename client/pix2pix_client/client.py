@@ -1,123 +1,105 @@
-"""The synchronous client: one edit at a time over Triton's gRPC API."""
+"""The synchronous client: edits over Triton's gRPC API, whole or streamed."""
 
 from __future__ import annotations
 
+import queue
 import time
-from collections.abc import Callable
-from pathlib import Path
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar, Unpack
 
 import tritonclient.grpc as triton_grpc
 from tritonclient.utils import InferenceServerException
 
 from pix2pix_client import contract
-from pix2pix_client.errors import InvalidArgument, ModelNotFound, from_triton
+from pix2pix_client.connection import DEFAULT_URL, Connection, ConnectionOptions, Deadline
+from pix2pix_client.errors import EditError, ModelNotFound, from_triton
 from pix2pix_client.images import ImageInput
 from pix2pix_client.request import (
     DEFAULT_MODEL,
-    DEFAULT_URL,
-    Deadline,
+    STREAM_ERROR_HEADER,
+    EditOptions,
     EditResult,
-    RetryPolicy,
+    Progress,
+    StreamOptions,
     build_inputs,
-    normalise_headers,
+    is_final,
     prepare_request,
+    read_event,
     read_result,
+    repository_entries,
 )
 
 T = TypeVar("T")
+Event = Progress | EditResult
+
+
+def events_callback(events: queue.Queue[tuple[Any, Any]]) -> Callable[[Any, Any], None]:
+    """A stream callback that hands every (result, error) to the iterating thread."""
+    return lambda result, error: events.put((result, error))
 
 
 class EditClient:
     """Edits images with the "instruct_pix2pix" and "img2img" models served by Triton.
 
-    `url` is Triton's gRPC endpoint, "host:port". With `ssl=True` the channel uses TLS;
-    `root_certificates`, `private_key` and `certificate_chain` are PEM file paths passed
-    to tritonclient. `headers` (for example {"authorization": "Bearer ..."}) go with every
-    call; `admin_key` opens the server's restricted APIs (`models()` needs it). Calls
-    that fail because the server is unavailable, busy or replacing a model are retried
-    `retries` times with exponential backoff starting at `backoff_s`; no other error is
-    retried. `timeout_s` is the default overall deadline of a call, retries included.
-
-    Use it as a context manager, or call close() when done.
+    `url` is Triton's gRPC endpoint, "host:port" (a server or a load balancer), or several
+    servers' ("a:8001,b:8001" or a list): a call that fails transiently on one goes to the
+    next. The other arguments are in `ConnectionOptions`: TLS, headers, the admin key,
+    retries and the default deadline. Use it as a context manager, or call close().
     """
 
     def __init__(
-        self,
-        url: str = DEFAULT_URL,
-        *,
-        ssl: bool = False,
-        root_certificates: str | Path | None = None,
-        private_key: str | Path | None = None,
-        certificate_chain: str | Path | None = None,
-        headers: dict[str, str] | None = None,
-        admin_key: str | None = None,
-        retries: int = 2,
-        backoff_s: float = 0.5,
-        timeout_s: float | None = None,
+        self, url: str | Sequence[str] = DEFAULT_URL, **options: Unpack[ConnectionOptions]
     ) -> None:
-        self.url = url
-        self.headers = normalise_headers(headers, admin_key)
-        self.retry_policy = RetryPolicy(retries=retries, backoff_s=backoff_s)
-        Deadline(timeout_s)  # rejects a non-positive default early
-        self.timeout_s = timeout_s
-        self._triton = triton_grpc.InferenceServerClient(
-            url, **tls_arguments(ssl, root_certificates, private_key, certificate_chain)
-        )
+        self.connection = Connection.from_options(url, options)
+        self._tritons: dict[int, triton_grpc.InferenceServerClient] = {}
+
+    @property
+    def url(self) -> str:
+        return ",".join(self.connection.urls)
 
     def edit(
         self,
         image: ImageInput,
         prompt: str,
         *,
-        negative_prompt: str | None = None,
-        num_inference_steps: int | None = None,
-        guidance_scale: float | None = None,
-        image_guidance_scale: float | None = None,
-        temperature: float | None = None,
-        seed: int | None = None,
-        scheduler: str | None = None,
         model: str = DEFAULT_MODEL,
         timeout_s: float | None = None,
+        on_progress: Callable[[Progress], None] | None = None,
+        **options: Unpack[EditOptions],
     ) -> EditResult:
         """Edits `image` following `prompt` and returns the result.
 
         `image` is a path, encoded image bytes, a PIL image or a uint8 numpy array
-        (HxW, HxWx3 or HxWx4). Inputs left as None are not sent and take the server's
+        (HxW, HxWx3 or HxWx4). Inputs left out are not sent and take the server's
         defaults (see contract.PARAMETERS); the server picks the seed when none is given
         and returns it. `image_guidance_scale` exists for "instruct_pix2pix" only.
-        `timeout_s` overrides the client's default deadline for this call.
+        `timeout_s` overrides the client's default deadline for this call. With
+        `on_progress`, the edit is streamed and the callable gets every Progress event.
 
         Raises InvalidArgument before sending anything when an input is outside the
         contract, and the other EditError types for what the server answers.
         """
-        encoded, parameters = prepare_request(
-            model,
-            image,
-            prompt,
-            {
-                "negative_prompt": negative_prompt,
-                "num_inference_steps": num_inference_steps,
-                "guidance_scale": guidance_scale,
-                "image_guidance_scale": image_guidance_scale,
-                "temperature": temperature,
-                "seed": seed,
-                "scheduler": scheduler,
-            },
-        )
+        if on_progress is not None:
+            for event in self.edit_stream(
+                image, prompt, model=model, timeout_s=timeout_s, **options
+            ):
+                if isinstance(event, EditResult):
+                    return event
+                on_progress(event)
+        encoded, parameters = prepare_request(model, image, prompt, dict(options))
         inputs, outputs = build_inputs(encoded, parameters)
         attempts = 0
         latency_s = 0.0
 
-        def infer(client_timeout: float | None) -> Any:
+        def infer(triton: triton_grpc.InferenceServerClient, client_timeout: float | None) -> Any:
             nonlocal attempts, latency_s
             attempts += 1
             started = time.perf_counter()
-            response = self._triton.infer(
+            response = triton.infer(
                 model,
                 inputs,
                 outputs=outputs,
-                headers=self.headers,
+                headers=self.connection.headers,
                 client_timeout=client_timeout,
             )
             latency_s = time.perf_counter() - started
@@ -128,19 +110,38 @@ class EditClient:
             response, model=model, parameters=parameters, latency_s=latency_s, attempts=attempts
         )
 
+    def edit_stream(
+        self,
+        image: ImageInput,
+        prompt: str,
+        *,
+        model: str = DEFAULT_MODEL,
+        timeout_s: float | None = None,
+        **options: Unpack[StreamOptions],
+    ) -> Iterator[Event]:
+        """Edits `image` on the pipeline's streaming model: yields a Progress event per
+        denoising step (with a preview every `preview_every` steps), then the EditResult.
+
+        Leaving the iteration early (break, an exception, the iterator garbage collected)
+        cancels the server's work. Retries happen only before the first event. The
+        inputs are checked at once, before the first `next()`.
+        """
+        encoded, parameters = prepare_request(model, image, prompt, dict(options), streaming=True)
+        inputs, outputs = build_inputs(encoded, parameters, streaming=True)
+        return self._stream(model, inputs, outputs, parameters, self.connection.deadline(timeout_s))
+
     def health(self, *, timeout_s: float | None = None) -> dict[str, Any]:
         """The server's liveness and readiness, and whether each edit model is ready.
 
         Returns {"live": bool, "ready": bool, "models": {pipeline: bool}}. Raises
         ServerUnavailable when the server cannot be reached.
         """
+        headers = self.connection.headers
         live = self._call(
-            lambda t: self._triton.is_server_live(headers=self.headers, client_timeout=t),
-            timeout_s,
+            lambda c, t: c.is_server_live(headers=headers, client_timeout=t), timeout_s
         )
         ready = self._call(
-            lambda t: self._triton.is_server_ready(headers=self.headers, client_timeout=t),
-            timeout_s,
+            lambda c, t: c.is_server_ready(headers=headers, client_timeout=t), timeout_s
         )
         return {
             "live": bool(live),
@@ -150,18 +151,20 @@ class EditClient:
 
     def models(self, *, timeout_s: float | None = None) -> list[dict[str, str]]:
         """The server's model repository index: one {"name", "version", "state",
-        "reason"} entry per model version known to the server."""
+        "reason"} entry per model version known to the server (needs the admin key)."""
         index = self._call(
-            lambda t: self._triton.get_model_repository_index(
-                headers=self.headers, as_json=True, client_timeout=t
+            lambda c, t: c.get_model_repository_index(
+                headers=self.connection.headers, as_json=True, client_timeout=t
             ),
             timeout_s,
         )
         return repository_entries(index)
 
     def close(self) -> None:
-        """Closes the gRPC channel; the client cannot be used afterwards."""
-        self._triton.close()
+        """Closes the gRPC channels; the client cannot be used afterwards."""
+        for triton in self._tritons.values():
+            triton.close()
+        self._tritons.clear()
 
     def __enter__(self) -> EditClient:
         return self
@@ -169,12 +172,19 @@ class EditClient:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
+    def _triton(self, index: int) -> triton_grpc.InferenceServerClient:
+        if index not in self._tritons:
+            self._tritons[index] = triton_grpc.InferenceServerClient(
+                self.connection.urls[index], **self.connection.tls
+            )
+        return self._tritons[index]
+
     def _model_ready(self, name: str, timeout_s: float | None) -> bool:
         try:
             return bool(
                 self._call(
-                    lambda t: self._triton.is_model_ready(
-                        name, headers=self.headers, client_timeout=t
+                    lambda c, t: c.is_model_ready(
+                        name, headers=self.connection.headers, client_timeout=t
                     ),
                     timeout_s,
                     model=name,
@@ -185,51 +195,88 @@ class EditClient:
 
     def _call(
         self,
-        attempt: Callable[[float | None], T],
+        attempt: Callable[[triton_grpc.InferenceServerClient, float | None], T],
         timeout_s: float | None,
         *,
         model: str | None = None,
     ) -> T:
-        """Runs `attempt(client_timeout)` with the retry policy, mapping Triton's errors."""
-        deadline = Deadline(self.timeout_s if timeout_s is None else timeout_s)
-        delays = self.retry_policy.delays()
-        while True:
+        """Runs `attempt(client, client_timeout)` on the addresses in turn, with the retry
+        policy, mapping Triton's errors to the client's."""
+        deadline = self.connection.deadline(timeout_s)
+        error: EditError | None = None
+        for index, wait_s in self.connection.attempts():
+            if error is not None:
+                if not deadline.allows(wait_s):
+                    break
+                time.sleep(wait_s)
             try:
-                return attempt(deadline.remaining())
+                result = attempt(self._triton(index), deadline.remaining())
             except InferenceServerException as raw:
                 error = from_triton(raw, model=model)
-            wait_s = next(delays, None) if error.retryable else None
-            if wait_s is None or not deadline.allows(wait_s):
-                raise error from None
-            time.sleep(wait_s)
+                if not error.retryable:
+                    break
+                continue
+            self.connection.preferred = index
+            return result
+        assert error is not None
+        raise error from None
 
-
-def tls_arguments(
-    ssl: bool,
-    root_certificates: str | Path | None,
-    private_key: str | Path | None,
-    certificate_chain: str | Path | None,
-) -> dict[str, Any]:
-    """tritonclient's TLS keyword arguments, with the PEM files checked to be readable."""
-    files = {
-        "root_certificates": root_certificates,
-        "private_key": private_key,
-        "certificate_chain": certificate_chain,
-    }
-    given = {name: path for name, path in files.items() if path is not None}
-    if given and not ssl:
-        raise InvalidArgument(
-            next(iter(given)), f"{', '.join(given)} given without ssl=True: allowed with TLS only"
-        )
-    for name, path in given.items():
-        if not Path(path).is_file():
-            raise InvalidArgument(name, f"{name}={str(path)!r} is not a readable file")
-    return {"ssl": ssl, **{name: str(path) for name, path in given.items()}}
-
-
-def repository_entries(index: dict[str, Any] | None) -> list[dict[str, str]]:
-    """Normalises Triton's JSON repository index (which omits empty fields)."""
-    return [
-        {key: str(entry.get(key, "")) for key in ("name", "version", "state", "reason")}
-        for entry in (index or {}).get("models", [])
-    ]
+    def _stream(
+        self,
+        model: str,
+        inputs: list[triton_grpc.InferInput],
+        outputs: list[triton_grpc.InferRequestedOutput],
+        parameters: dict[str, Any],
+        deadline: Deadline,
+    ) -> Iterator[Event]:
+        error: EditError | None = None
+        for attempts, (index, wait_s) in enumerate(self.connection.attempts(), start=1):
+            if error is not None:
+                if not deadline.allows(wait_s):
+                    break
+                time.sleep(wait_s)
+            started = time.perf_counter()
+            events: queue.Queue[tuple[Any, Any]] = queue.Queue()
+            # tritonclient holds one stream per client: every stream gets its own.
+            triton = triton_grpc.InferenceServerClient(
+                self.connection.urls[index], **self.connection.tls
+            )
+            received = 0
+            try:
+                triton.start_stream(
+                    callback=events_callback(events),
+                    stream_timeout=deadline.remaining(),
+                    headers={**(self.connection.headers or {}), **STREAM_ERROR_HEADER},
+                )
+                triton.async_stream_infer(
+                    contract.stream_model(model),
+                    inputs,
+                    outputs=outputs,
+                    enable_empty_final_response=True,
+                )
+                while True:
+                    result, raw = events.get()
+                    if raw is not None:
+                        raise from_triton(raw, model=contract.stream_model(model))
+                    event = read_event(
+                        result,
+                        model=model,
+                        parameters=parameters,
+                        latency_s=time.perf_counter() - started,
+                        attempts=attempts,
+                    )
+                    received += 1
+                    self.connection.preferred = index
+                    yield event
+                    if isinstance(event, EditResult) or is_final(result):
+                        return
+            except EditError as failure:
+                if received or not failure.retryable:
+                    raise
+                error = failure
+            finally:
+                # Cancels the server's work when the caller left early.
+                triton.stop_stream(cancel_requests=True)
+                triton.close()
+        assert error is not None
+        raise error

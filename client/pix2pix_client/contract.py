@@ -12,10 +12,18 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-# The two pipelines, each served as a model of the same name.
+# The two pipelines, each served as a model of the same name (one response per edit)
+# and as a streaming model, `<pipeline>_stream` (progress events, then the result).
 INSTRUCT_PIX2PIX = "instruct_pix2pix"
 IMG2IMG = "img2img"
 PIPELINES = (INSTRUCT_PIX2PIX, IMG2IMG)
+STREAM_SUFFIX = "_stream"
+
+
+def stream_model(pipeline: str) -> str:
+    """The streaming model of a pipeline: decoupled, served over gRPC streams only."""
+    return f"{pipeline}{STREAM_SUFFIX}"
+
 
 SCHEDULERS = ("euler_a", "euler", "ddim", "ddpm", "dpmpp_2m", "lms", "pndm")
 
@@ -57,6 +65,7 @@ class Parameter:
     maximum: float | None = None
     choices: tuple[str, ...] | None = None
     pipelines: tuple[str, ...] = PIPELINES
+    streaming_only: bool = False
 
     def default_for(self, pipeline: str) -> Any:
         return None if self.default is None else self.default.get(pipeline)
@@ -225,6 +234,16 @@ PARAMETERS: tuple[Parameter, ...] = (
         "the sampler; the checkpoint's own when absent",
         choices=SCHEDULERS,
     ),
+    Parameter(
+        "preview_every",
+        "INT32",
+        False,
+        "streaming models: a preview of the latents every N steps; 0 sends progress only",
+        default={INSTRUCT_PIX2PIX: 0, IMG2IMG: 0},
+        minimum=0,
+        maximum=1000,
+        streaming_only=True,
+    ),
 )
 
 PARAMETERS_BY_NAME = {parameter.name: parameter for parameter in PARAMETERS}
@@ -238,18 +257,33 @@ OUTPUTS = (
     (OUTPUT_IMAGE, "BYTES", "the edited image, PNG bytes"),
     (OUTPUT_SEED, "INT64", "the seed used, so the result can be reproduced"),
 )
+# A streaming model sends one response per denoising step with these (and the seed), the
+# preview only on preview steps, then a last response with the outputs above.
+OUTPUT_STEP = "step"
+OUTPUT_NUM_STEPS = "num_steps"
+OUTPUT_PREVIEW = "preview"
+STREAM_OUTPUTS = (
+    *OUTPUTS,
+    (OUTPUT_STEP, "INT32", "denoising steps done, 1..num_steps"),
+    (OUTPUT_NUM_STEPS, "INT32", "denoising steps this edit runs (fewer below temperature 1)"),
+    (OUTPUT_PREVIEW, "BYTES", "a PNG of the current latents (a linear map, no VAE decode)"),
+)
 
 
-def parameters_for(pipeline: str) -> tuple[Parameter, ...]:
-    """The inputs one pipeline accepts, in contract order."""
+def parameters_for(pipeline: str, streaming: bool = False) -> tuple[Parameter, ...]:
+    """The inputs one pipeline's model (or its streaming model) accepts, in contract order."""
     if pipeline not in PIPELINES:
         raise InvalidArgumentError(
             "model", f"model={pipeline!r} is not served: allowed one of {', '.join(PIPELINES)}"
         )
-    return tuple(p for p in PARAMETERS if pipeline in p.pipelines)
+    return tuple(
+        p for p in PARAMETERS if pipeline in p.pipelines and (streaming or not p.streaming_only)
+    )
 
 
-def validate_request(pipeline: str, values: dict[str, Any]) -> dict[str, Any]:
+def validate_request(
+    pipeline: str, values: dict[str, Any], streaming: bool = False
+) -> dict[str, Any]:
     """Checks a request's inputs against the contract.
 
     `values` maps input names to Python values; absent or None inputs are optional ones
@@ -257,7 +291,7 @@ def validate_request(pipeline: str, values: dict[str, Any]) -> dict[str, Any]:
     scheduler stay None when absent: the server picks them). Raises InvalidArgumentError
     naming the first bad input and its allowed values.
     """
-    accepted = parameters_for(pipeline)
+    accepted = parameters_for(pipeline, streaming)
     known = {p.name for p in accepted}
     for name, value in values.items():
         if name not in known and value is not None:

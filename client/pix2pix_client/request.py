@@ -6,11 +6,9 @@ tritonclient's gRPC calls.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 from PIL import Image
@@ -21,8 +19,27 @@ from pix2pix_client import contract
 from pix2pix_client.errors import InvalidArgument, ServerError
 from pix2pix_client.images import ImageInput, decode_image, encode_image
 
-DEFAULT_URL = "localhost:8001"
 DEFAULT_MODEL = contract.INSTRUCT_PIX2PIX
+
+
+class EditOptions(TypedDict, total=False):
+    """The inputs of an edit besides the image and prompt (see contract.PARAMETERS); left
+    out, they take the server's defaults."""
+
+    negative_prompt: str
+    num_inference_steps: int
+    guidance_scale: float
+    image_guidance_scale: float  # instruct_pix2pix only
+    temperature: float
+    seed: int
+    scheduler: str
+
+
+class StreamOptions(EditOptions, total=False):
+    """A streamed edit's inputs: also how often to send a preview (0: progress only)."""
+
+    preview_every: int
+
 
 # The contract never checks the image's content; it stands in when only the other inputs
 # are checked, before any image is read.
@@ -71,24 +88,28 @@ class EditResult:
         }
 
 
-def validate_parameters(model: str, prompt: Any, **options: Any) -> dict[str, Any]:
-    """Checks every input but the image against the contract, before any image is read.
+def validate_parameters(
+    model: str, prompt: Any, streaming: bool = False, **options: Any
+) -> dict[str, Any]:
+    """Checks every input but the image against the contract, before any image is read
+    (`streaming`: the streaming model's inputs).
 
     Returns the inputs that were given (not None), normalised to their Python types.
     Raises InvalidArgument naming the first bad input and its allowed values.
     """
     given = _given({"prompt": prompt, **options})
     try:
-        validated = contract.validate_request(model, {"image": _UNREAD_IMAGE, **given})
+        validated = contract.validate_request(model, {"image": _UNREAD_IMAGE, **given}, streaming)
     except contract.InvalidArgumentError as error:
         raise InvalidArgument.from_contract(error) from None
     return {name: validated[name] for name in given}
 
 
 def prepare_request(
-    model: str, image: ImageInput, prompt: Any, options: dict[str, Any]
+    model: str, image: ImageInput, prompt: Any, options: dict[str, Any], streaming: bool = False
 ) -> tuple[bytes, dict[str, Any]]:
-    """Encodes the image and validates every input with the contract.
+    """Encodes the image and validates every input with the contract (`model` is the
+    pipeline; `streaming` for its streaming model's inputs).
 
     Returns the encoded image and the other inputs to send: only those given, since the
     server applies the contract's defaults to the ones left out.
@@ -98,7 +119,7 @@ def prepare_request(
         # The model first, so a bad model name is reported before the image is read.
         contract.parameters_for(model)
         encoded = encode_image(image)
-        validated = contract.validate_request(model, {"image": encoded, **given})
+        validated = contract.validate_request(model, {"image": encoded, **given}, streaming)
     except InvalidArgument:
         raise
     except contract.InvalidArgumentError as error:
@@ -117,12 +138,70 @@ def contract_input(name: str, value: Any) -> triton_grpc.InferInput:
 
 
 def build_inputs(
-    image: bytes, parameters: dict[str, Any]
+    image: bytes, parameters: dict[str, Any], streaming: bool = False
 ) -> tuple[list[triton_grpc.InferInput], list[triton_grpc.InferRequestedOutput]]:
     """The Triton input tensors (each of shape [1]) and the requested outputs."""
     inputs = [contract_input(name, value) for name, value in {"image": image, **parameters}.items()]
-    outputs = [triton_grpc.InferRequestedOutput(name) for name, _, _ in contract.OUTPUTS]
+    names = contract.STREAM_OUTPUTS if streaming else contract.OUTPUTS
+    outputs = [triton_grpc.InferRequestedOutput(name) for name, _, _ in names]
     return inputs, outputs
+
+
+@dataclass(frozen=True)
+class Progress:
+    """One denoising step of a streamed edit: `step` of `num_steps` done.
+
+    `preview` is a small picture of the latents at this step (a linear map of them, no
+    VAE decode), on the steps the request asked previews for; None on the others.
+    """
+
+    step: int
+    num_steps: int
+    seed: int
+    preview_png: bytes | None = None
+
+    @property
+    def preview(self) -> Image.Image | None:
+        return None if self.preview_png is None else decode_image(self.preview_png)
+
+
+# Sent with a stream so that an error ends it with a real gRPC status code.
+STREAM_ERROR_HEADER = {"triton_grpc_error": "true"}
+
+
+def read_event(
+    response: triton_grpc.InferResult,
+    *,
+    model: str,
+    parameters: dict[str, Any],
+    latency_s: float,
+    attempts: int,
+) -> Progress | EditResult:
+    """A streaming model's response: a progress event, or the result (the last one)."""
+    if response.as_numpy(contract.OUTPUT_IMAGE) is not None:
+        return read_result(
+            response, model=model, parameters=parameters, latency_s=latency_s, attempts=attempts
+        )
+    step = response.as_numpy(contract.OUTPUT_STEP)
+    steps = response.as_numpy(contract.OUTPUT_NUM_STEPS)
+    seed = response.as_numpy(contract.OUTPUT_SEED)
+    if step is None or steps is None or seed is None:
+        raise ServerError(f"a response of {model} is neither a progress event nor a result")
+    preview = response.as_numpy(contract.OUTPUT_PREVIEW)
+    return Progress(
+        step=int(step.reshape(-1)[0]),
+        num_steps=int(steps.reshape(-1)[0]),
+        seed=int(seed.reshape(-1)[0]),
+        preview_png=None if preview is None else bytes(preview.reshape(-1)[0]),
+    )
+
+
+def is_final(response: triton_grpc.InferResult) -> bool:
+    """Whether this is a stream's last response for its request."""
+    parameters = response.get_response().parameters
+    return "triton_final_response" in parameters and bool(
+        parameters["triton_final_response"].bool_param
+    )
 
 
 def read_result(
@@ -152,60 +231,13 @@ def read_result(
     )
 
 
-@dataclass(frozen=True)
-class RetryPolicy:
-    """Bounded retries with exponential backoff, for transient errors only.
-
-    `retries` extra attempts follow the first, waiting `backoff_s`, 2*`backoff_s`,
-    4*`backoff_s`, ... in between; a retry that would pass the deadline is not made.
-    """
-
-    retries: int = 2
-    backoff_s: float = 0.5
-
-    def __post_init__(self) -> None:
-        if self.retries < 0:
-            raise InvalidArgument("retries", f"retries={self.retries} is negative: allowed >= 0")
-        if self.backoff_s < 0:
-            raise InvalidArgument(
-                "backoff_s", f"backoff_s={self.backoff_s} is negative: allowed >= 0"
-            )
-
-    def delays(self) -> Iterator[float]:
-        """The waits before each retry, in order."""
-        for retry in range(self.retries):
-            yield self.backoff_s * 2**retry
-
-
-class Deadline:
-    """The time left of an optional overall timeout, shared by all attempts of a call."""
-
-    def __init__(self, timeout_s: float | None) -> None:
-        if timeout_s is not None and not timeout_s > 0:
-            raise InvalidArgument(
-                "timeout_s", f"timeout_s={timeout_s!r} is not positive: allowed > 0 or None"
-            )
-        self._end = None if timeout_s is None else time.monotonic() + timeout_s
-
-    def remaining(self) -> float | None:
-        """Seconds left (at least a millisecond, so gRPC still reports the deadline)."""
-        return None if self._end is None else max(self._end - time.monotonic(), 1e-3)
-
-    def allows(self, wait_s: float) -> bool:
-        """Whether waiting `wait_s` still leaves time for another attempt."""
-        return self._end is None or time.monotonic() + wait_s < self._end
-
-
-def normalise_headers(
-    headers: dict[str, str] | None, admin_key: str | None = None
-) -> dict[str, str] | None:
-    """The gRPC metadata of every call: keys lowercase (HTTP-style spellings accepted),
-    plus the header that opens the server's restricted APIs when an admin key is given."""
-    merged = {str(key).lower(): str(value) for key, value in (headers or {}).items()}
-    if admin_key:
-        merged[contract.ADMIN_GRPC_HEADER] = admin_key
-    return merged or None
-
-
 def _given(values: dict[str, Any]) -> dict[str, Any]:
     return {name: value for name, value in values.items() if value is not None}
+
+
+def repository_entries(index: dict[str, Any] | None) -> list[dict[str, str]]:
+    """Normalises Triton's JSON repository index (which omits empty fields)."""
+    return [
+        {key: str(entry.get(key, "")) for key in ("name", "version", "state", "reason")}
+        for entry in (index or {}).get("models", [])
+    ]

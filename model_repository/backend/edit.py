@@ -7,13 +7,19 @@ a time inside `execute`: when its process dies, the Python backend answers the e
 flight with an error instead of leaving the caller waiting, and Triton's queue policy
 bounds how many edits wait.
 
+The same file serves the streaming model (decoupled in its config): it sends a response
+after every denoising step (the step, the number of steps, the seed, and on preview
+steps a latent preview), then the result with the final flag.
+
 After every denoising step the edit checks whether its caller is still there
-(`request.is_cancelled()`: a cancelled call, a passed deadline, a closed connection) and
-stops if not, so abandoned work ends within one UNet step.
+(`request.is_cancelled()`: a cancelled call or stream, a passed deadline, a closed
+connection) and stops if not, so abandoned work ends within one UNet step.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,15 +29,31 @@ import triton_python_backend_utils as pb_utils
 
 from model_repository.backend.bls import TritonComponents
 from model_repository.backend.triton_io import Cancelled, Unavailable, as_numpy, error_response
-from model_repository.pipeline import EditPipeline
+from model_repository.pipeline import EditOutput, EditPipeline, PreparedEdit
 from model_repository.runtime import InstanceStatus, draining
 from model_repository.sampler import instance_device
-from pix2pix_client.contract import OUTPUT_IMAGE, OUTPUT_SEED, parameters_for
+from pix2pix_client.contract import (
+    OUTPUT_IMAGE,
+    OUTPUT_NUM_STEPS,
+    OUTPUT_PREVIEW,
+    OUTPUT_SEED,
+    OUTPUT_STEP,
+    parameters_for,
+)
+
+Progress = Callable[[PreparedEdit, int, int, torch.Tensor], None]
+
+
+def _tensor(name: str, value: Any, dtype: Any) -> Any:
+    return pb_utils.Tensor(name, np.array([value], dtype=dtype))
 
 
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
         self.model_name = args["model_name"]
+        self.streaming = pb_utils.using_decoupled_model_transaction_policy(
+            json.loads(args["model_config"])
+        )
         device = instance_device(args["model_instance_kind"], args["model_instance_device_id"])
         if device.type == "cuda":
             memory = pb_utils.TRITONSERVER_MEMORY_GPU
@@ -44,25 +66,55 @@ class TritonPythonModel:
             lambda settings: TritonComponents(settings, preferred),
             device,
         )
-        self.input_names = [p.name for p in parameters_for(self.pipeline.settings.pipeline)]
+        pipeline = self.pipeline.settings.pipeline
+        self.input_names = [p.name for p in parameters_for(pipeline, self.streaming)]
         self.status = InstanceStatus(args["model_instance_name"])
 
-    def execute(self, requests: list) -> list:
-        return [self._respond(request) for request in requests]
+    def execute(self, requests: list) -> list | None:
+        if not self.streaming:
+            return [self._respond(request) for request in requests]
+        for request in requests:
+            self._stream(request)
+        return None
 
     def _respond(self, request: Any) -> Any:
         try:
-            png, seed = self._edit(request)
+            output = self._edit(request)
         except Exception as error:
             return error_response(error, self.model_name)
+        return self._result(output)
+
+    def _stream(self, request: Any) -> None:
+        sender = request.get_response_sender()
+
+        def progress(edit: PreparedEdit, step: int, steps: int, latents: torch.Tensor) -> None:
+            tensors = [
+                _tensor(OUTPUT_STEP, step, np.int32),
+                _tensor(OUTPUT_NUM_STEPS, steps, np.int32),
+                _tensor(OUTPUT_SEED, edit.request.seed, np.int64),
+            ]
+            every = edit.request.preview_every
+            if every and (step % every == 0 or step == steps):
+                preview = self.pipeline.preview(edit, latents)
+                tensors.append(_tensor(OUTPUT_PREVIEW, preview, np.object_))
+            sender.send(pb_utils.InferenceResponse(output_tensors=tensors))
+
+        try:
+            response = self._result(self._edit(request, progress))
+        except Exception as error:
+            response = error_response(error, self.model_name)
+        sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+    @staticmethod
+    def _result(output: EditOutput) -> Any:
         return pb_utils.InferenceResponse(
             output_tensors=[
-                pb_utils.Tensor(OUTPUT_IMAGE, np.array([png], dtype=np.object_)),
-                pb_utils.Tensor(OUTPUT_SEED, np.array([seed], dtype=np.int64)),
+                _tensor(OUTPUT_IMAGE, output.png, np.object_),
+                _tensor(OUTPUT_SEED, output.seed, np.int64),
             ]
         )
 
-    def _edit(self, request: Any) -> tuple[bytes, int]:
+    def _edit(self, request: Any, progress: Progress | None = None) -> EditOutput:
         if draining():
             raise Unavailable("the server is shutting down: send the edit to another replica")
         values = {}
@@ -70,21 +122,22 @@ class TritonPythonModel:
             tensor = pb_utils.get_input_tensor_by_name(request, name)
             if tensor is not None:
                 values[name] = as_numpy(tensor).reshape(-1)[0]
-        prepared = self.pipeline.prepare(values)
+        prepared = self.pipeline.prepare(values, self.streaming)
 
-        def on_step(step: int, steps: int, latents: torch.Tensor) -> None:
+        def on_step(index: int, steps: int, latents: torch.Tensor) -> None:
             self.status.busy()
             if request.is_cancelled():
-                raise Cancelled(f"the edit was cancelled by its caller after step {step + 1}")
+                raise Cancelled(f"the edit was cancelled by its caller after step {index + 1}")
+            if progress is not None:
+                progress(prepared, index + 1, steps, latents)
 
         self.status.busy()
         try:
             if request.is_cancelled():
                 raise Cancelled("the edit was cancelled by its caller before it started")
-            output = self.pipeline.run(prepared, on_step=on_step)
+            return self.pipeline.run(prepared, on_step=on_step)
         finally:
             self.status.idle()
-        return output.png, output.seed
 
     def finalize(self) -> None:
         self.status.close()

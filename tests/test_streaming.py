@@ -1,0 +1,289 @@
+"""Streamed edits through a real tritonserver (tiny preset): the streaming models, the
+client library's edit_stream and on_progress, and the command's progress bars."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import signal
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pexpect
+import pyte
+import pytest
+from PIL import Image
+
+from model_repository.server import TritonServer
+from pix2pix_client import (
+    AsyncEditClient,
+    EditClient,
+    EditResult,
+    InvalidArgument,
+    Progress,
+    contract,
+)
+from tests.serving import execution_counts, photo, png_bytes
+
+PROMPT = "make it snowy"
+
+
+@pytest.fixture(scope="module")
+def url(tiny_server: TritonServer) -> str:
+    return tiny_server.grpc_url
+
+
+def _events(url: str, image: bytes, model: str, **options: object) -> list[Progress | EditResult]:
+    with EditClient(url, timeout_s=120) as client:
+        return list(client.edit_stream(image, PROMPT, model=model, **options))
+
+
+CASES = [
+    ("instruct_pix2pix", "euler_a", (64, 64)),
+    ("instruct_pix2pix", "ddim", (80, 48)),
+    ("img2img", "dpmpp_2m", (64, 64)),
+    ("img2img", "pndm", (48, 72)),
+]
+
+
+@pytest.mark.parametrize(("model", "scheduler", "size"), CASES)
+def test_the_streamed_result_equals_the_whole_edit_byte_for_byte(
+    url: str, model: str, scheduler: str, size: tuple[int, int]
+) -> None:
+    image = png_bytes(photo(*size))
+    options = {"num_inference_steps": 6, "seed": 21, "scheduler": scheduler}
+    events = _events(url, image, model, preview_every=2, **options)
+    *progress, result = events
+    assert isinstance(result, EditResult) and result.seed == 21
+    with EditClient(url) as client:
+        whole = client.edit(image, PROMPT, model=model, **options)
+    assert result.png == whole.png
+    # One event per denoising step, in order; img2img runs temperature x steps of them.
+    steps = progress[0].num_steps
+    expected = 6 if model == contract.INSTRUCT_PIX2PIX else int(6 * 0.8)
+    # PNDM (skipping its Runge-Kutta steps) calls the UNet on its first timestep twice.
+    assert steps == expected + (scheduler == "pndm")
+    assert [e.step for e in progress] == list(range(1, steps + 1))
+    assert all(e.num_steps == steps and e.seed == 21 for e in progress)
+    # Previews at steps 2, 4, ... and the last: decodable, the edit's size.
+    previewed = [e.step for e in progress if e.preview_png is not None]
+    assert previewed == sorted({*range(2, steps + 1, 2), steps})
+    preview = next(e for e in progress if e.preview_png is not None).preview
+    assert preview is not None and preview.size == whole.image.size
+
+
+def test_progress_only_by_default(url: str) -> None:
+    events = _events(url, png_bytes(photo(64, 64)), "instruct_pix2pix", num_inference_steps=3)
+    assert [type(e).__name__ for e in events] == ["Progress"] * 3 + ["EditResult"]
+    assert all(e.preview_png is None for e in events[:3])  # type: ignore[union-attr]
+
+
+def test_a_bad_input_ends_the_stream_with_invalid_argument(url: str) -> None:
+    image = png_bytes(photo(64, 64))
+    with EditClient(url) as client:
+        broken = client.edit_stream(image[:100], PROMPT, num_inference_steps=3)
+        with pytest.raises(InvalidArgument) as refused:
+            next(broken)
+        assert refused.value.field == "image"
+        assert refused.value.status == "StatusCode.INVALID_ARGUMENT"
+        # The next stream works.
+        assert isinstance(
+            list(client.edit_stream(image, PROMPT, num_inference_steps=2))[-1], EditResult
+        )
+
+
+def _unet_executions(server: TritonServer) -> int:
+    return execution_counts(server, "unet_pix2pix")[1]
+
+
+def test_leaving_a_stream_early_cancels_the_servers_work(
+    tiny_server: TritonServer, url: str, summary
+) -> None:
+    big = png_bytes(photo(256, 256))
+    with EditClient(url) as client:
+        stream = client.edit_stream(big, PROMPT, num_inference_steps=300, seed=1)
+        for event in stream:
+            assert isinstance(event, Progress)
+            if event.step == 2:
+                break
+        stream.close()  # what garbage collection would do
+        left = time.monotonic()
+        stopped_at = _unet_executions(tiny_server)
+        quick = client.edit(png_bytes(photo(64, 64)), PROMPT, num_inference_steps=2, seed=2)
+        quick_s = time.monotonic() - left
+    time.sleep(1.0)
+    growth = _unet_executions(tiny_server) - stopped_at
+    summary(
+        "stream cancellation",
+        f"a 300-step stream left after 2 events: the next 2-step edit took {quick_s:.2f} s "
+        f"({quick.latency_s:.2f} s on the server); UNet executions since: {growth}",
+    )
+    assert quick_s < 1.0
+    assert growth <= 2 + 1  # the quick edit's 2 steps, and at most the step in progress
+
+
+def test_cancelling_the_async_task_cancels_the_servers_work(
+    tiny_server: TritonServer, url: str
+) -> None:
+    big = png_bytes(photo(256, 256))
+
+    async def watch(steps_seen: list[int]) -> None:
+        async with AsyncEditClient(url) as client:
+            async for event in client.edit_stream(big, PROMPT, num_inference_steps=300):
+                if isinstance(event, Progress):
+                    steps_seen.append(event.step)
+
+    async def run() -> list[int]:
+        steps_seen: list[int] = []
+        task = asyncio.create_task(watch(steps_seen))
+        while len(steps_seen) < 2:
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return steps_seen
+
+    assert len(asyncio.run(run())) >= 2
+    time.sleep(0.3)
+    stopped_at = _unet_executions(tiny_server)
+    time.sleep(1.0)
+    assert _unet_executions(tiny_server) - stopped_at <= 1
+
+
+def test_on_progress_gets_every_step(url: str) -> None:
+    seen: list[int] = []
+    with EditClient(url) as client:
+        result = client.edit(
+            png_bytes(photo(64, 64)),
+            PROMPT,
+            num_inference_steps=4,
+            seed=5,
+            on_progress=lambda event: seen.append(event.step),
+        )
+    assert seen == [1, 2, 3, 4] and result.seed == 5
+
+
+def test_four_concurrent_streams_merge_their_unet_calls(
+    tiny_server: TritonServer, url: str, summary
+) -> None:
+    images = [png_bytes(photo(64, 64)) for _ in range(4)]
+    before = execution_counts(tiny_server, "unet_pix2pix")
+
+    def stream(index: int) -> EditResult:
+        event = _events(url, images[index], "instruct_pix2pix", num_inference_steps=8, seed=index)
+        return event[-1]  # type: ignore[return-value]
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(stream, range(4)))
+    after = execution_counts(tiny_server, "unet_pix2pix")
+    requests, executions = after[0] - before[0], after[1] - before[1]
+    summary(
+        "streams and dynamic batching",
+        f"4 concurrent streams: {requests} UNet calls ran in {executions} executions",
+    )
+    assert all(isinstance(r, EditResult) for r in results)
+    assert requests == 4 * 8 and executions < requests
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def _screen(child: pexpect.spawn, screen: pyte.Screen, stream: pyte.ByteStream) -> str:
+    try:
+        while True:
+            stream.feed(child.read_nonblocking(65536, timeout=0.05))
+    except (pexpect.TIMEOUT, pexpect.EOF):
+        pass
+    return "\n".join(screen.display)
+
+
+def _spawn(
+    arguments: list[str], tmp_path: Path
+) -> tuple[pexpect.spawn, pyte.Screen, pyte.ByteStream]:
+    screen = pyte.Screen(120, 30)
+    child = pexpect.spawn(
+        sys.executable,
+        ["-m", "pix2pix_client", *arguments],
+        cwd=str(tmp_path),
+        dimensions=(30, 120),
+        env={**os.environ, "TERM": "xterm-256color", "COLUMNS": "120"},
+    )
+    return child, screen, pyte.ByteStream(screen)
+
+
+def test_the_command_shows_a_progress_bar_in_a_terminal(url: str, tmp_path: Path, summary) -> None:
+    source = tmp_path / "photo.png"
+    source.write_bytes(png_bytes(photo(128, 128)))
+    child, screen, stream = _spawn(
+        ["edit", "photo.png", "-p", PROMPT, "--steps", "60", "--seed", "3", "--url", url,
+         "--previews", "previews", "--preview-every", "20"],
+        tmp_path,
+    )  # fmt: skip
+    seen_bar = ""
+    deadline = time.monotonic() + 120
+    while child.isalive() and time.monotonic() < deadline:
+        shown = _screen(child, screen, stream)
+        if "steps" in shown and "/60" in shown:
+            seen_bar = next(line for line in shown.splitlines() if "/60" in line)
+    _screen(child, screen, stream)
+    child.wait()
+    summary("the command's bar in a pseudo-terminal", seen_bar.strip())
+    assert child.exitstatus == 0
+    assert "photo.png" in seen_bar and "steps" in seen_bar
+    assert "photo.png -> photo_edited.png" in "\n".join(screen.display)
+    edited = Image.open(tmp_path / "photo_edited.png")
+    assert edited.size == (128, 128)
+    previews = sorted(p.name for p in (tmp_path / "previews").iterdir())
+    assert previews == ["photo_step0020.png", "photo_step0040.png", "photo_step0060.png"]
+    with EditClient(url) as client:
+        same = client.edit(source, PROMPT, num_inference_steps=60, seed=3)
+    assert np.array_equal(np.asarray(edited), np.asarray(same.image))
+
+
+def test_ctrl_c_cancels_the_servers_work_and_exits_130(
+    tiny_server: TritonServer, url: str, tmp_path: Path
+) -> None:
+    (tmp_path / "photo.png").write_bytes(png_bytes(photo(256, 256)))
+    child, screen, stream = _spawn(
+        ["edit", "photo.png", "-p", PROMPT, "--steps", "400", "--url", url], tmp_path
+    )
+    deadline = time.monotonic() + 120
+    while "/400" not in _screen(child, screen, stream):
+        assert child.isalive() and time.monotonic() < deadline
+    child.kill(signal.SIGINT)
+    child.expect(pexpect.EOF, timeout=30)
+    child.wait()
+    assert child.exitstatus == 130
+    time.sleep(0.3)
+    stopped_at = _unet_executions(tiny_server)
+    time.sleep(1.0)
+    assert _unet_executions(tiny_server) - stopped_at <= 1
+    assert not (tmp_path / "photo_edited.png").exists()
+
+
+def test_json_and_pipes_stay_plain(url: str, tmp_path: Path) -> None:
+    """Not a terminal: no bar, the same lines as before streaming existed."""
+    import subprocess
+
+    (tmp_path / "photo.png").write_bytes(png_bytes(photo(64, 64)))
+    done = subprocess.run(
+        [sys.executable, "-m", "pix2pix_client", "edit", "photo.png", "-p", PROMPT, "--steps",
+         "2", "--seed", "4", "--url", url, "--json"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    line = done.stdout.strip()
+    assert line.startswith("{") and '"seed": 4' in line
+
+
+def test_an_edit_streamed_to_a_non_square_size_previews_at_that_aspect(url: str) -> None:
+    image = png_bytes(photo(96, 48))
+    *progress, result = _events(url, image, "img2img", num_inference_steps=5, preview_every=1)
+    assert isinstance(result, EditResult)
+    previews = [Image.open(io.BytesIO(e.preview_png)) for e in progress if e.preview_png]
+    assert previews and all(p.size == (96, 48) for p in previews)
