@@ -8,10 +8,10 @@ The components' calls come from the edit model through BLS and count under their
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from typing import Any
 
-from benchmarks.config import admin_key
+from benchmarks.settings import admin_key
 from export.components import TEXT_ENCODER, UNET_FOR_PIPELINE, VAE_DECODER, VAE_ENCODER
 from pix2pix_client.connection import normalise_headers
 
@@ -125,9 +125,6 @@ class StageRow:
     queue_ms_per_edit: float
     # Model executions per edit: below calls_per_edit when the dynamic batcher merged calls.
     executions_per_edit: float = 0.0
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def stage_rows(counters: dict[str, ModelCounters], pipeline: str) -> list[StageRow]:

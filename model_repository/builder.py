@@ -51,6 +51,23 @@ BACKEND_TEMPLATES = Path(__file__).parent / "backend"
 REPOSITORY_RECORD = "repository.json"
 
 
+def pipeline_settings(
+    manifest: dict[str, Any], pipeline: str, options: RepositoryOptions
+) -> PipelineSettings:
+    """What an edit model of `pipeline` needs to know of the export, for these options."""
+    specs = {
+        name: ComponentSpec.from_json(entry["spec"])
+        for name, entry in manifest["components"].items()
+    }
+    return PipelineSettings(
+        pipeline=pipeline,
+        vae_scaling_factor=manifest["pipelines"][pipeline]["vae_scaling_factor"],
+        limits=options.image_limits(int(manifest["dimensions"]["vae_scale_factor"])),
+        components=component_calls(specs, pipeline),
+        latent_preview=LatentPreview.from_json(manifest["latent_preview"]),
+    )
+
+
 def component_calls(specs: dict[str, ComponentSpec], pipeline: str) -> dict[str, dict[str, Any]]:
     """The Triton model and tensor names of the four calls an edit makes, from the specs."""
     roles = {
@@ -132,16 +149,8 @@ def build_repository(
                 _link_or_copy(source / EXTERNAL_DATA_FILE, version_dir / EXTERNAL_DATA_FILE)
         written.append(name)
 
-    limits = options.image_limits(int(manifest["dimensions"]["vae_scale_factor"]))
-    preview = LatentPreview.from_json(manifest["latent_preview"])
-    for pipeline, details in manifest["pipelines"].items():
-        settings = PipelineSettings(
-            pipeline=pipeline,
-            vae_scaling_factor=details["vae_scaling_factor"],
-            limits=limits,
-            components=component_calls(specs, pipeline),
-            latent_preview=preview,
-        )
+    for pipeline in manifest["pipelines"]:
+        settings = pipeline_settings(manifest, pipeline, options)
         for streaming in (False, True):
             config = edit_config(pipeline, options, streaming)
             version_dir = _write_model(output, config, "edit")

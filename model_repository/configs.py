@@ -80,11 +80,15 @@ class RepositoryOptions:
         "python-onnxruntime: merged UNet calls run side by side on one-thread sessions",
     )
 
+    onnxruntime_fusions: bool = _option(
+        True, "onnxruntime flavours: serve the export with onnxruntime's fusions (faster)"
+    )
+
     @property
     def fused_export(self) -> bool:
-        """Whether this flavour serves the export with onnxruntime's fusions (contrib ops
-        that only onnxruntime runs): faster there, unreadable for TensorRT."""
-        return self.flavour in ("python-onnxruntime", "onnxruntime")
+        """Whether the export served has onnxruntime's fusions (contrib ops that only
+        onnxruntime runs): faster there, unreadable for TensorRT."""
+        return self.onnxruntime_fusions and self.flavour in ("python-onnxruntime", "onnxruntime")
 
     def check(self) -> None:
         """Raises ValueError naming the first option outside its allowed values."""
