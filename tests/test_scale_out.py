@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 
 from deploy.balancer import ATTEMPT_HEADER, Replica, haproxy_config, replica_states
+from deploy.check import adapter_series
 from model_repository.publish import S3Location, publish
 from model_repository.publish import main as publish_main
 from model_repository.server import TritonServer, free_port
@@ -402,6 +403,11 @@ def test_throughput_with_one_and_two_replicas(
     On 2 cores both replicas share the same cores: this measures what the balancer and a
     second tritonserver cost or give here, not what a second machine would add."""
     _run_edits(balancer.url, image, CONCURRENCY)  # every model has run once
+    # The series the autoscaler's prometheus-adapter rule reads, as a replica exports them.
+    with urllib.request.urlopen(f"http://127.0.0.1:{replicas[0].metrics_port}/metrics") as page:
+        exported = page.read().decode()
+    for series in adapter_series():
+        assert f'{series}{{model="instruct_pix2pix"' in exported, series
     figures: dict[str, list[float]] = {"1 replica": [], "2 replicas": []}
     queue_ms: dict[str, list[float]] = {"1 replica": [], "2 replicas": []}
     for _ in range(3):
