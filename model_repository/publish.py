@@ -90,16 +90,18 @@ class S3Location:
 
 def read_text(url: str, relative: str) -> str | None:
     """The text of one file of a repository in object storage; None when it is absent."""
-    from botocore.exceptions import ClientError
+    from botocore.exceptions import BotoCoreError, ClientError
 
     location = S3Location.parse(url)
     try:
         body = location.client().get_object(Bucket=location.bucket, Key=location.key(relative))
+        return body["Body"].read().decode()
     except ClientError as error:
         if error.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
             return None
-        raise
-    return body["Body"].read().decode()
+        raise RuntimeError(f"{url}: cannot read {relative}: {error}") from None
+    except BotoCoreError as error:
+        raise RuntimeError(f"{url}: cannot read {relative}: {error}") from None
 
 
 @dataclass(frozen=True)

@@ -258,8 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
     started = time.perf_counter()
-    server.start()
     try:
+        server.start()
         while not stop.is_set():
             try:
                 server.wait_ready(timeout_s=0.5)

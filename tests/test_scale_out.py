@@ -309,6 +309,24 @@ def _edit(url: str, image: bytes, steps: int, attempt: str = "") -> bytes:
         return client.edit(image, PROMPT, seed=7, num_inference_steps=steps).png
 
 
+def test_s3_locations_read_both_forms_triton_accepts() -> None:
+    aws = S3Location.parse("s3://models/sd15/v1")
+    assert (aws.bucket, aws.prefix, aws.endpoint_url) == ("models", "sd15/v1", None)
+    assert aws.triton_url == "s3://models/sd15/v1"
+    local = S3Location.parse("s3://127.0.0.1:9000/models/tiny/")
+    assert (local.endpoint_url, local.prefix) == ("http://127.0.0.1:9000", "tiny")
+    assert local.triton_url == "s3://127.0.0.1:9000/models/tiny"
+    tls = S3Location.parse("s3://https://store.example:443/models/tiny")
+    assert tls.endpoint_url == "https://store.example:443"
+    assert tls.triton_url == "s3://https://store.example:443/models/tiny"
+    given = S3Location.parse("s3://models/tiny", "https://store.example:443")
+    assert given.triton_url == tls.triton_url
+    with pytest.raises(ValueError, match="no bucket"):
+        S3Location.parse("s3://")
+    with pytest.raises(ValueError, match="not an s3"):
+        S3Location.parse("/models/tiny")
+
+
 def test_publish_uploads_the_repository_then_skips_what_is_unchanged(
     published: S3Location, tiny_repository: Path
 ) -> None:
