@@ -16,7 +16,7 @@ MODEL_NAME := $(if $(MODEL),$(notdir $(abspath $(MODEL))),$(PRESET))
 EXPORT_DIR := $(BUILD)/onnx/$(MODEL_NAME)
 REPO_DIR := $(BUILD)/repository/$(MODEL_NAME)-$(FLAVOUR)
 
-.PHONY: setup test test-slow test-gpu lint format preset export engines serve demo lock clean
+.PHONY: setup test test-slow test-gpu lint format preset export engines serve demo lock clean toy
 
 setup: $(STAMP)
 
@@ -48,6 +48,11 @@ format: setup
 # A randomly initialised preset of the real architectures: tiny, small or sd15.
 preset: setup
 	$(PY) -m export.presets $(PRESET) --output $(BUILD)/presets/$(PRESET)
+
+# Retrains the toy InstructPix2Pix into models/toy (seeded, about an hour on one core; see
+# models/toy/instruct-pix2pix/README.md).
+toy: setup
+	$(PY) -m training.toy --output models/toy --threads 1
 
 # ONNX export + validation of MODEL (a diffusers folder) or the preset.
 export: setup

@@ -1,6 +1,6 @@
 """Retrains the toy InstructPix2Pix from scratch and writes it as a diffusers folder.
 
-    python -m training.toy --output models/toy [--seed 0] [--threads 2]
+    python -m training.toy --output models/toy [--seed 0] [--threads 1]
 
 Writes OUTPUT/instruct-pix2pix/ (a StableDiffusionInstructPix2PixPipeline folder, weights
 in float16 safetensors) with training.json beside the weights: settings, thread count,
@@ -131,7 +131,7 @@ def train(output: Path, settings: Any, threads: int) -> dict[str, Any]:
 
     from training.toy.architecture import build_components, parameter_count
     from training.toy.edits import INSTRUCTIONS
-    from training.toy.train import encode_bank, prompt_embeddings, train_unet, train_vae
+    from training.toy.train import encode_bank, train_unet, train_vae
 
     torch.set_num_threads(threads)
     started = time.perf_counter()
@@ -166,17 +166,13 @@ def train(output: Path, settings: Any, threads: int) -> dict[str, Any]:
     record["vae_scaling_factor"] = scaling_factor
     _log(f"latent bank {tuple(bank.shape)}, scaling factor {scaling_factor}")
 
-    prompts = [instruction.prompt for instruction in INSTRUCTIONS]
-    embeddings = prompt_embeddings(components.text_encoder, components.tokenizer, prompts)
-    empty = prompt_embeddings(components.text_encoder, components.tokenizer, [""])
-
     _log(f"stage 2: UNet, {settings.unet.steps} steps of {settings.unet.batch} triples")
     stage = time.perf_counter()
-    components.unet, record["unet"] = train_unet(
+    components.unet, components.text_encoder, record["unet"] = train_unet(
         components.unet,
+        components.text_encoder,
+        components.tokenizer,
         bank,
-        embeddings,
-        empty,
         scaling_factor,
         settings.unet,
         generator,
@@ -203,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", type=Path, required=True, help="folder to write")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    # One thread: on a 2-core machine shared with other work, two threads ran 2.5x slower.
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--vae-steps", type=int, default=VaeSettings.steps)
     parser.add_argument("--unet-steps", type=int, default=UnetSettings.steps)
     args = parser.parse_args(argv)

@@ -10,9 +10,8 @@ tokenizer), with these choices for a model trained in minutes on two CPU cores:
   (16384 positions at 512x512), and reconstruction is local.
 - UNet with three levels; self- and cross-attention only at the two lower ones, where a
   512x512 input has 64x64 and 32x32 positions. The full-resolution level is convolutional.
-- The CLIP text tower is narrow (width 32) and stays as initialised and frozen: the
-  instructions only need distinct embeddings. Its token table (49408 x 32) is the largest
-  tensor of the model, the reason for the narrow width.
+- The CLIP text tower is narrow (width 32): its token table (49408 x 32) is the largest
+  tensor of the model. It trains with the UNet (see `train.train_unet` for why).
 """
 
 from __future__ import annotations
@@ -90,9 +89,7 @@ def build_components(seed: int) -> ToyComponents:
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(CLIPTextConfig(**TEXT_ENCODER_CONFIG)).eval()
-    # Stored as float16; rounding now means training sees exactly the served embeddings.
-    text_encoder.to(torch.float16).to(torch.float32).requires_grad_(False)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**TEXT_ENCODER_CONFIG))
     vae = AutoencoderKL(**VAE_CONFIG)
     unet = UNet2DConditionModel(**UNET_CONFIG)
     with tempfile.TemporaryDirectory() as directory:

@@ -41,7 +41,7 @@ from training.toy.photos import (
 class VaeSettings:
     """Stage 1: the VAE."""
 
-    steps: int = 5000
+    steps: int = 2500
     batch: int = 32
     crop: int = 32
     learning_rate: float = 2e-3
@@ -59,7 +59,7 @@ class VaeSettings:
 class UnetSettings:
     """Stage 2: the UNet."""
 
-    steps: int = 6000
+    steps: int = 5000
     batch: int = 32
     crop: int = 64
     bank_crops: int = 4096
@@ -178,7 +178,7 @@ def train_vae(
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         optimizer.step()
         point = log.add(step, l1=reconstruction.item(), kl_per_pixel=kl.item())
-        if point and point["step"] % 500 == 0:
+        if point and point["step"] % 250 == 0:
             progress(
                 f"  vae step {point['step']:>5}/{settings.steps}  l1 {point['l1']:.4f}  "
                 f"kl/pixel {point['kl_per_pixel']:.3f}  {time.perf_counter() - started:.0f} s"
@@ -208,19 +208,6 @@ def encode_bank(
             means = vae.encode(flat).latent_dist.mode()
             chunks.append(means.unflatten(0, stacked.shape[:2]))
     return torch.cat(chunks)
-
-
-def prompt_embeddings(text_encoder: Any, tokenizer: Any, prompts: list[str]) -> torch.Tensor:
-    """The text encoder's last hidden states, as the pipeline computes them for prompts."""
-    tokens = tokenizer(
-        prompts,
-        padding="max_length",
-        max_length=tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    )
-    with torch.no_grad():
-        return text_encoder(tokens.input_ids)[0]
 
 
 class ExponentialAverage:
@@ -261,26 +248,46 @@ def _batches(
         yield bank[crops, 0], bank[crops, 1 + instructions], instructions
 
 
+def prompt_token_ids(tokenizer: Any, prompts: list[str]) -> torch.Tensor:
+    """Token ids of prompts, padded to the tokenizer's length as the pipeline pads them."""
+    return tokenizer(
+        prompts,
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+
+
 def train_unet(
     unet: Any,
+    text_encoder: Any,
+    tokenizer: Any,
     bank: torch.Tensor,
-    embeddings: torch.Tensor,
-    empty_embedding: torch.Tensor,
     scaling_factor: float,
     settings: UnetSettings,
     generator: torch.Generator,
     progress: Progress,
-) -> tuple[Any, dict[str, Any]]:
-    """Stage 2; returns the weight-averaged UNet and the loss log."""
+) -> tuple[Any, Any, dict[str, Any]]:
+    """Stage 2; returns the weight-averaged UNet and text encoder, and the loss log.
+
+    The text encoder trains with the UNet: a random CLIP gives the instructions hidden
+    states too alike (cosine 0.94..0.99, the padding positions dominate) for the UNet to
+    tell them apart within the budget.
+    """
     from diffusers import DDPMScheduler
 
     schedule = DDPMScheduler.from_config(PIX2PIX_SCHEDULER)
     alphas_cumprod = schedule.alphas_cumprod
     snr = alphas_cumprod / (1 - alphas_cumprod)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=settings.learning_rate, weight_decay=0.0)
-    average = ExponentialAverage(unet, settings.ema_decay)
+    # Row 0: the empty prompt, the unconditional text of classifier-free guidance.
+    token_ids = prompt_token_ids(tokenizer, ["", *(item.prompt for item in INSTRUCTIONS)])
+    models = torch.nn.ModuleDict({"unet": unet, "text_encoder": text_encoder})
+    models.requires_grad_(True)
+    optimizer = torch.optim.AdamW(models.parameters(), lr=settings.learning_rate, weight_decay=0.0)
+    average = ExponentialAverage(models, settings.ema_decay)
     log = LossLog(every=100)
-    unet.train()
+    models.train()
     batches = _batches(bank, settings.batch, generator)
     timesteps_total = schedule.config.num_train_timesteps
     started = time.perf_counter()
@@ -294,9 +301,10 @@ def train_unet(
         noise = torch.randn(target.shape, generator=generator)
         timesteps = torch.randint(0, timesteps_total, (settings.batch,), generator=generator)
         noisy = schedule.add_noise(target, noise, timesteps)
-        text = embeddings[instructions]
         drop_text, drop_image = conditioning_drops(settings.batch, settings, generator)
-        text = torch.where(drop_text.view(-1, 1, 1), empty_embedding, text)
+        # All prompts in one text-encoder call; a dropped text reads the empty prompt.
+        hidden_states = text_encoder(token_ids)[0]
+        text = hidden_states[torch.where(drop_text, 0, 1 + instructions)]
         # Unscaled latent means, as the pipeline conditions on; zeros when dropped.
         image_latents = image_latents * (~drop_image).view(-1, 1, 1, 1)
         prediction = unet(torch.cat([noisy, image_latents], dim=1), timesteps, text).sample
@@ -305,14 +313,15 @@ def train_unet(
         loss = (weights * per_example).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(models.parameters(), 1.0)
         optimizer.step()
-        average.update(unet, step)
+        average.update(models, step)
         point = log.add(step, weighted_mse=loss.item(), mse=per_example.mean().item())
-        if point and point["step"] % 500 == 0:
+        if point and point["step"] % 250 == 0:
             progress(
                 f"  unet step {point['step']:>5}/{settings.steps}  "
                 f"weighted mse {point['weighted_mse']:.4f}  mse {point['mse']:.4f}  "
                 f"{time.perf_counter() - started:.0f} s"
             )
-    return average.average, {"losses": log.points, "final": log.final()}
+    averaged = average.average
+    return averaged["unet"], averaged["text_encoder"], {"losses": log.points, "final": log.final()}
