@@ -17,7 +17,7 @@ EXPORT_DIR := $(BUILD)/onnx/$(MODEL_NAME)
 REPO_DIR := $(BUILD)/repository/$(MODEL_NAME)-$(FLAVOUR)
 
 .PHONY: setup test test-slow test-gpu lint format preset export engines serve demo lock clean \
-	system-packages deploy-check
+	system-packages deploy-check toy
 
 setup: $(STAMP)
 
@@ -58,6 +58,11 @@ format: setup
 # A randomly initialised preset of the real architectures: tiny, small or sd15.
 preset: setup
 	$(PY) -m export.presets $(PRESET) --output $(BUILD)/presets/$(PRESET)
+
+# Retrains the toy InstructPix2Pix into models/toy (seeded, about an hour on one core; see
+# models/toy/instruct-pix2pix/README.md).
+toy: setup
+	$(PY) -m training.toy --output models/toy --threads 1
 
 # ONNX export + validation of MODEL (a diffusers folder) or the preset.
 export: setup
