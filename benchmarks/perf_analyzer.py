@@ -1,4 +1,4 @@
-"""perf_analyzer: finding (or installing) it, its input data, running a level, its CSV.
+"""perf_analyzer: finding (or installing) it, its input data, running a level, its results.
 
 The `tritonclient==2.51.0` manylinux wheel ships `bin/perf_analyzer` (newer versions are
 pure Python wheels without it). It links `libb64.so.0d` and `libcudart.so.12`; the
@@ -9,8 +9,6 @@ folder of symlinks with the expected sonames goes on perf_analyzer's LD_LIBRARY_
 from __future__ import annotations
 
 import base64
-import csv
-import io
 import json
 import os
 import re
@@ -18,11 +16,11 @@ import statistics
 import struct
 import subprocess
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.config import admin_key
+from benchmarks.settings import admin_key
 from pix2pix_client.contract import ADMIN_GRPC_HEADER, PARAMETERS_BY_NAME
 
 TRITONCLIENT_PIN = "tritonclient==2.51.0"
@@ -43,30 +41,12 @@ def binary_path() -> Path:
 
 
 def ensure_binary() -> Path:
-    """perf_analyzer, reinstalling the pinned tritonclient wheel when it is missing."""
+    """perf_analyzer as the pinned tritonclient wheel installs it (`make setup`)."""
     path = binary_path()
-    if path.is_file():
-        return path
-    print(f"perf_analyzer not found at {path}: installing {TRITONCLIENT_PIN} ...", flush=True)
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "-q",
-            "--force-reinstall",
-            "--no-deps",
-            "--only-binary",
-            ":all:",
-            TRITONCLIENT_PIN,
-        ],
-        check=True,
-    )
     if not path.is_file():
         raise PerfAnalyzerError(
-            f"{TRITONCLIENT_PIN} installed no perf_analyzer at {path}: only its manylinux "
-            "x86_64/aarch64 wheels ship it"
+            f"no perf_analyzer at {path}: `make setup` installs {TRITONCLIENT_PIN}, whose "
+            "manylinux x86_64/aarch64 wheels ship it"
         )
     return path
 
@@ -141,76 +121,26 @@ def input_data(image: bytes, request: dict[str, Any]) -> dict[str, Any]:
     return {"data": [entry]}
 
 
-def decode_bytes_element(encoded: str) -> bytes:
-    """Inverse of `bytes_element`, for checks."""
-    raw = base64.b64decode(encoded)
-    (length,) = struct.unpack("<I", raw[:4])
-    if length != len(raw) - 4:
-        raise ValueError(f"length prefix {length} != {len(raw) - 4} bytes that follow")
-    return raw[4:]
-
-
 # --------------------------------------------------------------------------- results
 
 
 @dataclass(frozen=True)
-class CsvLevel:
-    """One row of perf_analyzer's `-f` CSV (latencies converted to ms)."""
-
-    concurrency: int
-    throughput_per_s: float
-    p50_ms: float
-    p90_ms: float
-    p95_ms: float
-    p99_ms: float
-    server_queue_ms: float
-    server_compute_ms: float
-
-
-def _column(row: dict[str, str], name: str) -> float:
-    if name not in row or row[name].strip() == "":
-        raise KeyError(f"no {name!r} column in the perf_analyzer CSV: {sorted(row)}")
-    return float(row[name])
-
-
-def parse_csv(text: str) -> list[CsvLevel]:
-    """perf_analyzer's `-f` CSV (latencies in microseconds) as one result per row."""
-    # Metrics (--collect-metrics) may follow the table after a blank line.
-    table = text.strip().split("\n\n")[0]
-    results = []
-    for row in csv.DictReader(io.StringIO(table)):
-        compute = sum(
-            _column(row, name)
-            for name in ("Server Compute Input", "Server Compute Infer", "Server Compute Output")
-        )
-        results.append(
-            CsvLevel(
-                concurrency=int(float(row["Concurrency"])),
-                throughput_per_s=_column(row, "Inferences/Second"),
-                p50_ms=_column(row, "p50 latency") / 1000,
-                p90_ms=_column(row, "p90 latency") / 1000,
-                p95_ms=_column(row, "p95 latency") / 1000,
-                p99_ms=_column(row, "p99 latency") / 1000,
-                server_queue_ms=_column(row, "Server Queue") / 1000,
-                server_compute_ms=compute / 1000,
-            )
-        )
-    return results
-
-
-@dataclass(frozen=True)
-class ProfiledLevel:
-    """Per-request timestamps of one level from `--profile-export-file` (ns)."""
+class Profiled:
+    """One level's requests from `--profile-export-file`: when each was sent, when its
+    first response came (a stream's first progress event) and its last (ns)."""
 
     concurrency: int
     starts_ns: tuple[int, ...]
+    firsts_ns: tuple[int, ...]
     ends_ns: tuple[int, ...]
 
     @property
     def latencies_ms(self) -> list[float]:
-        return [
-            (end - start) / 1e6 for start, end in zip(self.starts_ns, self.ends_ns, strict=True)
-        ]
+        return [(e - s) / 1e6 for s, e in zip(self.starts_ns, self.ends_ns, strict=True)]
+
+    @property
+    def first_response_ms(self) -> list[float]:
+        return [(f - s) / 1e6 for s, f in zip(self.starts_ns, self.firsts_ns, strict=True)]
 
     @property
     def span_s(self) -> float:
@@ -222,7 +152,7 @@ class ProfiledLevel:
         return len(self.starts_ns) / self.span_s
 
 
-def parse_profile_export(text: str) -> list[ProfiledLevel]:
+def parse_profile_export(text: str) -> list[Profiled]:
     """perf_analyzer's profile export (2.51 layout: experiments -> requests -> timestamps)."""
     levels = []
     for experiment in json.loads(text)["experiments"]:
@@ -230,16 +160,17 @@ def parse_profile_export(text: str) -> list[ProfiledLevel]:
             continue
         requests = [r for r in experiment["requests"] if r.get("response_timestamps")]
         levels.append(
-            ProfiledLevel(
+            Profiled(
                 concurrency=int(experiment["experiment"]["value"]),
                 starts_ns=tuple(int(r["timestamp"]) for r in requests),
+                firsts_ns=tuple(int(r["response_timestamps"][0]) for r in requests),
                 ends_ns=tuple(int(r["response_timestamps"][-1]) for r in requests),
             )
         )
     return levels
 
 
-def read_profile_export(path: Path) -> list[ProfiledLevel]:
+def read_profile_export(path: Path) -> list[Profiled]:
     # Outputs are stored as text, so the PNG bytes in them are not valid UTF-8.
     return parse_profile_export(path.read_bytes().decode("utf-8", errors="replace"))
 
@@ -251,14 +182,12 @@ def percentile(values: list[float], q: float) -> float:
 
 
 @dataclass(frozen=True)
-class LevelResult:
-    """One concurrency level over one or more rounds of perf_analyzer (latencies in ms).
+class Level:
+    """One concurrency level over one or more rounds (latencies in ms).
 
     Percentiles and the mean come from every request's latency in the profile exports,
     pooled over the rounds, computed as perf_analyzer computes them; throughput is the
     requests over the summed spans from each round's first send to its last response.
-    perf_analyzer's own per-round CSV figures are kept in `perf_analyzer_rounds` (its
-    throughput divides by a duration rounded to whole seconds: coarse for long requests).
     """
 
     concurrency: int
@@ -269,46 +198,33 @@ class LevelResult:
     median_ms: float  # the middle of the pooled latencies (interpolated), as for baselines
     p50_ms: float
     p90_ms: float
-    p95_ms: float
     p99_ms: float
+    first_response_median_ms: float
     latencies_ms: tuple[float, ...]
-    perf_analyzer_rounds: tuple[CsvLevel, ...]
 
     @classmethod
-    def aggregate(cls, rounds: list[tuple[CsvLevel, ProfiledLevel]]) -> LevelResult:
-        if not rounds or len({row.concurrency for row, _ in rounds}) != 1:
+    def aggregate(cls, rounds: list[Profiled]) -> Level:
+        if not rounds or len({level.concurrency for level in rounds}) != 1:
             raise ValueError("rounds of one concurrency level expected")
-        latencies = [x for _, profiled in rounds for x in profiled.latencies_ms]
-        span_s = sum(profiled.span_s for _, profiled in rounds)
+        latencies = [x for level in rounds for x in level.latencies_ms]
         return cls(
-            concurrency=rounds[0][0].concurrency,
+            concurrency=rounds[0].concurrency,
             requests=len(latencies),
             rounds=len(rounds),
-            throughput_per_s=len(latencies) / span_s,
-            mean_ms=sum(latencies) / len(latencies),
+            throughput_per_s=len(latencies) / sum(level.span_s for level in rounds),
+            mean_ms=statistics.fmean(latencies),
             median_ms=statistics.median(latencies),
             p50_ms=percentile(latencies, 50),
             p90_ms=percentile(latencies, 90),
-            p95_ms=percentile(latencies, 95),
             p99_ms=percentile(latencies, 99),
+            first_response_median_ms=statistics.median(
+                x for level in rounds for x in level.first_response_ms
+            ),
             latencies_ms=tuple(round(x, 1) for x in latencies),
-            perf_analyzer_rounds=tuple(row for row, _ in rounds),
         )
-
-    def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["latencies_ms"] = list(self.latencies_ms)
-        data["perf_analyzer_rounds"] = [asdict(row) for row in self.perf_analyzer_rounds]
-        return data
 
 
 # --------------------------------------------------------------------------- running
-
-
-def admin_header_flags() -> list[str]:
-    """perf_analyzer reads the model config and statistics, which the server restricts:
-    the admin key goes with every call."""
-    return ["-H", f"{ADMIN_GRPC_HEADER}:{admin_key()}"]
 
 
 @dataclass(frozen=True)
@@ -316,17 +232,24 @@ class PerfAnalyzer:
     binary: Path
     libraries: Path
 
-    def command(
+    def run(
         self,
         model: str,
         url: str,
         data_file: Path,
         concurrency: int,
         request_count: int,
-        csv_file: Path,
-        profile_file: Path,
-    ) -> list[str]:
-        return [
+        workdir: Path,
+        *,
+        streaming: bool = False,
+        tag: str = "",
+        timeout_s: float = 3600,
+    ) -> Profiled:
+        """Measures one concurrency level once; perf_analyzer's files stay in `workdir`."""
+        stem = workdir / f"perf_analyzer_{model}_c{concurrency}{tag}"
+        profile_file = stem.with_suffix(".profile.json")
+        profile_file.unlink(missing_ok=True)
+        command = [
             str(self.binary),
             "-m", model,
             "-i", "grpc",
@@ -337,30 +260,11 @@ class PerfAnalyzer:
             # perf_analyzer's default stability windows would run for many minutes.
             "--request-count", str(request_count),
             "--max-threads", str(max(concurrency, 4)),
-            "-f", str(csv_file),
             "--profile-export-file", str(profile_file),
-            *admin_header_flags(),
+            # It reads the model config and statistics, which the server restricts.
+            "-H", f"{ADMIN_GRPC_HEADER}:{admin_key()}",
+            *(["--streaming"] if streaming else []),
         ]  # fmt: skip
-
-    def run_level(
-        self,
-        model: str,
-        url: str,
-        data_file: Path,
-        concurrency: int,
-        request_count: int,
-        workdir: Path,
-        timeout_s: float = 3600,
-        tag: str = "",
-    ) -> tuple[CsvLevel, ProfiledLevel]:
-        """Measures one concurrency level once; perf_analyzer's files stay in `workdir`."""
-        csv_file = workdir / f"perf_analyzer_c{concurrency}{tag}.csv"
-        profile_file = workdir / f"perf_analyzer_c{concurrency}{tag}.profile.json"
-        for stale in (csv_file, profile_file):
-            stale.unlink(missing_ok=True)
-        command = self.command(
-            model, url, data_file, concurrency, request_count, csv_file, profile_file
-        )
         result = subprocess.run(
             command,
             env=environment(self.libraries),
@@ -369,17 +273,14 @@ class PerfAnalyzer:
             timeout=timeout_s,
         )
         output = result.stdout + result.stderr
-        (workdir / f"perf_analyzer_c{concurrency}{tag}.log").write_text(output)
-        if result.returncode != 0 or not csv_file.is_file() or not profile_file.is_file():
+        stem.with_suffix(".log").write_text(output)
+        if result.returncode != 0 or not profile_file.is_file():
             raise PerfAnalyzerError(
-                f"perf_analyzer failed at concurrency {concurrency} (exit {result.returncode}):\n"
-                + "\n".join(output.strip().splitlines()[-20:])
+                f"perf_analyzer failed on {model} at concurrency {concurrency} "
+                f"(exit {result.returncode}):\n" + "\n".join(output.strip().splitlines()[-20:])
             )
-        rows = parse_csv(csv_file.read_text())
-        profiled = read_profile_export(profile_file)
-        if len(rows) != 1 or len(profiled) != 1:
-            raise PerfAnalyzerError(f"{csv_file}: expected one level, got {len(rows)}")
-        return rows[0], profiled[0]
+        (profiled,) = read_profile_export(profile_file)
+        return profiled
 
 
 def write_input_data(path: Path, image: bytes, request: dict[str, Any]) -> Path:

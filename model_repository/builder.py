@@ -30,8 +30,8 @@ from export.components import (
     ComponentSpec,
 )
 from export.onnx_export import EXTERNAL_DATA_FILE, MODEL_FILE, load_manifest
+from model_repository.arguments import add_arguments, from_arguments
 from model_repository.configs import (
-    FLAVOURS,
     READINESS_MODEL,
     RepositoryOptions,
     component_config,
@@ -49,6 +49,23 @@ from model_repository.preview import LatentPreview
 
 BACKEND_TEMPLATES = Path(__file__).parent / "backend"
 REPOSITORY_RECORD = "repository.json"
+
+
+def pipeline_settings(
+    manifest: dict[str, Any], pipeline: str, options: RepositoryOptions
+) -> PipelineSettings:
+    """What an edit model of `pipeline` needs to know of the export, for these options."""
+    specs = {
+        name: ComponentSpec.from_json(entry["spec"])
+        for name, entry in manifest["components"].items()
+    }
+    return PipelineSettings(
+        pipeline=pipeline,
+        vae_scaling_factor=manifest["pipelines"][pipeline]["vae_scaling_factor"],
+        limits=options.image_limits(int(manifest["dimensions"]["vae_scale_factor"])),
+        components=component_calls(specs, pipeline),
+        latent_preview=LatentPreview.from_json(manifest["latent_preview"]),
+    )
 
 
 def component_calls(specs: dict[str, ComponentSpec], pipeline: str) -> dict[str, dict[str, Any]]:
@@ -132,16 +149,8 @@ def build_repository(
                 _link_or_copy(source / EXTERNAL_DATA_FILE, version_dir / EXTERNAL_DATA_FILE)
         written.append(name)
 
-    limits = options.image_limits(int(manifest["dimensions"]["vae_scale_factor"]))
-    preview = LatentPreview.from_json(manifest["latent_preview"])
-    for pipeline, details in manifest["pipelines"].items():
-        settings = PipelineSettings(
-            pipeline=pipeline,
-            vae_scaling_factor=details["vae_scaling_factor"],
-            limits=limits,
-            components=component_calls(specs, pipeline),
-            latent_preview=preview,
-        )
+    for pipeline in manifest["pipelines"]:
+        settings = pipeline_settings(manifest, pipeline, options)
         for streaming in (False, True):
             config = edit_config(pipeline, options, streaming)
             version_dir = _write_model(output, config, "edit")
@@ -173,26 +182,13 @@ def build_repository(
 
 
 def main(argv: list[str] | None = None) -> int:
-    defaults = RepositoryOptions()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("export_dir", type=Path, help="folder written by export.onnx_export")
     parser.add_argument("--output", type=Path, required=True, help="repository folder to write")
-    parser.add_argument("--flavour", choices=FLAVOURS, default=defaults.flavour)
     parser.add_argument("--engines", type=Path, help="engine folder (tensorrt flavour)")
-    parser.add_argument("--max-image-side", type=int, default=defaults.max_image_side)
-    parser.add_argument("--max-image-pixels", type=int, default=defaults.max_image_pixels)
-    parser.add_argument("--edit-instances", type=int, default=defaults.edit_instances)
-    parser.add_argument("--max-edits", type=int, default=defaults.max_edits)
-    parser.add_argument("--intra-op-threads", type=int, default=defaults.intra_op_threads)
+    add_arguments(parser, RepositoryOptions)
     args = parser.parse_args(argv)
-    options = RepositoryOptions(
-        flavour=args.flavour,
-        max_image_side=args.max_image_side,
-        max_image_pixels=args.max_image_pixels,
-        edit_instances=args.edit_instances,
-        max_edits=args.max_edits,
-        intra_op_threads=args.intra_op_threads,
-    )
+    options = from_arguments(RepositoryOptions, args)
     try:
         models = build_repository(args.export_dir, args.output, options, args.engines)
     except (FileNotFoundError, ValueError) as error:

@@ -12,7 +12,7 @@ so field names and tensor names cannot drift from what export, engines and clien
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from tritonclient.grpc import model_config_pb2 as mc
@@ -40,34 +40,55 @@ _SPEC_DTYPES = {
 }
 
 
+def _option(default: Any, help: str, **metadata: Any) -> Any:
+    """A documented option: its help becomes its command-line flag's (arguments.py)."""
+    return field(default=default, metadata={"help": help, **metadata})
+
+
 @dataclass(frozen=True)
 class RepositoryOptions:
-    """Serving settings that are not part of the export."""
+    """Serving settings that are not part of the export: one set for `make serve`, the
+    builder and the benchmark, each a flag of their command lines."""
 
-    flavour: str = "python-onnxruntime"
-    max_image_side: int = DEFAULT_MAX_SIDE
-    max_image_pixels: int = DEFAULT_MAX_PIXELS
-    # Edits one edit model runs at once (one per instance), and how many it holds in all,
-    # running and waiting: a request beyond that is refused at once with UNAVAILABLE.
-    edit_instances: int = 2
-    max_edits: int = 8
-    # Microseconds the UNet's dynamic batcher waits for a partner request: small against a
-    # UNet step (tens of ms on GPU, hundreds on CPU), longer than the few ms an edit's loop
-    # spends between its steps, so that concurrent loops meet.
-    unet_queue_delay_us: int = 5000
-    # onnxruntime threads per component session; 0 lets onnxruntime use every core.
-    intra_op_threads: int = 0
-    # Whether idle onnxruntime pool threads spin (python-onnxruntime flavour): off, models
-    # running at the same time in other processes keep their cores.
-    allow_spinning: bool = True
-    # python-onnxruntime: one component session computes at a time, with every core
-    # (Triton's rate limiter); two sessions at once on a CPU only take cores from each
-    # other. Needs the server flag in `server_arguments`.
-    cpu_rate_limit: bool = True
-    # python-onnxruntime UNets: calls the dynamic batcher merges run side by side, one
-    # thread each, instead of as one batch (more edits/s on a CPU; the first merged call
-    # loads one more copy of the UNet per core).
-    unet_split_threads: bool = False
+    flavour: str = _option(
+        "python-onnxruntime", "how the components run (see the flavours table)", choices=FLAVOURS
+    )
+    max_image_side: int = _option(DEFAULT_MAX_SIDE, "longer side images are resized to")
+    max_image_pixels: int = _option(DEFAULT_MAX_PIXELS, "decoded pixels allowed at most")
+    edit_instances: int = _option(2, "edits each edit model runs at once")
+    max_edits: int = _option(
+        8, "edits each edit model holds, running and waiting; more get UNAVAILABLE at once"
+    )
+    unet_queue_delay_us: int = _option(
+        # Small against a UNet step (tens of ms on GPU, hundreds on CPU), longer than the
+        # few ms an edit's loop spends between steps, so that concurrent loops meet.
+        5000,
+        "microseconds the UNet's dynamic batcher waits for a partner request",
+    )
+    intra_op_threads: int = _option(0, "onnxruntime threads per component session; 0: all cores")
+    allow_spinning: bool = _option(
+        True, "idle onnxruntime pool threads spin (fast hand-offs, CPU taken from others)"
+    )
+    cpu_rate_limit: bool = _option(
+        # Two sessions computing at once on a CPU only take cores from each other.
+        True,
+        "python-onnxruntime: one component computes at a time, with every core",
+    )
+    unet_split_threads: bool = _option(
+        # More edits/s on a CPU; the first merged call loads one more UNet copy per core.
+        False,
+        "python-onnxruntime: merged UNet calls run side by side on one-thread sessions",
+    )
+
+    onnxruntime_fusions: bool = _option(
+        True, "onnxruntime flavours: serve the export with onnxruntime's fusions (faster)"
+    )
+
+    @property
+    def fused_export(self) -> bool:
+        """Whether the export served has onnxruntime's fusions (contrib ops that only
+        onnxruntime runs): faster there, unreadable for TensorRT."""
+        return self.onnxruntime_fusions and self.flavour in ("python-onnxruntime", "onnxruntime")
 
     def check(self) -> None:
         """Raises ValueError naming the first option outside its allowed values."""

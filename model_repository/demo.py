@@ -36,12 +36,17 @@ from model_repository.serve import (
 )
 from model_repository.server import TritonServer
 from pix2pix_client import EditClient, EditError, EditResult
-from pix2pix_client.contract import IMG2IMG, INSTRUCT_PIX2PIX, SCHEDULERS
+from pix2pix_client.contract import (
+    IMG2IMG,
+    INSTRUCT_PIX2PIX,
+    PARAMETERS_BY_NAME,
+    SCHEDULERS,
+    parameters_for,
+)
 
 DEFAULT_OUT_DIR = Path("out")
 DEFAULT_PROMPT = "turn it into a watercolor painting"
 DEFAULT_SEED = 42
-DEFAULT_STEPS = 20
 # InstructPix2Pix's own scheduler (EulerAncestralDiscreteScheduler in its model card).
 DEFAULT_SCHEDULER = "euler_a"
 RANDOM_WEIGHTS_NOTE = "random weights: the edit is noise; serve a real checkpoint with MODEL=..."
@@ -125,7 +130,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--build-dir", type=Path, default=DEFAULT_BUILD_DIR)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT_DIR, help="where images go")
     parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="the edit instruction")
-    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="denoising steps")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=PARAMETERS_BY_NAME["num_inference_steps"].default_for(INSTRUCT_PIX2PIX),
+        help="denoising steps (default: the contract's)",
+    )
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
     parser.add_argument("--scheduler", default=DEFAULT_SCHEDULER, choices=SCHEDULERS)
     args = parser.parse_args(argv)
@@ -138,11 +148,12 @@ def main(argv: list[str] | None = None) -> int:
         )
         with timings.measure("build", build_note):
             name, source = resolve_source(preset, args.model, args.build_dir)
-        export_dir = export_dir_for(name, args.build_dir)
+        options = RepositoryOptions()
+        export_dir = export_dir_for(name, args.build_dir, options.fused_export)
         with timings.measure("export", "ONNX + validation, skipped when current"):
-            ensure_export([source], export_dir)
-        with timings.measure("repository", "python-onnxruntime"):
-            repository = write_repository(name, export_dir, args.build_dir, RepositoryOptions())
+            ensure_export([source], export_dir, optimize=options.fused_export)
+        with timings.measure("repository", options.flavour):
+            repository = write_repository(name, export_dir, args.build_dir, options)
     except (UnsupportedCheckpointError, FileNotFoundError, ValueError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -161,16 +172,18 @@ def main(argv: list[str] | None = None) -> int:
             server.start()
             server.wait_ready()
         _log(f"tritonserver ready at {server.grpc_url} (log: {log_file})")
-        # Every input spelled out, so compare.png shows exactly what made the edit.
+        # Every input spelled out (the contract's defaults where the command line is
+        # silent), so compare.png shows exactly what made the edit.
         edit_options = {
+            parameter.name: parameter.default_for(ensemble)
+            for parameter in parameters_for(ensemble)
+            if parameter.default_for(ensemble) not in (None, "")
+        }
+        edit_options |= {
             "num_inference_steps": args.steps,
-            "guidance_scale": 7.5,
-            "temperature": 1.0 if ensemble == INSTRUCT_PIX2PIX else 0.8,
             "seed": args.seed,
             "scheduler": args.scheduler,
         }
-        if ensemble == INSTRUCT_PIX2PIX:
-            edit_options["image_guidance_scale"] = 1.5
         with (
             timings.measure(
                 "edit", f"{ensemble}, {args.steps} steps, {photo.width}x{photo.height}"

@@ -9,7 +9,8 @@ where concurrent edits' UNet steps merge.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -60,6 +61,9 @@ class OnnxComponent:
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.input_ranks = {i.name: len(i.shape) for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]
+        # The first output's channels (a UNet's noise prediction): a bound output's shape.
+        channels = self.session.get_outputs()[0].shape
+        self.output_channels = channels[1] if len(channels) > 1 else 0
 
     def _new_session(self, intra_op_threads: int) -> Any:
         import onnxruntime as ort
@@ -124,8 +128,7 @@ class OnnxComponent:
         By default requests with equal non-batch shapes are concatenated into one batch.
         With `split_threads`, they run side by side instead, each on a one-thread session
         of its own: on a CPU, parallel single-threaded runs do more work per second than one
-        run that splits every operator over the cores (two batch-3 steps of the small UNet
-        on 2 cores: 578 ms side by side, 613 ms merged, 617 ms one after the other).
+        run that splits every operator over the cores (benchmarks/README.md has figures).
         """
         if self.split_threads and len(requests) > 1:
             return self._run_side_by_side(requests)
@@ -173,3 +176,65 @@ class OnnxComponent:
             for index, outputs in done:
                 results[index] = outputs
         return results  # type: ignore[return-value]
+
+
+class OnnxComponents:
+    """The four component calls of an edit as onnxruntime sessions in this process (the
+    bare loop the benchmark compares with Triton, and tests): the pipeline's Components."""
+
+    def __init__(
+        self,
+        export_dir: Path,
+        calls: dict[str, dict[str, Any]],
+        make: Callable[[Path], OnnxComponent],
+        device: str = "cpu",
+    ) -> None:
+        self.calls = calls
+        self.device = device
+        self.sessions = {
+            role: make(Path(export_dir) / call["model"] / "model.onnx")
+            for role, call in calls.items()
+        }
+        self.unet_seconds: list[float] = []
+
+    def _run(self, role: str, *values: np.ndarray) -> list[np.ndarray]:
+        call = self.calls[role]
+        outputs = self.sessions[role].run(dict(zip(call["inputs"], values, strict=True)))
+        return [outputs[name] for name in call["outputs"]]
+
+    def encode_prompts(self, input_ids: np.ndarray) -> torch.Tensor:
+        import torch
+
+        return torch.from_numpy(self._run("text_encoder", input_ids)[0])
+
+    def encode_image(self, pixels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        import torch
+
+        mean, std = self._run("vae_encoder", pixels)
+        return torch.from_numpy(mean), torch.from_numpy(std)
+
+    def predict_noise(
+        self, sample: torch.Tensor, timestep: torch.Tensor, embeds: torch.Tensor
+    ) -> torch.Tensor:
+        import torch
+
+        started = time.perf_counter()
+        unet = self.sessions["unet"]
+        if self.device == "cpu":
+            arrays = (sample.numpy(), timestep.numpy(), embeds.numpy())
+            noise_pred = torch.from_numpy(self._run("unet", *arrays)[0])
+        else:
+            # On a GPU the loop's tensors stay there: onnxruntime reads and writes them.
+            noise_pred = torch.empty(
+                (sample.shape[0], unet.output_channels, *sample.shape[2:]), device=sample.device
+            )
+            names = self.calls["unet"]["inputs"]
+            unet.run_bound(
+                dict(zip(names, (sample, timestep, embeds), strict=True)),
+                {self.calls["unet"]["outputs"][0]: noise_pred},
+            )
+        self.unet_seconds.append(time.perf_counter() - started)
+        return noise_pred
+
+    def decode_latents(self, latent: torch.Tensor) -> np.ndarray:
+        return self._run("vae_decoder", latent.cpu().numpy())[0]

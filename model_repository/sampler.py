@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from pix2pix_client.contract import IMG2IMG, INSTRUCT_PIX2PIX, SCHEDULERS
+from pix2pix_client.contract import IMG2IMG, INSTRUCT_PIX2PIX, SCHEDULERS, guidance_on
 
 if TYPE_CHECKING:
     from model_repository.preprocess import EditRequest
@@ -187,8 +187,7 @@ class Sampler:
         generator = torch.Generator("cpu").manual_seed(inputs.seed)
         scheduler = self._scheduler(inputs)
         timesteps = scheduler.timesteps
-        # diffusers turns guidance off unless both scales ask for it.
-        guided = inputs.guidance_scale > 1.0 and inputs.image_guidance_scale >= 1.0
+        guided = guidance_on(self.pipeline, inputs.guidance_scale, inputs.image_guidance_scale)
         embeds = self._tensor(inputs.prompt_embeds)
         text, negative = embeds[0:1], embeds[1:2]
         latent_mean = self._tensor(inputs.latent_mean)
@@ -241,7 +240,7 @@ class Sampler:
     ) -> torch.Tensor:
         generator = torch.Generator("cpu").manual_seed(inputs.seed)
         scheduler = self._scheduler(inputs)
-        guided = inputs.guidance_scale > 1.0
+        guided = guidance_on(self.pipeline, inputs.guidance_scale)
         embeds = self._tensor(inputs.prompt_embeds)
         text, negative = embeds[0:1], embeds[1:2]
         prompt_embeds = torch.cat([negative, text]) if guided else text.contiguous()

@@ -31,8 +31,9 @@ from pathlib import Path
 from export.checkpoint import UnsupportedCheckpointError
 from export.onnx_export import ensure_export
 from export.presets import PRESETS
+from model_repository.arguments import add_arguments, from_arguments
 from model_repository.builder import build_repository
-from model_repository.configs import FLAVOURS, RepositoryOptions
+from model_repository.configs import RepositoryOptions
 from model_repository.server import TlsFiles, TritonServer
 
 DEFAULT_BUILD_DIR = Path("build")
@@ -75,8 +76,10 @@ def resolve_source(preset: str | None, model: Path | None, build_dir: Path) -> t
     return name, ensure_preset(name, build_dir)
 
 
-def export_dir_for(name: str, build_dir: Path) -> Path:
-    return build_dir / "onnx" / name
+def export_dir_for(name: str, build_dir: Path, fused: bool = False, fp16: bool = False) -> Path:
+    """Where the export of `name` goes: one folder per precision and fusions."""
+    suffix = ("-fp16" if fp16 else "") + ("-fused" if fused else "")
+    return build_dir / "onnx" / f"{name}{suffix}"
 
 
 def write_repository(
@@ -103,38 +106,22 @@ def prepare(
     """Preset or checkpoint -> validated export -> model repository."""
     options = options or RepositoryOptions()
     name, source = resolve_source(preset, model, build_dir)
-    export_dir = export_dir_for(name, build_dir)
-    ensure_export([source], export_dir)
+    export_dir = export_dir_for(name, build_dir, options.fused_export)
+    ensure_export([source], export_dir, optimize=options.fused_export)
     repository = write_repository(name, export_dir, build_dir, options, engines_dir)
     return BuiltModel(name=name, export_dir=export_dir, repository=repository)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    defaults = RepositoryOptions()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     source.add_argument("--model", type=Path, help="a diffusers folder (or a preset root)")
     source.add_argument("--repository", help="a built model repository, served as it is")
     building = parser.add_argument_group("building (with --preset or --model)")
-    building.add_argument("--flavour", choices=FLAVOURS, default=defaults.flavour)
     building.add_argument("--engines", type=Path, help="TensorRT engine folder (tensorrt)")
     building.add_argument("--build-dir", type=Path, default=DEFAULT_BUILD_DIR)
-    building.add_argument("--max-image-side", type=int, default=defaults.max_image_side)
-    building.add_argument("--intra-op-threads", type=int, default=defaults.intra_op_threads)
-    building.add_argument(
-        "--edit-instances",
-        type=int,
-        default=defaults.edit_instances,
-        help="edits each edit model runs at once (default: %(default)s)",
-    )
-    building.add_argument(
-        "--max-edits",
-        type=int,
-        default=defaults.max_edits,
-        help="edits each edit model holds, running and waiting; more are refused with "
-        "UNAVAILABLE (default: %(default)s)",
-    )
+    add_arguments(building, RepositoryOptions)
     serving = parser.add_argument_group("serving")
     serving.add_argument(
         "--host",
@@ -181,14 +168,8 @@ def tls_files(args: argparse.Namespace) -> TlsFiles | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    options = RepositoryOptions(
-        flavour=args.flavour,
-        max_image_side=args.max_image_side,
-        intra_op_threads=args.intra_op_threads,
-        edit_instances=args.edit_instances,
-        max_edits=args.max_edits,
-    )
     try:
+        options = from_arguments(RepositoryOptions, args)
         tls = tls_files(args)
         if args.repository is not None:
             repository, name = args.repository, Path(str(args.repository).rstrip("/")).name

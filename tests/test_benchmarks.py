@@ -1,34 +1,35 @@
 """The benchmark harness: its parts on real captures, and one scaled-down run end to end.
 
 No timing is asserted here: the figures of a run are recorded in benchmarks/results/.
-The perf_analyzer CSV and profile export, and the statistics, are real captures
-(benchmarks/testdata/README.md says from what).
+The perf_analyzer profile export (and its CSV, to check the percentile rule), and the
+statistics, are real captures (benchmarks/testdata/README.md says from what).
 """
 
 from __future__ import annotations
 
+import base64
+import csv
+import dataclasses
 import io
 import json
+import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from benchmarks import report
-from benchmarks.config import BenchConfig
+from benchmarks import results as report
+from benchmarks.ablation import paired_change
 from benchmarks.perf_analyzer import (
-    LevelResult,
-    ProfiledLevel,
-    decode_bytes_element,
+    Level,
+    Profiled,
     library_folder,
-    parse_csv,
     percentile,
     read_profile_export,
     write_input_data,
 )
 from benchmarks.photo import photo, photo_png
-from benchmarks.run import paired_changes, write_results
 from benchmarks.server_stats import (
     ModelCounters,
     combine,
@@ -36,7 +37,20 @@ from benchmarks.server_stats import (
     stage_rows,
     window,
 )
+from benchmarks.settings import BenchConfig
+from benchmarks.systems import PreviewCost
+from model_repository.configs import RepositoryOptions
 from pix2pix_client.contract import IMG2IMG, INSTRUCT_PIX2PIX, PARAMETERS_BY_NAME, parameters_for
+
+
+def decode_bytes_element(encoded: str) -> bytes:
+    """perf_analyzer's base64 BYTES element back to the bytes, its length prefix checked."""
+    raw = base64.b64decode(encoded)
+    (length,) = struct.unpack("<I", raw[:4])
+    if length != len(raw) - 4:
+        raise ValueError(f"length prefix {length} != {len(raw) - 4} bytes that follow")
+    return raw[4:]
+
 
 TESTDATA = Path(__file__).parent.parent / "benchmarks" / "testdata"
 
@@ -76,8 +90,6 @@ def test_input_data_carries_the_photo_and_explicit_parameters(
 
 
 def test_bytes_element_length_prefix_is_checked() -> None:
-    import base64
-
     with pytest.raises(ValueError, match="length prefix"):
         decode_bytes_element(base64.b64encode(b"\x05\x00\x00\x00abc").decode())
 
@@ -89,22 +101,6 @@ def test_photo_is_the_astronaut_at_the_requested_size() -> None:
 
 
 # --------------------------------------------------------------------------- perf_analyzer
-
-
-def test_csv_of_a_real_run_parses_to_milliseconds() -> None:
-    (row,) = parse_csv((TESTDATA / "perf_analyzer_c2.csv").read_text())
-    assert row.concurrency == 2
-    assert row.throughput_per_s == pytest.approx(0.0784173)
-    assert row.p50_ms == pytest.approx(34014.560)
-    assert row.p90_ms == pytest.approx(34507.725)
-    assert row.p99_ms == pytest.approx(34507.725)
-    assert row.server_queue_ms == pytest.approx(0.002)
-    assert row.server_compute_ms == pytest.approx((505 + 24731999 + 5124) / 1000)
-
-
-def test_csv_followed_by_metrics_keeps_only_the_table() -> None:
-    text = (TESTDATA / "perf_analyzer_c2.csv").read_text() + "\n\nMetric,Value\ngpu,0\n"
-    assert len(parse_csv(text)) == 1
 
 
 def test_profile_export_of_a_real_run_gives_latencies_and_span_throughput() -> None:
@@ -121,29 +117,38 @@ def test_profile_export_of_a_real_run_gives_latencies_and_span_throughput() -> N
     assert level.throughput_per_s == pytest.approx(4 / span_s)
 
 
+def _csv_percentiles_ms() -> tuple[float, float, float]:
+    """p50, p90, p99 as perf_analyzer itself printed them in the same run's CSV (us)."""
+    (row,) = csv.DictReader(io.StringIO((TESTDATA / "perf_analyzer_c2.csv").read_text()))
+    return tuple(float(row[f"p{q} latency"]) / 1000 for q in (50, 90, 99))  # type: ignore[return-value]
+
+
 def test_levels_pool_rounds_with_perf_analyzers_percentiles() -> None:
-    (row,) = parse_csv((TESTDATA / "perf_analyzer_c2.csv").read_text())
     (level,) = read_profile_export(TESTDATA / "perf_analyzer_c2.profile.json")
 
-    one = LevelResult.aggregate([(row, level)])
+    one = Level.aggregate([level])
     # From the raw latencies, the percentiles come out as perf_analyzer printed them.
-    assert (one.p50_ms, one.p90_ms, one.p99_ms) == pytest.approx(
-        (row.p50_ms, row.p90_ms, row.p99_ms), abs=1e-3
-    )
+    assert (one.p50_ms, one.p90_ms, one.p99_ms) == pytest.approx(_csv_percentiles_ms(), abs=1e-3)
     assert one.requests == 4 and one.rounds == 1
     assert one.mean_ms == pytest.approx(sum(level.latencies_ms) / 4)
     assert one.throughput_per_s == pytest.approx(level.throughput_per_s)
 
-    two = LevelResult.aggregate([(row, level), (row, level)])
+    two = Level.aggregate([level, level])
     assert two.requests == 8 and two.rounds == 2
     assert two.throughput_per_s == pytest.approx(level.throughput_per_s)  # 8 over twice the span
     assert two.p50_ms == pytest.approx(34014.560, abs=1e-3)
-    data = json.loads(json.dumps(two.to_json()))
-    assert data["latencies_ms"][:2] == pytest.approx([15941.7, 34507.7])
-    # perf_analyzer's own throughput divides by a duration rounded to whole seconds.
-    assert data["perf_analyzer_rounds"][0]["throughput_per_s"] == pytest.approx(0.0784173)
+    assert list(two.latencies_ms[:2]) == pytest.approx([15941.7, 34507.7])
     with pytest.raises(ValueError, match="one concurrency level"):
-        LevelResult.aggregate([])
+        Level.aggregate([])
+
+
+def test_a_streams_first_response_is_its_first_event() -> None:
+    streamed = Profiled(
+        1, starts_ns=(0, 10**9), firsts_ns=(10**8, 12 * 10**8), ends_ns=(2 * 10**9, 3 * 10**9)
+    )
+    assert streamed.first_response_ms == [100.0, 200.0]
+    assert streamed.latencies_ms == [2000.0, 2000.0]
+    assert Level.aggregate([streamed]).first_response_median_ms == 150.0
 
 
 def test_percentile_is_perf_analyzers_index_rule() -> None:
@@ -171,9 +176,7 @@ def _raw(snapshot: dict, model: str) -> dict[str, int]:
         "executions": int(stats["execution_count"]),
         "success_ns": int(inference["success"]["ns"]),
         "queue_ns": int(inference["queue"]["ns"]),
-        "compute_input_ns": int(inference["compute_input"]["ns"]),
         "compute_infer_ns": int(inference["compute_infer"]["ns"]),
-        "compute_output_ns": int(inference["compute_output"]["ns"]),
     }
 
 
@@ -240,200 +243,177 @@ def test_stage_table_needs_edits_in_the_window() -> None:
 # --------------------------------------------------------------------------- results
 
 
-def _results() -> dict:
+def _level(concurrency: int, throughput: float, p50: float) -> Level:
+    latencies = (p50,) * 4 * concurrency
+    return Level(
+        concurrency,
+        len(latencies),
+        2,
+        throughput,
+        p50,
+        p50,
+        p50,
+        p50 * 1.1,
+        p50 * 1.2,
+        p50 / 10,
+        latencies,
+    )
+
+
+def _results() -> report.Results:
     config = BenchConfig()
-    levels = [
-        {
-            "concurrency": c,
-            "requests": 4 * c,
-            "rounds": 2,
-            "throughput_per_s": t,
-            "mean_ms": p,
-            "median_ms": p,
-            "p50_ms": p,
-            "p90_ms": p * 1.1,
-            "p95_ms": p * 1.1,
-            "p99_ms": p * 1.2,
-            "latencies_ms": [p] * 4 * c,
-            "perf_analyzer_rounds": [],
-        }
-        for c, t, p in ((1, 0.2, 5000.0), (2, 0.21, 9500.0), (4, 0.21, 19000.0))
-    ]
     captured = json.loads((TESTDATA / "inference_statistics.json").read_text())
     delta = window(counters_from_json(captured["before"]), counters_from_json(captured["after"]))
-    stages = [row.to_json() for row in stage_rows(delta, INSTRUCT_PIX2PIX)]
-    ratios = {
-        "diffusers_eager": report.paired_ratio([[5000.0], [5000.0]], [[8000.0], [8000.0]]),
-        "bare_onnxruntime": report.paired_ratio([[5000.0], [5000.0]], [[4900.0], [4900.0]]),
-    }
-    targets = report.evaluate_targets(ratios, {1: 0.2, 2: 0.21, 4: 0.21})
-    return {
-        "date": "2026-11-25T01:00:00+00:00",
-        "command": "python -m benchmarks.run",
-        "machine": {
+    results = report.Results(
+        date="2026-12-01T01:00:00+00:00",
+        command="python -m benchmarks.run",
+        machine={
             "cpu": "AMD EPYC",
             "logical_cores": 2,
             "physical_cores": 2,
             "ram_gib": 23.5,
             "gpus": [],
             "os": "Linux",
-            "python": "3.11.7",
         },
-        "versions": {"onnxruntime": "1.32.0"},
-        "config": config.to_json(),
-        "request_description": "the astronaut",
-        "triton": {"levels": levels, "stages": {"1": stages}},
-        "baselines": {
-            "diffusers_eager": {"p50_ms": 8000.0, "mean_ms": 8100.0, "min_ms": 7900.0},
-            "bare_onnxruntime": {"p50_ms": 4900.0, "mean_ms": 4950.0, "min_ms": 4800.0},
+        versions={"onnxruntime": "1.32.0"},
+        config=config.to_json(),
+        targets_apply=config.targets_apply,
+        export="build/onnx/small-fused",
+        levels=[_level(1, 0.2, 5000.0), _level(2, 0.21, 9500.0), _level(4, 0.21, 19000.0)],
+        stages={1: stage_rows(delta, INSTRUCT_PIX2PIX)},
+        streaming=_level(1, 0.2, 5050.0),
+        baselines={
+            "bare_onnxruntime": report.Timing((4900.0, 4950.0, 4800.0)),
+            "diffusers_eager": report.Timing((8000.0, 8100.0, 8200.0)),
         },
-        "ratios": ratios,
-        "targets_apply": report.targets_apply(config.to_json()),
-        "targets": [t.to_json() for t in targets],
-        "agreement": {"Triton vs bare onnxruntime": {"max_abs": 0.0, "mean_abs": 0.0}},
-        "latency_note": "note on latency",
-        "stages_note": "note on stages",
-        "notes": [],
-        "optimisations": [
-            _optimisation(
-                "fusions",
-                "MHA",
-                c1=((6000.0, 0.16), (5000.0, 0.2)),
-                c2=((12000.0, 0.17), (9500.0, 0.21)),
-                paired={
-                    "median_ms_c1": {"value": 0.84, "per_round": [0.8, 0.882]},
-                    "throughput_c2": {"value": 1.2, "per_round": [1.25, 1.152]},
-                },
-            ),
-            # written before the ablation paired its rounds: no "paired"
-            _optimisation(
-                "rate limiter",
-                "one session at a time",
-                c1=((5000.0, 0.2), (5100.0, 0.19)),
-                c2=((9500.0, 0.21), (9000.0, 0.22)),
-            ),
+        agreement={"Triton vs bare_onnxruntime": (0.0, 0.0)},
+        preview=PreviewCost(preview_ms=2.0, unet_step_ms=280.0),
+        ablation=[
+            paired_change(
+                "fusions", True, [_ablation_round(0.8, 1.25), _ablation_round(0.882, 1.152)]
+            )
         ],
+    )
+    results.ratios = {
+        "bare_onnxruntime": report.Ratio.paired([[5000.0], [5000.0]], [[4900.0], [4900.0]]),
+        "diffusers_eager": report.Ratio.paired([[5000.0], [5000.0]], [[8000.0], [8000.0]]),
+        "streaming": report.Ratio.paired([[5050.0], [5050.0]], [[5000.0], [5000.0]]),
     }
+    results.evaluate_targets()
+    return results
 
 
-Level = tuple[float, float]  # (p50 ms, edits/s)
+def _ablation_round(latency_ratio: float, throughput_ratio: float) -> dict:
+    """One ablation round: before and after at c=1 (latency) and c=2 (throughput)."""
 
+    def profiled(concurrency: int, latency_ms: float, span_s: float) -> Profiled:
+        ends = (int(latency_ms * 1e6), int(span_s * 1e9))
+        return Profiled(concurrency, (0, 0), ends, ends)
 
-def _optimisation(
-    name: str,
-    change: str,
-    c1: tuple[Level, Level],
-    c2: tuple[Level, Level],
-    paired: dict | None = None,
-) -> dict:
-    """One ablation entry; c1 and c2 hold (before, after) at that concurrency."""
-    entry: dict = {"name": name, "change": change, "kept": True}
-    for level, pair in (("c1", c1), ("c2", c2)):
-        for side, (p50_ms, throughput) in zip(("before", "after"), pair, strict=True):
-            entry[f"{side}_{level}"] = {"p50_ms": p50_ms, "throughput_per_s": throughput}
-    if paired is not None:
-        entry["paired"] = paired
-    return entry
+    return {
+        ("before", 1): profiled(1, 1000.0, 1.0),
+        ("after", 1): profiled(1, 1000.0 * latency_ratio, 1.0 * latency_ratio),
+        ("before", 2): profiled(2, 1.0, 2.0),
+        ("after", 2): profiled(2, 1.0, 2.0 / throughput_ratio),
+    }
 
 
 def test_ratios_are_paired_by_round() -> None:
     # The machine is 10% slower in the second round: every system is.
     triton = [[5000.0, 5200.0], [5500.0, 5720.0]]
     diffusers = [[8000.0, 8400.0], [8800.0, 9240.0]]
-    ratio = report.paired_ratio(triton, diffusers)
-    assert ratio["per_round"] == pytest.approx([5100 / 8200, 5610 / 9020], abs=1e-4)
-    assert ratio["value"] == pytest.approx(5100 / 8200, abs=1e-4)
-    assert ratio["triton_median_ms"] == pytest.approx(5350.0)
-    assert ratio["baseline_median_ms"] == pytest.approx(8600.0)
+    ratio = report.Ratio.paired(triton, diffusers)
+    assert ratio.per_round == pytest.approx((5100 / 8200, 5610 / 9020), abs=1e-4)
+    assert ratio.value == pytest.approx(5100 / 8200, abs=1e-4)
+    assert ratio.triton_median_ms == pytest.approx(5350.0)
+    assert ratio.other_median_ms == pytest.approx(8600.0)
     # A round in which either system has no edit pairs nothing.
-    assert report.paired_ratio([[1.0], []], [[2.0], [9.0]])["per_round"] == [0.5]
+    assert report.Ratio.paired([[1.0], []], [[2.0], [9.0]]).per_round == (0.5,)
     with pytest.raises(ValueError, match="no round"):
-        report.paired_ratio([[]], [[1.0]])
+        report.Ratio.paired([[]], [[1.0]])
 
 
 def test_ablation_changes_are_paired_by_round() -> None:
-    # Round 2 ran on a machine 10% slower; within each round "after" is 5% faster at c=1
-    # and has 10% more throughput at c=2. Pooled percentiles would mix the two speeds.
-    def level(concurrency: int, latencies_ms: list[float], span_s: float) -> tuple:
-        starts = [0] * len(latencies_ms)
-        ends = [int(ms * 1e6) for ms in latencies_ms]
-        ends[-1] = int(span_s * 1e9)  # the level's span: first send to last response
-        profiled = ProfiledLevel(concurrency, tuple(starts), tuple(ends))
-        return (None, profiled)
-
-    measured = {
-        ("before", 1): [level(1, [1000.0, 1000.0, 1000.0], 1.0), level(1, [1100.0] * 3, 1.1)],
-        ("after", 1): [level(1, [950.0, 950.0, 950.0], 0.95), level(1, [1045.0] * 3, 1.045)],
-        ("before", 2): [level(2, [1.0, 1.0], 2.0), level(2, [1.0, 1.0], 2.2)],
-        ("after", 2): [level(2, [1.0, 1.0], 2.0 / 1.1), level(2, [1.0, 1.0], 2.0)],
+    # Within each round "after" is 5% faster at c=1 and has 10% more throughput at c=2,
+    # though the second round ran on a machine 10% slower.
+    slower = {
+        key: Profiled(
+            p.concurrency,
+            p.starts_ns,
+            tuple(int(e * 1.1) for e in p.ends_ns),
+            tuple(int(e * 1.1) for e in p.ends_ns),
+        )
+        for key, p in _ablation_round(0.95, 1.1).items()
     }
-    paired = paired_changes(measured)
-    assert paired["median_ms_c1"]["per_round"] == pytest.approx([0.95, 0.95])
-    assert paired["median_ms_c1"]["value"] == pytest.approx(0.95)
-    assert paired["throughput_c2"]["per_round"] == pytest.approx([1.1, 1.1], abs=1e-4)
+    change = paired_change("x", True, [_ablation_round(0.95, 1.1), slower])
+    assert change.median_c1_rounds == pytest.approx((0.95, 0.95), abs=1e-4)
+    assert change.median_c1 == pytest.approx(0.95, abs=1e-4)
+    assert change.throughput_c2_rounds == pytest.approx((1.1, 1.1), abs=1e-4)
 
 
 def test_targets_are_met_or_fall_short_with_their_numbers() -> None:
-    def ratios(triton: float, diffusers: float, bare: float) -> dict:
-        return {
-            "diffusers_eager": report.paired_ratio([[triton]], [[diffusers]]),
-            "bare_onnxruntime": report.paired_ratio([[triton]], [[bare]]),
-        }
-
-    met = report.evaluate_targets(ratios(5000.0, 8000.0, 4900.0), {1: 0.2, 2: 0.21})
-    assert [t.met for t in met] == [True, True, True]
-    assert met[0].value == pytest.approx(0.625)
-    assert "0.625, geometric mean of 1 rounds (0.625); medians 5000 ms / 8000 ms" in met[0].line()
-    assert met[0].line().endswith("met")
-
-    short = report.evaluate_targets(ratios(6000.0, 8000.0, 5000.0), {1: 0.2, 2: 0.19})
-    assert [t.met for t in short] == [False, False, False]
-    assert all(t.line().endswith("falls short") for t in short)
-    # A goal whose measurement is missing is left out, not guessed.
-    assert report.evaluate_targets({}, {1: 0.2}) == []
+    results = _results()
+    lines = {t.name: t for t in results.targets}
+    assert lines["Triton / diffusers eager"].value == pytest.approx(0.625)
+    assert lines["Triton / diffusers eager"].line() == (
+        "Triton / diffusers eager: 0.625 (limit 0.67) -> met"
+    )
+    assert lines["streaming / whole edit, end to end"].met  # 1.01 <= 1.03
+    assert lines["latent preview / UNet step"].value == pytest.approx(2 / 280)
+    assert lines["edits/s at c=2 over c=1"].met
+    results.ratios["diffusers_eager"] = report.Ratio.paired([[6000.0]], [[8000.0]])
+    results.levels[1] = _level(2, 0.19, 9500.0)
+    results.evaluate_targets()
+    short = {t.name: t for t in results.targets}
+    assert not short["Triton / diffusers eager"].met and not short["edits/s at c=2 over c=1"].met
+    assert short["Triton / diffusers eager"].line().endswith("falls short")
 
 
 def test_targets_apply_only_to_the_cpu_goal_configuration() -> None:
-    assert report.targets_apply(BenchConfig().to_json())
-    assert not report.targets_apply(BenchConfig(preset="tiny").to_json())
-    assert not report.targets_apply(BenchConfig(image_guidance_scale=0.5).to_json())
-    assert not report.targets_apply(BenchConfig(steps=10).to_json())
+    assert BenchConfig().targets_apply
+    assert not BenchConfig(preset="tiny").targets_apply
+    assert not BenchConfig(image_guidance_scale=0.5).targets_apply
+    assert not BenchConfig(steps=10).targets_apply
+
+
+def test_the_benchmark_serves_what_make_serve_serves() -> None:
+    assert BenchConfig().options == RepositoryOptions()
+    assert BenchConfig().to_json()["options"] == dataclasses.asdict(RepositoryOptions())
 
 
 def test_results_are_written_as_json_markdown_and_plot(tmp_path: Path) -> None:
     results = _results()
-    paths = write_results(results, tmp_path, "2026-11-25-amd-epyc-2c")
+    paths = report.write(results, tmp_path, "2026-12-01-amd-epyc-2c")
     assert {p.name for p in paths.values()} == {
-        "2026-11-25-amd-epyc-2c.json",
-        "2026-11-25-amd-epyc-2c.md",
-        "2026-11-25-amd-epyc-2c.png",
+        "2026-12-01-amd-epyc-2c.json",
+        "2026-12-01-amd-epyc-2c.md",
+        "2026-12-01-amd-epyc-2c.png",
     }
-    assert json.loads(paths["json"].read_text()) == results
+    written = json.loads(paths["json"].read_text())
+    assert written["ratios"]["diffusers_eager"]["value"] == pytest.approx(0.625)
+    assert written["levels"][1]["throughput_per_s"] == 0.21
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert Image.open(paths["png"]).size[0] > 500
 
     text = paths["md"].read_text()
-    assert "![latency and throughput against concurrency](2026-11-25-amd-epyc-2c.png)" in text
+    assert "![latency and throughput against concurrency](2026-12-01-amd-epyc-2c.png)" in text
     assert (
         "| Triton (perf_analyzer, gRPC, c=1) | 5,000 | 5,000 | p90 5,500, p99 6,000 | 1.000 |"
         in text
     )
-    assert "| diffusers eager PyTorch | 8,000 | 8,100 | min 7,900 | 0.625 |" in text
-    assert "| 2 | 8 (2) | 0.210 | 9,500 |" in text
-    assert "Triton end to end <= 0.67 x diffusers eager: 0.625, geometric mean of 2" in text
-    assert "| UNet x N | `unet_pix2pix` | 3.00 | 3.00 |" in text
-    assert "## What each optimisation bought" in text
+    assert "| diffusers eager PyTorch | 8,100 | 8,100 | min 8,000 | 0.625 |" in text
     assert (
-        "| fusions | MHA | -16.0% (-20.0, -11.8), better | +20.0% (+25.0, +15.2), better "
-        "| 6,000 -> 5,000 (-16.7%, better) | 0.170 -> 0.210 (+23.5%, better) | yes |"
-    ) in text
-    assert (
-        "| rate limiter | one session at a time | - | - | 5,000 -> 5,100 (+2.0%, worse) |" in text
+        "| Triton streaming (previews on), c=1 | 5,050 | 5,050 | first event 505 | 1.010 |" in text
     )
+    assert "| 2 | 8 (2) | 0.210 | 9,500 |" in text
+    assert "- Triton / diffusers eager: 0.625 (limit 0.67) -> met" in text
+    assert "| UNet x N | `unet_pix2pix` | 3.00 | 3.00 |" in text
+    assert "Latent preview: 2.00 ms, 0.7% of a UNet step (280 ms)" in text
+    assert "| fusions | -16.0% (-20.0, -11.8) | +20.0% (+25.0, +15.2) | yes |" in text
 
     summary = report.console_summary(results)
-    assert "fusions: median c=1 -16.0% (-20.0, -11.8), better; edits/s c=2 +20.0%" in summary
-    assert "throughput at concurrency 2 >= at concurrency 1" in summary
+    assert "| fusions | -16.0% (-20.0, -11.8) | +20.0% (+25.0, +15.2) | yes |" in summary
+    assert "edits/s at c=2 over c=1: 1.050 (limit 1.0) -> met" in summary
     assert "UNet x N" in summary
 
 
@@ -449,8 +429,8 @@ def test_configuration_errors_name_the_setting() -> None:
         BenchConfig(size=100)
     with pytest.raises(ValueError, match="concurrency"):
         BenchConfig(concurrency=(0,))
-    with pytest.raises(ValueError, match="tensorrt"):
-        BenchConfig(flavour="tensorrt", optimize=True)
+    with pytest.raises(ValueError, match="max_edits"):
+        BenchConfig(options=RepositoryOptions(max_edits=1))
     assert not BenchConfig(image_guidance_scale=0.5).guided
 
 
@@ -471,35 +451,43 @@ def test_the_harness_runs_end_to_end_on_the_tiny_preset(
     (build / "presets").mkdir(parents=True)
     (build / "presets" / "tiny").symlink_to(tiny_preset)
     (build / "onnx").mkdir()
-    (build / "onnx" / "tiny").symlink_to(tiny_export)  # the plain export: --no-optimize
+    (build / "onnx" / "tiny").symlink_to(tiny_export)  # the plain export: no fusions
     steps = 3
-    argv = ["--preset", "tiny", "--size", "64", "--steps", str(steps), "--no-optimize"]
+    argv = ["--preset", "tiny", "--size", "64", "--steps", str(steps), "--no-onnxruntime-fusions"]
     # Two edits per level: with one, perf_analyzer 2.51 sometimes exits 99 ("failed to find
     # the requested model version") after a tiny edit.
-    argv += ["--concurrency", "1", "2", "--rounds", "1", "--requests", "2"]
+    argv += ["--concurrency", "1", "2", "--rounds", "1", "--requests-per-round", "2"]
     argv += ["--build-dir", str(build), "--output-dir", str(tmp_path / "results")]
     assert main([*argv, "--stem", "tiny"]) == 0
 
     results = json.loads((tmp_path / "results" / "tiny.json").read_text())
-    levels = {level["concurrency"]: level for level in results["triton"]["levels"]}
+    levels = {level["concurrency"]: level for level in results["levels"]}
     assert [levels[1]["requests"], levels[2]["requests"]] == [2, 4]
     assert all(level["p50_ms"] > 0 and level["throughput_per_s"] > 0 for level in levels.values())
-    stages = {row["stage"]: row for row in results["triton"]["stages"]["1"]}
+    streaming = results["streaming"]
+    assert streaming["requests"] == 2
+    assert 0 < streaming["first_response_median_ms"] < streaming["median_ms"]
+    stages = {row["stage"]: row for row in results["stages"]["1"]}
     assert stages["UNet x N"]["calls_per_edit"] == steps
     assert stages["end to end (server)"]["calls_per_edit"] == 1
     for name in ("bare_onnxruntime", "diffusers_eager"):
-        assert results["baselines"][name]["p50_ms"] > 0, name
+        assert min(results["baselines"][name]["runs_ms"]) > 0, name
     # The same request gives the same picture on all three systems.
-    assert set(results["agreement"]) == {
-        "Triton vs bare onnxruntime loop",
-        "Triton vs diffusers eager",
-    }
-    assert all(pair["max_abs"] <= 2 for pair in results["agreement"].values())
+    assert set(results["agreement"]) == {"Triton vs bare_onnxruntime", "Triton vs diffusers_eager"}
+    assert all(max_abs <= 2 for max_abs, _ in results["agreement"].values())
+    assert results["preview"]["preview_ms"] > 0
     assert not results["targets_apply"]
-    assert len(results["targets"]) == 3
+    assert {t["name"] for t in results["targets"]} == {
+        "Triton / diffusers eager",
+        "Triton / bare onnxruntime loop",
+        "streaming / whole edit, end to end",
+        "edits/s at c=2 over c=1",
+        "latent preview / UNet step",
+    }
+    assert results["config"]["options"]["onnxruntime_fusions"] is False
 
     markdown = (tmp_path / "results" / "tiny.md").read_text()
     assert "informative only" in markdown and "## Per stage" in markdown
     assert (tmp_path / "results" / "tiny.png").read_bytes()[:4] == b"\x89PNG"
     printed = capsys.readouterr().out
-    assert "throughput at concurrency 2 >= at concurrency 1" in printed
+    assert "edits/s at c=2 over c=1" in printed

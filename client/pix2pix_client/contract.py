@@ -270,6 +270,14 @@ STREAM_OUTPUTS = (
 )
 
 
+def guidance_on(pipeline: str, guidance_scale: float, image_guidance_scale: float = 0.0) -> bool:
+    """Whether classifier-free guidance runs (diffusers' rule): InstructPix2Pix needs text
+    guidance above 1 and image guidance of at least 1; img2img, text guidance above 1."""
+    if pipeline == INSTRUCT_PIX2PIX:
+        return guidance_scale > 1.0 and image_guidance_scale >= 1.0
+    return guidance_scale > 1.0
+
+
 def parameters_for(pipeline: str, streaming: bool = False) -> tuple[Parameter, ...]:
     """The inputs one pipeline's model (or its streaming model) accepts, in contract order."""
     if pipeline not in PIPELINES:

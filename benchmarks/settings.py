@@ -1,0 +1,108 @@
+"""What one benchmark run measures: the request, the load levels, and what is served.
+
+The serving settings are `RepositoryOptions`, the same type and defaults as `make serve`:
+the benchmark measures what users serve unless a flag says otherwise, and the results
+record the settings.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import secrets
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from export.presets import PRESETS
+from model_repository.configs import RepositoryOptions
+from pix2pix_client.contract import (
+    ADMIN_KEY_VARIABLE,
+    INSTRUCT_PIX2PIX,
+    PIPELINES,
+    SCHEDULERS,
+    guidance_on,
+)
+
+
+def _setting(default: Any, help: str, **metadata: Any) -> Any:
+    return field(default=default, metadata={"help": help, **metadata})
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """One benchmark run. The request is the same for every system measured."""
+
+    preset: str = _setting("small", "the preset served", choices=sorted(PRESETS))
+    pipeline: str = _setting(INSTRUCT_PIX2PIX, "the pipeline measured", choices=PIPELINES)
+    size: int = _setting(256, "the photo is resized to SIZE x SIZE before encoding")
+    steps: int = _setting(20, "denoising steps")
+    scheduler: str | None = _setting(
+        None, "the scheduler; the checkpoint's own when not given", choices=SCHEDULERS
+    )
+    prompt: str = _setting("turn him into a snowman", "the instruction")
+    guidance_scale: float = _setting(7.5, "text guidance")
+    image_guidance_scale: float = _setting(1.5, "image guidance (instruct_pix2pix)")
+    temperature: float = _setting(1.0, "temperature (img2img: strength)")
+    seed: int = _setting(1234, "the seed every system uses")
+    preview_every: int = _setting(5, "streamed edits: a latent preview every N steps")
+    concurrency: tuple[int, ...] = _setting((1, 2, 4), "perf_analyzer's concurrency levels")
+    rounds: int = _setting(5, "interleaved rounds of every system")
+    requests_per_round: int = _setting(
+        2, "edits per system per round at concurrency 1 (times the level above it)"
+    )
+    precision: str = _setting("fp32", "export precision (fp16: GPUs)", choices=("fp32", "fp16"))
+    options: RepositoryOptions = field(default_factory=RepositoryOptions)
+
+    def __post_init__(self) -> None:
+        if self.size % 8 or self.size < 8:
+            raise ValueError(f"size={self.size}: allowed a multiple of 8, at least 8")
+        if not self.concurrency or min(self.concurrency) < 1:
+            raise ValueError(f"concurrency={self.concurrency}: allowed levels of at least 1")
+        if self.rounds < 1 or self.requests_per_round < 1:
+            raise ValueError(
+                f"rounds={self.rounds}, requests_per_round={self.requests_per_round}: "
+                "allowed at least 1 each"
+            )
+        self.options.check()
+
+    @property
+    def guided(self) -> bool:
+        return guidance_on(self.pipeline, self.guidance_scale, self.image_guidance_scale)
+
+    @property
+    def targets_apply(self) -> bool:
+        """Whether this is the configuration the CPU targets are defined for."""
+        return (self.preset, self.size, self.steps, self.pipeline, self.guided) == (
+            "small",
+            256,
+            20,
+            INSTRUCT_PIX2PIX,
+            True,
+        )
+
+    def request(self) -> dict[str, Any]:
+        """The explicit request parameters (everything but the image), by contract name."""
+        values: dict[str, Any] = {
+            "prompt": self.prompt,
+            "negative_prompt": "",
+            "num_inference_steps": self.steps,
+            "guidance_scale": self.guidance_scale,
+            "temperature": self.temperature,
+            "seed": self.seed,
+        }
+        if self.pipeline == INSTRUCT_PIX2PIX:
+            values["image_guidance_scale"] = self.image_guidance_scale
+        if self.scheduler is not None:
+            values["scheduler"] = self.scheduler
+        return values
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self) | {"concurrency": list(self.concurrency)}
+
+
+@functools.cache
+def admin_key() -> str:
+    """The key of the servers' restricted APIs (statistics, model configs), which the
+    harness reads: $IMAGE_EDIT_ADMIN_KEY for a server given with --url, else one made for
+    this run and handed to the servers it starts."""
+    return os.environ.get(ADMIN_KEY_VARIABLE) or secrets.token_urlsafe(24)

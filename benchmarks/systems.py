@@ -1,0 +1,175 @@
+"""The systems Triton is measured against, run in this process on the same request.
+
+- `DiffusersEager`: diffusers' StableDiffusionInstructPix2PixPipeline (or Img2Img) in
+  eager PyTorch, loaded once: what users run today.
+- `BareLoop`: the served pipeline code (model_repository/pipeline.py) on the same ONNX
+  files in onnxruntime sessions built as the served models build theirs, with plain
+  function calls instead of Triton: the gap to it is serving overhead.
+
+Both take the uploaded PNG bytes and return PNG bytes, as the edit model does, so every
+system does the same work: decode and resize, tokenize, encode, denoise, decode, PNG.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from benchmarks.serving import Built
+from benchmarks.settings import BenchConfig
+from export.checkpoint import inspect_folder, load_pipeline
+from export.onnx_export import load_manifest
+from export.presets import IMG2IMG_FOLDER, PIX2PIX_FOLDER
+from model_repository.builder import pipeline_settings
+from model_repository.onnx_component import OnnxComponent, OnnxComponents
+from model_repository.pipeline import EditPipeline
+from model_repository.postprocess import encode_png
+from model_repository.preprocess import PromptTokenizer, decode_image
+from model_repository.sampler import make_scheduler
+from pix2pix_client.contract import INSTRUCT_PIX2PIX
+
+PIPELINE_FOLDER = {INSTRUCT_PIX2PIX: PIX2PIX_FOLDER, "img2img": IMG2IMG_FOLDER}
+Baseline = Callable[[bytes], bytes]
+
+
+class ProviderUnavailable(RuntimeError):
+    """onnxruntime lists an execution provider that a session then could not load."""
+
+
+class DiffusersEager:
+    """diffusers' reference pipeline in eager PyTorch, loaded once."""
+
+    name = "diffusers_eager"
+
+    def __init__(self, preset_root: Path, config: BenchConfig, device: str = "cpu") -> None:
+        if config.pipeline == INSTRUCT_PIX2PIX and config.temperature != 1.0:
+            raise ValueError("diffusers has no temperature below 1.0 for InstructPix2Pix")
+        dtype = torch.float16 if config.precision == "fp16" else torch.float32
+        self.config = config
+        folder = inspect_folder(preset_root / PIPELINE_FOLDER[config.pipeline])
+        self.pipeline = load_pipeline(folder, dtype).to(device)
+        if config.scheduler is not None:
+            self.pipeline.scheduler = make_scheduler(
+                config.scheduler, dict(self.pipeline.scheduler.config)
+            )
+
+    def __call__(self, image: bytes) -> bytes:
+        request = self.config.request()
+        arguments = {
+            "num_inference_steps": request["num_inference_steps"],
+            "guidance_scale": request["guidance_scale"],
+            "negative_prompt": request["negative_prompt"] or None,
+            "generator": torch.Generator("cpu").manual_seed(request["seed"]),
+        }
+        if self.config.pipeline == INSTRUCT_PIX2PIX:
+            arguments["image_guidance_scale"] = request["image_guidance_scale"]
+        else:
+            arguments["strength"] = request["temperature"]
+        # The same decoding and resizing as the served edit model.
+        result = self.pipeline(request["prompt"], image=decode_image(image), **arguments)
+        return encode_png(result.images[0])
+
+
+class BareLoop:
+    """The served pipeline as plain calls: same files, session settings and code."""
+
+    name = "bare_onnxruntime"
+
+    def __init__(
+        self,
+        export_dir: Path,
+        config: BenchConfig,
+        providers: tuple[str, ...] = ("CPUExecutionProvider",),
+    ) -> None:
+        manifest = load_manifest(export_dir)
+        options = config.options
+        settings = pipeline_settings(manifest, config.pipeline, options)
+
+        def session(path: Path) -> OnnxComponent:
+            return OnnxComponent(
+                path, options.intra_op_threads, options.allow_spinning, providers=providers
+            )
+
+        # With the CUDA provider the loop's tensors stay on the GPU, as in the served edit
+        # model. What the session got, not what was asked: onnxruntime falls back to the
+        # CPU, with a warning only, when the CUDA provider cannot load.
+        unet = session(export_dir / settings.components["unet"]["model"] / "model.onnx")
+        on_gpu = "CUDAExecutionProvider" in unet.session.get_providers()
+        if "CUDAExecutionProvider" in providers and not on_gpu:
+            raise ProviderUnavailable("onnxruntime could not load its CUDA provider")
+        device = "cuda" if on_gpu else "cpu"
+        self.components = OnnxComponents(export_dir, settings.components, session, device)
+        self.pipeline = EditPipeline(
+            settings,
+            json.loads((export_dir / manifest["schedulers"][config.pipeline]).read_text()),
+            PromptTokenizer(export_dir / manifest["tokenizer"]),
+            self.components,
+            device,
+        )
+        self.config = config
+
+    def __call__(self, image: bytes) -> bytes:
+        edit = self.pipeline.prepare({"image": image, **self.config.request()})
+        return self.pipeline.run(edit).png
+
+    def preview_cost(self, image: bytes, repeats: int = 20) -> PreviewCost:
+        """A latent preview against a UNet step, on this edit's latents, in this process."""
+        self.components.unet_seconds.clear()
+        edit = self.pipeline.prepare({"image": image, **self.config.request()})
+        latents: list[torch.Tensor] = []
+        self.pipeline.run(edit, on_step=lambda step, steps, current: latents.append(current))
+        seconds = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            self.pipeline.preview(edit, latents[-1])
+            seconds.append(time.perf_counter() - started)
+        return PreviewCost(
+            preview_ms=statistics.median(seconds) * 1000,
+            unet_step_ms=statistics.median(self.components.unet_seconds) * 1000,
+        )
+
+
+@dataclass(frozen=True)
+class PreviewCost:
+    preview_ms: float
+    unet_step_ms: float
+
+    @property
+    def share(self) -> float:
+        return self.preview_ms / self.unet_step_ms
+
+
+def pixel_difference(a: bytes, b: bytes) -> tuple[float, float]:
+    """Max and mean absolute difference of two PNGs' uint8 pixels (NaN: other sizes)."""
+    first = np.asarray(Image.open(io.BytesIO(a)).convert("RGB"), dtype=np.int16)
+    second = np.asarray(Image.open(io.BytesIO(b)).convert("RGB"), dtype=np.int16)
+    if first.shape != second.shape:
+        return float("nan"), float("nan")
+    difference = np.abs(first - second)
+    return float(difference.max()), float(difference.mean())
+
+
+def load_baselines(config: BenchConfig, built: Built, notes: list[str]) -> dict[str, Baseline]:
+    """The in-process systems, loaded once; notes say why one is missing."""
+    baselines: dict[str, Baseline] = {}
+    gpu = config.options.flavour == "tensorrt" or config.precision == "fp16"
+    providers = ("CUDAExecutionProvider",) if gpu else ("CPUExecutionProvider",)
+    try:
+        baselines[BareLoop.name] = BareLoop(built.export_dir, config, providers)
+    except ProviderUnavailable as error:
+        notes.append(f"The bare loop was skipped: {error}.")
+    try:
+        device = "cuda" if gpu else "cpu"
+        baselines[DiffusersEager.name] = DiffusersEager(built.preset_root, config, device)
+    except ValueError as error:
+        notes.append(f"The diffusers baseline was skipped: {error}.")
+    return baselines
