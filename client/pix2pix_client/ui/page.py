@@ -89,6 +89,7 @@ class EditPage:
             self.gallery = gr.Gallery(
                 label="This session's edits (click one to restore its parameters)",
                 columns=8,
+                fit_columns=False,
                 height=230,
                 allow_preview=False,
                 object_fit="contain",
