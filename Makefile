@@ -16,9 +16,25 @@ MODEL_NAME := $(if $(MODEL),$(notdir $(abspath $(MODEL))),$(PRESET))
 EXPORT_DIR := $(BUILD)/onnx/$(MODEL_NAME)
 REPO_DIR := $(BUILD)/repository/$(MODEL_NAME)-$(FLAVOUR)
 
-.PHONY: setup test test-slow test-gpu lint format preset export engines serve demo lock clean
+.PHONY: setup system-packages test test-slow test-gpu test-ui lint format preset export engines \
+	serve demo ui lock clean
 
-setup: $(STAMP)
+setup: $(STAMP) system-packages
+
+# Debian packages the tests use: Chromium for the web page's browser tests (Playwright
+# drives it; its own browser download is not reachable here). Installed only when missing,
+# and only where apt-get runs as root; elsewhere the browser tests say why they skip.
+SYSTEM_PACKAGES := chromium
+system-packages:
+	@missing=$$(for package in $(SYSTEM_PACKAGES); do \
+		dpkg-query -W -f='$${Status}' $$package 2>/dev/null | grep -q 'install ok installed' \
+		|| echo $$package; done); \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		echo "installing Debian packages: $$missing"; \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing) \
+		|| echo "note: could not install $$missing; the browser tests will skip"; \
+	else echo "note: Debian packages missing: $$missing (apt-get install them; the browser tests skip without)"; fi
 
 # Re-runs only when the pinned set or the project metadata changed.
 $(STAMP): pyproject.toml client/pyproject.toml constraints.txt
@@ -36,6 +52,10 @@ test-slow: setup
 
 test-gpu: setup
 	$(PY) -m pytest -m gpu
+
+# The web page's browser tests alone (make test runs them too).
+test-ui: setup
+	$(PY) -m pytest tests/test_ui.py
 
 lint: setup
 	$(VENV)/bin/ruff check .
@@ -71,6 +91,22 @@ demo: setup
 HOST ?= 127.0.0.1
 serve: setup
 	$(PY) -m model_repository.serve $(if $(MODEL),--model $(MODEL),--preset $(PRESET)) --flavour $(FLAVOUR) --host $(HOST)
+
+# The web page over a server of the preset (or MODEL=<diffusers folder>) until Ctrl-C,
+# which stops both: builds what is missing and starts the server as `make serve` does (on
+# loopback), waits until it is ready, then serves `pix2pix ui` and prints its URL.
+# UI_HOST=0.0.0.0 opens the page to other machines (README: "The web page").
+UI_HOST ?= 127.0.0.1
+UI_PORT ?= 7860
+GRPC_PORT ?= 8001
+ui: setup
+	@trap 'kill -TERM $$server 2>/dev/null; wait $$server' EXIT; \
+	$(PY) -m model_repository.serve $(if $(MODEL),--model $(MODEL),--preset $(PRESET)) \
+		--flavour $(FLAVOUR) --grpc-port $(GRPC_PORT) & server=$$!; \
+	until $(VENV)/bin/pix2pix health --url 127.0.0.1:$(GRPC_PORT) >/dev/null 2>&1; do \
+		kill -0 $$server 2>/dev/null || { echo "the server did not start"; exit 1; }; \
+		sleep 1; done; \
+	$(VENV)/bin/pix2pix ui --url 127.0.0.1:$(GRPC_PORT) --host $(UI_HOST) --port $(UI_PORT)
 
 # Benchmarks Triton (perf_analyzer concurrency sweep over gRPC, per-stage statistics)
 # against diffusers eager PyTorch and a bare onnxruntime loop on the same weights and

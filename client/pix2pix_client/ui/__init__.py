@@ -76,7 +76,10 @@ def serve(
     """Serves the page until Ctrl-C or SIGTERM; returns the exit code."""
     client = AsyncEditClient(url, **(connection or {}))
     page = build_page(client, concurrency)
-    signal.signal(signal.SIGTERM, _interrupt)
+    # Both explicitly: a page started in the background of a script inherits an ignored
+    # SIGINT, and `make ui` stops it with SIGTERM.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _interrupt)
     try:
         address = launch(page, host=host, port=port, root_path=root_path)
     except OSError as error:
