@@ -470,3 +470,32 @@ def test_busy_and_down_servers_are_told_apart_in_words() -> None:
         "StatusCode.INVALID_ARGUMENT",
     )
     assert bad == "Seed refused: seed=-1 is out of range: allowed 0..2^63-1", bad
+
+
+def test_the_command_serves_the_page_until_ctrl_c(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import urllib.request
+
+    from model_repository.server import free_port
+    from pix2pix_client.cli import main
+
+    assert main(["ui", "--concurrency", "0"]) == 2
+    port = free_port()
+    command = [sys.executable, "-m", "pix2pix_client", "ui", "--url", f"127.0.0.1:{free_port()}"]
+    page = subprocess.Popen(
+        [*command, "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        assert page.stdout is not None
+        line = page.stdout.readline()  # the URL, once the page is served
+        assert line.startswith(f"pix2pix ui: http://127.0.0.1:{port}/"), line
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=60) as response:
+            assert response.status == 200
+        page.send_signal(signal.SIGINT)
+        output, _ = page.communicate(timeout=60)
+    finally:
+        page.kill()
+    assert page.returncode == 0, output
+    assert "pix2pix ui: stopped" in output
