@@ -219,14 +219,15 @@ class Tab:
         return self.page.locator("#status .edit-status").get_attribute("data-state") or ""
 
     def watch_progress(self) -> None:
-        """Records, from now on, every step the status line shows (window.__steps) and
-        every latent preview the result pane shows (window.__previews)."""
+        """Records, from now on, every step the status line's progress bar shows
+        (window.__steps) and every latent preview the result pane shows (window.__previews)."""
         self.page.evaluate(
             """() => { window.__steps = []; window.__previews = new Set();
             const options = {subtree: true, childList: true, attributes: true};
             new MutationObserver(() => {
               const s = document.querySelector('#status .edit-status');
-              if (s && s.dataset.state === 'running') window.__steps.push(+s.dataset.step);
+              if (s && s.dataset.state === 'running' && s.querySelector('progress'))
+                window.__steps.push(+s.dataset.step);
             }).observe(document.querySelector('#status'), options);
             new MutationObserver(() => {
               const img = document.querySelector('#result img');
