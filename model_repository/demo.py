@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     pipelines = load_manifest(export_dir)["pipelines"]
-    ensemble = INSTRUCT_PIX2PIX if INSTRUCT_PIX2PIX in pipelines else IMG2IMG
+    pipeline = INSTRUCT_PIX2PIX if INSTRUCT_PIX2PIX in pipelines else IMG2IMG
     random_weights = has_random_weights(source)
     weights = f"{source.resolve().name} (random)" if random_weights else str(source)
 
@@ -175,9 +175,9 @@ def main(argv: list[str] | None = None) -> int:
         # Every input spelled out (the contract's defaults where the command line is
         # silent), so compare.png shows exactly what made the edit.
         edit_options = {
-            parameter.name: parameter.default_for(ensemble)
-            for parameter in parameters_for(ensemble)
-            if parameter.default_for(ensemble) not in (None, "")
+            parameter.name: parameter.default_for(pipeline)
+            for parameter in parameters_for(pipeline)
+            if parameter.default_for(pipeline) not in (None, "")
         }
         edit_options |= {
             "num_inference_steps": args.steps,
@@ -186,11 +186,11 @@ def main(argv: list[str] | None = None) -> int:
         }
         with (
             timings.measure(
-                "edit", f"{ensemble}, {args.steps} steps, {photo.width}x{photo.height}"
+                "edit", f"{pipeline}, {args.steps} steps, {photo.width}x{photo.height}"
             ),
             EditClient(server.grpc_url) as client,
         ):
-            result = client.edit(np.asarray(photo), args.prompt, model=ensemble, **edit_options)
+            result = client.edit(np.asarray(photo), args.prompt, model=pipeline, **edit_options)
     except (RuntimeError, TimeoutError, EditError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     edited_path = result.save(args.out / "edited.png")
     compare_path = args.out / "compare.png"
     compare_image(photo, result, parameter_lines(result, args.prompt, weights)).save(compare_path)
-    _log(f"edited:  {edited_path}  ({ensemble}, {args.prompt!r}, seed {result.seed})")
+    _log(f"edited:  {edited_path}  ({pipeline}, {args.prompt!r}, seed {result.seed})")
     _log(f"compare: {compare_path}  (input | output)")
     if random_weights:
         _log(RANDOM_WEIGHTS_NOTE)

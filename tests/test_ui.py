@@ -52,7 +52,7 @@ def _browser_missing() -> str | None:
         return "no Playwright for Python: pip install playwright (make setup installs it)"
     if _chromium() is None:
         return (
-            "no Chromium executable: apt-get install chromium (make setup does it where it "
+            "no Chromium executable: apt-get install chromium (make test does it where it "
             "runs as root), or point PIX2PIX_CHROMIUM at one"
         )
     return None
