@@ -15,8 +15,8 @@ import os
 
 # Before Gradio is imported: it reads this in more places than Blocks' own flag reaches
 # (usage analytics, the version check). The page calls no host but its own and Triton.
-os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 
 import signal
 import sys
