@@ -24,8 +24,8 @@ MODEL_NAME := $(if $(MODEL),$(notdir $(abspath $(MODEL))),$(PRESET))
 EXPORT_DIR := $(BUILD)/onnx/$(MODEL_NAME)
 REPO_DIR := $(BUILD)/repository/$(MODEL_NAME)-$(FLAVOUR)
 
-.PHONY: setup test test-slow test-gpu lint format preset export engines serve demo lock clean \
-	system-packages deploy-check toy
+.PHONY: setup test test-slow test-gpu test-ui lint format preset export engines serve demo ui \
+	lock clean system-packages deploy-check toy
 
 setup: $(STAMP)
 
@@ -37,8 +37,10 @@ $(STAMP): pyproject.toml client/pyproject.toml constraints.txt
 	$(PIP) install -q -c constraints.txt --no-deps open-clip-torch
 	@touch $(STAMP)
 
-# Debian packages the tests use (the scale-out test's load balancer); installed when missing.
-SYSTEM_PACKAGES := haproxy
+# Debian packages the tests use, installed when missing: the scale-out test's load balancer,
+# and Chromium for the web page's browser tests (Playwright drives it; Playwright's own
+# browser download is not reachable here).
+SYSTEM_PACKAGES := haproxy chromium
 system-packages:
 	@missing="$$(for p in $(SYSTEM_PACKAGES); do command -v $$p >/dev/null || echo $$p; done)"; \
 	if [ -n "$$missing" ]; then \
@@ -54,6 +56,10 @@ test-slow: setup
 
 test-gpu: setup
 	$(PY) -m pytest -m gpu
+
+# The web page's browser tests alone (make test runs them too).
+test-ui: setup system-packages
+	$(PY) -m pytest tests/test_ui.py
 
 lint: setup
 	$(VENV)/bin/ruff check .
@@ -105,6 +111,22 @@ serve: setup
 K8S_VERSION ?= 1.32
 deploy-check: setup
 	$(PY) -m deploy.check --kubernetes-version $(K8S_VERSION)
+
+# The web page over a server of the toy model (or PRESET=, or MODEL=<diffusers folder>)
+# until Ctrl-C, which stops both: builds what is missing and starts the server as `make
+# serve` does (on loopback), waits until it is ready, then serves `pix2pix ui` and prints
+# its URL. UI_HOST=0.0.0.0 opens the page to other machines (README: "The web page").
+UI_HOST ?= 127.0.0.1
+UI_PORT ?= 7860
+GRPC_PORT ?= 8001
+ui: setup
+	@trap 'kill -TERM $$server 2>/dev/null; wait $$server' EXIT; \
+	$(PY) -m model_repository.serve $(SOURCE) --flavour $(FLAVOUR) --grpc-port $(GRPC_PORT) & \
+	server=$$!; \
+	until $(VENV)/bin/pix2pix health --url 127.0.0.1:$(GRPC_PORT) >/dev/null 2>&1; do \
+		kill -0 $$server 2>/dev/null || { echo "the server did not start"; exit 1; }; \
+		sleep 1; done; \
+	$(VENV)/bin/pix2pix ui --url 127.0.0.1:$(GRPC_PORT) --host $(UI_HOST) --port $(UI_PORT)
 
 # Benchmarks Triton (perf_analyzer concurrency sweep over gRPC, per-stage statistics)
 # against diffusers eager PyTorch and a bare onnxruntime loop on the same weights and

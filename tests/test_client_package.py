@@ -3,19 +3,25 @@
 from __future__ import annotations
 
 import ast
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 import pix2pix_client
 
 FORBIDDEN = ("torch", "diffusers", "transformers", "onnx", "onnxruntime", "tensorrt")
 SERVER_PACKAGES = ("export", "model_repository", "benchmarks")
+# The web page (pix2pix-client[ui]) is held to the same rule where Gradio is installed.
+HAS_GRADIO = importlib.util.find_spec("gradio") is not None
 
 
 def test_importing_the_client_loads_no_ml_framework() -> None:
+    page = ", pix2pix_client.ui" if HAS_GRADIO else ""
     code = (
-        "import sys, pix2pix_client, pix2pix_client.cli, pix2pix_client.aio\n"
+        f"import sys, pix2pix_client, pix2pix_client.cli, pix2pix_client.aio{page}\n"
         f"loaded = sorted(m for m in {FORBIDDEN!r} if m in sys.modules)\n"
         "print(','.join(loaded))"
     )
@@ -27,7 +33,7 @@ def test_importing_the_client_loads_no_ml_framework() -> None:
 
 def test_sources_import_nothing_from_the_server_side() -> None:
     package = Path(pix2pix_client.__file__).parent
-    for source in package.glob("*.py"):
+    for source in package.rglob("*.py"):
         tree = ast.parse(source.read_text(), filename=str(source))
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
@@ -39,6 +45,40 @@ def test_sources_import_nothing_from_the_server_side() -> None:
             for name in names:
                 top = name.split(".")[0]
                 assert top not in FORBIDDEN + SERVER_PACKAGES, f"{source.name} imports {name}"
+
+
+@pytest.mark.skipif(not HAS_GRADIO, reason="the page needs Gradio: pip install './client[ui]'")
+def test_the_pages_controls_are_the_contracts() -> None:
+    from model_repository.configs import RepositoryOptions
+    from pix2pix_client import contract
+    from pix2pix_client.aio import AsyncEditClient
+    from pix2pix_client.cli import UI_CONCURRENCY
+    from pix2pix_client.ui import build_page
+    from pix2pix_client.ui.controls import CHECKPOINT_DEFAULT, PAGE_PREVIEW_EVERY
+
+    # The page's queue runs as many edits at once as the server's edit model does.
+    assert RepositoryOptions().edit_instances == UI_CONCURRENCY
+    page = build_page(AsyncEditClient("127.0.0.1:1"), UI_CONCURRENCY)
+    first = contract.PIPELINES[0]
+    names = [p.name for p in contract.PARAMETERS if p.name != "image"]
+    assert list(page.controls) == ["model", *names]
+    for parameter in contract.PARAMETERS:
+        if parameter.minimum is None or parameter.name == "seed":
+            continue
+        control = page.controls[parameter.name]
+        assert (control.minimum, control.maximum) == (parameter.minimum, parameter.maximum)
+        integral = parameter.wire_type in ("INT32", "INT64")
+        assert (control.step == 1) == integral, parameter.name
+        default = parameter.default_for(first)
+        expected = PAGE_PREVIEW_EVERY if parameter.name == "preview_every" else default
+        assert control.value == expected, parameter.name
+        assert control.visible == (first in parameter.pipelines)
+    scheduler = page.controls["scheduler"]
+    assert [choice[1] for choice in scheduler.choices] == [
+        CHECKPOINT_DEFAULT,
+        *contract.SCHEDULERS,
+    ]
+    assert scheduler.value == CHECKPOINT_DEFAULT
 
 
 def test_public_api() -> None:

@@ -54,6 +54,11 @@ EDIT_FLAGS: dict[str, tuple[str, type, str]] = {
 }
 # With --previews and no --preview-every: a preview every this many steps.
 DEFAULT_PREVIEW_EVERY = 5
+# `pix2pix ui`: loopback unless told otherwise, Gradio's usual port, and as many edits at
+# once as the server runs per model (its edit instances).
+UI_HOST = "127.0.0.1"
+UI_PORT = 7860
+UI_CONCURRENCY = 2
 
 
 class _Parser(argparse.ArgumentParser):
@@ -189,6 +194,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="list the server's model repository",
         description="List the models of the server's repository: name, version, state.",
     )
+    page = subcommands.add_parser(
+        "ui",
+        parents=[connection],
+        help="serve the web page (needs pix2pix-client[ui])",
+        description="Serve the web page: upload a photo, edit it, watch it change. It talks to "
+        "the server at --url through this library and runs until Ctrl-C.",
+    )
+    page.add_argument(
+        "--host", default=UI_HOST, help=f"address the page binds to (default: {UI_HOST})"
+    )
+    page.add_argument("--port", type=int, default=UI_PORT, help=f"(default: {UI_PORT})")
+    page.add_argument(
+        "--concurrency",
+        type=int,
+        default=UI_CONCURRENCY,
+        metavar="N",
+        help=f"edits the page runs at once, the others wait in its queue (default: "
+        f"{UI_CONCURRENCY}, the server's edit instances per model)",
+    )
+    page.add_argument(
+        "--root-path", metavar="PATH", help="the page's path behind a reverse proxy, e.g. /edit"
+    )
     return parser
 
 
@@ -201,7 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _exit_code(exit_request)
     if args.command is None:
         parser.print_usage(sys.stderr)
-        _report_failure("a command is required: edit, health or models")
+        _report_failure("a command is required: edit, health, models or ui")
         return EXIT_INVALID_INPUT
     try:
         connection = _connection_arguments(args)
@@ -209,6 +236,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _edit(args, connection)
         if args.command == "health":
             return asyncio.run(_health(args, connection))
+        if args.command == "ui":
+            return _ui(args, connection)
         return asyncio.run(_models(args, connection))
     except InvalidArgument as error:
         _report_failure(str(error))
@@ -363,6 +392,27 @@ async def _models(args: argparse.Namespace, connection: dict[str, Any]) -> int:
     for entry in entries:
         print("  ".join(entry[c].ljust(widths[c]) for c in columns).rstrip())
     return EXIT_OK
+
+
+def _ui(args: argparse.Namespace, connection: dict[str, Any]) -> int:
+    if args.concurrency < 1:
+        raise InvalidArgument(
+            "concurrency", f"--concurrency={args.concurrency} is out of range: allowed >= 1"
+        )
+    try:
+        from pix2pix_client import ui
+    except ModuleNotFoundError as missing:
+        raise InvalidArgument(
+            "ui", f"the web page needs {missing.name}: pip install 'pix2pix-client[ui]'"
+        ) from None
+    return ui.serve(
+        args.url,
+        host=args.host,
+        port=args.port,
+        concurrency=args.concurrency,
+        root_path=args.root_path,
+        connection=connection,
+    )
 
 
 def _connection_arguments(args: argparse.Namespace) -> dict[str, Any]:
