@@ -1,4 +1,5 @@
-"""The `pix2pix` command: edit images, check the server's health, list its models.
+"""The `pix2pix` command: edit images, check the server's health, list its models, serve
+the web page (the edit batch itself: batch.py).
 
 Exit codes: 0 success, 2 invalid input (a bad flag value, an unreadable input file, a
 request the client or the server rejects as invalid), 1 a server or connection error.
@@ -9,37 +10,36 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
 from pix2pix_client import contract
 from pix2pix_client.aio import AsyncEditClient
+from pix2pix_client.batch import (
+    EXIT_INTERRUPTED,
+    EXIT_INVALID_INPUT,
+    EXIT_OK,
+    EXIT_SERVER_ERROR,
+    PROG,
+    make_directory,
+    plan_jobs,
+    print_json,
+    report_failure,
+    run_edits,
+)
 from pix2pix_client.connection import DEFAULT_URL
 from pix2pix_client.errors import (
     EditError,
     InvalidArgument,
-    ModelNotFound,
-    ServerError,
     ServerUnavailable,
 )
 from pix2pix_client.progress import EditProgress
-from pix2pix_client.request import DEFAULT_MODEL, EditResult, validate_parameters
+from pix2pix_client.request import DEFAULT_MODEL, validate_parameters
 
-EXIT_OK = 0
-EXIT_SERVER_ERROR = 1
-EXIT_INVALID_INPUT = 2
-EXIT_INTERRUPTED = 130
-
-PROG = "pix2pix"
 URL_ENVIRONMENT_VARIABLE = "PIX2PIX_URL"
-# Files a directory input contributes; Pillow reads them all, the client re-encodes
-# the ones the server does not decode itself.
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 # Flag -> contract input. The flags are the short names people use for these knobs.
 EDIT_FLAGS: dict[str, tuple[str, type, str]] = {
@@ -228,7 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _exit_code(exit_request)
     if args.command is None:
         parser.print_usage(sys.stderr)
-        _report_failure("a command is required: edit, health, models or ui")
+        report_failure("a command is required: edit, health, models or ui")
         return EXIT_INVALID_INPUT
     try:
         connection = _connection_arguments(args)
@@ -240,23 +240,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _ui(args, connection)
         return asyncio.run(_models(args, connection))
     except InvalidArgument as error:
-        _report_failure(str(error))
+        report_failure(str(error))
         return EXIT_INVALID_INPUT
     except ServerUnavailable as error:
-        _report_failure(f"server unavailable at {args.url}: {error}")
+        report_failure(f"server unavailable at {args.url}: {error}")
         return EXIT_SERVER_ERROR
     except EditError as error:
-        _report_failure(str(error))
+        report_failure(str(error))
         return EXIT_SERVER_ERROR
     except KeyboardInterrupt:
-        _report_failure("interrupted")
+        report_failure("interrupted")
         return EXIT_INTERRUPTED
-
-
-@dataclass(frozen=True)
-class _Job:
-    input: Path
-    output: Path
 
 
 def _edit(args: argparse.Namespace, connection: dict[str, Any]) -> int:
@@ -277,83 +271,12 @@ def _edit(args: argparse.Namespace, connection: dict[str, Any]) -> int:
         validate_parameters(args.model, args.prompt, streaming, **options)
     except InvalidArgument as error:
         raise InvalidArgument(error.field, f"{_flag_of(error.field)}: {error}") from None
-    jobs = _plan_jobs(args.inputs, args.output)
+    jobs = plan_jobs(args.inputs, args.output)
     if args.previews is not None:
-        _make_directory(args.previews, "previews")
+        make_directory(args.previews, "previews")
     display = EditProgress(len(jobs), sys.stderr, enabled=bars)
     with display:
-        return asyncio.run(_run_edits(args, connection, options, jobs, streaming, display))
-
-
-async def _run_edits(
-    args: argparse.Namespace,
-    connection: dict[str, Any],
-    options: dict[str, Any],
-    jobs: list[_Job],
-    streaming: bool,
-    display: EditProgress,
-) -> int:
-    semaphore = asyncio.Semaphore(args.concurrency)
-    exit_code = EXIT_OK
-
-    async with AsyncEditClient(args.url, **connection) as client:
-
-        async def edit(job: _Job) -> EditResult:
-            if not streaming:
-                return await client.edit(job.input, args.prompt, model=args.model, **options)
-            bar = display.start_edit(job.input.name)
-            try:
-                async for event in client.edit_stream(
-                    job.input, args.prompt, model=args.model, **options
-                ):
-                    if isinstance(event, EditResult):
-                        return event
-                    display.step(bar, event)
-                    if event.preview_png is not None and args.previews is not None:
-                        name = f"{job.input.stem}_step{event.step:04d}.png"
-                        await asyncio.to_thread(
-                            (args.previews / name).write_bytes, event.preview_png
-                        )
-            finally:
-                display.remove_edit(bar)
-            raise ServerError(f"{job.input}: the stream ended without a result")
-
-        async def run(job: _Job) -> tuple[_Job, EditResult | EditError]:
-            try:
-                async with semaphore:
-                    result = await edit(job)
-                await asyncio.to_thread(result.save, job.output)
-            except (ServerUnavailable, ModelNotFound):
-                # The same answer awaits every other input: stop at the first.
-                raise
-            except EditError as error:
-                return job, error
-            except OSError as error:
-                return job, InvalidArgument(
-                    "output", f"cannot write {str(job.output)!r}: {error.strerror}"
-                )
-            return job, result
-
-        tasks = [asyncio.create_task(run(job)) for job in jobs]
-        try:
-            for finished in asyncio.as_completed(tasks):
-                job, outcome = await finished
-                failed = isinstance(outcome, EditError)
-                if isinstance(outcome, EditError):
-                    _report_failure(f"{job.input}: {outcome}", display)
-                    if args.json:
-                        _print_json({"input": str(job.input), "error": _error_dict(outcome)})
-                    exit_code = _worse(exit_code, _exit_code_of(outcome))
-                else:
-                    _print_success(job, outcome, as_json=args.json, display=display)
-                display.edit_done(failed=failed)
-        finally:
-            # Ctrl-C or a failure that stops the batch: the edits still running are
-            # cancelled, and so is their work on the server.
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-    return exit_code
+        return asyncio.run(run_edits(args, connection, options, jobs, streaming, display))
 
 
 async def _health(args: argparse.Namespace, connection: dict[str, Any]) -> int:
@@ -363,7 +286,7 @@ async def _health(args: argparse.Namespace, connection: dict[str, Any]) -> int:
     serving = any(health["models"].values())
     healthy = health["live"] and health["ready"] and serving
     if args.json:
-        _print_json({"url": args.url, **health})
+        print_json({"url": args.url, **health})
     else:
         print(f"server {args.url}: live={_yes(health['live'])} ready={_yes(health['ready'])}")
         width = max(len(name) for name in health["models"])
@@ -372,11 +295,11 @@ async def _health(args: argparse.Namespace, connection: dict[str, Any]) -> int:
     if not healthy:
         problem = "live" if not health["live"] else "ready" if not health["ready"] else None
         if problem is None:
-            _report_failure(
+            report_failure(
                 f"server {args.url} serves no ready edit model ({', '.join(contract.PIPELINES)})"
             )
         else:
-            _report_failure(f"server {args.url} is not {problem}")
+            report_failure(f"server {args.url} is not {problem}")
     return EXIT_OK if healthy else EXIT_SERVER_ERROR
 
 
@@ -384,7 +307,7 @@ async def _models(args: argparse.Namespace, connection: dict[str, Any]) -> int:
     async with AsyncEditClient(args.url, **connection) as client:
         entries = await client.models(timeout_s=args.timeout)
     if args.json:
-        _print_json(entries)
+        print_json(entries)
         return EXIT_OK
     columns = ("name", "version", "state", "reason")
     widths = {c: max([len(c), *(len(e[c]) for e in entries)]) for c in columns}
@@ -437,111 +360,6 @@ def _connection_arguments(args: argparse.Namespace) -> dict[str, Any]:
         "retries": args.retries,
         "timeout_s": args.timeout,
     }
-
-
-def _plan_jobs(inputs: Sequence[str], output: str | None) -> list[_Job]:
-    """Pairs every input image with its output path; checks inputs exist up front."""
-    paths: list[Path] = []
-    from_directory = False
-    for raw in inputs:
-        path = Path(raw)
-        if path.is_dir():
-            from_directory = True
-            found = sorted(
-                p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-            )
-            if not found:
-                raise InvalidArgument(
-                    "image", f"{raw}: no images in directory ({', '.join(IMAGE_SUFFIXES)})"
-                )
-            paths.extend(found)
-        elif path.is_file():
-            paths.append(path)
-        elif path.exists():
-            raise InvalidArgument("image", f"{raw}: not a regular file")
-        else:
-            raise InvalidArgument("image", f"{raw}: no such file or directory")
-
-    if len(paths) == 1 and not from_directory:
-        target = Path(output) if output else Path(f"{paths[0].stem}_edited.png")
-        if target.is_dir():
-            target = target / f"{paths[0].stem}.png"
-        jobs = [_Job(paths[0], target)]
-    else:
-        directory = Path(output) if output else Path("edited")
-        if directory.exists() and not directory.is_dir():
-            raise InvalidArgument(
-                "output", f"-o {output}: several inputs need an output directory, not a file"
-            )
-        jobs = [_Job(path, directory / f"{path.stem}.png") for path in paths]
-
-    seen: dict[Path, Path] = {}
-    for job in jobs:
-        key = job.output.resolve()
-        if key == job.input.resolve():
-            raise InvalidArgument("output", f"{job.input}: the output would overwrite the input")
-        if key in seen:
-            raise InvalidArgument(
-                "output", f"{seen[key]} and {job.input} would both be written to {job.output}"
-            )
-        seen[key] = job.input
-    for directory in {job.output.parent for job in jobs}:
-        _make_directory(directory)
-    return jobs
-
-
-def _make_directory(directory: Path, field: str = "output") -> None:
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise InvalidArgument(
-            field, f"cannot create directory {str(directory)!r}: {error.strerror}"
-        ) from None
-
-
-def _exit_code_of(error: EditError) -> int:
-    return EXIT_INVALID_INPUT if isinstance(error, InvalidArgument) else EXIT_SERVER_ERROR
-
-
-def _worse(current: int, new: int) -> int:
-    """A server error (1) outranks invalid input (2), which outranks success (0)."""
-    if EXIT_SERVER_ERROR in (current, new):
-        return EXIT_SERVER_ERROR
-    return max(current, new)
-
-
-def _print_success(
-    job: _Job, result: EditResult, *, as_json: bool, display: EditProgress | None = None
-) -> None:
-    if as_json:
-        _print_json({"input": str(job.input), "output": str(job.output), **result.to_dict()})
-        return
-    line = f"{job.input} -> {job.output}  seed={result.seed}  {result.latency_s:.2f}s"
-    if display is not None and display.enabled:
-        # Above the bars, on the terminal they are drawn on.
-        display.print(line)
-    else:
-        print(line, flush=True)
-
-
-def _error_dict(error: EditError) -> dict[str, Any]:
-    described: dict[str, Any] = {"type": type(error).__name__, "message": str(error)}
-    if isinstance(error, InvalidArgument):
-        described["field"] = error.field
-    return described
-
-
-def _print_json(value: Any) -> None:
-    print(json.dumps(value), flush=True)
-
-
-def _report_failure(message: str, display: EditProgress | None = None) -> None:
-    # One line per failure, whatever the underlying message contains.
-    line = f"{PROG}: error: {' '.join(message.split())}"
-    if display is not None and display.enabled:
-        display.print(line)
-    else:
-        print(line, file=sys.stderr, flush=True)
 
 
 def _parameter_help(parameter: contract.Parameter) -> str:
