@@ -9,6 +9,8 @@ STAMP := $(VENV)/.setup-stamp
 PRESET ?= tiny
 MODEL ?=
 FLAVOUR ?= python-onnxruntime
+# fp32; bf16 with the openvino flavours on CPUs with AVX512_BF16 or AMX; fp16 on GPUs.
+PRECISION ?= fp32
 BUILD := build
 # A diffusers folder given as MODEL= wins over the preset.
 MODEL_DIR := $(if $(MODEL),$(MODEL),$(BUILD)/presets/$(PRESET))
@@ -65,12 +67,14 @@ demo: setup
 	$(PY) -m model_repository.demo $(if $(MODEL),--model $(MODEL),--preset $(PRESET)) --build-dir $(BUILD) --out out
 
 # Serves the preset (or MODEL=<diffusers folder>) on localhost:8001 (gRPC) until Ctrl-C,
-# building the preset, export and repository first when they are missing.
+# building the preset, export and repository first when they are missing. FLAVOUR= and
+# PRECISION= choose how the components run (README: "Choosing a flavour and precision").
 # Loopback only unless HOST=0.0.0.0; the admin key from $IMAGE_EDIT_ADMIN_KEY (README:
 # "Running it for others"). SIGTERM or Ctrl-C drains edits in flight, then stops.
 HOST ?= 127.0.0.1
 serve: setup
-	$(PY) -m model_repository.serve $(if $(MODEL),--model $(MODEL),--preset $(PRESET)) --flavour $(FLAVOUR) --host $(HOST)
+	$(PY) -m model_repository.serve $(if $(MODEL),--model $(MODEL),--preset $(PRESET)) --flavour $(FLAVOUR) \
+		--precision $(PRECISION) --host $(HOST)
 
 # Benchmarks Triton (perf_analyzer concurrency sweep over gRPC, per-stage statistics)
 # against diffusers eager PyTorch and a bare onnxruntime loop on the same weights and
@@ -81,7 +85,6 @@ SIZE ?= 256
 STEPS ?= 20
 SCHEDULER ?=
 CONCURRENCY ?= 1 2 4
-PRECISION ?= fp32
 BENCH_FLAGS ?=
 BENCH_PRESET := $(if $(filter command line environment,$(origin PRESET)),$(PRESET),small)
 .PHONY: bench

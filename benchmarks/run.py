@@ -50,7 +50,7 @@ Baseline = Callable[[bytes], bytes]
 def load_baselines(config: BenchConfig, built: Built, notes: list[str]) -> dict[str, Baseline]:
     """The in-process systems, loaded once; notes say why one is missing."""
     baselines: dict[str, Baseline] = {}
-    gpu = config.options.flavour == "tensorrt" or config.precision == "fp16"
+    gpu = config.options.flavour == "tensorrt" or config.options.precision == "fp16"
     providers = ("CUDAExecutionProvider",) if gpu else ("CPUExecutionProvider",)
     try:
         baselines[BareLoop.name] = BareLoop(built.export_dir, config, providers)

@@ -50,7 +50,6 @@ class BenchConfig:
     requests_per_round: int = _setting(
         2, "edits per system per round at concurrency 1 (times the level above it)"
     )
-    precision: str = _setting("fp32", "export precision (fp16: GPUs)", choices=("fp32", "fp16"))
     options: RepositoryOptions = field(default_factory=RepositoryOptions)
 
     def __post_init__(self) -> None:

@@ -50,7 +50,7 @@ class DiffusersEager:
     def __init__(self, preset_root: Path, config: BenchConfig, device: str = "cpu") -> None:
         if config.pipeline == INSTRUCT_PIX2PIX and config.temperature != 1.0:
             raise ValueError("diffusers has no temperature below 1.0 for InstructPix2Pix")
-        dtype = torch.float16 if config.precision == "fp16" else torch.float32
+        dtype = torch.float16 if config.options.precision == "fp16" else torch.float32
         self.config = config
         folder = inspect_folder(preset_root / PIPELINE_FOLDER[config.pipeline])
         self.pipeline = load_pipeline(folder, dtype).to(device)

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from model_repository.batching import run_merged
+
 if TYPE_CHECKING:
     import torch
 
@@ -132,28 +134,7 @@ class OnnxComponent:
         """
         if self.split_threads and len(requests) > 1:
             return self._run_side_by_side(requests)
-        results: list[dict[str, np.ndarray] | None] = [None] * len(requests)
-        groups: dict[tuple, list[int]] = {}
-        for index, request in enumerate(requests):
-            key = tuple(request[name].shape[1:] for name in self.input_names)
-            groups.setdefault(key, []).append(index)
-        for indices in groups.values():
-            if len(indices) == 1:
-                results[indices[0]] = self.run(requests[indices[0]])
-                continue
-            merged = {
-                name: np.concatenate([requests[i][name] for i in indices])
-                for name in self.input_names
-            }
-            outputs = self.run(merged)
-            offset = 0
-            for i in indices:
-                rows = requests[i][self.input_names[0]].shape[0]
-                results[i] = {
-                    name: value[offset : offset + rows] for name, value in outputs.items()
-                }
-                offset += rows
-        return results  # type: ignore[return-value]
+        return run_merged(requests, self.input_names, self.run)
 
     def _run_side_by_side(
         self, requests: Sequence[dict[str, np.ndarray]]
