@@ -41,30 +41,12 @@ def binary_path() -> Path:
 
 
 def ensure_binary() -> Path:
-    """perf_analyzer, reinstalling the pinned tritonclient wheel when it is missing."""
+    """perf_analyzer as the pinned tritonclient wheel installs it (`make setup`)."""
     path = binary_path()
-    if path.is_file():
-        return path
-    print(f"perf_analyzer not found at {path}: installing {TRITONCLIENT_PIN} ...", flush=True)
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "-q",
-            "--force-reinstall",
-            "--no-deps",
-            "--only-binary",
-            ":all:",
-            TRITONCLIENT_PIN,
-        ],
-        check=True,
-    )
     if not path.is_file():
         raise PerfAnalyzerError(
-            f"{TRITONCLIENT_PIN} installed no perf_analyzer at {path}: only its manylinux "
-            "x86_64/aarch64 wheels ship it"
+            f"no perf_analyzer at {path}: `make setup` installs {TRITONCLIENT_PIN}, whose "
+            "manylinux x86_64/aarch64 wheels ship it"
         )
     return path
 
@@ -137,15 +119,6 @@ def input_data(image: bytes, request: dict[str, Any]) -> dict[str, Any]:
         if wire == "BYTES" and not isinstance(value, str):
             raise TypeError(f"{name}: text expected, got {type(value).__name__}")
     return {"data": [entry]}
-
-
-def decode_bytes_element(encoded: str) -> bytes:
-    """Inverse of `bytes_element`, for checks."""
-    raw = base64.b64decode(encoded)
-    (length,) = struct.unpack("<I", raw[:4])
-    if length != len(raw) - 4:
-        raise ValueError(f"length prefix {length} != {len(raw) - 4} bytes that follow")
-    return raw[4:]
 
 
 # --------------------------------------------------------------------------- results

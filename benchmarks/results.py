@@ -87,7 +87,6 @@ class Timing:
     """Wall-clock milliseconds of repeated runs of an in-process system (after warm-up)."""
 
     runs_ms: tuple[float, ...]
-    warmup_ms: float
 
     @property
     def median_ms(self) -> float:
@@ -142,15 +141,8 @@ class Results:
             gain = throughput[2] / throughput[1]
             self.targets.append(Target("edits/s at c=2 over c=1", gain, 1.0, gain >= 1.0))
         if self.preview is not None:
-            share = self.preview.share
-            self.targets.append(
-                Target(
-                    "latent preview / UNet step",
-                    share,
-                    PREVIEW_SHARE_MAX,
-                    share <= PREVIEW_SHARE_MAX,
-                )
-            )
+            share, limit = self.preview.share, PREVIEW_SHARE_MAX
+            self.targets.append(Target("latent preview / UNet step", share, limit, share <= limit))
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2) + "\n"
@@ -204,9 +196,16 @@ def library_versions() -> dict[str, str]:
 # --------------------------------------------------------------------------- files
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return lines + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+def _table(header: str, rows: Sequence[Sequence[Any]]) -> list[str]:
+    """A Markdown table: `header` is its cells joined by " | "."""
+    return [f"| {header} |", "|" + "---|" * (header.count("|") + 1)] + [
+        "| " + " | ".join(str(cell) for cell in row) + " |" for row in rows
+    ]
+
+
+def _rows(items: Sequence[Any], *cells: str) -> list[list[str]]:
+    """Table rows from records: each cell a format string over the record's fields."""
+    return [[cell.format(**asdict(item)) for cell in cells] for item in items]
 
 
 def _ms(value: float) -> str:
@@ -215,149 +214,66 @@ def _ms(value: float) -> str:
 
 def latency_rows(results: Results) -> list[list[str]]:
     """One edit at a time: median, mean, spread, and Triton's paired ratio to it."""
-    rows = []
-    one = next((level for level in results.levels if level.concurrency == 1), None)
-    if one is not None:
-        rows.append(
-            [
-                LABELS["triton"],
-                _ms(one.median_ms),
-                _ms(one.mean_ms),
-                f"p90 {_ms(one.p90_ms)}, p99 {_ms(one.p99_ms)}",
-                "1.000",
-            ]
-        )
-    if results.streaming is not None:
-        stream = results.streaming
+
+    def ratio(name: str) -> str:
+        return f"{results.ratios[name].value:.3f}" if name in results.ratios else ""
+
+    rows = [
+        [
+            LABELS["triton"],
+            _ms(lv.median_ms),
+            _ms(lv.mean_ms),
+            f"p90 {_ms(lv.p90_ms)}, p99 {_ms(lv.p99_ms)}",
+            "1.000",
+        ]
+        for lv in results.levels
+        if lv.concurrency == 1
+    ]
+    if (stream := results.streaming) is not None:
         rows.append(
             [
                 LABELS["streaming"],
                 _ms(stream.median_ms),
                 _ms(stream.mean_ms),
                 f"first event {_ms(stream.first_response_median_ms)}",
-                _ratio_cell(results, "streaming"),
+                ratio("streaming"),
             ]
         )
-    for name, timing in results.baselines.items():
-        rows.append(
-            [
-                LABELS[name],
-                _ms(timing.median_ms),
-                _ms(timing.mean_ms),
-                f"min {_ms(min(timing.runs_ms))}",
-                _ratio_cell(results, name),
-            ]
-        )
+    rows += [
+        [LABELS[name], _ms(t.median_ms), _ms(t.mean_ms), f"min {_ms(min(t.runs_ms))}", ratio(name)]
+        for name, t in results.baselines.items()
+    ]
     return rows
 
 
-def _ratio_cell(results: Results, name: str) -> str:
-    ratio = results.ratios.get(name)
-    return "" if ratio is None else f"{ratio.value:.3f}"
+def _change(ratio: float, rounds: Sequence[float]) -> str:
+    return f"{(ratio - 1) * 100:+.1f}% (" + ", ".join(f"{(r - 1) * 100:+.1f}" for r in rounds) + ")"
 
 
-def markdown(results: Results, plot_name: str | None) -> str:
-    config, machine = results.config, results.machine
-    lines = [
-        f"# {config['pipeline']} on Triton: {config['preset']} preset, "
-        f"{config['size']}x{config['size']}, {config['steps']} steps",
-        "",
-        f"Recorded {results.date} with `{results.command}`; how each figure is measured: "
-        "[benchmarks/README.md](../README.md).",
-        "",
-        *_table(
-            ["CPU", "cores", "RAM", "GPU", "OS"],
-            [
-                [
-                    machine["cpu"],
-                    f"{machine['logical_cores']} / {machine['physical_cores']}",
-                    f"{machine['ram_gib']} GiB",
-                    ", ".join(machine["gpus"]) or "none",
-                    machine["os"],
-                ]
-            ],
+def _sections(results: Results) -> dict[str, list[str]]:
+    """The report's tables, by heading."""
+    level = "{concurrency} | {requests} ({rounds}) | {throughput_per_s:.3f} | {p50_ms:,.0f} | "
+    level += "{p90_ms:,.0f} | {p99_ms:,.0f} | {mean_ms:,.0f}"
+    stage = "{stage} | `{model}` | {calls_per_edit:.2f} | {executions_per_edit:.2f} | "
+    stage += "{ms_per_call:.1f} | {ms_per_edit:.1f} | {queue_ms_per_edit:.1f}"
+    sections = {
+        "Latency of one edit (ms)": _table(
+            "system | median | mean | spread | Triton / this, paired", latency_rows(results)
         ),
-        "",
-        "Versions: " + ", ".join(f"{k} {v}" for k, v in results.versions.items()) + ".",
-        "",
-        "## Configuration",
-        "",
-        *_table(["setting", "value"], [[k, f"`{v}`"] for k, v in config.items()]),
-        "",
-        "## Latency of one edit (ms)",
-        "",
-        "Other processes' share of the machine per round: "
-        + (", ".join(f"{x:.0%}" for x in results.loads.kept) or "n/a")
-        + ".",
-        "",
-        *_table(
-            ["system", "median", "mean", "spread", "Triton / this, paired"], latency_rows(results)
+        "Targets": [f"- {t.line()}" for t in results.targets] or ["- (not measured)"],
+        "Throughput and latency against concurrency": _table(
+            "concurrency | edits (rounds) | edits/s | p50 ms | p90 ms | p99 ms | mean ms",
+            _rows(results.levels, *level.split(" | ")),
         ),
-        "",
-        "## Targets",
-        "",
-        *(
-            []
-            if results.targets_apply
-            else ["Another configuration than the targets': informative only.", ""]
-        ),
-        *([f"- {t.line()}" for t in results.targets] or ["- (not measured)"]),
-        "",
-        "## Throughput and latency against concurrency",
-        "",
-        *_table(
-            ["concurrency", "edits (rounds)", "edits/s", "p50 ms", "p90 ms", "p99 ms", "mean ms"],
-            [
-                [
-                    lv.concurrency,
-                    f"{lv.requests} ({lv.rounds})",
-                    f"{lv.throughput_per_s:.3f}",
-                    _ms(lv.p50_ms),
-                    _ms(lv.p90_ms),
-                    _ms(lv.p99_ms),
-                    _ms(lv.mean_ms),
-                ]
-                for lv in results.levels
-            ],
-        ),
-    ]
-    if plot_name:
-        lines += ["", f"![latency and throughput against concurrency]({plot_name})"]
-    if results.preview is not None:
-        p = results.preview
-        lines += [
-            "",
-            f"Latent preview: {p.preview_ms:.2f} ms, {p.share:.1%} of a UNet step "
-            f"({p.unet_step_ms:.0f} ms) in the bare loop.",
-        ]
-    lines += ["", "## Per stage (Triton statistics API, per edit)"]
-    for level, rows in results.stages.items():
-        lines += ["", f"Concurrency {level}:", ""]
-        lines += _table(
-            ["stage", "model", "calls", "executions", "ms / call", "ms / edit", "queued ms"],
-            [
-                [
-                    r.stage,
-                    f"`{r.model}`",
-                    f"{r.calls_per_edit:.2f}",
-                    f"{r.executions_per_edit:.2f}",
-                    f"{r.ms_per_call:.1f}",
-                    f"{r.ms_per_edit:.1f}",
-                    f"{r.queue_ms_per_edit:.1f}",
-                ]
-                for r in rows
-            ],
-        )
-    if results.agreement:
-        lines += ["", "## Same output", ""]
-        lines += _table(
-            ["pair", "max abs diff (uint8)", "mean abs diff"],
-            [[pair, f"{mx:.0f}", f"{mean:.4f}"] for pair, (mx, mean) in results.agreement.items()],
+    }
+    for concurrency, rows in results.stages.items():
+        sections[f"Per stage at concurrency {concurrency} (statistics API, per edit)"] = _table(
+            "stage | model | calls | executions | ms / call | ms / edit | queued ms",
+            _rows(rows, *stage.split(" | ")),
         )
     if results.ablation:
-        lines += ["", "## What each optimisation bought (after / before, paired by round)", ""]
-        lines += _table(
-            ["change", "median c=1", "edits/s c=2", "kept"],
+        sections["What each optimisation bought (after / before, paired by round)"] = _table(
+            "change | median c=1 | edits/s c=2 | kept",
             [
                 [
                     a.name,
@@ -368,35 +284,51 @@ def markdown(results: Results, plot_name: str | None) -> str:
                 for a in results.ablation
             ],
         )
-    lines += [""] + [f"{note}\n" for note in results.notes]
-    return "\n".join(lines).rstrip() + "\n"
+    return sections
 
 
-def _change(ratio: float, rounds: Sequence[float]) -> str:
-    return f"{(ratio - 1) * 100:+.1f}% (" + ", ".join(f"{(r - 1) * 100:+.1f}" for r in rounds) + ")"
+def markdown(results: Results, plot_name: str) -> str:
+    config, machine = results.config, results.machine
+    lines = [
+        f"# {config['pipeline']} on Triton: {config['preset']} preset, "
+        f"{config['size']}x{config['size']}, {config['steps']} steps",
+        "",
+        f"Recorded {results.date} with `{results.command}`; what each figure means and how it "
+        "is measured: [benchmarks/README.md](../README.md).",
+        "",
+        f"Machine: {machine['cpu']}, {machine['logical_cores']} logical / "
+        f"{machine['physical_cores']} physical cores, {machine['ram_gib']} GiB, GPU "
+        f"{', '.join(machine['gpus']) or 'none'}, {machine['os']}. Versions: "
+        + ", ".join(f"{k} {v}" for k, v in results.versions.items())
+        + ". Other processes' share of the machine per round: "
+        + (", ".join(f"{x:.0%}" for x in results.loads.kept) or "n/a")
+        + ".",
+        "",
+        *_table("setting | value", [[k, f"`{v}`"] for k, v in config.items()]),
+    ]
+    notes = [] if results.targets_apply else ["Not the targets' configuration: informative only."]
+    if results.preview is not None:
+        p = results.preview
+        notes.append(
+            f"Latent preview: {p.preview_ms:.2f} ms, {p.share:.1%} of a UNet step "
+            f"({p.unet_step_ms:.0f} ms) in the bare loop."
+        )
+    notes += [
+        f"Same output, {pair}: max {mx:.0f}, mean {mean:.4f} grey levels."
+        for pair, (mx, mean) in results.agreement.items()
+    ]
+    for heading, table in _sections(results).items():
+        lines += ["", f"## {heading}", "", *table]
+    lines += ["", f"![latency and throughput against concurrency]({plot_name})", ""]
+    return "\n".join(lines + [f"{note}\n" for note in [*notes, *results.notes]])
 
 
 def console_summary(results: Results) -> str:
-    """The table printed at the end of a run."""
-    lines = [f"{'system':<56} {'median ms':>9} {'mean ms':>9} {'Triton/this':>11}"]
-    lines += [f"{r[0]:<56} {r[1]:>9} {r[2]:>9} {r[4]:>11}" for r in latency_rows(results)]
-    lines += ["", f"{'concurrency':>11} {'edits/s':>9} {'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9}"]
-    lines += [
-        f"{lv.concurrency:>11} {lv.throughput_per_s:>9.3f} {_ms(lv.p50_ms):>9} "
-        f"{_ms(lv.p90_ms):>9} {_ms(lv.p99_ms):>9}"
-        for lv in results.levels
-    ]
-    for level, rows in list(results.stages.items())[:1]:
-        lines += ["", f"per stage at concurrency {level} (ms per edit):"]
-        lines += [
-            f"  {r.stage:<30} {r.ms_per_edit:>9.1f}  ({r.calls_per_edit:.0f} calls)" for r in rows
-        ]
-    for a in results.ablation:
-        lines.append(
-            f"  {a.name}: median c=1 {_change(a.median_c1, a.median_c1_rounds)}; "
-            f"edits/s c=2 {_change(a.throughput_c2, a.throughput_c2_rounds)}"
-        )
-    return "\n".join([*lines, "", *(t.line() for t in results.targets)])
+    """What a run prints at its end: the report's tables."""
+    lines = []
+    for heading, table in _sections(results).items():
+        lines += ["", heading, *table]
+    return "\n".join(lines)
 
 
 def plot(results: Results, path: Path) -> Path:
@@ -409,28 +341,20 @@ def plot(results: Results, path: Path) -> Path:
     levels = results.levels
     concurrency = [lv.concurrency for lv in levels]
     figure, (latency, throughput) = plt.subplots(1, 2, figsize=(10, 4))
-    for key in ("p50_ms", "p90_ms", "p99_ms"):
+    for key in ("p50", "p90", "p99"):
         latency.plot(
-            concurrency,
-            [getattr(lv, key) / 1000 for lv in levels],
-            marker="o",
-            label=key.removesuffix("_ms"),
+            concurrency, [getattr(lv, f"{key}_ms") / 1000 for lv in levels], marker="o", label=key
         )
     for name, timing in results.baselines.items():
-        latency.axhline(
-            timing.median_ms / 1000, linestyle="--", linewidth=1, label=f"{name} median"
-        )
-    latency.set(xlabel="concurrency", ylabel="latency (s)", title="Triton latency", ylim=(0, None))
-    latency.set_xticks(concurrency)
-    latency.legend()
+        latency.axhline(timing.median_ms / 1000, linestyle="--", label=f"{name} median")
     throughput.plot(concurrency, [lv.throughput_per_s for lv in levels], marker="o")
+    latency.set(xlabel="concurrency", ylabel="latency (s)", title="Triton latency")
     throughput.set(xlabel="concurrency", ylabel="edits / s", title="Triton throughput")
-    throughput.set_xticks(concurrency)
-    throughput.set_ylim(bottom=0)
-    figure.suptitle(
-        f"{results.config['pipeline']} {results.config['preset']}, {results.machine['cpu']}",
-        fontsize=9,
-    )
+    for axes in (latency, throughput):
+        axes.set_xticks(concurrency)
+        axes.set_ylim(bottom=0)
+    latency.legend()
+    figure.suptitle(f"{results.config['preset']}, {results.machine['cpu']}", fontsize=9)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)

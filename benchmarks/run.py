@@ -18,8 +18,7 @@ import datetime
 import shlex
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks import results as report
@@ -37,69 +36,40 @@ from benchmarks.perf_analyzer import (
 from benchmarks.photo import photo_png
 from benchmarks.rounds import DISTURBED_LOAD, RoundLoads, undisturbed_rounds
 from benchmarks.server_stats import ModelCounters, combine, settled_snapshot, stage_rows, window
-from benchmarks.serving import Built, build, log, serving, warm_up
+from benchmarks.serving import build, log, serving, warm_up
 from benchmarks.settings import BenchConfig
-from benchmarks.systems import BareLoop, DiffusersEager, ProviderUnavailable, pixel_difference
+from benchmarks.systems import BareLoop, Baseline, load_baselines, pixel_difference
 from model_repository.arguments import add_arguments, from_arguments
 from model_repository.configs import RepositoryOptions
 from pix2pix_client.contract import stream_model
 
-Baseline = Callable[[bytes], bytes]
-
-
-def load_baselines(config: BenchConfig, built: Built, notes: list[str]) -> dict[str, Baseline]:
-    """The in-process systems, loaded once; notes say why one is missing."""
-    baselines: dict[str, Baseline] = {}
-    gpu = config.options.flavour == "tensorrt" or config.options.precision == "fp16"
-    providers = ("CUDAExecutionProvider",) if gpu else ("CPUExecutionProvider",)
-    try:
-        baselines[BareLoop.name] = BareLoop(built.export_dir, config, providers)
-    except ProviderUnavailable as error:
-        notes.append(f"The bare loop was skipped: {error}.")
-    try:
-        device = "cuda" if gpu else "cpu"
-        baselines[DiffusersEager.name] = DiffusersEager(built.preset_root, config, device)
-    except ValueError as error:
-        notes.append(f"The diffusers baseline was skipped: {error}.")
-    return baselines
-
-
-# --------------------------------------------------------------------------- the rounds
-
-
-@dataclass
-class Measured:
-    """What the rounds of one run measured, round by round."""
-
-    levels: dict[int, list[Profiled]] = field(default_factory=dict)
-    counters: dict[int, list[dict[str, ModelCounters]]] = field(default_factory=dict)
-    streaming: list[Profiled] = field(default_factory=list)
-    baseline_ms: dict[str, list[list[float]]] = field(default_factory=dict)
-    loads: RoundLoads = field(default_factory=RoundLoads)
-
 
 @dataclass(frozen=True)
-class Inputs:
-    """perf_analyzer's input data for the whole edit model and the streaming one."""
+class Round:
+    """What one round measured: Triton's levels with their statistics windows, the stream
+    at concurrency 1, and each baseline's wall-clock milliseconds."""
 
-    edit: Path
-    stream: Path
+    levels: dict[int, Profiled]
+    counters: dict[int, dict[str, ModelCounters]]
+    streaming: Profiled
+    baseline_ms: dict[str, list[float]]
 
 
 def measure_rounds(
     config: BenchConfig,
     url: str,
     perf: PerfAnalyzer,
-    inputs: Inputs,
-    workdir: Path,
+    inputs: tuple[Path, Path],
     baselines: dict[str, Baseline],
     image: bytes,
-) -> Measured:
+    loads: RoundLoads,
+) -> list[Round]:
     """perf_analyzer at every level, the stream and each baseline next to concurrency 1."""
     import tritonclient.grpc as grpcclient
 
-    measured = Measured(baseline_ms={name: [] for name in baselines})
     requests = config.requests_per_round
+    edit_data, stream_data = inputs
+    workdir = edit_data.parent
 
     def time_baselines(order: list[str], runs: dict[str, list[float]]) -> None:
         for name in order:
@@ -109,105 +79,85 @@ def measure_rounds(
                 runs[name].append((time.perf_counter() - started) * 1000)
             log(f"  {name}: {len(runs[name])} edits")
 
-    def one_round(attempt: int) -> Measured:
-        this = Measured(baseline_ms={name: [] for name in baselines})
+    def one_round(attempt: int) -> Round:
         runs: dict[str, list[float]] = {name: [] for name in baselines}
+        levels, counters = {}, {}
         # Every other round the baselines go first: drift within a round favours no one.
         order = list(baselines) if attempt % 2 else list(reversed(baselines))
         if attempt % 2 == 0:
             time_baselines(order, runs)
-        for concurrency in config.concurrency:
+        for level in config.concurrency:
             before = settled_snapshot(client)
-            profiled = perf.run(
+            levels[level] = perf.run(
                 config.pipeline,
                 url,
-                inputs.edit,
-                concurrency,
-                requests * concurrency,
+                edit_data,
+                level,
+                requests * level,
                 workdir,
                 tag=f"_a{attempt}",
             )
-            this.counters[concurrency] = [window(before, settled_snapshot(client))]
-            this.levels[concurrency] = [profiled]
-            log(f"  Triton c={concurrency}: {profiled.throughput_per_s:.3f} edits/s")
-        this.streaming = [
-            perf.run(
-                stream_model(config.pipeline),
-                url,
-                inputs.stream,
-                1,
-                requests,
-                workdir,
-                streaming=True,
-                tag=f"_a{attempt}",
-            )
-        ]
+            counters[level] = window(before, settled_snapshot(client))
+            log(f"  Triton c={level}: {levels[level].throughput_per_s:.3f} edits/s")
+        streaming = perf.run(
+            stream_model(config.pipeline),
+            url,
+            stream_data,
+            1,
+            requests,
+            workdir,
+            streaming=True,
+            tag=f"_a{attempt}",
+        )
         if attempt % 2:
             time_baselines(order, runs)
-        for name, times in runs.items():
-            this.baseline_ms[name] = [times]
-        return this
+        return Round(levels, counters, streaming, runs)
 
     client = grpcclient.InferenceServerClient(url)
     try:
-        kept = undisturbed_rounds(config.rounds, one_round, measured.loads, log)
+        return undisturbed_rounds(config.rounds, one_round, loads, log)
     finally:
         client.close()
-    for this in kept:
-        for concurrency in config.concurrency:
-            measured.levels.setdefault(concurrency, []).extend(this.levels[concurrency])
-            measured.counters.setdefault(concurrency, []).extend(this.counters[concurrency])
-        measured.streaming.extend(this.streaming)
-        for name in baselines:
-            measured.baseline_ms[name].extend(this.baseline_ms[name])
-    return measured
 
 
 # --------------------------------------------------------------------------- main
 
 
 def run(config: BenchConfig, args: argparse.Namespace) -> report.Results | None:
-    name = f"{config.preset}-{config.options.flavour}"
-    built = build(config, args.build_dir, name)
-    if args.url is None and config.options.flavour not in ("python-onnxruntime",):
-        log(f"repository: {built.repository}")
-        log(
-            "the wheel's tritonserver runs the Python backend only: serve this repository in "
-            "the NGC container and run again with --url (benchmarks/README.md)"
-        )
-        return None
-    if args.prepare_only:
+    built = build(config, args.build_dir, f"{config.preset}-{config.options.flavour}")
+    if args.prepare_only or (args.url is None and config.options.flavour != "python-onnxruntime"):
+        # The wheel's tritonserver runs the Python backend only: the NGC container serves
+        # the other flavours, and the run measures it with --url (benchmarks/README.md).
         log(f"repository: {built.repository}")
         return None
-    workdir = built.repository.parent
     perf = PerfAnalyzer(ensure_binary(), library_folder(args.build_dir / "perf_analyzer" / "lib"))
     perf_version = check_runs(perf.binary, perf.libraries)
     image = photo_png(config.size)
-    inputs = Inputs(
+    workdir = built.repository.parent
+    stream_request = {**config.request(), "preview_every": config.preview_every}
+    inputs = (
         write_input_data(workdir / "input_data.json", image, config.request()),
-        write_input_data(
-            workdir / "input_stream.json",
-            image,
-            {**config.request(), "preview_every": config.preview_every},
-        ),
+        write_input_data(workdir / "input_stream.json", image, stream_request),
     )
     notes: list[str] = []
     ablation = []
     if args.ablation:
         ablation = measure_ablation(
-            config, args.build_dir, perf, inputs.edit, image, args.ablation_rounds, log
+            config, args.build_dir, perf, inputs[0], image, args.ablation_rounds, log
         )
     baselines = {} if args.skip_baselines else load_baselines(config, built, notes)
     outputs = {name: system(image) for name, system in baselines.items()}  # their warm-up
     preview = baselines[BareLoop.name].preview_cost(image) if BareLoop.name in baselines else None
+    loads = RoundLoads()
     with serving(built.repository, args.url) as url:
-        outputs["Triton"] = warm_up(url, config, image)
-        measured = measure_rounds(config, url, perf, inputs, workdir, baselines, image)
-    if measured.loads.discarded:
+        triton_png = warm_up(url, config, image)
+        rounds = measure_rounds(config, url, perf, inputs, baselines, image, loads)
+    if loads.discarded:
         notes.append(
-            f"{len(measured.loads.discarded)} round(s) left out and measured again: "
-            f"other processes used more than {DISTURBED_LOAD:.0%} of the machine."
+            f"{len(loads.discarded)} round(s) left out and measured again: other "
+            f"processes used more than {DISTURBED_LOAD:.0%} of the machine."
         )
+    levels = {c: [r.levels[c] for r in rounds] for c in config.concurrency}
     results = report.Results(
         date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         command=args.command_line,
@@ -216,33 +166,32 @@ def run(config: BenchConfig, args: argparse.Namespace) -> report.Results | None:
         config=config.to_json(),
         targets_apply=config.targets_apply,
         export=str(built.export_dir),
-        levels=[Level.aggregate(measured.levels[c]) for c in config.concurrency],
+        levels=[Level.aggregate(levels[c]) for c in config.concurrency],
         stages={
-            c: stage_rows(combine(*measured.counters[c]), config.pipeline)
+            c: stage_rows(combine(*(r.counters[c] for r in rounds)), config.pipeline)
             for c in config.concurrency
         },
-        streaming=Level.aggregate(measured.streaming),
+        streaming=Level.aggregate([r.streaming for r in rounds]),
         baselines={
-            name: report.Timing(tuple(x for run in runs for x in run), 0.0)
-            for name, runs in measured.baseline_ms.items()
+            name: report.Timing(tuple(x for r in rounds for x in r.baseline_ms[name]))
+            for name in baselines
         },
         agreement={
-            f"Triton vs {name}": pixel_difference(outputs["Triton"], output)
-            for name, output in outputs.items()
-            if name != "Triton"
+            f"Triton vs {name}": pixel_difference(triton_png, png) for name, png in outputs.items()
         },
         preview=preview,
-        loads=measured.loads,
+        loads=loads,
         ablation=ablation,
         notes=notes,
     )
-    if 1 in measured.levels:
+    if 1 in levels:
         # Triton at concurrency 1 against each other system, round by round.
-        triton = [level.latencies_ms for level in measured.levels[1]]
-        results.ratios = {
-            name: report.Ratio.paired(triton, runs) for name, runs in measured.baseline_ms.items()
-        }
-        streams = [level.latencies_ms for level in measured.streaming]
+        triton = [level.latencies_ms for level in levels[1]]
+        for name in baselines:
+            results.ratios[name] = report.Ratio.paired(
+                triton, [r.baseline_ms[name] for r in rounds]
+            )
+        streams = [r.streaming.latencies_ms for r in rounds]
         results.ratios["streaming"] = report.Ratio.paired(streams, triton)
     results.evaluate_targets()
     return results
@@ -285,9 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     results = run(config, args)
     if results is None:
         return 0
-    stem = (
-        args.stem or f"{datetime.date.today().isoformat()}-{report.machine_slug(results.machine)}"
-    )
+    today = datetime.date.today().isoformat()
+    stem = args.stem or f"{today}-{report.machine_slug(results.machine)}"
     paths = report.write(results, args.output_dir, stem)
     log("\n" + report.console_summary(results) + "\n")
     for kind, path in paths.items():

@@ -24,9 +24,7 @@ class ModelCounters:
     executions: int = 0  # model executions (a merged batch is one)
     success_ns: int = 0  # request latency inside the server: queue + compute
     queue_ns: int = 0
-    compute_input_ns: int = 0
-    compute_infer_ns: int = 0
-    compute_output_ns: int = 0
+    compute_infer_ns: int = 0  # the model's own work
 
     def __sub__(self, other: ModelCounters) -> ModelCounters:
         return ModelCounters(
@@ -37,10 +35,6 @@ class ModelCounters:
         return ModelCounters(
             **{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)}
         )
-
-    @property
-    def compute_ns(self) -> int:
-        return self.compute_input_ns + self.compute_infer_ns + self.compute_output_ns
 
 
 def _int(value: Any) -> int:
@@ -62,9 +56,7 @@ def counters_from_json(statistics: dict[str, Any]) -> dict[str, ModelCounters]:
             executions=_int(model.get("execution_count")),
             success_ns=ns("success"),
             queue_ns=ns("queue"),
-            compute_input_ns=ns("compute_input"),
             compute_infer_ns=ns("compute_infer"),
-            compute_output_ns=ns("compute_output"),
         )
     return counters
 

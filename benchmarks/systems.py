@@ -16,6 +16,7 @@ import io
 import json
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from benchmarks.serving import Built
 from benchmarks.settings import BenchConfig
 from export.checkpoint import inspect_folder, load_pipeline
 from export.onnx_export import load_manifest
@@ -36,6 +38,7 @@ from model_repository.sampler import make_scheduler
 from pix2pix_client.contract import INSTRUCT_PIX2PIX
 
 PIPELINE_FOLDER = {INSTRUCT_PIX2PIX: PIX2PIX_FOLDER, "img2img": IMG2IMG_FOLDER}
+Baseline = Callable[[bytes], bytes]
 
 
 class ProviderUnavailable(RuntimeError):
@@ -153,3 +156,20 @@ def pixel_difference(a: bytes, b: bytes) -> tuple[float, float]:
         return float("nan"), float("nan")
     difference = np.abs(first - second)
     return float(difference.max()), float(difference.mean())
+
+
+def load_baselines(config: BenchConfig, built: Built, notes: list[str]) -> dict[str, Baseline]:
+    """The in-process systems, loaded once; notes say why one is missing."""
+    baselines: dict[str, Baseline] = {}
+    gpu = config.options.flavour == "tensorrt" or config.options.precision == "fp16"
+    providers = ("CUDAExecutionProvider",) if gpu else ("CPUExecutionProvider",)
+    try:
+        baselines[BareLoop.name] = BareLoop(built.export_dir, config, providers)
+    except ProviderUnavailable as error:
+        notes.append(f"The bare loop was skipped: {error}.")
+    try:
+        device = "cuda" if gpu else "cpu"
+        baselines[DiffusersEager.name] = DiffusersEager(built.preset_root, config, device)
+    except ValueError as error:
+        notes.append(f"The diffusers baseline was skipped: {error}.")
+    return baselines

@@ -41,13 +41,13 @@ from model_repository.configs import (
     readiness_config,
     server_arguments,
 )
+from model_repository.openvino_component import check_precision
 from model_repository.pipeline import (
     SCHEDULER_FILE,
     SETTINGS_FILE,
     TOKENIZER_DIR,
     PipelineSettings,
 )
-from model_repository.openvino_component import check_precision
 from model_repository.preview import LatentPreview
 
 BACKEND_TEMPLATES = Path(__file__).parent / "backend"

@@ -48,6 +48,8 @@ RESTRICTED_APIS = (
 LOOPBACK = "127.0.0.1"
 # Seconds tritonserver may take to exit once every model process is gone.
 UNLOADED_EXIT_S = 3.0
+# Times a tritonserver killed by a signal while it starts is started again.
+STARTUP_CRASHES = 2
 
 
 def admin_key_from_environment() -> str | None:
@@ -116,6 +118,9 @@ def server_flags(repository: str, settings: ServerSettings, admin_key: str) -> l
         "--disable-auto-complete-config",
         "--model-control-mode=explicit",
         "--load-model=*",
+        # Edit models import torch and diffusers: on a busy machine a stub's start can
+        # take longer than the Python backend's 30 s default.
+        "--backend-config=python,stub-timeout-seconds=300",
         f"--exit-timeout-secs={settings.exit_timeout_s}",
         f"--log-verbose={settings.log_verbose}",
     ]
@@ -345,17 +350,24 @@ class TritonServer:
             client.close()  # type: ignore[attr-defined]
 
     def wait_ready(self, timeout_s: float = 300.0) -> None:
-        """Blocks until the server reports ready, or raises with the end of its log."""
+        """Blocks until the server reports ready, or raises with the end of its log.
+
+        A tritonserver killed by a signal while it loads (seen: an abort in the Python
+        backend's shared-memory locks on an overloaded machine) is started again, twice at
+        most; one that exits on its own (a broken repository, a port in use) is not.
+        """
         deadline = time.monotonic() + timeout_s
+        crashes = 0
         while time.monotonic() < deadline:
-            if (
-                self.process is not None
-                and self.process.poll() is not None
-                and not (self.supervisor and self.supervisor.restarting)
-            ):
-                raise RuntimeError(
-                    f"tritonserver exited with {self.process.returncode}\n{self.log_tail()}"
-                )
+            process = self.process
+            restarting = self.supervisor is not None and self.supervisor.restarting
+            if process is not None and process.poll() is not None and not restarting:
+                if process.returncode >= 0 or crashes == STARTUP_CRASHES:
+                    raise RuntimeError(
+                        f"tritonserver exited with {process.returncode}\n{self.log_tail()}"
+                    )
+                crashes += 1
+                self._launch()
             if self.is_ready():
                 return
             time.sleep(0.25)

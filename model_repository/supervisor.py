@@ -334,8 +334,11 @@ class Supervisor:
         deadline = time.monotonic() + grace_s
         while time.monotonic() < deadline and self._edits_in_flight():
             time.sleep(POLL_S)
-        # Every model process is a region to remove once the server is gone.
+        # Every model process is a region to remove once the server is gone, including
+        # those started since the last check (a server stopped right after it came up).
         with self._lock:
+            if self.server.process is not None and self.server.process.poll() is None:
+                self._discover()
             for stub in (*self.processes.values(), *self.retired.values()):
                 self.dead_regions.add(stub.shm_region)
 

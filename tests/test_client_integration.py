@@ -248,7 +248,7 @@ def test_server_and_client_refuse_a_bad_value_with_the_same_message(
     assert client_side.value.status is None  # refused before any request
 
     # Without the client's own check, the same request reaches the server.
-    def unchecked(ensemble: str, values: dict) -> dict:
+    def unchecked(pipeline: str, values: dict, streaming: bool = False) -> dict:
         return {name: value for name, value in values.items() if value is not None}
 
     monkeypatch.setattr(contract, "validate_request", unchecked)

@@ -2,7 +2,7 @@
 
 Each variant is built, exported and validated once per module; the tests then read what
 the export derived against the variant's own configs, feed the exported text encoder what
-the server's tokenizer emits, and run the variant's diffusers pipelines.
+the server's tokenizer emits, run the variant's diffusers pipelines, and serve it.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tritonclient.grpc import InferenceServerClient
 
 from export.checkpoint import UnsupportedCheckpointError, inspect_folder, load_pipeline
 from export.components import COMPONENTS, ComponentSpec
@@ -26,6 +27,11 @@ from export.onnx_export import MANIFEST, export_checkpoint, load_manifest
 from export.presets import IMG2IMG_FOLDER, PIX2PIX_FOLDER, Preset, write_pipelines
 from export.tokenizer import VOCAB_SIZE, save_clip_tokenizer
 from export.validation import TOLERANCE, onnx_session
+from model_repository.builder import build_repository
+from model_repository.configs import RepositoryOptions
+from model_repository.preprocess import decode_image
+from model_repository.server import TritonServer
+from tests.serving import edit, photo, png_bytes
 from tests.variants import (
     VARIANT_SEEDS,
     ExportedVariant,
@@ -168,6 +174,49 @@ def test_variant_pipelines_run_in_diffusers(exported_variant: ExportedVariant) -
     for name, edited in edits.items():
         assert edited.shape == (1, 5 * scale, 7 * scale, 3), name
         assert np.isfinite(edited).all(), name
+
+
+def test_a_served_edit_equals_diffusers(
+    exported_variant: ExportedVariant, tmp_path: Path, summary: Callable[[str, str], None]
+) -> None:
+    """Both pipelines of the variant through a real tritonserver, against its diffusers
+    pipelines on the same seed: the same image within 2 grey levels, at the size the
+    server floors to the variant's VAE factor."""
+
+    factor = vae_scale_factor(exported_variant.preset)
+    repository = tmp_path / "repository"
+    options = RepositoryOptions(intra_op_threads=1)
+    build_repository(exported_variant.export_dir, repository, options)
+    upload = png_bytes(photo(70, 54))
+    expected_image = decode_image(upload, options.image_limits(factor))
+    differences = {}
+    with TritonServer(repository, log_file=tmp_path / "tritonserver.log") as server:
+        server.wait_ready(timeout_s=300)
+        client = InferenceServerClient(server.grpc_url)
+        for pipeline, folder in (("instruct_pix2pix", PIX2PIX_FOLDER), ("img2img", IMG2IMG_FOLDER)):
+            served = edit(
+                client, pipeline, image=upload, prompt=PROMPTS[2], num_inference_steps=4, seed=8
+            )
+            reference = load_pipeline(inspect_folder(exported_variant.root / folder))
+            strength = {} if pipeline == "instruct_pix2pix" else {"strength": 0.8}
+            expected = reference(
+                PROMPTS[2],
+                image=expected_image,
+                num_inference_steps=4,
+                generator=torch.Generator("cpu").manual_seed(8),
+                **strength,
+            ).images[0]
+            want = np.asarray(expected, dtype=np.int16)
+            got = served.pixels.astype(np.int16)
+            assert got.shape == want.shape == (expected_image.height, expected_image.width, 3)
+            differences[pipeline] = int(np.abs(got - want).max())
+        client.close()
+    summary(
+        "served edits of SD-family variants against diffusers (max |difference|, grey levels)",
+        f"VAE x{factor}, {expected_image.width}x{expected_image.height}: "
+        + ", ".join(f"{p} {d}" for p, d in differences.items()),
+    )
+    assert max(differences.values()) <= 2
 
 
 def test_variants_cover_the_family() -> None:
