@@ -77,21 +77,25 @@ serve: setup
 		--precision $(PRECISION) --host $(HOST)
 
 # Benchmarks Triton (perf_analyzer concurrency sweep over gRPC, per-stage statistics)
-# against diffusers eager PyTorch and a bare onnxruntime loop on the same weights and
-# request; writes benchmarks/results/<date>-<machine>.{md,json,png}. The preset defaults
-# to small here (PRESET=tiny for a quick check). GPU: FLAVOUR=tensorrt PRECISION=fp16
-# BENCH_FLAGS="--url HOST:8001" against the NGC tritonserver (see benchmarks/README.md).
+# against diffusers eager PyTorch (fp32 and bf16) and a bare loop (onnxruntime, or OpenVINO
+# for the openvino flavours) on the same weights and request; SERVED= names other served
+# configurations timed in the same rounds. Writes benchmarks/results/<date>-<machine>.
+# {md,json,png}. The preset defaults to small here (PRESET=tiny for a quick check). bf16:
+# FLAVOUR=python-openvino PRECISION=bf16 SERVED="python-openvino:fp32 python-onnxruntime:fp32".
+# GPU: FLAVOUR=tensorrt PRECISION=fp16 BENCH_FLAGS="--url HOST:8001" against the NGC
+# tritonserver (see benchmarks/README.md).
 SIZE ?= 256
 STEPS ?= 20
 SCHEDULER ?=
 CONCURRENCY ?= 1 2 4
+SERVED ?=
 BENCH_FLAGS ?=
 BENCH_PRESET := $(if $(filter command line environment,$(origin PRESET)),$(PRESET),small)
 .PHONY: bench
 bench: setup
 	$(PY) -m benchmarks.run --preset $(BENCH_PRESET) --size $(SIZE) --steps $(STEPS) \
 		$(if $(SCHEDULER),--scheduler $(SCHEDULER)) --concurrency $(CONCURRENCY) \
-		--flavour $(FLAVOUR) --precision $(PRECISION) $(BENCH_FLAGS)
+		--flavour $(FLAVOUR) --precision $(PRECISION) $(if $(SERVED),--served $(SERVED)) $(BENCH_FLAGS)
 
 # Regenerates the pins from the current environment.
 lock: setup

@@ -2,16 +2,36 @@
 
 The batcher gives `execute` a list of requests; those whose tensors agree past the batch
 axis are concatenated and run as one call, then the outputs are cut back into per-request
-rows. That is where concurrent edits' UNet steps merge, whatever runs the call.
+rows. That is where concurrent edits' UNet steps merge, whatever runs the call (onnxruntime
+or OpenVINO).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import numpy as np
 
 Tensors = dict[str, np.ndarray]
+
+
+class Runnable(Protocol):
+    """A component model in this process (onnxruntime session, OpenVINO compiled model)."""
+
+    def run(self, inputs: Tensors) -> Tensors: ...
+
+
+def model_feed(inputs: Tensors, input_names: Sequence[str], input_ranks: dict[str, int]) -> Tensors:
+    """The named inputs as the model takes them: Triton carries a [batch] tensor as
+    [batch, 1] (dims [1] + reshape []), which goes back to [batch] here."""
+    feed = {}
+    for name in input_names:
+        array = inputs[name]
+        if array.ndim == input_ranks[name] + 1 and array.shape[-1] == 1:
+            array = array.reshape(array.shape[:-1])
+        feed[name] = array
+    return feed
 
 
 def run_merged(

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from model_repository.batching import run_merged
+from model_repository.batching import Runnable, model_feed, run_merged
 
 if TYPE_CHECKING:
     import torch
@@ -85,13 +85,7 @@ class OnnxComponent:
         self.session = None
 
     def run(self, inputs: dict[str, np.ndarray], session: Any = None) -> dict[str, np.ndarray]:
-        feed = {}
-        for name in self.input_names:
-            array = inputs[name]
-            # Triton carries a [batch] tensor as [batch, 1] (dims [1] + reshape []).
-            if array.ndim == self.input_ranks[name] + 1 and array.shape[-1] == 1:
-                array = array.reshape(array.shape[:-1])
-            feed[name] = array
+        feed = model_feed(inputs, self.input_names, self.input_ranks)
         outputs = (session or self.session).run(self.output_names, feed)
         return dict(zip(self.output_names, outputs, strict=True))
 
@@ -160,14 +154,15 @@ class OnnxComponent:
 
 
 class OnnxComponents:
-    """The four component calls of an edit as onnxruntime sessions in this process (the
-    bare loop the benchmark compares with Triton, and tests): the pipeline's Components."""
+    """The four component calls of an edit on the exported ONNX files in this process (the
+    bare loop the benchmark compares with Triton, and tests): the pipeline's Components.
+    `make` opens one file: an OnnxComponent, or an OpenVinoComponent on the CPU."""
 
     def __init__(
         self,
         export_dir: Path,
         calls: dict[str, dict[str, Any]],
-        make: Callable[[Path], OnnxComponent],
+        make: Callable[[Path], Runnable],
         device: str = "cpu",
     ) -> None:
         self.calls = calls

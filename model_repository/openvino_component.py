@@ -12,14 +12,13 @@ call, as in the onnxruntime flavour (model_repository/batching.py).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from model_repository.batching import run_merged
+from model_repository.batching import model_feed, run_merged
 
 PRECISIONS = ("fp32", "bf16")
 # OpenVINO's names of the two inference precisions.
@@ -29,10 +28,10 @@ BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 CPUINFO = Path("/proc/cpuinfo")
 
 
-def cpu_flags(cpuinfo: Path = CPUINFO) -> set[str] | None:
-    """The CPU's feature flags as Linux reports them; None where there is no cpuinfo."""
+def cpu_flags() -> set[str] | None:
+    """The CPU's feature flags as Linux reports them (CPUINFO); None where there is none."""
     try:
-        text = cpuinfo.read_text()
+        text = CPUINFO.read_text()
     except OSError:
         return None
     for line in text.splitlines():
@@ -102,7 +101,6 @@ class OpenVinoComponent:
         precision: str = "fp32",
         threads: int = 0,
         streams: int = 1,
-        cache_dir: Path | None = None,
     ) -> None:
         import openvino as ov
 
@@ -114,9 +112,6 @@ class OpenVinoComponent:
         self.fallback_reason = bf16_unsupported_reason() if precision == "bf16" else None
         self.precision = "fp32" if self.fallback_reason else precision
         properties = compile_properties(self.precision, threads, streams)
-        if cache_dir is not None and _writable(cache_dir):
-            # Compiled blobs on disk: a model process started again loads in seconds.
-            properties["CACHE_DIR"] = str(cache_dir)
         core = ov.Core()
         model = core.read_model(str(self.model_path))
         self.input_names = [port.get_any_name() for port in model.inputs]
@@ -140,13 +135,10 @@ class OpenVinoComponent:
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One call: named inputs -> named outputs (arrays of their own)."""
-        feed = {}
-        for name in self.input_names:
-            array = inputs[name]
-            # Triton carries a [batch] tensor as [batch, 1] (dims [1] + reshape []).
-            if array.ndim == self.input_ranks[name] + 1 and array.shape[-1] == 1:
-                array = array.reshape(array.shape[:-1])
-            feed[name] = np.ascontiguousarray(array)
+        feed = {
+            name: np.ascontiguousarray(array)
+            for name, array in model_feed(inputs, self.input_names, self.input_ranks).items()
+        }
         outputs = self._request.infer(feed, share_inputs=True, share_outputs=False)
         return {name: outputs[name] for name in self.output_names}
 
@@ -154,11 +146,3 @@ class OpenVinoComponent:
         """Runs requests that arrived together (equal non-batch shapes as one batch);
         returns per-request outputs."""
         return run_merged(requests, self.input_names, self.run)
-
-
-def _writable(folder: Path) -> bool:
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        return False
-    return os.access(folder, os.W_OK)

@@ -16,13 +16,11 @@ class TritonPythonModel:
         parameters = config_parameters(args)
         self.model_name = args["model_name"]
         version_dir = Path(args["model_repository"]) / args["model_version"]
-        cache = parameters.get("cache_dir", "")
         self.component = OpenVinoComponent(
             version_dir / parameters["model_file"],
             precision=parameters["precision"],
             threads=int(parameters["threads"]),
             streams=int(parameters["streams"]),
-            cache_dir=version_dir / cache if cache else None,
         )
         if self.component.fallback_reason:
             pb_utils.Logger.log_warn(
