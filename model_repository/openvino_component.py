@@ -3,8 +3,9 @@
 Used by the `python-openvino` flavour. OpenVINO compiles the plain ONNX export (the
 onnxruntime fusions' contrib ops are no ONNX it reads) for the CPU, in fp32 or in bf16.
 bf16 halves the work of the convolutions and matrix products on CPUs that compute it
-natively (AVX512_BF16, AMX); elsewhere OpenVINO would emulate it, slower than fp32, so
-this module falls back to fp32 there and says so.
+natively (AVX512_BF16, AMX); elsewhere it buys no speed, so building a bf16 repository
+there is refused with one line, and a bf16 repository loaded there computes in fp32 and
+logs why (one built on another machine).
 
 Requests that arrive together (Triton's dynamic batcher) and share a shape run as one
 call, as in the onnxruntime flavour (model_repository/batching.py).
@@ -65,14 +66,17 @@ def bf16_unsupported_reason(
     return None
 
 
-def check_precision(precision: str) -> None:
-    """Raises ValueError (one line) when this CPU cannot compute in `precision`."""
+def _check_known(precision: str) -> None:
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r}: allowed one of {', '.join(PRECISIONS)}")
+
+
+def check_precision(precision: str) -> None:
+    """Raises ValueError (one line) when this CPU cannot compute in `precision`."""
+    _check_known(precision)
     if precision == "bf16" and (reason := bf16_unsupported_reason()):
         raise ValueError(
-            f"precision=bf16: {reason} (OpenVINO would emulate bf16, slower than fp32); "
-            "use precision fp32"
+            f"precision=bf16: {reason}, so bf16 would buy no speed here; use precision fp32"
         )
 
 
@@ -104,10 +108,8 @@ class OpenVinoComponent:
     ) -> None:
         import openvino as ov
 
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision={precision!r}: allowed one of {', '.join(PRECISIONS)}")
+        _check_known(precision)
         self.model_path = Path(model_path)
-        self.requested_precision = precision
         # A repository built on a bf16 machine may be served on another (replicas, S3).
         self.fallback_reason = bf16_unsupported_reason() if precision == "bf16" else None
         self.precision = "fp32" if self.fallback_reason else precision

@@ -1,6 +1,6 @@
 """The bf16 fidelity gate: served bf16 images against served fp32 ones, small preset.
 
-Two real tritonservers of the python-openvino flavour, fp32 and bf16, on the small preset
+Real tritonservers of the python-openvino flavour, fp32 then bf16, on the small preset
 (random weights of the real architectures, fresh in a temporary build folder): the same
 edit, 256x256 and 20 steps, for both pipelines and three schedulers. The PSNR of each pair
 is printed after the run; the gate is 40 dB (README: "Choosing a flavour and precision").
@@ -15,6 +15,7 @@ import tritonclient.grpc as grpcclient
 from model_repository.configs import RepositoryOptions
 from model_repository.openvino_component import bf16_unsupported_reason
 from model_repository.serve import prepare
+from model_repository.server import TritonServer
 from tests.serving import edit, photo, png_bytes
 from tests.test_openvino import psnr
 
@@ -28,36 +29,43 @@ SCHEDULERS = ("euler_a", "ddim", "dpmpp_2m")
 PIPELINES = {"instruct_pix2pix": "turn him into a snowman", "img2img": "a snowman, winter"}
 
 
-@pytest.fixture(scope="module")
-def clients(tmp_path_factory, start_server) -> dict[str, grpcclient.InferenceServerClient]:
-    build_dir = tmp_path_factory.mktemp("build")
-    clients = {}
-    for precision in ("fp32", "bf16"):
-        options = RepositoryOptions(flavour="python-openvino", precision=precision)
-        built = prepare(preset="small", build_dir=build_dir, options=options)
-        clients[precision] = grpcclient.InferenceServerClient(
-            start_server(built.repository).grpc_url
-        )
-    yield clients
-    for client in clients.values():
-        client.close()
-
-
-@pytest.mark.parametrize("scheduler", SCHEDULERS)
-@pytest.mark.parametrize("pipeline", PIPELINES)
-def test_bf16_images_match_fp32_ones(clients, summary, pipeline: str, scheduler: str) -> None:
-    request = {
+def request_for(pipeline: str, scheduler: str) -> dict[str, object]:
+    return {
         "image": png_bytes(photo(256, 256)),
         "prompt": PIPELINES[pipeline],
         "num_inference_steps": 20,
         "seed": 1234,
         "scheduler": scheduler,
     }
-    images = {
-        precision: edit(client, pipeline, **request).pixels for precision, client in clients.items()
-    }
-    quality = psnr(images["bf16"], images["fp32"])
-    difference = np.abs(images["bf16"].astype(np.int16) - images["fp32"].astype(np.int16))
+
+
+@pytest.fixture(scope="module")
+def served_images(tmp_path_factory) -> dict[tuple[str, str, str], np.ndarray]:
+    """Every edit's image by (pipeline, scheduler, precision): one server at a time (two
+    small-preset servers at once take more memory than these machines can spare)."""
+    build_dir = tmp_path_factory.mktemp("build")
+    images = {}
+    for precision in ("fp32", "bf16"):
+        options = RepositoryOptions(flavour="python-openvino", precision=precision)
+        built = prepare(preset="small", build_dir=build_dir, options=options)
+        log = tmp_path_factory.mktemp("logs") / "tritonserver.log"
+        with TritonServer(built.repository, log_file=log) as server:
+            server.wait_ready(timeout_s=600)
+            client = grpcclient.InferenceServerClient(server.grpc_url)
+            for pipeline in PIPELINES:
+                for scheduler in SCHEDULERS:
+                    served = edit(client, pipeline, **request_for(pipeline, scheduler))
+                    images[(pipeline, scheduler, precision)] = served.pixels
+            client.close()
+    return images
+
+
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+@pytest.mark.parametrize("pipeline", PIPELINES)
+def test_bf16_images_match_fp32_ones(served_images, summary, pipeline: str, scheduler: str) -> None:
+    bf16, fp32 = (served_images[(pipeline, scheduler, p)] for p in ("bf16", "fp32"))
+    quality = psnr(bf16, fp32)
+    difference = np.abs(bf16.astype(np.int16) - fp32.astype(np.int16))
     summary(
         "served bf16 vs served fp32 (python-openvino, small preset, 256x256, 20 steps)",
         f"{pipeline:<17} {scheduler:<9} PSNR {quality:5.1f} dB  max {difference.max():3d}  "
