@@ -39,7 +39,7 @@ COPY model_repository/ model_repository/
 # nvidia-pytriton (a tritonserver for machines without this container).
 RUN pip install -c constraints.txt \
         torch diffusers transformers safetensors scipy "numpy<2" pillow psutil \
-        onnx onnxruntime-gpu polygraphy "tritonclient[grpc]" \
+        onnx onnxruntime-gpu polygraphy "tritonclient[grpc]" boto3 \
  && pip install -c constraints.txt ./client \
  && pip install --no-deps .
 

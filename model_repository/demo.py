@@ -1,7 +1,7 @@
 """`make demo`: the whole system once, from weights to an edited photo.
 
     python -m model_repository.demo [--model DIR | --preset tiny] [--build-dir build]
-        [--out out] [--prompt TEXT] [--steps N] [--seed N]
+        [--out out] [--prompt TEXT] [--size N] [--steps N] [--seed N]
 
 Builds the preset (random weights of the real architectures) unless --model names a
 diffusers folder, exports it to ONNX, builds the python-onnxruntime repository, starts
@@ -47,6 +47,8 @@ from pix2pix_client.contract import (
 DEFAULT_OUT_DIR = Path("out")
 DEFAULT_PROMPT = "turn it into a watercolor painting"
 DEFAULT_SEED = 42
+# The photo's own size; smaller sides are resized from it.
+ASTRONAUT_SIDE = 512
 # InstructPix2Pix's own scheduler (EulerAncestralDiscreteScheduler in its model card).
 DEFAULT_SCHEDULER = "euler_a"
 RANDOM_WEIGHTS_NOTE = "random weights: the edit is noise; serve a real checkpoint with MODEL=..."
@@ -87,11 +89,12 @@ def has_random_weights(source: Path) -> bool:
     return (source / PRESET_MARKER).is_file() or (source.parent / PRESET_MARKER).is_file()
 
 
-def astronaut() -> Image.Image:
-    """scikit-image's astronaut photo (Eileen Collins, NASA; public domain), 512x512 RGB."""
+def astronaut(side: int = ASTRONAUT_SIDE) -> Image.Image:
+    """scikit-image's astronaut photo (Eileen Collins, NASA; public domain), side x side RGB."""
     from skimage import data
 
-    return Image.fromarray(data.astronaut())
+    photo = Image.fromarray(data.astronaut())
+    return photo if side == ASTRONAUT_SIDE else photo.resize((side, side), Image.Resampling.LANCZOS)
 
 
 def compare_image(source: Image.Image, result: EditResult, lines: list[str]) -> Image.Image:
@@ -99,7 +102,8 @@ def compare_image(source: Image.Image, result: EditResult, lines: list[str]) -> 
     font = ImageFont.load_default(size=14)
     margin, gap, line_height = 8, 8, 18
     edited = result.image.convert("RGB")
-    width = margin * 2 + source.width + gap + edited.width
+    text_width = max(font.getlength(line) for line in lines)
+    width = margin * 2 + max(source.width + gap + edited.width, int(text_width) + 1)
     text_top = margin + max(source.height, edited.height) + margin
     canvas = Image.new("RGB", (width, text_top + line_height * len(lines) + margin), "white")
     canvas.paste(source.convert("RGB"), (margin, margin))
@@ -136,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
         default=PARAMETERS_BY_NAME["num_inference_steps"].default_for(INSTRUCT_PIX2PIX),
         help="denoising steps (default: the contract's)",
     )
+    parser.add_argument(
+        "--size", type=int, default=ASTRONAUT_SIDE, help="side of the photo edited, in pixels"
+    )
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
     parser.add_argument("--scheduler", default=DEFAULT_SCHEDULER, choices=SCHEDULERS)
     args = parser.parse_args(argv)
@@ -159,14 +166,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     pipelines = load_manifest(export_dir)["pipelines"]
-    ensemble = INSTRUCT_PIX2PIX if INSTRUCT_PIX2PIX in pipelines else IMG2IMG
+    pipeline = INSTRUCT_PIX2PIX if INSTRUCT_PIX2PIX in pipelines else IMG2IMG
     random_weights = has_random_weights(source)
     weights = f"{source.resolve().name} (random)" if random_weights else str(source)
 
     log_file = args.build_dir / "logs" / f"tritonserver-demo-{name}.log"
     log_file.parent.mkdir(parents=True, exist_ok=True)
     server = TritonServer(repository, log_file=log_file)
-    photo = astronaut()
+    photo = astronaut(args.size)
     try:
         with timings.measure("server start", "tritonserver, every model ready"):
             server.start()
@@ -175,9 +182,9 @@ def main(argv: list[str] | None = None) -> int:
         # Every input spelled out (the contract's defaults where the command line is
         # silent), so compare.png shows exactly what made the edit.
         edit_options = {
-            parameter.name: parameter.default_for(ensemble)
-            for parameter in parameters_for(ensemble)
-            if parameter.default_for(ensemble) not in (None, "")
+            parameter.name: parameter.default_for(pipeline)
+            for parameter in parameters_for(pipeline)
+            if parameter.default_for(pipeline) not in (None, "")
         }
         edit_options |= {
             "num_inference_steps": args.steps,
@@ -186,11 +193,11 @@ def main(argv: list[str] | None = None) -> int:
         }
         with (
             timings.measure(
-                "edit", f"{ensemble}, {args.steps} steps, {photo.width}x{photo.height}"
+                "edit", f"{pipeline}, {args.steps} steps, {photo.width}x{photo.height}"
             ),
             EditClient(server.grpc_url) as client,
         ):
-            result = client.edit(np.asarray(photo), args.prompt, model=ensemble, **edit_options)
+            result = client.edit(np.asarray(photo), args.prompt, model=pipeline, **edit_options)
     except (RuntimeError, TimeoutError, EditError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
@@ -204,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     edited_path = result.save(args.out / "edited.png")
     compare_path = args.out / "compare.png"
     compare_image(photo, result, parameter_lines(result, args.prompt, weights)).save(compare_path)
-    _log(f"edited:  {edited_path}  ({ensemble}, {args.prompt!r}, seed {result.seed})")
+    _log(f"edited:  {edited_path}  ({pipeline}, {args.prompt!r}, seed {result.seed})")
     _log(f"compare: {compare_path}  (input | output)")
     if random_weights:
         _log(RANDOM_WEIGHTS_NOTE)

@@ -168,6 +168,28 @@ def tls_files(args: argparse.Namespace) -> TlsFiles | None:
     return TlsFiles(args.tls_cert, args.tls_key, args.tls_client_ca)
 
 
+def make_server(
+    args: argparse.Namespace,
+    repository: str,
+    log_file: Path | None,
+    *,
+    admin_key: str | None = None,
+) -> TritonServer:
+    """The TritonServer that `serve` runs for its parsed arguments. deploy/check.py builds
+    it from the Kubernetes manifests' container arguments the same way."""
+    return TritonServer(
+        repository,
+        host=args.host,
+        grpc_port=args.grpc_port,
+        http_port=args.http_port,
+        metrics_port=args.metrics_port,
+        admin_key=admin_key,
+        tls=tls_files(args),
+        log_file=log_file,
+        grace_s=args.grace,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -193,22 +215,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     if str(log_file) != "-":
         log_file.parent.mkdir(parents=True, exist_ok=True)
-    server = TritonServer(
-        repository,
-        host=args.host,
-        grpc_port=args.grpc_port,
-        http_port=args.http_port,
-        metrics_port=args.metrics_port,
-        tls=tls,
-        log_file=log_file,
-        grace_s=args.grace,
-    )
+    server = make_server(args, repository, log_file)
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
     started = time.perf_counter()
-    server.start()
     try:
+        server.start()
         while not stop.is_set():
             try:
                 server.wait_ready(timeout_s=0.5)

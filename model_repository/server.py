@@ -286,13 +286,20 @@ class TritonServer:
         return Path(self._scratch.name) / "runtime"
 
     def repository_arguments(self) -> list[str]:
-        """Flags the repository asks for in its repository.json (e.g. the rate limiter)."""
-        if "://" in self.repository:
+        """Flags the repository asks for in its repository.json (e.g. the rate limiter),
+        read from object storage too: a published repository is served like a local one."""
+        if self.repository.startswith("s3://"):
+            from model_repository.publish import read_text
+
+            text = read_text(self.repository, "repository.json")
+        elif "://" in self.repository:
             return []
-        record = Path(self.repository) / "repository.json"
-        if not record.is_file():
+        else:
+            record = Path(self.repository) / "repository.json"
+            text = record.read_text() if record.is_file() else None
+        if text is None:
             return []
-        return list(json.loads(record.read_text()).get("server_args", []))
+        return list(json.loads(text).get("server_args", []))
 
     def command(self, backend_directory: Path | None) -> list[str]:
         flags = server_flags(self.repository, self.settings, self.admin_key)

@@ -38,7 +38,7 @@ class Served:
 
 
 def edit(client: grpcclient.InferenceServerClient, model: str, **inputs: Any) -> Served:
-    """Sends one request to an ensemble; inputs left out (or None) are not sent."""
+    """Sends one request to an edit model; inputs left out (or None) are not sent."""
     tensors = [contract_input(name, value) for name, value in inputs.items() if value is not None]
     result = client.infer(model, tensors, client_timeout=300)
     return Served(png=result.as_numpy("edited_image")[0], seed=int(result.as_numpy("seed_used")[0]))

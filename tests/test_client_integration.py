@@ -1,7 +1,7 @@
 """The client library and the `pix2pix` CLI against a real tritonserver (the tiny preset).
 
 Every edit here crosses the network to the `tiny_server` fixture of conftest.py: the
-ensembles built from the tiny preset's ONNX export, served by the tritonserver of the
+edit models built from the tiny preset's ONNX export, served by the tritonserver of the
 `nvidia-pytriton` wheel. Images are 64x64 with a few steps, so most edits take a fraction
 of a second. Errors come from real failing calls: a server that refuses the input, a
 server that does not serve the model, a port nobody listens on, a deadline shorter than
@@ -262,7 +262,7 @@ def test_server_and_client_refuse_a_bad_value_with_the_same_message(
 
 @pytest.fixture(scope="module")
 def server_without_models(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
-    """A real tritonserver with an empty model repository: it serves no ensemble."""
+    """A real tritonserver with an empty model repository: it serves no edit model."""
     root = tmp_path_factory.mktemp("empty-repository")
     repository = root / "models"
     repository.mkdir()
@@ -438,9 +438,9 @@ def test_cli_closed_port_exits_1(photo: Path, tmp_path: Path) -> None:
 def test_cli_health_and_models(url: str, tiny_server: TritonServer) -> None:
     health = run_cli("health", "--url", url)
     assert health.returncode == 0, health.stderr
-    summary, *ensembles = health.stdout.splitlines()
+    summary, *pipelines = health.stdout.splitlines()
     assert summary == f"server {url}: live=yes ready=yes"
-    assert dict(line.split() for line in ensembles) == dict.fromkeys(contract.PIPELINES, "ready")
+    assert dict(line.split() for line in pipelines) == dict.fromkeys(contract.PIPELINES, "ready")
 
     health_json = run_cli("health", "--url", url, "--json")
     assert json.loads(health_json.stdout) == {
@@ -550,7 +550,7 @@ def test_client_installed_alone_in_a_fresh_virtualenv_edits_without_torch(
         assert edited.size == (64, 64)
 
 
-def test_cli_health_fails_when_no_ensemble_is_served(server_without_models: TritonServer) -> None:
+def test_cli_health_fails_when_no_edit_model_is_served(server_without_models: TritonServer) -> None:
     result = run_cli("health", "--url", server_without_models.grpc_url)
     assert result.returncode == 1
     assert "serves no ready edit model" in result.stderr

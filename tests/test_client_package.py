@@ -78,11 +78,11 @@ def test_readme_parameter_table_matches_the_contract() -> None:
         assert parameter.description in meaning
         if parameter.name in flags:
             assert f"`{flags[parameter.name]}`" in flag
-        for ensemble, shown in (("instruct_pix2pix", pix2pix), ("img2img", img2img)):
-            if ensemble not in parameter.pipelines:
+        for pipeline, shown in (("instruct_pix2pix", pix2pix), ("img2img", img2img)):
+            if pipeline not in parameter.pipelines:
                 assert shown == "not an input"
             elif parameter.required:
                 assert shown == "required"
-            elif parameter.default_for(ensemble) is not None:
-                default = parameter.default_for(ensemble)
+            elif parameter.default_for(pipeline) is not None:
+                default = parameter.default_for(pipeline)
                 assert shown == ('`""`' if default == "" else str(default))

@@ -1,6 +1,6 @@
 """A stand-in for tritonserver's gRPC endpoint, for the client's unit tests.
 
-These are unit tests of the client: a real tritonserver serving the ensembles needs the
+These are unit tests of the client: a real tritonserver serving the edit models needs the
 exported models, which the integration tests build and run. This stand-in speaks Triton's
 real gRPC protocol (tritonclient's own service definitions), so the client's request
 encoding, tritonclient's error conversion and the channel are all exercised for real;
@@ -57,7 +57,7 @@ class ReceivedRequest:
 
 @dataclass
 class StandInTriton(service_pb2_grpc.GRPCInferenceServiceServicer):
-    """Triton's GRPCInferenceService, answering the way the ensembles' contract says."""
+    """Triton's GRPCInferenceService, answering the way the edit models' contract says."""
 
     script: list[Failure] = field(default_factory=list)
     requests: list[ReceivedRequest] = field(default_factory=list)

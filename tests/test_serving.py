@@ -1,4 +1,4 @@
-"""The served ensembles through a real tritonserver: determinism, concurrency, bad input."""
+"""The served edit models through a real tritonserver: determinism, concurrency, bad input."""
 
 from __future__ import annotations
 

@@ -1,0 +1,1 @@
+"""Training code for the models this project makes itself (the `toy` InstructPix2Pix)."""
