@@ -60,8 +60,22 @@ def served_images(tmp_path_factory) -> dict[tuple[str, str, str], np.ndarray]:
     return images
 
 
-@pytest.mark.parametrize("scheduler", SCHEDULERS)
-@pytest.mark.parametrize("pipeline", PIPELINES)
+# instruct_pix2pix with DDIM on these random weights amplifies any change of the UNet's
+# output: fp32 with 1% noise on it lands at 13.9 dB from fp32 without, where bf16 measured
+# 13.8 dB (2026-12-01); the gate cannot tell precision from that case's sensitivity.
+ILL_CONDITIONED = pytest.mark.xfail(
+    reason="DDIM InstructPix2Pix on the small preset's random weights: 1% UNet noise, 13.9 dB"
+)
+
+
+@pytest.mark.parametrize(
+    "pipeline, scheduler",
+    [
+        pytest.param(p, s, marks=ILL_CONDITIONED if (p, s) == ("instruct_pix2pix", "ddim") else ())
+        for p in PIPELINES
+        for s in SCHEDULERS
+    ],
+)
 def test_bf16_images_match_fp32_ones(served_images, summary, pipeline: str, scheduler: str) -> None:
     bf16, fp32 = (served_images[(pipeline, scheduler, p)] for p in ("bf16", "fp32"))
     quality = psnr(bf16, fp32)
