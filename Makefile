@@ -17,6 +17,8 @@ SOURCE := $(or $(CHOSEN_SOURCE),--model $(TOY_MODEL))
 # edits a 256x256 photo in seconds on a CPU.
 DEMO_ARGS := $(or $(CHOSEN_SOURCE),--model $(TOY_MODEL) --size 256 --prompt "make it blue")
 FLAVOUR ?= python-onnxruntime
+# fp32; bf16 with the openvino flavours on CPUs with AVX512_BF16 or AMX; fp16 on GPUs.
+PRECISION ?= fp32
 BUILD := build
 # A diffusers folder given as MODEL= wins over the preset.
 MODEL_DIR := $(if $(MODEL),$(MODEL),$(BUILD)/presets/$(PRESET))
@@ -94,7 +96,8 @@ demo: setup
 	$(PY) -m model_repository.demo $(DEMO_ARGS) --build-dir $(BUILD) --out out $(if $(PROMPT),--prompt "$(PROMPT)")
 
 # Serves the toy model (or PRESET=, or MODEL=<diffusers folder>) on localhost:8001 (gRPC) until Ctrl-C,
-# building the preset, export and repository first when they are missing.
+# building the preset, export and repository first when they are missing. FLAVOUR= and
+# PRECISION= choose how the components run (README: "Choosing a flavour and precision").
 # Loopback only unless HOST=0.0.0.0; the admin key from $IMAGE_EDIT_ADMIN_KEY (README:
 # "Running it for others"). SIGTERM or Ctrl-C drains edits in flight, then stops.
 # REPOSITORY= serves a built repository as it is: a folder, or one published to object
@@ -102,7 +105,8 @@ demo: setup
 HOST ?= 127.0.0.1
 REPOSITORY ?=
 serve: setup
-	$(PY) -m model_repository.serve $(if $(REPOSITORY),--repository $(REPOSITORY),$(SOURCE) --flavour $(FLAVOUR)) --host $(HOST)
+	$(PY) -m model_repository.serve $(if $(REPOSITORY),--repository $(REPOSITORY),$(SOURCE) --flavour $(FLAVOUR) \
+		--precision $(PRECISION)) --host $(HOST)
 
 # Renders every Kubernetes overlay of deploy/k8s (kubectl kustomize; kubectl comes from
 # PyPI when missing), validates each object against the Kubernetes schemas offline and
@@ -129,22 +133,25 @@ ui: setup
 	$(VENV)/bin/pix2pix ui --url 127.0.0.1:$(GRPC_PORT) --host $(UI_HOST) --port $(UI_PORT)
 
 # Benchmarks Triton (perf_analyzer concurrency sweep over gRPC, per-stage statistics)
-# against diffusers eager PyTorch and a bare onnxruntime loop on the same weights and
-# request; writes benchmarks/results/<date>-<machine>.{md,json,png}. The preset defaults
-# to small here (PRESET=tiny for a quick check). GPU: FLAVOUR=tensorrt PRECISION=fp16
-# BENCH_FLAGS="--url HOST:8001" against the NGC tritonserver (see benchmarks/README.md).
+# against diffusers eager PyTorch (fp32 and bf16) and a bare loop (onnxruntime, or OpenVINO
+# for the openvino flavours) on the same weights and request; SERVED= names other served
+# configurations timed in the same rounds. Writes benchmarks/results/<date>-<machine>.
+# {md,json,png}. The preset defaults to small here (PRESET=tiny for a quick check). bf16:
+# FLAVOUR=python-openvino PRECISION=bf16 SERVED="python-openvino:fp32 python-onnxruntime:fp32".
+# GPU: FLAVOUR=tensorrt PRECISION=fp16 BENCH_FLAGS="--url HOST:8001" against the NGC
+# tritonserver (see benchmarks/README.md).
 SIZE ?= 256
 STEPS ?= 20
 SCHEDULER ?=
 CONCURRENCY ?= 1 2 4
-PRECISION ?= fp32
+SERVED ?=
 BENCH_FLAGS ?=
 BENCH_PRESET := $(if $(filter command line environment,$(origin PRESET)),$(PRESET),small)
 .PHONY: bench
 bench: setup
 	$(PY) -m benchmarks.run --preset $(BENCH_PRESET) --size $(SIZE) --steps $(STEPS) \
 		$(if $(SCHEDULER),--scheduler $(SCHEDULER)) --concurrency $(CONCURRENCY) \
-		--flavour $(FLAVOUR) --precision $(PRECISION) $(BENCH_FLAGS)
+		--flavour $(FLAVOUR) --precision $(PRECISION) $(if $(SERVED),--served $(SERVED)) $(BENCH_FLAGS)
 
 # Regenerates the pins from the current environment.
 lock: setup

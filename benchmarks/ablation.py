@@ -1,4 +1,5 @@
-"""What each serving optimisation bought: each change against the configuration before it.
+"""What each serving optimisation bought: each change against the configuration before it
+(the onnxruntime flavours' steps, or the openvino flavours' own).
 
 For every step both servers are up at once and perf_analyzer alternates between them
 round after round (concurrency 1 and 2), so drift hits both alike; the change is the
@@ -20,6 +21,7 @@ from benchmarks.results import AblationResult, geometric_mean
 from benchmarks.rounds import RoundLoads, undisturbed_rounds
 from benchmarks.serving import Built, build, serving, warm_up
 from benchmarks.settings import BenchConfig
+from model_repository.configs import OPENVINO_FLAVOURS
 
 # (name, serving options before, after, kept): each step starts where the last ended.
 PLAIN = {"onnxruntime_fusions": False, "cpu_rate_limit": False, "unet_split_threads": False}
@@ -39,6 +41,12 @@ STEPS: tuple[tuple[str, dict[str, Any], dict[str, Any], bool], ...] = (
     ),
     ("no spinning", {"allow_spinning": True}, {"allow_spinning": False}, False),
 )
+# The openvino flavours' settings, each against the run's own configuration.
+OPENVINO_STEPS: tuple[tuple[str, dict[str, Any], dict[str, Any], bool], ...] = (
+    ("bf16", {"precision": "fp32"}, {"precision": "bf16"}, True),
+    ("rate limiter", {"cpu_rate_limit": False}, {"cpu_rate_limit": True}, True),
+    ("two OpenVINO streams", {"openvino_streams": 1}, {"openvino_streams": 2}, False),
+)
 
 
 def _variant(config: BenchConfig, changes: dict[str, Any]) -> BenchConfig:
@@ -55,7 +63,8 @@ def measure_ablation(
     log: Callable[[str], None],
 ) -> list[AblationResult]:
     results = []
-    for index, (name, before, after, kept) in enumerate(STEPS, start=1):
+    steps = OPENVINO_STEPS if config.options.flavour in OPENVINO_FLAVOURS else STEPS
+    for index, (name, before, after, kept) in enumerate(steps, start=1):
         log(f"ablation {index}: {name}")
         sides = {"before": _variant(config, before), "after": _variant(config, after)}
         built = {side: build(c, build_dir, f"ablation-{index}-{side}") for side, c in sides.items()}

@@ -29,14 +29,26 @@ LABELS = {
     "triton": "Triton (perf_analyzer, gRPC, c=1)",
     "streaming": "Triton streaming (previews on), c=1",
     "bare_onnxruntime": "bare onnxruntime loop (same files, same pipeline code)",
+    "bare_openvino_fp32": "bare OpenVINO fp32 loop (same files, same pipeline code)",
+    "bare_openvino_bf16": "bare OpenVINO bf16 loop (same files, same pipeline code)",
     "diffusers_eager": "diffusers eager PyTorch",
+    "diffusers_eager_bf16": "diffusers eager PyTorch, bf16 (torch_dtype=torch.bfloat16)",
 }
 # The goals (CPU: small preset, 256x256, 20 steps, InstructPix2Pix, guidance on), by the
-# ratio they bound: its name and its upper limit.
-GOALS = {
-    "diffusers_eager": ("Triton / diffusers eager", 0.67),
-    "bare_onnxruntime": ("Triton / bare onnxruntime loop", 1.05),
+# precision served and the ratio they bound: its name and its upper limit.
+_SERVING_GOALS = {
     "streaming": ("streaming / whole edit, end to end", 1.03),
+    "bare_onnxruntime": ("Triton / bare onnxruntime loop", 1.05),
+    "bare_openvino_fp32": ("Triton / bare OpenVINO fp32 loop", 1.05),
+}
+GOALS = {
+    "fp32": {"diffusers_eager": ("Triton / diffusers eager", 0.67), **_SERVING_GOALS},
+    "bf16": {
+        "diffusers_eager": ("Triton bf16 / diffusers eager fp32", 0.40),
+        "diffusers_eager_bf16": ("Triton bf16 / diffusers eager bf16", 0.70),
+        "bare_openvino_bf16": ("Triton bf16 / bare OpenVINO bf16 loop", 1.05),
+        "streaming": _SERVING_GOALS["streaming"],
+    },
 }
 PREVIEW_SHARE_MAX = 0.03
 
@@ -133,9 +145,11 @@ class Results:
     def evaluate_targets(self) -> None:
         """The goals, met or not; a goal with a missing measurement is left out."""
         self.targets = []
+        goals = GOALS.get(self.config["options"]["precision"], {})
         for name, ratio in self.ratios.items():
-            label, limit = GOALS[name]
-            self.targets.append(Target(label, ratio.value, limit, ratio.value <= limit))
+            if name in goals:
+                label, limit = goals[name]
+                self.targets.append(Target(label, ratio.value, limit, ratio.value <= limit))
         throughput = {level.concurrency: level.throughput_per_s for level in self.levels}
         if 1 in throughput and 2 in throughput:
             gain = throughput[2] / throughput[1]
@@ -185,7 +199,14 @@ def library_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     found = {}
-    for name in ("torch", "diffusers", "onnxruntime", "tritonclient", "nvidia-pytriton"):
+    for name in (
+        "torch",
+        "diffusers",
+        "onnxruntime",
+        "openvino",
+        "tritonclient",
+        "nvidia-pytriton",
+    ):
         try:
             found[name] = version(name)
         except PackageNotFoundError:
@@ -210,6 +231,12 @@ def _rows(items: Sequence[Any], *cells: str) -> list[list[str]]:
 
 def _ms(value: float) -> str:
     return f"{value:,.0f}"
+
+
+def label(name: str) -> str:
+    """A system's row label; another served configuration is named by flavour and precision."""
+    served = name.removeprefix("triton_").replace("_", " ")
+    return LABELS.get(name, f"Triton {served} (client library, c=1)")
 
 
 def latency_rows(results: Results) -> list[list[str]]:
@@ -240,7 +267,7 @@ def latency_rows(results: Results) -> list[list[str]]:
             ]
         )
     rows += [
-        [LABELS[name], _ms(t.median_ms), _ms(t.mean_ms), f"min {_ms(min(t.runs_ms))}", ratio(name)]
+        [label(name), _ms(t.median_ms), _ms(t.mean_ms), f"min {_ms(min(t.runs_ms))}", ratio(name)]
         for name, t in results.baselines.items()
     ]
     return rows
@@ -290,7 +317,8 @@ def _sections(results: Results) -> dict[str, list[str]]:
 def markdown(results: Results, plot_name: str) -> str:
     config, machine = results.config, results.machine
     lines = [
-        f"# {config['pipeline']} on Triton: {config['preset']} preset, "
+        f"# {config['pipeline']} on Triton ({config['options']['flavour']}, "
+        f"{config['options']['precision']}): {config['preset']} preset, "
         f"{config['size']}x{config['size']}, {config['steps']} steps",
         "",
         f"Recorded {results.date} with `{results.command}`; what each figure means and how it "

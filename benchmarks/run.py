@@ -14,6 +14,7 @@ How it measures and what the figures mean: benchmarks/README.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import shlex
 import sys
@@ -38,9 +39,9 @@ from benchmarks.rounds import DISTURBED_LOAD, RoundLoads, undisturbed_rounds
 from benchmarks.server_stats import ModelCounters, combine, settled_snapshot, stage_rows, window
 from benchmarks.serving import build, log, serving, warm_up
 from benchmarks.settings import BenchConfig
-from benchmarks.systems import BareLoop, Baseline, load_baselines, pixel_difference
+from benchmarks.systems import BareLoop, Baseline, ServedEdit, load_baselines, pixel_difference
 from model_repository.arguments import add_arguments, from_arguments
-from model_repository.configs import RepositoryOptions
+from model_repository.configs import PYTHON_FLAVOURS, RepositoryOptions
 from pix2pix_client.contract import stream_model
 
 
@@ -123,9 +124,23 @@ def measure_rounds(
 # --------------------------------------------------------------------------- main
 
 
+def serve_others(
+    config: BenchConfig, build_dir: Path, image: bytes, stack: contextlib.ExitStack
+) -> dict[str, Baseline]:
+    """A server per other served configuration (`--served`), warmed up, as a system."""
+    systems: dict[str, Baseline] = {}
+    for variant in config.served_variants():
+        url = stack.enter_context(serving(build(variant, build_dir, variant.name).repository, None))
+        warm_up(url, variant, image)
+        options = variant.options
+        system = ServedEdit(url, variant, options.flavour, options.precision)
+        systems[system.name] = system
+    return systems
+
+
 def run(config: BenchConfig, args: argparse.Namespace) -> report.Results | None:
-    built = build(config, args.build_dir, f"{config.preset}-{config.options.flavour}")
-    if args.prepare_only or (args.url is None and config.options.flavour != "python-onnxruntime"):
+    built = build(config, args.build_dir, config.name)
+    if args.prepare_only or (args.url is None and config.options.flavour not in PYTHON_FLAVOURS):
         # The wheel's tritonserver runs the Python backend only: the NGC container serves
         # the other flavours, and the run measures it with --url (benchmarks/README.md).
         log(f"repository: {built.repository}")
@@ -146,10 +161,13 @@ def run(config: BenchConfig, args: argparse.Namespace) -> report.Results | None:
             config, args.build_dir, perf, inputs[0], image, args.ablation_rounds, log
         )
     baselines = {} if args.skip_baselines else load_baselines(config, built, notes)
-    outputs = {name: system(image) for name, system in baselines.items()}  # their warm-up
-    preview = baselines[BareLoop.name].preview_cost(image) if BareLoop.name in baselines else None
+    loops = [system for system in baselines.values() if isinstance(system, BareLoop)]
+    preview = loops[0].preview_cost(image) if loops else None
     loads = RoundLoads()
-    with serving(built.repository, args.url) as url:
+    with contextlib.ExitStack() as stack:
+        baselines |= serve_others(config, args.build_dir, image, stack)
+        outputs = {name: system(image) for name, system in baselines.items()}  # their warm-up
+        url = stack.enter_context(serving(built.repository, args.url))
         triton_png = warm_up(url, config, image)
         rounds = measure_rounds(config, url, perf, inputs, baselines, image, loads)
     if loads.discarded:

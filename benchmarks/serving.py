@@ -30,7 +30,7 @@ class Built:
 def build(config: BenchConfig, build_dir: Path, name: str) -> Built:
     """Preset, export and a fresh repository for one configuration."""
     preset_root = ensure_preset(config.preset, build_dir)
-    fp16 = config.precision == "fp16"
+    fp16 = config.options.precision == "fp16"
     fused = config.options.fused_export
     export_dir = export_dir_for(config.preset, build_dir, fused, fp16)
     ensure_export([preset_root], export_dir, fp16=fp16, optimize=fused)

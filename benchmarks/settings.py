@@ -10,11 +10,11 @@ from __future__ import annotations
 import functools
 import os
 import secrets
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from export.presets import PRESETS
-from model_repository.configs import RepositoryOptions
+from model_repository.configs import PYTHON_FLAVOURS, RepositoryOptions
 from pix2pix_client.contract import (
     ADMIN_KEY_VARIABLE,
     INSTRUCT_PIX2PIX,
@@ -50,7 +50,11 @@ class BenchConfig:
     requests_per_round: int = _setting(
         2, "edits per system per round at concurrency 1 (times the level above it)"
     )
-    precision: str = _setting("fp32", "export precision (fp16: GPUs)", choices=("fp32", "fp16"))
+    served: tuple[str, ...] = _setting(
+        (),
+        "other served configurations timed in the same rounds (client, c=1), as "
+        "FLAVOUR:PRECISION (python flavours), e.g. python-openvino:fp32",
+    )
     options: RepositoryOptions = field(default_factory=RepositoryOptions)
 
     def __post_init__(self) -> None:
@@ -64,6 +68,29 @@ class BenchConfig:
                 "allowed at least 1 each"
             )
         self.options.check()
+        for entry in self.served:
+            flavour, _, precision = entry.partition(":")
+            if flavour not in PYTHON_FLAVOURS or not precision:
+                raise ValueError(
+                    f"served={entry!r}: allowed FLAVOUR:PRECISION with a flavour of "
+                    f"{', '.join(PYTHON_FLAVOURS)} (the wheel's tritonserver serves those)"
+                )
+        for variant in self.served_variants():
+            variant.options.check()
+
+    def served_variants(self) -> list[BenchConfig]:
+        """This run's request with each other served configuration's options."""
+        variants = []
+        for entry in self.served:
+            flavour, _, precision = entry.partition(":")
+            options = replace(self.options, flavour=flavour, precision=precision)
+            variants.append(replace(self, options=options, served=()))
+        return variants
+
+    @property
+    def name(self) -> str:
+        """What is served, as a folder name: preset, flavour and precision."""
+        return f"{self.preset}-{self.options.flavour}-{self.options.precision}"
 
     @property
     def guided(self) -> bool:
@@ -97,7 +124,7 @@ class BenchConfig:
         return values
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self) | {"concurrency": list(self.concurrency)}
+        return asdict(self) | {"concurrency": list(self.concurrency), "served": list(self.served)}
 
 
 @functools.cache

@@ -1,12 +1,15 @@
 """The systems Triton is measured against, run in this process on the same request.
 
 - `DiffusersEager`: diffusers' StableDiffusionInstructPix2PixPipeline (or Img2Img) in
-  eager PyTorch, loaded once: what users run today.
+  eager PyTorch, loaded once, in fp32 and on a CPU also in bf16: what users run today.
 - `BareLoop`: the served pipeline code (model_repository/pipeline.py) on the same ONNX
-  files in onnxruntime sessions built as the served models build theirs, with plain
-  function calls instead of Triton: the gap to it is serving overhead.
+  files in onnxruntime sessions (or OpenVINO compiled models, for the openvino flavours)
+  built as the served models build theirs, with plain function calls instead of Triton:
+  the gap to it is serving overhead.
+- `ServedEdit`: another served configuration (`--served FLAVOUR:PRECISION`), through the
+  client library, one edit at a time.
 
-Both take the uploaded PNG bytes and return PNG bytes, as the edit model does, so every
+All take the uploaded PNG bytes and return PNG bytes, as the edit model does, so every
 system does the same work: decode and resize, tokenize, encode, denoise, decode, PNG.
 """
 
@@ -19,6 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,12 +33,16 @@ from benchmarks.settings import BenchConfig
 from export.checkpoint import inspect_folder, load_pipeline
 from export.onnx_export import load_manifest
 from export.presets import IMG2IMG_FOLDER, PIX2PIX_FOLDER
+from model_repository.batching import Runnable
 from model_repository.builder import pipeline_settings
+from model_repository.configs import OPENVINO_FLAVOURS
 from model_repository.onnx_component import OnnxComponent, OnnxComponents
+from model_repository.openvino_component import OpenVinoComponent
 from model_repository.pipeline import EditPipeline
 from model_repository.postprocess import encode_png
 from model_repository.preprocess import PromptTokenizer, decode_image
 from model_repository.sampler import make_scheduler
+from pix2pix_client import EditClient
 from pix2pix_client.contract import INSTRUCT_PIX2PIX
 
 PIPELINE_FOLDER = {INSTRUCT_PIX2PIX: PIX2PIX_FOLDER, "img2img": IMG2IMG_FOLDER}
@@ -48,12 +56,13 @@ class ProviderUnavailable(RuntimeError):
 class DiffusersEager:
     """diffusers' reference pipeline in eager PyTorch, loaded once."""
 
-    name = "diffusers_eager"
-
-    def __init__(self, preset_root: Path, config: BenchConfig, device: str = "cpu") -> None:
+    def __init__(
+        self, preset_root: Path, config: BenchConfig, device: str = "cpu", dtype: Any = None
+    ) -> None:
         if config.pipeline == INSTRUCT_PIX2PIX and config.temperature != 1.0:
             raise ValueError("diffusers has no temperature below 1.0 for InstructPix2Pix")
-        dtype = torch.float16 if config.precision == "fp16" else torch.float32
+        dtype = dtype or (torch.float16 if config.options.precision == "fp16" else torch.float32)
+        self.name = "diffusers_eager_bf16" if dtype == torch.bfloat16 else "diffusers_eager"
         self.config = config
         folder = inspect_folder(preset_root / PIPELINE_FOLDER[config.pipeline])
         self.pipeline = load_pipeline(folder, dtype).to(device)
@@ -80,9 +89,7 @@ class DiffusersEager:
 
 
 class BareLoop:
-    """The served pipeline as plain calls: same files, session settings and code."""
-
-    name = "bare_onnxruntime"
+    """The served pipeline as plain calls: same files, component settings and code."""
 
     def __init__(
         self,
@@ -93,8 +100,14 @@ class BareLoop:
         manifest = load_manifest(export_dir)
         options = config.options
         settings = pipeline_settings(manifest, config.pipeline, options)
+        openvino = options.flavour in OPENVINO_FLAVOURS
+        self.name = f"bare_openvino_{options.precision}" if openvino else "bare_onnxruntime"
 
-        def session(path: Path) -> OnnxComponent:
+        def session(path: Path) -> Runnable:
+            if openvino:
+                return OpenVinoComponent(
+                    path, options.precision, options.intra_op_threads, options.openvino_streams
+                )
             return OnnxComponent(
                 path, options.intra_op_threads, options.allow_spinning, providers=providers
             )
@@ -103,7 +116,7 @@ class BareLoop:
         # model. What the session got, not what was asked: onnxruntime falls back to the
         # CPU, with a warning only, when the CUDA provider cannot load.
         unet = session(export_dir / settings.components["unet"]["model"] / "model.onnx")
-        on_gpu = "CUDAExecutionProvider" in unet.session.get_providers()
+        on_gpu = not openvino and "CUDAExecutionProvider" in unet.session.get_providers()
         if "CUDAExecutionProvider" in providers and not on_gpu:
             raise ProviderUnavailable("onnxruntime could not load its CUDA provider")
         device = "cuda" if on_gpu else "cpu"
@@ -158,18 +171,34 @@ def pixel_difference(a: bytes, b: bytes) -> tuple[float, float]:
     return float(difference.max()), float(difference.mean())
 
 
+class ServedEdit:
+    """Another served configuration, timed through the client like the in-process ones."""
+
+    def __init__(self, url: str, config: BenchConfig, flavour: str, precision: str) -> None:
+        self.name = f"triton_{flavour}_{precision}"
+        self.config = config
+        self.client = EditClient(url, timeout_s=900)
+
+    def __call__(self, image: bytes) -> bytes:
+        options = self.config.request()
+        prompt = options.pop("prompt")
+        return self.client.edit(image, prompt, model=self.config.pipeline, **options).png
+
+
 def load_baselines(config: BenchConfig, built: Built, notes: list[str]) -> dict[str, Baseline]:
     """The in-process systems, loaded once; notes say why one is missing."""
-    baselines: dict[str, Baseline] = {}
-    gpu = config.options.flavour == "tensorrt" or config.precision == "fp16"
+    systems: list[Baseline] = []
+    gpu = config.options.flavour == "tensorrt" or config.options.precision == "fp16"
     providers = ("CUDAExecutionProvider",) if gpu else ("CPUExecutionProvider",)
     try:
-        baselines[BareLoop.name] = BareLoop(built.export_dir, config, providers)
+        systems.append(BareLoop(built.export_dir, config, providers))
     except ProviderUnavailable as error:
         notes.append(f"The bare loop was skipped: {error}.")
     try:
         device = "cuda" if gpu else "cpu"
-        baselines[DiffusersEager.name] = DiffusersEager(built.preset_root, config, device)
+        systems.append(DiffusersEager(built.preset_root, config, device))
+        if not gpu:
+            systems.append(DiffusersEager(built.preset_root, config, device, torch.bfloat16))
     except ValueError as error:
         notes.append(f"The diffusers baseline was skipped: {error}.")
-    return baselines
+    return {system.name: system for system in systems}  # type: ignore[attr-defined]

@@ -1,7 +1,8 @@
 """Writes a complete Triton model repository from an ONNX export (its manifest).
 
     python -m model_repository.builder EXPORT_DIR --output DIR
-        [--flavour python-onnxruntime|onnxruntime|tensorrt] [--engines DIR]
+        [--flavour python-onnxruntime|onnxruntime|tensorrt|python-openvino|openvino]
+        [--precision fp32|bf16|fp16] [--engines DIR] [--help: every option]
 
 The configs come from model_repository/configs.py; this module lays out the folders:
 each component's model file (ONNX or TensorRT engine), and each edit model's version
@@ -32,6 +33,7 @@ from export.components import (
 from export.onnx_export import EXTERNAL_DATA_FILE, MODEL_FILE, load_manifest
 from model_repository.arguments import add_arguments, from_arguments
 from model_repository.configs import (
+    OPENVINO_FLAVOURS,
     READINESS_MODEL,
     RepositoryOptions,
     component_config,
@@ -39,6 +41,7 @@ from model_repository.configs import (
     readiness_config,
     server_arguments,
 )
+from model_repository.openvino_component import check_precision
 from model_repository.pipeline import (
     SCHEDULER_FILE,
     SETTINGS_FILE,
@@ -48,6 +51,11 @@ from model_repository.pipeline import (
 from model_repository.preview import LatentPreview
 
 BACKEND_TEMPLATES = Path(__file__).parent / "backend"
+# The model.py of each Python flavour's component models.
+COMPONENT_TEMPLATES = {
+    "python-onnxruntime": "onnx_component",
+    "python-openvino": "openvino_component",
+}
 REPOSITORY_RECORD = "repository.json"
 
 
@@ -114,6 +122,24 @@ def _engine_files(engines_dir: Path) -> dict[str, Path]:
     return {name: engines_dir / entry["engine"] for name, entry in record["components"].items()}
 
 
+def _check_openvino_export(
+    export_dir: Path, manifest: dict[str, Any], options: RepositoryOptions
+) -> None:
+    """OpenVINO reads the plain ONNX export, in fp32, and computes bf16 only where the CPU
+    does: raises ValueError with one line otherwise."""
+    if manifest.get("optimized"):
+        raise ValueError(
+            f"{export_dir}: this export has onnxruntime's fusions (export --optimize), which "
+            f"OpenVINO cannot read; the {options.flavour} flavour needs the plain export"
+        )
+    if manifest["precision"] != "fp32":
+        raise ValueError(
+            f"{export_dir}: a {manifest['precision']} export; the {options.flavour} flavour "
+            "needs the fp32 one (bf16 is chosen with precision, not exported)"
+        )
+    check_precision(options.precision)
+
+
 def build_repository(
     export_dir: Path,
     output: Path,
@@ -132,13 +158,15 @@ def build_repository(
     engines = _engine_files(engines_dir) if options.flavour == "tensorrt" and engines_dir else {}
     if options.flavour == "tensorrt" and not engines:
         raise FileNotFoundError("the tensorrt flavour needs --engines (export.tensorrt_engines)")
+    if options.flavour in OPENVINO_FLAVOURS:
+        _check_openvino_export(export_dir, manifest, options)
 
     if output.exists():
         shutil.rmtree(output)
     output.mkdir(parents=True)
     written = []
     for name, spec in specs.items():
-        template = "onnx_component" if options.flavour == "python-onnxruntime" else None
+        template = COMPONENT_TEMPLATES.get(options.flavour)
         version_dir = _write_model(output, component_config(spec, options), template)
         if options.flavour == "tensorrt":
             _link_or_copy(engines[name], version_dir / "model.plan")

@@ -25,10 +25,19 @@ KIND_AUTO = mc.ModelInstanceGroup.KIND_AUTO
 KIND_CPU = mc.ModelInstanceGroup.KIND_CPU
 KIND_GPU = mc.ModelInstanceGroup.KIND_GPU
 
-FLAVOURS = ("python-onnxruntime", "onnxruntime", "tensorrt")
+FLAVOURS = ("python-onnxruntime", "onnxruntime", "tensorrt", "python-openvino", "openvino")
+# The flavours whose components OpenVINO runs: they read the plain ONNX export only.
+OPENVINO_FLAVOURS = ("python-openvino", "openvino")
+# The flavours whose components are Python backend models (the wheel's tritonserver).
+PYTHON_FLAVOURS = ("python-onnxruntime", "python-openvino")
+# What the components compute in: fp16 is an fp16 export (GPUs), bf16 is OpenVINO's
+# inference precision on CPUs with native bf16 (AVX512_BF16 or AMX).
+PRECISIONS = ("fp32", "bf16", "fp16")
 READINESS_MODEL = "readiness"
+# The file both openvino flavours read: the plain ONNX export, as it is.
+OPENVINO_MODEL_FILE = "model.onnx"
 # The rate limiter's resource: held by a component model instance while it computes.
-CPU_RESOURCE = "onnxruntime_cpu"
+CPU_RESOURCE = "cpu_cores"
 
 # Export dtype names -> Triton's config types (the contract's own are wire type names).
 _SPEC_DTYPES = {
@@ -65,14 +74,27 @@ class RepositoryOptions:
         5000,
         "microseconds the UNet's dynamic batcher waits for a partner request",
     )
-    intra_op_threads: int = _option(0, "onnxruntime threads per component session; 0: all cores")
+    precision: str = _option(
+        "fp32",
+        "what the components compute in: fp32; bf16 (openvino flavours, CPUs with "
+        "AVX512_BF16 or AMX); fp16 (an fp16 export, GPUs)",
+        choices=PRECISIONS,
+    )
+    intra_op_threads: int = _option(
+        0, "threads per component (onnxruntime session, OpenVINO compiled model); 0: all cores"
+    )
+    openvino_streams: int = _option(
+        # One call at a time reaches a component: more streams would split its cores.
+        1,
+        "openvino flavours: OpenVINO CPU streams per component",
+    )
     allow_spinning: bool = _option(
         True, "idle onnxruntime pool threads spin (fast hand-offs, CPU taken from others)"
     )
     cpu_rate_limit: bool = _option(
         # Two sessions computing at once on a CPU only take cores from each other.
         True,
-        "python-onnxruntime: one component computes at a time, with every core",
+        "python flavours: one component computes at a time, with every core",
     )
     unet_split_threads: bool = _option(
         # More edits/s on a CPU; the first merged call loads one more UNet copy per core.
@@ -87,7 +109,7 @@ class RepositoryOptions:
     @property
     def fused_export(self) -> bool:
         """Whether the export served has onnxruntime's fusions (contrib ops that only
-        onnxruntime runs): faster there, unreadable for TensorRT."""
+        onnxruntime runs): faster there, unreadable for TensorRT and OpenVINO."""
         return self.onnxruntime_fusions and self.flavour in ("python-onnxruntime", "onnxruntime")
 
     def check(self) -> None:
@@ -96,6 +118,23 @@ class RepositoryOptions:
             raise ValueError(f"flavour={self.flavour!r}: allowed one of {', '.join(FLAVOURS)}")
         if self.edit_instances < 1:
             raise ValueError(f"edit_instances={self.edit_instances}: allowed >= 1")
+        if self.precision not in PRECISIONS:
+            raise ValueError(
+                f"precision={self.precision!r}: allowed one of {', '.join(PRECISIONS)}"
+            )
+        openvino = self.flavour in OPENVINO_FLAVOURS
+        if self.precision == "bf16" and not openvino:
+            raise ValueError(
+                f"precision=bf16 with flavour={self.flavour}: only the openvino flavours "
+                f"({', '.join(OPENVINO_FLAVOURS)}) compute in bf16"
+            )
+        if self.precision == "fp16" and openvino:
+            raise ValueError(
+                f"precision=fp16 with flavour={self.flavour}: the openvino flavours take "
+                "fp32 or bf16"
+            )
+        if self.openvino_streams < 1:
+            raise ValueError(f"openvino_streams={self.openvino_streams}: allowed >= 1")
         if self.max_edits <= self.edit_instances:
             raise ValueError(
                 f"max_edits={self.max_edits}: allowed more than edit_instances "
@@ -115,7 +154,7 @@ class RepositoryOptions:
 
 def server_arguments(options: RepositoryOptions) -> list[str]:
     """tritonserver flags the repository needs (TritonServer adds them from repository.json)."""
-    if options.flavour == "python-onnxruntime" and options.cpu_rate_limit:
+    if options.flavour in PYTHON_FLAVOURS and options.cpu_rate_limit:
         return ["--rate-limit=execution_count"]
     return []
 
@@ -125,18 +164,21 @@ def _parameters(config: Any, values: dict[str, Any]) -> None:
         config.parameters[key].string_value = str(value)
 
 
-def _tensor(message: Any, tensor: TensorSpec) -> None:
-    """A batched tensor: the config lists the dims after the batch axis."""
+def _tensor(message: Any, tensor: TensorSpec, batched: bool = True) -> None:
+    """A tensor of a component: batched, the config lists the dims after the batch axis;
+    unbatched (max_batch_size 0), every dim, the batch axis one of the variable ones."""
     message.name = tensor.name
     message.data_type = _SPEC_DTYPES[tensor.dtype]
-    dims = [-1 if isinstance(d, str) else int(d) for d in tensor.dims[1:]]
-    if dims:
+    dims = [-1 if isinstance(d, str) else int(d) for d in tensor.dims[1 if batched else 0 :]]
+    if len(tensor.dims) > 1:
         message.dims.extend(dims)
-    else:
-        # A tensor that is only the batch axis, like the UNet's per-row timestep: Triton
-        # wants at least one dim, so it travels as [batch, 1] and reaches the model as [batch].
-        message.dims.append(1)
-        message.reshape.SetInParent()
+        return
+    # A tensor that is only the batch axis, like the UNet's per-row timestep: Triton wants
+    # a dim past the batch axis, so it travels as [batch, 1] (what the edit models send)
+    # and reaches the model as [batch].
+    message.dims.extend([*dims, 1])
+    message.reshape.SetInParent()
+    message.reshape.shape.extend(dims)
 
 
 def _scalar(message: Any, name: str, wire_type: str, optional: bool) -> None:
@@ -151,11 +193,15 @@ def _scalar(message: Any, name: str, wire_type: str, optional: bool) -> None:
 
 def component_config(spec: ComponentSpec, options: RepositoryOptions) -> Any:
     """config.pbtxt of an exported component, for the chosen flavour."""
-    config = mc.ModelConfig(name=spec.name, max_batch_size=spec.axes["batch"].max)
+    # Triton's OpenVINO backend (r24.10) fixes a batching model's batch to max_batch_size
+    # and refuses smaller ones (or pads them, computing the padding): with max_batch_size 0
+    # the batch stays a dynamic dim of OpenVINO's own, without Triton's dynamic batcher.
+    batched = options.flavour != "openvino"
+    config = mc.ModelConfig(name=spec.name, max_batch_size=spec.axes["batch"].max if batched else 0)
     for tensor in spec.inputs:
-        _tensor(config.input.add(), tensor)
+        _tensor(config.input.add(), tensor, batched)
     for tensor in spec.outputs:
-        _tensor(config.output.add(), tensor)
+        _tensor(config.output.add(), tensor, batched)
     is_unet = spec.name in UNET_FOR_PIPELINE.values()
     if options.flavour == "python-onnxruntime":
         config.backend = "python"
@@ -167,9 +213,22 @@ def component_config(spec: ComponentSpec, options: RepositoryOptions) -> Any:
                 "split_threads": int(options.unet_split_threads and is_unet),
             },
         )
-        group = config.instance_group.add(count=1, kind=KIND_CPU)
-        if options.cpu_rate_limit:
-            group.rate_limiter.resources.add(name=CPU_RESOURCE, count=1, **{"global": True})
+    elif options.flavour == "python-openvino":
+        config.backend = "python"
+        _parameters(
+            config,
+            {
+                "model_file": OPENVINO_MODEL_FILE,
+                "precision": options.precision,
+                "threads": options.intra_op_threads,
+                "streams": options.openvino_streams,
+            },
+        )
+    elif options.flavour == "openvino":
+        config.backend = "openvino"
+        config.default_model_filename = OPENVINO_MODEL_FILE
+        _parameters(config, openvino_backend_parameters(options))
+        config.instance_group.add(count=1, kind=KIND_CPU)
     elif options.flavour == "onnxruntime":
         config.platform = "onnxruntime_onnx"
         _parameters(
@@ -180,16 +239,35 @@ def component_config(spec: ComponentSpec, options: RepositoryOptions) -> Any:
     else:
         config.platform = "tensorrt_plan"
         config.instance_group.add(count=1, kind=KIND_GPU)
-    if is_unet:
+    if options.flavour in PYTHON_FLAVOURS:
+        group = config.instance_group.add(count=1, kind=KIND_CPU)
+        if options.cpu_rate_limit:
+            group.rate_limiter.resources.add(name=CPU_RESOURCE, count=1, **{"global": True})
+    if is_unet and batched:
         config.dynamic_batching.max_queue_delay_microseconds = options.unet_queue_delay_us
     return config
+
+
+def openvino_backend_parameters(options: RepositoryOptions) -> dict[str, str]:
+    """The `parameters` Triton's OpenVINO backend (r24.10) reads for the CPU."""
+    parameters = {
+        "PERFORMANCE_HINT": "LATENCY",
+        "NUM_STREAMS": str(options.openvino_streams),
+    }
+    if options.intra_op_threads > 0:
+        parameters["INFERENCE_NUM_THREADS"] = str(options.intra_op_threads)
+    if options.precision == "bf16":
+        # The backend's only precision switch: inference_precision(bf16) when YES.
+        parameters["HINT_BF16"] = "YES"
+    return parameters
 
 
 def edit_instance_kind(flavour: str) -> int:
     """Where an edit model runs: next to its UNet, so the loop's tensors never move.
 
     tensorrt UNets are on a GPU; onnxruntime backend UNets are wherever Triton put them
-    (KIND_AUTO: a GPU when there is one); python-onnxruntime UNets are on the CPU.
+    (KIND_AUTO: a GPU when there is one); the python and openvino flavours' UNets are on
+    the CPU.
     """
     return {"tensorrt": KIND_GPU, "onnxruntime": KIND_AUTO}.get(flavour, KIND_CPU)
 

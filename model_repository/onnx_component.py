@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from model_repository.batching import Runnable, model_feed, run_merged
+
 if TYPE_CHECKING:
     import torch
 
@@ -83,13 +85,7 @@ class OnnxComponent:
         self.session = None
 
     def run(self, inputs: dict[str, np.ndarray], session: Any = None) -> dict[str, np.ndarray]:
-        feed = {}
-        for name in self.input_names:
-            array = inputs[name]
-            # Triton carries a [batch] tensor as [batch, 1] (dims [1] + reshape []).
-            if array.ndim == self.input_ranks[name] + 1 and array.shape[-1] == 1:
-                array = array.reshape(array.shape[:-1])
-            feed[name] = array
+        feed = model_feed(inputs, self.input_names, self.input_ranks)
         outputs = (session or self.session).run(self.output_names, feed)
         return dict(zip(self.output_names, outputs, strict=True))
 
@@ -132,28 +128,7 @@ class OnnxComponent:
         """
         if self.split_threads and len(requests) > 1:
             return self._run_side_by_side(requests)
-        results: list[dict[str, np.ndarray] | None] = [None] * len(requests)
-        groups: dict[tuple, list[int]] = {}
-        for index, request in enumerate(requests):
-            key = tuple(request[name].shape[1:] for name in self.input_names)
-            groups.setdefault(key, []).append(index)
-        for indices in groups.values():
-            if len(indices) == 1:
-                results[indices[0]] = self.run(requests[indices[0]])
-                continue
-            merged = {
-                name: np.concatenate([requests[i][name] for i in indices])
-                for name in self.input_names
-            }
-            outputs = self.run(merged)
-            offset = 0
-            for i in indices:
-                rows = requests[i][self.input_names[0]].shape[0]
-                results[i] = {
-                    name: value[offset : offset + rows] for name, value in outputs.items()
-                }
-                offset += rows
-        return results  # type: ignore[return-value]
+        return run_merged(requests, self.input_names, self.run)
 
     def _run_side_by_side(
         self, requests: Sequence[dict[str, np.ndarray]]
@@ -179,14 +154,15 @@ class OnnxComponent:
 
 
 class OnnxComponents:
-    """The four component calls of an edit as onnxruntime sessions in this process (the
-    bare loop the benchmark compares with Triton, and tests): the pipeline's Components."""
+    """The four component calls of an edit on the exported ONNX files in this process (the
+    bare loop the benchmark compares with Triton, and tests): the pipeline's Components.
+    `make` opens one file: an OnnxComponent, or an OpenVinoComponent on the CPU."""
 
     def __init__(
         self,
         export_dir: Path,
         calls: dict[str, dict[str, Any]],
-        make: Callable[[Path], OnnxComponent],
+        make: Callable[[Path], Runnable],
         device: str = "cpu",
     ) -> None:
         self.calls = calls

@@ -89,7 +89,8 @@ def write_repository(
     options: RepositoryOptions,
     engines_dir: Path | None = None,
 ) -> Path:
-    repository = build_dir / "repository" / f"{name}-{options.flavour}"
+    precision = "" if options.precision == "fp32" else f"-{options.precision}"
+    repository = build_dir / "repository" / f"{name}-{options.flavour}{precision}"
     models = build_repository(export_dir, repository, options, engines_dir)
     _log(f"repository ({options.flavour}, {len(models)} models): {repository}")
     return repository
@@ -106,8 +107,9 @@ def prepare(
     """Preset or checkpoint -> validated export -> model repository."""
     options = options or RepositoryOptions()
     name, source = resolve_source(preset, model, build_dir)
-    export_dir = export_dir_for(name, build_dir, options.fused_export)
-    ensure_export([source], export_dir, optimize=options.fused_export)
+    fp16 = options.precision == "fp16"
+    export_dir = export_dir_for(name, build_dir, options.fused_export, fp16)
+    ensure_export([source], export_dir, fp16=fp16, optimize=options.fused_export)
     repository = write_repository(name, export_dir, build_dir, options, engines_dir)
     return BuiltModel(name=name, export_dir=export_dir, repository=repository)
 

@@ -51,6 +51,18 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
 
 
 @pytest.fixture(scope="session")
+def reference_pipelines(tiny_preset: Path) -> dict[str, object]:
+    """diffusers' reference pipelines of the tiny preset, in PyTorch fp32, by model name."""
+    from export.checkpoint import inspect_folder, load_pipeline
+    from export.presets import IMG2IMG_FOLDER, PIX2PIX_FOLDER
+
+    return {
+        "instruct_pix2pix": load_pipeline(inspect_folder(tiny_preset / PIX2PIX_FOLDER)),
+        "img2img": load_pipeline(inspect_folder(tiny_preset / IMG2IMG_FOLDER)),
+    }
+
+
+@pytest.fixture(scope="session")
 def tiny_repository(tiny_export: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A python-onnxruntime model repository of the tiny preset."""
     from model_repository.builder import build_repository

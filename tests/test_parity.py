@@ -1,8 +1,9 @@
 """Served images equal diffusers' reference pipelines on the same weights and seed.
 
-A real tritonserver (python-onnxruntime flavour, tiny preset) answers gRPC requests; the
-reference is diffusers' StableDiffusionInstructPix2PixPipeline / Img2ImgPipeline in
-PyTorch with a CPU torch.Generator seeded alike, fed the same preprocessed image.
+A real tritonserver (tiny preset; python-onnxruntime flavour, then python-openvino in fp32)
+answers gRPC requests; the reference is diffusers' StableDiffusionInstructPix2PixPipeline /
+Img2ImgPipeline in PyTorch with a CPU torch.Generator seeded alike, fed the same
+preprocessed image.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, EulerAncestralDiscreteScheduler, PNDMScheduler
 
-from export.checkpoint import inspect_folder, load_pipeline
-from export.presets import IMG2IMG_FOLDER, PIX2PIX_FOLDER
+from model_repository.builder import build_repository
+from model_repository.configs import RepositoryOptions
 from model_repository.preprocess import decode_image
 from tests.serving import edit, photo, png_bytes
 
@@ -83,12 +84,27 @@ PROMPT = "make it snowy"
 SEED = 1234
 
 
-@pytest.fixture(scope="module")
-def reference_pipelines(tiny_preset: Path) -> dict[str, Any]:
-    return {
-        "instruct_pix2pix": load_pipeline(inspect_folder(tiny_preset / PIX2PIX_FOLDER)),
-        "img2img": load_pipeline(inspect_folder(tiny_preset / IMG2IMG_FOLDER)),
-    }
+# The flavours whose served images are held to diffusers': onnxruntime and OpenVINO (fp32)
+# components under the same edit models.
+FLAVOURS = ("python-onnxruntime", "python-openvino")
+
+
+@pytest.fixture(scope="module", params=FLAVOURS)
+def served_client(request, tiny_export: Path, tmp_path_factory, start_server):
+    """A gRPC client of a tiny-preset server of the flavour: the session's python-onnxruntime
+    server, or one of this module's own."""
+    import tritonclient.grpc as grpcclient
+
+    if request.param == "python-onnxruntime":
+        server = request.getfixturevalue("tiny_server")
+    else:
+        repository = tmp_path_factory.mktemp(request.param) / "repository"
+        options = RepositoryOptions(flavour=request.param, intra_op_threads=1)
+        build_repository(tiny_export, repository, options)
+        server = start_server(repository)
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    yield request.param, client
+    client.close()
 
 
 def reference_image(pipeline: Any, case: Case, image: Any) -> np.ndarray:
@@ -114,11 +130,12 @@ def reference_image(pipeline: Any, case: Case, image: Any) -> np.ndarray:
 
 @pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
 def test_served_image_equals_diffusers(
-    grpc_client, reference_pipelines, summary, case: Case
+    served_client, reference_pipelines, summary, case: Case
 ) -> None:
+    flavour, client = served_client
     encoded = png_bytes(photo(*case.size))
     served = edit(
-        grpc_client,
+        client,
         case.model,
         image=encoded,
         prompt=PROMPT,
@@ -133,7 +150,7 @@ def test_served_image_equals_diffusers(
     assert actual.shape == expected.shape == (case.size[1], case.size[0], 3)
     difference = np.abs(actual.astype(np.int16) - expected.astype(np.int16))
     summary(
-        "served vs diffusers, uint8 |difference| (tiny preset)",
+        f"served ({flavour}) vs diffusers, uint8 |difference| (tiny preset)",
         f"{case.name:<34} max {difference.max()}  mean {difference.mean():.4f}",
     )
     assert difference.max() <= MAX_ABS_DIFFERENCE

@@ -13,6 +13,7 @@ from export.components import COMPONENTS, UNET_FOR_PIPELINE
 from export.onnx_export import load_manifest
 from model_repository.builder import build_repository
 from model_repository.configs import FLAVOURS, READINESS_MODEL, RepositoryOptions
+from model_repository.openvino_component import bf16_unsupported_reason
 from pix2pix_client.contract import OUTPUTS, STREAM_OUTPUTS, parameters_for, stream_model
 
 PIPELINES = ("instruct_pix2pix", "img2img")
@@ -60,9 +61,21 @@ def test_every_config_parses_as_model_config(repository) -> None:
             assert config.backend == "python"
             assert (root / name / "1" / "model.py").is_file()
             assert (root / name / "1" / "model.onnx").is_file()
+        elif flavour == "python-openvino":
+            assert config.backend == "python"
+            assert config.parameters["precision"].string_value == "fp32"
+            assert (root / name / "1" / "model.py").is_file()
+            assert (root / name / "1" / "model.onnx").is_file()
         elif flavour == "onnxruntime":
             assert config.platform == "onnxruntime_onnx"
             assert (root / name / "1" / "model.onnx").is_file()
+        elif flavour == "openvino":
+            # The NGC container's OpenVINO backend reads the plain ONNX file itself.
+            assert config.backend == "openvino" and config.default_model_filename == "model.onnx"
+            assert (root / name / "1" / "model.onnx").is_file()
+            assert config.instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
+            assert config.parameters["PERFORMANCE_HINT"].string_value == "LATENCY"
+            assert "HINT_BF16" not in config.parameters
         else:
             assert config.platform == "tensorrt_plan"
             assert (root / name / "1" / "model.plan").is_file()
@@ -70,22 +83,27 @@ def test_every_config_parses_as_model_config(repository) -> None:
 
 
 def test_component_configs_follow_the_specs(repository, tiny_export: Path) -> None:
-    _, root = repository
+    flavour, root = repository
     configs = _configs(root)
     manifest = load_manifest(tiny_export)
+    # Triton's OpenVINO backend takes only a batch of max_batch_size: its components have
+    # none, the batch axis is a dim of the model's own (configs.component_config).
+    batched = flavour != "openvino"
     for name, entry in manifest["components"].items():
         config = configs[name]
         spec = entry["spec"]
-        assert config.max_batch_size == spec["axes"]["batch"]["max"]
+        assert config.max_batch_size == (spec["axes"]["batch"]["max"] if batched else 0)
         assert [i.name for i in config.input] == [t["name"] for t in spec["inputs"]]
         assert [o.name for o in config.output] == [t["name"] for t in spec["outputs"]]
         for tensor, declared in zip(config.input, spec["inputs"], strict=True):
-            dims = [-1 if isinstance(d, str) else d for d in declared["dims"][1:]] or [1]
-            assert list(tensor.dims) == dims
+            dims = [-1 if isinstance(d, str) else d for d in declared["dims"]]
+            dims = dims[1:] if batched else dims
+            assert list(tensor.dims) == (dims if len(declared["dims"]) > 1 else [*dims, 1])
     unet = configs["unet_pix2pix"]
-    assert unet.HasField("dynamic_batching")
+    assert unet.HasField("dynamic_batching") == batched
     timestep = next(t for t in unet.input if t.name == "timestep")
-    assert list(timestep.dims) == [1] and timestep.HasField("reshape")
+    # A [batch] tensor travels as [batch, 1], what the edit models send in every flavour.
+    assert list(timestep.dims) == ([1] if batched else [-1, 1]) and timestep.HasField("reshape")
     assert not configs["text_encoder"].HasField("dynamic_batching")
 
 
@@ -168,7 +186,38 @@ def test_unknown_flavour_is_refused(tiny_export: Path, tmp_path: Path) -> None:
     with pytest.raises(
         ValueError, match="allowed one of python-onnxruntime, onnxruntime, tensorrt"
     ):
-        build_repository(tiny_export, tmp_path / "repo", RepositoryOptions(flavour="openvino"))
+        build_repository(tiny_export, tmp_path / "repo", RepositoryOptions(flavour="tflite"))
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (
+            {"precision": "bf16"},
+            "precision=bf16 with flavour=python-onnxruntime: only the openvino",
+        ),
+        ({"flavour": "openvino", "precision": "fp16"}, "the openvino flavours take fp32 or bf16"),
+        ({"precision": "int8"}, "precision='int8': allowed one of fp32, bf16, fp16"),
+        ({"flavour": "python-openvino", "openvino_streams": 0}, "openvino_streams=0"),
+    ],
+)
+def test_precision_fits_the_flavour(options: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        RepositoryOptions(**options).check()
+
+
+@pytest.mark.skipif(bf16_unsupported_reason() is not None, reason="this CPU has no native bf16")
+def test_bf16_reaches_openvino_in_both_flavours(tiny_export: Path, tmp_path: Path) -> None:
+    for flavour in ("python-openvino", "openvino"):
+        options = RepositoryOptions(flavour=flavour, precision="bf16", intra_op_threads=2)
+        build_repository(tiny_export, tmp_path / flavour, options)
+        parameters = _configs(tmp_path / flavour)["unet_pix2pix"].parameters
+        if flavour == "openvino":
+            assert parameters["HINT_BF16"].string_value == "YES"
+            assert parameters["INFERENCE_NUM_THREADS"].string_value == "2"
+        else:
+            assert parameters["precision"].string_value == "bf16"
+            assert parameters["threads"].string_value == "2"
 
 
 def test_edit_models_run_next_to_their_unet(repository) -> None:
@@ -178,6 +227,8 @@ def test_edit_models_run_next_to_their_unet(repository) -> None:
     configs = _configs(root)
     expected = {
         "python-onnxruntime": mc.ModelInstanceGroup.KIND_CPU,
+        "python-openvino": mc.ModelInstanceGroup.KIND_CPU,
+        "openvino": mc.ModelInstanceGroup.KIND_CPU,
         "onnxruntime": mc.ModelInstanceGroup.KIND_AUTO,
         "tensorrt": mc.ModelInstanceGroup.KIND_GPU,
     }[flavour]
@@ -186,6 +237,5 @@ def test_edit_models_run_next_to_their_unet(repository) -> None:
         unet = configs[UNET_FOR_PIPELINE[pipeline]]
         assert edit.instance_group[0].kind == expected
         assert unet.instance_group[0].kind in (expected, mc.ModelInstanceGroup.KIND_CPU)
-        if flavour != "python-onnxruntime":
-            assert unet.instance_group[0].kind == expected
+        assert unet.instance_group[0].kind == expected
         assert edit.parameters["FORCE_CPU_ONLY_INPUT_TENSORS"].string_value == "no"

@@ -1,0 +1,150 @@
+"""An exported component run by OpenVINO inside a Python backend model.
+
+Used by the `python-openvino` flavour. OpenVINO compiles the plain ONNX export (the
+onnxruntime fusions' contrib ops are no ONNX it reads) for the CPU, in fp32 or in bf16.
+bf16 halves the work of the convolutions and matrix products on CPUs that compute it
+natively (AVX512_BF16, AMX); elsewhere it buys no speed, so building a bf16 repository
+there is refused with one line, and a bf16 repository loaded there computes in fp32 and
+logs why (one built on another machine).
+
+Requests that arrive together (Triton's dynamic batcher) and share a shape run as one
+call, as in the onnxruntime flavour (model_repository/batching.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from model_repository.batching import model_feed, run_merged
+
+PRECISIONS = ("fp32", "bf16")
+# OpenVINO's names of the two inference precisions.
+_INFERENCE_PRECISION = {"fp32": "f32", "bf16": "bf16"}
+# /proc/cpuinfo flags of native bf16 arithmetic: AVX-512 BF16 dot products, or AMX tiles.
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+CPUINFO = Path("/proc/cpuinfo")
+
+
+def cpu_flags() -> set[str] | None:
+    """The CPU's feature flags as Linux reports them (CPUINFO); None where there is none."""
+    try:
+        text = CPUINFO.read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            return set(value.split())
+    return set()
+
+
+def openvino_capabilities() -> list[str]:
+    """What OpenVINO's CPU plugin says this CPU computes fast (BF16, FP32, INT8, ...)."""
+    import openvino as ov
+
+    return list(ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+
+
+def bf16_unsupported_reason(
+    flags: set[str] | None = None, capabilities: Sequence[str] | None = None
+) -> str | None:
+    """Why this CPU cannot run bf16 natively, or None when it can.
+
+    Both must agree: Linux's flags (AVX512_BF16 or AMX-BF16), where there are any, and
+    OpenVINO's CPU plugin (its BF16 capability).
+    """
+    flags = cpu_flags() if flags is None else flags
+    capabilities = openvino_capabilities() if capabilities is None else capabilities
+    if flags is not None and not flags & set(BF16_CPU_FLAGS):
+        return f"this CPU has neither {' nor '.join(BF16_CPU_FLAGS)}"
+    if "BF16" not in capabilities:
+        return "OpenVINO lists no BF16 among this CPU's capabilities"
+    return None
+
+
+def _check_known(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r}: allowed one of {', '.join(PRECISIONS)}")
+
+
+def check_precision(precision: str) -> None:
+    """Raises ValueError (one line) when this CPU cannot compute in `precision`."""
+    _check_known(precision)
+    if precision == "bf16" and (reason := bf16_unsupported_reason()):
+        raise ValueError(
+            f"precision=bf16: {reason}, so bf16 would buy no speed here; use precision fp32"
+        )
+
+
+def compile_properties(precision: str, threads: int, streams: int) -> dict[str, Any]:
+    """OpenVINO CPU properties of one component's compiled model.
+
+    One stream with every thread it is given (0: all cores), the latency hint: one call at
+    a time, as the Python backend hands them over.
+    """
+    properties: dict[str, Any] = {
+        "INFERENCE_PRECISION_HINT": _INFERENCE_PRECISION[precision],
+        "PERFORMANCE_HINT": "LATENCY",
+        "NUM_STREAMS": streams,
+    }
+    if threads > 0:
+        properties["INFERENCE_NUM_THREADS"] = threads
+    return properties
+
+
+class OpenVinoComponent:
+    """One exported model compiled by OpenVINO for the CPU, runnable on merged batches."""
+
+    def __init__(
+        self,
+        model_path: Path,
+        precision: str = "fp32",
+        threads: int = 0,
+        streams: int = 1,
+    ) -> None:
+        import openvino as ov
+
+        _check_known(precision)
+        self.model_path = Path(model_path)
+        # A repository built on a bf16 machine may be served on another (replicas, S3).
+        self.fallback_reason = bf16_unsupported_reason() if precision == "bf16" else None
+        self.precision = "fp32" if self.fallback_reason else precision
+        properties = compile_properties(self.precision, threads, streams)
+        core = ov.Core()
+        model = core.read_model(str(self.model_path))
+        self.input_names = [port.get_any_name() for port in model.inputs]
+        self.input_ranks = {
+            port.get_any_name(): port.get_partial_shape().rank.get_length() for port in model.inputs
+        }
+        self.output_names = [port.get_any_name() for port in model.outputs]
+        self.compiled = core.compile_model(model, "CPU", properties)
+        self._request = self.compiled.create_infer_request()
+
+    @property
+    def inference_precision(self) -> str:
+        """The precision the compiled model computes in, as OpenVINO reports it."""
+        reported = self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+        return {name: key for key, name in _INFERENCE_PRECISION.items()}.get(reported, reported)
+
+    def close(self) -> None:
+        """Releases the compiled model and its infer request."""
+        self._request = None
+        self.compiled = None
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One call: named inputs -> named outputs (arrays of their own)."""
+        feed = {
+            name: np.ascontiguousarray(array)
+            for name, array in model_feed(inputs, self.input_names, self.input_ranks).items()
+        }
+        outputs = self._request.infer(feed, share_inputs=True, share_outputs=False)
+        return {name: outputs[name] for name in self.output_names}
+
+    def run_merged(self, requests: Sequence[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+        """Runs requests that arrived together (equal non-batch shapes as one batch);
+        returns per-request outputs."""
+        return run_merged(requests, self.input_names, self.run)

@@ -1,0 +1,182 @@
+"""The openvino flavours' components: OpenVINO compiled models of the plain ONNX export.
+
+Real OpenVINO on the tiny preset: fp32 against onnxruntime, bf16 against fp32 and against
+diffusers, and the bf16 check of the CPU with a fake /proc/cpuinfo and fake OpenVINO
+capabilities standing in for a CPU without native bf16 (this one has it).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from benchmarks.settings import BenchConfig
+from benchmarks.systems import BareLoop
+from model_repository import openvino_component
+from model_repository.builder import build_repository
+from model_repository.configs import RepositoryOptions
+from model_repository.onnx_component import OnnxComponent
+from model_repository.openvino_component import OpenVinoComponent, bf16_unsupported_reason
+from model_repository.preprocess import decode_image
+from tests.serving import photo, png_bytes
+from tests.test_parity import CASES, PROMPT, SEED, Case, reference_image
+
+# bf16 keeps 8 bits of mantissa (components ~1-4% off fp32): the tiny preset's random
+# weights, 6 steps, against fp32 diffusers. Measured on this CPU: max 9, PSNR 43.5 dB at
+# worst. The image-guided DDIM and DDPM cases are left out: with these random weights a 1%
+# perturbation of the fp32 UNet's output already moves them by 168 grey levels, so they
+# say nothing about bf16. The small preset's served fidelity gate (test_openvino_fidelity,
+# slow) is the bar for real images.
+BF16_MAX_ABS_DIFFERENCE = 16
+BF16_MIN_PSNR_DB = 40.0
+BF16_CASES = [
+    case
+    for case in CASES
+    if case.name.startswith(("pix2pix-euler_a", "pix2pix-text-guidance-off", "img2img"))
+]
+
+native_bf16 = pytest.mark.skipif(
+    bf16_unsupported_reason() is not None, reason="this CPU has no native bf16"
+)
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """Peak signal-to-noise ratio of two uint8 images, in dB (inf: identical)."""
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return math.inf if mse == 0 else 10 * math.log10(255**2 / mse)
+
+
+def unet_inputs(batch: int = 3) -> dict[str, np.ndarray]:
+    generator = np.random.default_rng(0)
+    return {
+        "sample": generator.standard_normal((batch, 8, 8, 8), dtype=np.float32),
+        "timestep": np.full((batch,), 500.0, dtype=np.float32),
+        "encoder_hidden_states": generator.standard_normal((batch, 77, 32), dtype=np.float32),
+    }
+
+
+@pytest.fixture()
+def cpu_without_bf16(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CPU like the ones before AVX512_BF16: its cpuinfo flags and OpenVINO's view."""
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_vnni\n")
+    monkeypatch.setattr(openvino_component, "CPUINFO", cpuinfo)
+    monkeypatch.setattr(openvino_component, "openvino_capabilities", lambda: ["FP32", "INT8"])
+
+
+def test_fp32_computes_what_onnxruntime_computes(tiny_export: Path) -> None:
+    model = tiny_export / "unet_pix2pix" / "model.onnx"
+    inputs = unet_inputs()
+    assert set(inputs) == set(OnnxComponent(model).input_names)
+    expected = OnnxComponent(model, intra_op_threads=1).run(inputs)["noise_pred"]
+    component = OpenVinoComponent(model, "fp32", threads=1)
+    assert component.inference_precision == "fp32"
+    actual = component.run(inputs)["noise_pred"]
+    np.testing.assert_allclose(actual, expected, atol=1e-4, rtol=1e-4)
+    component.close()
+
+
+def test_merged_requests_equal_separate_calls(tiny_export: Path) -> None:
+    component = OpenVinoComponent(tiny_export / "unet_pix2pix" / "model.onnx", threads=1)
+    first, second = unet_inputs(3), unet_inputs(2)
+    # Triton's [batch, 1] timestep reaches the model as [batch].
+    second["timestep"] = second["timestep"][:, None]
+    merged = component.run_merged([first, second])
+    for request, outputs in zip((first, second), merged, strict=True):
+        np.testing.assert_allclose(
+            outputs["noise_pred"], component.run(request)["noise_pred"], atol=1e-5
+        )
+
+
+@native_bf16
+def test_bf16_compiles_in_bf16_and_stays_close_to_fp32(tiny_export: Path) -> None:
+    model = tiny_export / "unet_pix2pix" / "model.onnx"
+    inputs = unet_inputs()
+    bf16 = OpenVinoComponent(model, "bf16", threads=1)
+    assert bf16.fallback_reason is None and bf16.inference_precision == "bf16"
+    fp32 = OpenVinoComponent(model, "fp32", threads=1).run(inputs)["noise_pred"]
+    difference = np.abs(bf16.run(inputs)["noise_pred"] - fp32)
+    assert 0 < difference.max() < 0.1 * np.abs(fp32).max()
+
+
+def test_bf16_is_refused_where_the_cpu_lacks_it(cpu_without_bf16, tiny_export: Path) -> None:
+    options = RepositoryOptions(flavour="python-openvino", precision="bf16")
+    with pytest.raises(ValueError) as raised:
+        build_repository(tiny_export, Path("/nonexistent/repository"), options)
+    message = str(raised.value)
+    assert "\n" not in message
+    assert message.startswith("precision=bf16: this CPU has neither avx512_bf16 nor amx_bf16")
+    assert message.endswith("use precision fp32")
+
+
+def test_bf16_needs_both_the_cpu_flags_and_openvino(monkeypatch, tmp_path: Path) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("flags\t\t: avx512f avx512_bf16\n")
+    monkeypatch.setattr(openvino_component, "CPUINFO", cpuinfo)
+    assert bf16_unsupported_reason(capabilities=["FP32", "BF16"]) is None
+    assert "OpenVINO lists no BF16" in bf16_unsupported_reason(capabilities=["FP32"])
+    # Without a cpuinfo (not Linux) OpenVINO's word decides.
+    monkeypatch.setattr(openvino_component, "CPUINFO", tmp_path / "missing")
+    assert bf16_unsupported_reason(capabilities=["FP32", "BF16"]) is None
+
+
+def test_a_bf16_repository_served_on_a_cpu_without_it_computes_fp32(
+    cpu_without_bf16, tiny_export: Path
+) -> None:
+    """A repository built elsewhere (copied, or on shared storage) still loads: the
+    component logs why and computes in fp32 (model_repository/backend/openvino_component)."""
+    component = OpenVinoComponent(tiny_export / "vae_decoder" / "model.onnx", "bf16", threads=1)
+    assert component.precision == "fp32" and component.inference_precision == "fp32"
+    assert "neither avx512_bf16 nor amx_bf16" in component.fallback_reason
+
+
+def test_the_openvino_flavours_refuse_a_fused_export(tiny_export: Path, tmp_path: Path) -> None:
+    fused = tmp_path / "fused"
+    fused.mkdir()
+    for entry in tiny_export.iterdir():
+        if entry.name != "manifest.json":
+            (fused / entry.name).symlink_to(entry)
+    manifest = (tiny_export / "manifest.json").read_text()
+    (fused / "manifest.json").write_text(
+        manifest.replace('"optimized": false', '"optimized": true')
+    )
+    with pytest.raises(ValueError, match="OpenVINO cannot read; the openvino flavour needs"):
+        build_repository(fused, tmp_path / "repository", RepositoryOptions(flavour="openvino"))
+
+
+@pytest.fixture(scope="module")
+def bf16_loops(tiny_export: Path) -> dict[str, BareLoop]:
+    """The served pipeline code on bf16 components, per pipeline (the bare loop: the served
+    models' code and component settings without Triton, which the fp32 parity suite covers)."""
+    options = RepositoryOptions(flavour="python-openvino", precision="bf16", intra_op_threads=1)
+    return {
+        pipeline: BareLoop(
+            tiny_export, BenchConfig(preset="tiny", pipeline=pipeline, options=options)
+        )
+        for pipeline in ("instruct_pix2pix", "img2img")
+    }
+
+
+@native_bf16
+@pytest.mark.parametrize("case", BF16_CASES, ids=[case.name for case in BF16_CASES])
+def test_bf16_edits_stay_close_to_diffusers(
+    bf16_loops, reference_pipelines, summary, case: Case
+) -> None:
+    pipeline = bf16_loops[case.model].pipeline
+    encoded = png_bytes(photo(*case.size))
+    request = {"prompt": PROMPT, "num_inference_steps": case.steps, "seed": SEED}
+    output = pipeline.run(pipeline.prepare({"image": encoded, **request, **case.arguments}))
+    actual = np.asarray(decode_image(output.png))
+    expected = reference_image(reference_pipelines[case.model], case, decode_image(encoded))
+    difference = np.abs(actual.astype(np.int16) - expected.astype(np.int16))
+    quality = psnr(actual, expected)
+    summary(
+        "bf16 (python-openvino components) vs diffusers fp32, uint8 (tiny preset)",
+        f"{case.name:<34} max {difference.max()}  mean {difference.mean():.4f}  "
+        f"PSNR {quality:.1f} dB",
+    )
+    assert difference.max() <= BF16_MAX_ABS_DIFFERENCE
+    assert quality >= BF16_MIN_PSNR_DB
