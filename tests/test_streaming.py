@@ -249,10 +249,13 @@ def test_ctrl_c_cancels_the_servers_work_and_exits_130(
 ) -> None:
     (tmp_path / "photo.png").write_bytes(png_bytes(photo(256, 256)))
     child, screen, stream = _spawn(
-        ["edit", "photo.png", "-p", PROMPT, "--steps", "400", "--url", url], tmp_path
+        # The most steps allowed: the edit must still run when the signal lands, however
+        # far the pseudo-terminal's reader lags behind the bar.
+        ["edit", "photo.png", "-p", PROMPT, "--steps", "1000", "--url", url],
+        tmp_path,
     )
     deadline = time.monotonic() + 120
-    while "/400" not in _screen(child, screen, stream):
+    while "/1000" not in _screen(child, screen, stream):
         assert child.isalive() and time.monotonic() < deadline
     child.kill(signal.SIGINT)
     child.expect(pexpect.EOF, timeout=90)  # a loaded machine exits slowly
