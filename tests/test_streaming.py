@@ -211,8 +211,16 @@ def _spawn(
         cwd=str(tmp_path),
         dimensions=(30, 120),
         env={**os.environ, "TERM": "xterm-256color", "COLUMNS": "120"},
+        preexec_fn=_as_a_terminal_starts_it,
     )
     return child, screen, pyte.ByteStream(screen)
+
+
+def _as_a_terminal_starts_it() -> None:
+    # A shell's foreground command gets Ctrl-C. A test run started in the background of a
+    # script would otherwise pass its ignored SIGINT on, and the command would rightly
+    # keep ignoring it.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def test_the_command_shows_a_progress_bar_in_a_terminal(url: str, tmp_path: Path, summary) -> None:
