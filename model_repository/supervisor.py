@@ -183,7 +183,8 @@ class Supervisor:
         for model, (why, pids) in self._broken().items():
             if time.monotonic() < self._retry_at.get(model, 0.0):
                 continue
-            if self._unloaded_on_purpose(model):
+            # A model whose reload failed is not ready either: it is tried again.
+            if model not in self._retry_at and self._unloaded_on_purpose(model):
                 # An operator unloaded it (model-repository API): not a failure.
                 for pid in pids:
                     self.retired[pid] = self.processes.pop(pid)
