@@ -240,7 +240,7 @@ def test_the_command_shows_a_progress_bar_in_a_terminal(url: str, tmp_path: Path
     _screen(child, screen, stream)
     child.wait()
     summary("the command's bar in a pseudo-terminal", seen_bar.strip())
-    assert child.exitstatus == 0
+    assert child.exitstatus == 0, f"exit {child.exitstatus}, signal {child.signalstatus}"
     assert "photo.png" in seen_bar and "steps" in seen_bar
     assert "photo.png -> photo_edited.png" in "\n".join(screen.display)
     edited = Image.open(tmp_path / "photo_edited.png")
@@ -268,7 +268,7 @@ def test_ctrl_c_cancels_the_servers_work_and_exits_130(
     child.kill(signal.SIGINT)
     child.expect(pexpect.EOF, timeout=90)  # a loaded machine exits slowly
     child.wait()
-    assert child.exitstatus == 130
+    assert child.exitstatus == 130, f"exit {child.exitstatus}, signal {child.signalstatus}"
     time.sleep(0.3)
     stopped_at = _unet_executions(tiny_server)
     time.sleep(1.0)
