@@ -183,8 +183,7 @@ class Supervisor:
         for model, (why, pids) in self._broken().items():
             if time.monotonic() < self._retry_at.get(model, 0.0):
                 continue
-            # A model whose reload failed is not ready either: it is tried again.
-            if model not in self._retry_at and self._unloaded_on_purpose(model):
+            if self._unloaded_on_purpose(model):
                 # An operator unloaded it (model-repository API): not a failure.
                 for pid in pids:
                     self.retired[pid] = self.processes.pop(pid)
@@ -230,7 +229,10 @@ class Supervisor:
 
     def _unloaded_on_purpose(self, model: str) -> bool:
         """Whether the model is not ready in Triton's eyes: a model whose process died
-        stays "ready" there, one that was unloaded does not."""
+        stays "ready" there, one that was unloaded does not. One whose reload by the
+        supervisor failed is not ready either, and is tried again."""
+        if model in self._retry_at:
+            return False
         client = self.server.http_client()
         try:
             return not client.is_model_ready(model)  # type: ignore[attr-defined]
