@@ -257,8 +257,7 @@ def test_ctrl_c_cancels_the_servers_work_and_exits_130(
 ) -> None:
     (tmp_path / "photo.png").write_bytes(png_bytes(photo(256, 256)))
     child, screen, stream = _spawn(
-        # The most steps allowed: the edit must still run when the signal lands, however
-        # far the pseudo-terminal's reader lags behind the bar.
+        # The most steps allowed: the edit still runs when the signal lands.
         ["edit", "photo.png", "-p", PROMPT, "--steps", "1000", "--url", url],
         tmp_path,
     )
