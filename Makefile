@@ -155,7 +155,7 @@ bench: setup
 
 # Regenerates the pins from the current environment.
 lock: setup
-	( head -2 constraints.txt; $(PIP) freeze --exclude-editable | sed 's/+cpu$$//' ) > constraints.tmp
+	( head -3 constraints.txt; $(PIP) freeze --exclude-editable | sed 's/+cpu$$//' ) > constraints.tmp
 	mv constraints.tmp constraints.txt
 
 clean:

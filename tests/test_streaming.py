@@ -4,16 +4,21 @@ client library's edit_stream and on_progress, and the command's progress bars.""
 from __future__ import annotations
 
 import asyncio
+import errno
+import fcntl
 import io
 import os
+import select
 import signal
+import struct
+import subprocess
 import sys
+import termios
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import pexpect
 import pyte
 import pytest
 from PIL import Image
@@ -192,57 +197,90 @@ def test_four_concurrent_streams_merge_their_unet_calls(
 # --------------------------------------------------------------------------- the command
 
 
-def _screen(child: pexpect.spawn, screen: pyte.Screen, stream: pyte.ByteStream) -> str:
-    try:
-        while True:
-            stream.feed(child.read_nonblocking(65536, timeout=0.05))
-    except (pexpect.TIMEOUT, pexpect.EOF):
-        pass
-    return "\n".join(screen.display)
+# The command as a shell's foreground job starts it. A test run started in the background of
+# a script passes an ignored SIGINT on, and the command would rightly keep ignoring it; so
+# a small launcher restores Ctrl-C, then becomes the command.
+_AS_A_FOREGROUND_JOB = (
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+    "os.execv(sys.executable, [sys.executable, '-m', 'pix2pix_client', *sys.argv[1:]])"
+)
 
 
-def _spawn(
-    arguments: list[str], tmp_path: Path
-) -> tuple[pexpect.spawn, pyte.Screen, pyte.ByteStream]:
-    screen = pyte.Screen(120, 30)
-    child = pexpect.spawn(
-        sys.executable,
-        ["-m", "pix2pix_client", *arguments],
-        cwd=str(tmp_path),
-        dimensions=(30, 120),
-        env={**os.environ, "TERM": "xterm-256color", "COLUMNS": "120"},
-        preexec_fn=_as_a_terminal_starts_it,
-    )
-    return child, screen, pyte.ByteStream(screen)
+class _Terminal:
+    """The command running in a 30x120 pseudo-terminal, and what its screen shows.
 
+    Started by subprocess, whose fork runs no Python in the child. pexpect's fork does,
+    which is unsafe in a process with this many threads: in two full runs its child died
+    of SIGSEGV.
+    """
 
-def _as_a_terminal_starts_it() -> None:
-    # A shell's foreground command gets Ctrl-C. A test run started in the background of a
-    # script would otherwise pass its ignored SIGINT on, and the command would rightly
-    # keep ignoring it.
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    def __init__(self, arguments: list[str], cwd: Path) -> None:
+        self._controller, terminal = os.openpty()
+        fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 120, 0, 0))
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", _AS_A_FOREGROUND_JOB, *arguments],
+            stdin=terminal, stdout=terminal, stderr=terminal, cwd=cwd, start_new_session=True,
+            env={**os.environ, "TERM": "xterm-256color", "COLUMNS": "120"},
+        )  # fmt: skip
+        os.close(terminal)
+        self.screen = pyte.Screen(120, 30)
+        self._stream = pyte.ByteStream(self.screen)
+        self._closed = False
+
+    def show(self, wait: float = 0.05) -> str:
+        """Everything written so far, as the screen shows it."""
+        while not self._closed and select.select([self._controller], [], [], wait)[0]:
+            try:
+                written = os.read(self._controller, 65536)
+            except OSError as error:  # EIO: the command and its children closed the terminal
+                if error.errno != errno.EIO:
+                    raise
+                written = b""
+            if not written:
+                os.close(self._controller)
+                self._closed = True
+            self._stream.feed(written)
+        return "\n".join(self.screen.display)
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def __enter__(self) -> _Terminal:
+        return self
+
+    def __exit__(self, *failure: object) -> None:
+        if self.alive():
+            self.process.kill()
+            self.process.wait()
+        if not self._closed:
+            os.close(self._controller)
+
+    def finish(self, timeout: float) -> str:
+        """How the command ended, once it has, with the screen read to the end."""
+        deadline = time.monotonic() + timeout
+        while not self._closed and time.monotonic() < deadline:
+            self.show(wait=0.5)
+        code = self.process.wait(timeout=max(1.0, deadline - time.monotonic()))
+        return f"exit {code}" if code >= 0 else f"signal {signal.Signals(-code).name}"
 
 
 def test_the_command_shows_a_progress_bar_in_a_terminal(url: str, tmp_path: Path, summary) -> None:
     source = tmp_path / "photo.png"
     source.write_bytes(png_bytes(photo(128, 128)))
-    child, screen, stream = _spawn(
-        ["edit", "photo.png", "-p", PROMPT, "--steps", "60", "--seed", "3", "--url", url,
-         "--previews", "previews", "--preview-every", "20"],
-        tmp_path,
-    )  # fmt: skip
-    seen_bar = ""
-    deadline = time.monotonic() + 120
-    while child.isalive() and time.monotonic() < deadline:
-        shown = _screen(child, screen, stream)
-        if "steps" in shown and "/60" in shown:
-            seen_bar = next(line for line in shown.splitlines() if "/60" in line)
-    _screen(child, screen, stream)
-    child.wait()
-    summary("the command's bar in a pseudo-terminal", seen_bar.strip())
-    assert child.exitstatus == 0, f"exit {child.exitstatus}, signal {child.signalstatus}"
-    assert "photo.png" in seen_bar and "steps" in seen_bar
-    assert "photo.png -> photo_edited.png" in "\n".join(screen.display)
+    arguments = ["edit", "photo.png", "-p", PROMPT, "--steps", "60", "--seed", "3", "--url", url,
+                 "--previews", "previews", "--preview-every", "20"]  # fmt: skip
+    with _Terminal(arguments, tmp_path) as command:
+        seen_bar = ""
+        deadline = time.monotonic() + 120
+        while command.alive() and time.monotonic() < deadline:
+            shown = command.show()
+            if "steps" in shown and "/60" in shown:
+                seen_bar = next(line for line in shown.splitlines() if "/60" in line)
+        ended = command.finish(timeout=30)
+        summary("the command's bar in a pseudo-terminal", seen_bar.strip())
+        assert ended == "exit 0", command.show()
+        assert "photo.png" in seen_bar and "steps" in seen_bar
+        assert "photo.png -> photo_edited.png" in command.show()
     edited = Image.open(tmp_path / "photo_edited.png")
     assert edited.size == (128, 128)
     previews = sorted(p.name for p in (tmp_path / "previews").iterdir())
@@ -256,18 +294,15 @@ def test_ctrl_c_cancels_the_servers_work_and_exits_130(
     tiny_server: TritonServer, url: str, tmp_path: Path
 ) -> None:
     (tmp_path / "photo.png").write_bytes(png_bytes(photo(256, 256)))
-    child, screen, stream = _spawn(
-        # The most steps allowed: the edit still runs when the signal lands.
-        ["edit", "photo.png", "-p", PROMPT, "--steps", "1000", "--url", url],
-        tmp_path,
-    )
-    deadline = time.monotonic() + 120
-    while "/1000" not in _screen(child, screen, stream):
-        assert child.isalive() and time.monotonic() < deadline
-    child.kill(signal.SIGINT)
-    child.expect(pexpect.EOF, timeout=90)  # a loaded machine exits slowly
-    child.wait()
-    assert child.exitstatus == 130, f"exit {child.exitstatus}, signal {child.signalstatus}"
+    # The most steps allowed: the edit still runs when the signal lands.
+    arguments = ["edit", "photo.png", "-p", PROMPT, "--steps", "1000", "--url", url]
+    with _Terminal(arguments, tmp_path) as command:
+        deadline = time.monotonic() + 120
+        while "/1000" not in command.show():
+            assert command.alive() and time.monotonic() < deadline, command.show()
+        command.process.send_signal(signal.SIGINT)
+        ended = command.finish(timeout=90)  # a loaded machine exits slowly
+        assert ended == "exit 130", command.show()
     time.sleep(0.3)
     stopped_at = _unet_executions(tiny_server)
     time.sleep(1.0)
@@ -277,8 +312,6 @@ def test_ctrl_c_cancels_the_servers_work_and_exits_130(
 
 def test_json_and_pipes_stay_plain(url: str, tmp_path: Path) -> None:
     """Not a terminal: no bar, the same lines as before streaming existed."""
-    import subprocess
-
     (tmp_path / "photo.png").write_bytes(png_bytes(photo(64, 64)))
     done = subprocess.run(
         [sys.executable, "-m", "pix2pix_client", "edit", "photo.png", "-p", PROMPT, "--steps",
