@@ -195,13 +195,10 @@ def server_environment() -> dict[str, str]:
     return env
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: SIGKILL when the process that started it dies, so a
-    killed test run or supervisor never leaves a tritonserver behind."""
-    import ctypes
-
-    pr_set_pdeathsig = 1
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+# SIGKILL for tritonserver when the thread that started it ends, so that a killed test run
+# or supervisor never leaves one behind. setpriv (util-linux) sets it between fork and
+# exec: a Python preexec_fn would run Python in the child of a process with many threads.
+DIE_WITH_PARENT = ("setpriv", "--pdeathsig", "KILL", "--")
 
 
 def free_port() -> int:
@@ -332,12 +329,11 @@ class TritonServer:
         environment = server_environment()
         environment[RUNTIME_DIR_VARIABLE] = str(self.runtime_dir)
         self.process = subprocess.Popen(
-            self.command(self._backends),
+            [*DIE_WITH_PARENT, *self.command(self._backends)],
             env=environment,
             stdout=log_target,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=_die_with_parent,
         )
         if hasattr(log_target, "close"):
             log_target.close()
@@ -390,12 +386,12 @@ class TritonServer:
         grace_s = self.grace_s if grace_s is None else grace_s
         if self.supervisor is not None:
             self.supervisor.drain(grace_s)
-            # Models unloading from here on are not failures to heal.
-            self.supervisor.stop()
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGINT)
             self._wait_for_exit()
         if self.supervisor is not None:
+            # Only now: a tritonserver that the supervisor started again dies with its thread.
+            self.supervisor.stop()
             self.supervisor.remove_shared_memory()
             self.supervisor = None
         if self._scratch is not None:

@@ -11,7 +11,8 @@ routing here; the dead process's shared memory region is removed.
 
 While a component is down, the edit models answer UNAVAILABLE (clients retry); while an
 edit model reloads, Triton answers NOT_FOUND "has no available versions", which the
-client library retries too. If tritonserver itself exits, it is started again.
+client library retries too. If tritonserver itself exits or is stopped, it is killed with
+its model processes and started again.
 
 Draining (on stop): the `draining` marker makes edit models refuse new edits with
 UNAVAILABLE, the `readiness` gate is unloaded so readiness turns false at once, and the
@@ -53,6 +54,8 @@ STOPPED_FOR_S = 1.0
 RETRY_S = 1.0
 MAX_RETRY_S = 30.0
 GONE = (None, "Z", "X")
+# The key of tritonserver's own restarts among the models' retries.
+SERVER = "tritonserver"
 
 
 def stuck_limit(report: InstanceReport) -> float:
@@ -138,6 +141,7 @@ class Supervisor:
         self.recoveries: list[Recovery] = []
         self.restarting = False
         self._served = False
+        self._server_stopped_since: float | None = None
         self._retry_at: dict[str, float] = {}
         self._retry_delay: dict[str, float] = {}
         self._draining = False
@@ -173,10 +177,16 @@ class Supervisor:
             if self._served and not self._draining:
                 self._restart_server(process.returncode)
             return
+        if self._draining or self._server_stopped(process.pid):
+            # Draining, models unload as the server exits: not failures to heal.
+            return
         if not self._served:
             self._served = self.server.is_ready()
             if not self._served:
                 return
+        if SERVER in self._retry_delay and self.server.is_ready():
+            # Started again and serving: its next crash is restarted without a wait.
+            del self._retry_delay[SERVER]
         self._discover()
         if self.retired:
             self._retire()
@@ -189,6 +199,22 @@ class Supervisor:
                     self.retired[pid] = self.processes.pop(pid)
                 continue
             self._recover(model, why, pids)
+
+    def _server_stopped(self, pid: int) -> bool:
+        """Whether tritonserver is stopped by a signal; one stopped for STOPPED_FOR_S is
+        hung, and is killed with its model processes (started again at the next check).
+        Nothing else is checked meanwhile: a stopped server answers no request."""
+        if _state(pid) != "T":
+            self._server_stopped_since = None
+            return False
+        now = time.monotonic()
+        self._server_stopped_since = self._server_stopped_since or now
+        if now - self._server_stopped_since >= STOPPED_FOR_S:
+            log.warning("tritonserver is stopped; killing it to start it again")
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+            self._server_stopped_since = None
+        return True
 
     def _discover(self) -> None:
         """Records model processes that appeared (at start and after each reload)."""
@@ -256,9 +282,7 @@ class Supervisor:
             client.unload_model(model, headers=headers)  # type: ignore[attr-defined]
             client.load_model(model, headers=headers)  # type: ignore[attr-defined]
         except Exception as error:
-            delay = min(MAX_RETRY_S, 2 * self._retry_delay.get(model, RETRY_S / 2))
-            self._retry_delay[model] = delay
-            self._retry_at[model] = time.monotonic() + delay
+            delay = self._back_off(model)
             log.warning("model %s: reload failed (%s); next try in %.0f s", model, error, delay)
             return
         finally:
@@ -293,24 +317,38 @@ class Supervisor:
         self.remove_shared_memory()
 
     def _restart_server(self, returncode: int | None) -> None:
-        if time.monotonic() < self._retry_at.get("tritonserver", 0.0):
+        if time.monotonic() < self._retry_at.get(SERVER, 0.0):
             return
         log.warning("tritonserver exited with %s; starting it again", returncode)
+        # Its model processes outlive it for a while, each holding its model's memory: they
+        # are killed before the new server loads the models again.
+        assert self.server.process is not None
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.server.process.pid, signal.SIGKILL)
         for stub in self.processes.values():
             self.dead_regions.add(stub.shm_region)
             forget_process(self.server.runtime_dir, stub.pid)
         self.processes.clear()
         self.remove_shared_memory()
+        # The new server loads every model: failed reloads of the old one are forgotten.
+        for key in [key for key in self._retry_at if key != SERVER]:
+            del self._retry_at[key]
+            self._retry_delay.pop(key, None)
         # A server that keeps exiting (a port taken, a broken repository) is retried slower.
-        delay = min(MAX_RETRY_S, 2 * self._retry_delay.get("tritonserver", RETRY_S / 2))
-        self._retry_delay["tritonserver"] = delay
-        self._retry_at["tritonserver"] = time.monotonic() + delay
+        self._back_off(SERVER)
         self.restarting = True
         try:
             self.server._launch()
         finally:
             self.restarting = False
-        self.recoveries.append(Recovery("tritonserver", f"it exited with {returncode}", 0.0))
+        self.recoveries.append(Recovery(SERVER, f"it exited with {returncode}", 0.0))
+
+    def _back_off(self, what: str) -> float:
+        """After a failed reload or restart: the wait before the next try, doubled."""
+        delay = min(MAX_RETRY_S, 2 * self._retry_delay.get(what, RETRY_S / 2))
+        self._retry_delay[what] = delay
+        self._retry_at[what] = time.monotonic() + delay
+        return delay
 
     def remove_shared_memory(self) -> None:
         """Removes the shared memory regions of model processes that are gone."""

@@ -4,8 +4,9 @@ A model process killed with SIGKILL mid-edit (one of each kind: the edit model, 
 preprocesses, runs the sampler loop and encodes the PNG; the text encoder; a VAE; the
 UNet), one stopped with SIGSTOP (hung), one stuck in a call: each is replaced without a
 person, readiness is false meanwhile, edits succeed again within 15 s, and its shared
-memory is gone. SIGTERM drains: the edit in flight returns its image, a new one is
-refused with UNAVAILABLE, the process exits 0.
+memory is gone. tritonserver itself killed or stopped is started again. SIGTERM drains:
+the edit in flight returns its image, a new one is refused with UNAVAILABLE, the process
+exits 0.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from pix2pix_client import EditClient, EditError, ServerUnavailable
 from tests.serving import photo, png_bytes
 
 RECOVERY_S = 15.0
+# A new tritonserver loads every model first.
+SERVER_RECOVERY_S = 120.0
 PROMPT = "make it snowy"
 
 
@@ -95,15 +98,15 @@ def _in_loop(server: TritonServer, model: str) -> ModelProcess:
     raise AssertionError(f"no {model} process got busy")
 
 
-def _succeeds_again(url: str, image: bytes, since: float) -> float:
+def _succeeds_again(url: str, image: bytes, since: float, within_s: float = 60) -> float:
     """Seconds from `since` until an edit succeeds (retrying every 0.2 s)."""
-    while time.monotonic() - since < 60:
+    while time.monotonic() - since < within_s:
         try:
             _edit(url, image, steps=2, seed=9)
             return time.monotonic() - since
         except EditError:
             time.sleep(0.2)
-    raise AssertionError("edits did not succeed again within 60 s")
+    raise AssertionError(f"edits did not succeed again within {within_s:.0f} s")
 
 
 KINDS = {
@@ -189,10 +192,39 @@ def test_a_call_stuck_far_past_its_usual_length_is_replaced(
     assert _succeeds_again(server.grpc_url, image, since) < RECOVERY_S
 
 
+@pytest.mark.parametrize("fault", ["SIGKILL", "SIGSTOP"])
+def test_a_dead_or_hung_tritonserver_is_started_again(
+    server: TritonServer, image: bytes, fault: str, summary
+) -> None:
+    """tritonserver itself killed (a crash, the OOM killer) or stopped (hung) mid-edit:
+    the edit in flight fails as retryable, what is left of the server is killed with its
+    model processes (their memory and shared memory freed), and a new server comes up on
+    the same ports."""
+    assert server.process is not None
+    old = server.process.pid
+    stubs = model_processes(old)
+    with ThreadPoolExecutor(1) as pool:
+        in_flight: Future[bytes] = pool.submit(_edit, server.grpc_url, image, 150)
+        _in_loop(server, "instruct_pix2pix")
+        since = time.monotonic()
+        os.kill(old, signal.Signals[fault])
+        with pytest.raises(ServerUnavailable):
+            in_flight.result()
+    recovered_s = _succeeds_again(server.grpc_url, image, since, within_s=SERVER_RECOVERY_S)
+    summary(
+        "tritonserver itself killed or stopped mid-edit",
+        f"{fault}: the edit in flight failed as retryable; a new server served edits "
+        f"{recovered_s:.1f} s later",
+    )
+    assert server.process.pid != old
+    assert not any(Path(f"/proc/{stub.pid}").exists() for stub in stubs)
+    assert not any((Path("/dev/shm") / stub.shm_region).exists() for stub in stubs)
+
+
 def test_every_recovery_was_recorded(server: TritonServer) -> None:
     assert server.supervisor is not None
     replaced = {recovery.model for recovery in server.supervisor.recoveries}
-    assert {*KINDS.values(), "vae_encoder"} <= replaced
+    assert {*KINDS.values(), "vae_encoder", "tritonserver"} <= replaced
 
 
 def test_a_normal_stop_leaves_no_shared_memory(
