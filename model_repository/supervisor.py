@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import signal
 import threading
 import time
@@ -41,6 +42,10 @@ log = logging.getLogger("model_repository.supervisor")
 
 STUB_NAME = "triton_python_backend_stub"
 SHARED_MEMORY = Path("/dev/shm")
+REGION_PREFIX = "triton_python_backend_shm_region_"
+# A region is orphaned when no process maps it and it is older than this (a new one is
+# mapped by tritonserver as soon as it is made).
+ORPHANED_AFTER_S = 10.0
 POLL_S = 0.2
 # A call is stuck when it has run this many times longer than the longest one that
 # finished, and at least STUCK_FLOOR_S; before any call finished, FIRST_CALL_S.
@@ -117,6 +122,33 @@ def model_processes(server_pid: int) -> list[ModelProcess]:
     return found
 
 
+def remove_orphaned_shared_memory() -> list[str]:
+    """Removes this user's Python backend shared memory regions that no process maps.
+
+    A model process removes its region when it exits on its own, and the supervisor
+    those of model processes it saw die; when all of them are killed at once (kill -9
+    of every process, a machine out of memory), the regions stay in /dev/shm, memory no
+    one can use, until the next supervisor's start removes them.
+    """
+    mapped: set[str] = set()
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        with contextlib.suppress(OSError):
+            mapped.update(re.findall(rf"/dev/shm/({REGION_PREFIX}\S+)", maps.read_text()))
+    removed = []
+    for region in SHARED_MEMORY.glob(f"{REGION_PREFIX}*"):
+        try:
+            made = region.stat()
+        except FileNotFoundError:
+            continue
+        young = time.time() - made.st_ctime < ORPHANED_AFTER_S
+        if made.st_uid != os.getuid() or region.name in mapped or young:
+            continue
+        with contextlib.suppress(OSError):
+            region.unlink()
+            removed.append(region.name)
+    return removed
+
+
 def _children(pid: int) -> list[int]:
     try:
         tasks = Path(f"/proc/{pid}/task").iterdir()
@@ -150,6 +182,9 @@ class Supervisor:
         self._thread = threading.Thread(target=self._run, name="triton-supervisor", daemon=True)
 
     def start(self) -> None:
+        removed = remove_orphaned_shared_memory()
+        if removed:
+            log.warning("removed %d shared memory regions no process uses", len(removed))
         self._thread.start()
 
     def stop(self) -> None:

@@ -23,11 +23,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
 import pytest
 
 from model_repository.runtime import INSTANCES_DIR, read_reports
 from model_repository.server import TritonServer, free_port
-from model_repository.supervisor import ModelProcess, model_processes
+from model_repository.supervisor import ORPHANED_AFTER_S, ModelProcess, model_processes
 from pix2pix_client import EditClient, EditError, ServerUnavailable
 from tests.serving import photo, png_bytes
 
@@ -227,17 +228,6 @@ def test_every_recovery_was_recorded(server: TritonServer) -> None:
     assert {*KINDS.values(), "vae_encoder", "tritonserver"} <= replaced
 
 
-def test_a_normal_stop_leaves_no_shared_memory(
-    start_server: Callable[..., TritonServer], tiny_repository: Path
-) -> None:
-    server = start_server(tiny_repository)
-    assert server.process is not None
-    regions = [p.shm_region for p in model_processes(server.process.pid)]
-    assert regions and all((Path("/dev/shm") / r).exists() for r in regions)
-    server.stop()
-    assert not [r for r in regions if (Path("/dev/shm") / r).exists()]
-
-
 # --------------------------------------------------------------------------- drain
 
 
@@ -274,17 +264,21 @@ def _ready(http_url: str) -> bool:
         client.close()
 
 
+def _wait_served(process: subprocess.Popen[bytes], http_url: str) -> None:
+    deadline = time.monotonic() + 300
+    while not _ready(http_url):
+        assert process.poll() is None, process.stdout.read().decode()  # type: ignore[union-attr]
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
 def test_sigterm_drains_edits_in_flight(
     tiny_repository: Path, tmp_path: Path, image: bytes, signum: int, summary
 ) -> None:
     process, grpc_url, http_url = _serve(tiny_repository, tmp_path / "serve.log")
     try:
-        deadline = time.monotonic() + 300
-        while not _ready(http_url):
-            assert process.poll() is None, process.stdout.read().decode()  # type: ignore[union-attr]
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
+        _wait_served(process, http_url)
         with ThreadPoolExecutor(1) as pool:
             in_flight = pool.submit(_edit, grpc_url, image, 250)
             time.sleep(1.0)
@@ -308,3 +302,41 @@ def test_sigterm_drains_edits_in_flight(
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+
+
+# --------------------------------------------------------------------------- shared memory
+
+
+def test_no_shared_memory_is_left_behind(
+    start_server: Callable[..., TritonServer], tiny_repository: Path, tmp_path: Path
+) -> None:
+    """Every process of `serve` killed with SIGKILL at once (kill -9 of them all, as when
+    a machine runs out of memory) leaves the model processes' shared memory behind: the
+    next server's start removes the regions no process maps. A normal stop removes its
+    own."""
+    process, _, http_url = _serve(tiny_repository, tmp_path / "serve.log")
+    try:
+        _wait_served(process, http_url)
+        (tritonserver,) = psutil.Process(process.pid).children()
+        stubs = model_processes(tritonserver.pid)
+        orphaned = [p.shm_region for p in stubs]
+        os.kill(process.pid, signal.SIGSTOP)  # its supervisor restarts nothing
+        os.killpg(tritonserver.pid, signal.SIGKILL)  # tritonserver and its model processes
+    finally:
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+    deadline = time.monotonic() + 60
+    while any(psutil.pid_exists(p.pid) for p in [tritonserver, *stubs]):
+        assert time.monotonic() < deadline, "a killed process is still there"
+        time.sleep(0.2)
+    assert orphaned and all((Path("/dev/shm") / r).exists() for r in orphaned)
+    newest = max((Path("/dev/shm") / r).stat().st_ctime for r in orphaned)
+    time.sleep(max(0.0, newest + ORPHANED_AFTER_S - time.time()))
+
+    server = start_server(tiny_repository)
+    assert not [r for r in orphaned if (Path("/dev/shm") / r).exists()]
+    assert server.process is not None
+    regions = [p.shm_region for p in model_processes(server.process.pid)]
+    assert regions and all((Path("/dev/shm") / r).exists() for r in regions)
+    server.stop()
+    assert not [r for r in regions if (Path("/dev/shm") / r).exists()]
