@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import functools
 import os
-import secrets
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from export.presets import PRESETS
 from model_repository.configs import PYTHON_FLAVOURS, RepositoryOptions
+from model_repository.server import new_admin_key
 from pix2pix_client.contract import (
     ADMIN_KEY_VARIABLE,
     INSTRUCT_PIX2PIX,
@@ -132,4 +132,4 @@ def admin_key() -> str:
     """The key of the servers' restricted APIs (statistics, model configs), which the
     harness reads: $IMAGE_EDIT_ADMIN_KEY for a server given with --url, else one made for
     this run and handed to the servers it starts."""
-    return os.environ.get(ADMIN_KEY_VARIABLE) or secrets.token_urlsafe(24)
+    return os.environ.get(ADMIN_KEY_VARIABLE) or new_admin_key()

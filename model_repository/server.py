@@ -52,6 +52,12 @@ UNLOADED_EXIT_S = 3.0
 STARTUP_CRASHES = 2
 
 
+def new_admin_key() -> str:
+    """A key for one server's run: hexadecimal, so that it never starts with "-" and is
+    read as a value on any command line (`--admin-key KEY`)."""
+    return secrets.token_hex(24)
+
+
 def admin_key_from_environment() -> str | None:
     """The admin key the operator set: $IMAGE_EDIT_ADMIN_KEY, or the file named by
     $IMAGE_EDIT_ADMIN_KEY_FILE (a mounted secret). None when neither is set."""
@@ -246,7 +252,7 @@ class TritonServer:
             extra_flags=tuple(extra_args),
         )
         # Never a default value: without one, a random key only this process knows.
-        self.admin_key = admin_key or admin_key_from_environment() or secrets.token_urlsafe(24)
+        self.admin_key = admin_key or admin_key_from_environment() or new_admin_key()
         self.log_file = log_file
         self.grace_s = grace_s
         self.process: subprocess.Popen[bytes] | None = None
