@@ -33,6 +33,7 @@ from types import TracebackType
 from typing import Any
 
 from model_repository.runtime import RUNTIME_DIR_VARIABLE
+from model_repository.supervisor import shared_memory_prefix
 from pix2pix_client.contract import ADMIN_GRPC_HEADER, ADMIN_HEADER, ADMIN_KEY_VARIABLE
 
 ADMIN_KEY_FILE_VARIABLE = "IMAGE_EDIT_ADMIN_KEY_FILE"
@@ -127,6 +128,7 @@ def server_flags(repository: str, settings: ServerSettings, admin_key: str) -> l
         # Edit models import torch and diffusers: on a busy machine a stub's start can
         # take longer than the Python backend's 30 s default.
         "--backend-config=python,stub-timeout-seconds=300",
+        f"--backend-config=python,shm-region-prefix-name={shared_memory_prefix()}",
         f"--exit-timeout-secs={settings.exit_timeout_s}",
         f"--log-verbose={settings.log_verbose}",
     ]

@@ -42,7 +42,6 @@ log = logging.getLogger("model_repository.supervisor")
 
 STUB_NAME = "triton_python_backend_stub"
 SHARED_MEMORY = Path("/dev/shm")
-REGION_PREFIX = "triton_python_backend_shm_region_"
 # A region is orphaned when no process maps it and it is older than this (a new one is
 # mapped by tritonserver as soon as it is made).
 ORPHANED_AFTER_S = 10.0
@@ -122,20 +121,29 @@ def model_processes(server_pid: int) -> list[ModelProcess]:
     return found
 
 
+def shared_memory_prefix() -> str:
+    """How the Python backend's shared memory regions of servers started in this PID
+    namespace are named (tritonserver's shm-region-prefix-name). Every process that can
+    map them is in this namespace's /proc, so a region none of them maps is orphaned even
+    where /dev/shm is shared with other containers (host IPC)."""
+    return f"triton_image_edit_{os.stat('/proc/self/ns/pid').st_ino}_"
+
+
 def remove_orphaned_shared_memory() -> list[str]:
-    """Removes this user's Python backend shared memory regions that no process maps.
+    """Removes this user's regions of `shared_memory_prefix` that no process maps.
 
     A model process removes its region when it exits on its own, and the supervisor
     those of model processes it saw die; when all of them are killed at once (kill -9
     of every process, a machine out of memory), the regions stay in /dev/shm, memory no
     one can use, until the next supervisor's start removes them.
     """
+    prefix = shared_memory_prefix()
     mapped: set[str] = set()
     for maps in Path("/proc").glob("[0-9]*/maps"):
         with contextlib.suppress(OSError):
-            mapped.update(re.findall(rf"/dev/shm/({REGION_PREFIX}\S+)", maps.read_text()))
+            mapped.update(re.findall(rf"/dev/shm/({prefix}\S+)", maps.read_text()))
     removed = []
-    for region in SHARED_MEMORY.glob(f"{REGION_PREFIX}*"):
+    for region in SHARED_MEMORY.glob(f"{prefix}*"):
         try:
             made = region.stat()
         except FileNotFoundError:
@@ -147,6 +155,14 @@ def remove_orphaned_shared_memory() -> list[str]:
             region.unlink()
             removed.append(region.name)
     return removed
+
+
+def _exited(pid: int) -> bool:
+    """Whether a child process has exited and is not reaped yet."""
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:  # reaped already: its pid may be another process's now
+        return False
 
 
 def _children(pid: int) -> list[int]:
@@ -206,6 +222,12 @@ class Supervisor:
         process = self.server.process
         if process is None:
             return
+        if process.returncode is None and _exited(process.pid):
+            # Its model processes outlive it for a while, each holding its model's memory.
+            # They are killed while the dead server, not yet reaped, still holds the
+            # process group's id (reaped, the id could be a new process's).
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
         if process.poll() is not None:
             # A crash is restarted; a server that never came up (a broken repository, a
             # port in use) is left to fail its start.
@@ -355,15 +377,11 @@ class Supervisor:
         if time.monotonic() < self._retry_at.get(SERVER, 0.0):
             return
         log.warning("tritonserver exited with %s; starting it again", returncode)
-        # Its model processes outlive it for a while, each holding its model's memory: they
-        # are killed before the new server loads the models again.
-        assert self.server.process is not None
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.server.process.pid, signal.SIGKILL)
-        for stub in self.processes.values():
+        for stub in (*self.processes.values(), *self.retired.values()):
             self.dead_regions.add(stub.shm_region)
             forget_process(self.server.runtime_dir, stub.pid)
         self.processes.clear()
+        self.retired.clear()
         self.remove_shared_memory()
         # The new server loads every model: failed reloads of the old one are forgotten.
         for key in [key for key in self._retry_at if key != SERVER]:

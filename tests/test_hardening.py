@@ -24,6 +24,7 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from model_repository.server import TlsFiles, TritonServer
+from model_repository.supervisor import shared_memory_prefix
 from pix2pix_client import EditClient, InvalidArgument, ServerUnavailable
 from tests.bad_images import mutations, named_cases
 from tests.serving import contract_input, edit, execution_counts, photo, png_bytes
@@ -104,7 +105,7 @@ def test_restricted_grpc_apis_need_the_admin_key(server: TritonServer, api: str)
 
 def test_shared_memory_cannot_be_registered_without_the_key(server: TritonServer) -> None:
     """The attack that read /dev/shm objects of other processes through seed_used."""
-    region = next(Path("/dev/shm").glob("triton_python_backend_shm_region_*")).name
+    region = next(Path("/dev/shm").glob(f"{shared_memory_prefix()}*")).name
     client = grpcclient.InferenceServerClient(server.grpc_url)
     try:
         with pytest.raises(InferenceServerException, match="restricted"):

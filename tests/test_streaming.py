@@ -197,11 +197,13 @@ def test_four_concurrent_streams_merge_their_unet_calls(
 # --------------------------------------------------------------------------- the command
 
 
-# The command as a shell's foreground job starts it. A test run started in the background of
-# a script passes an ignored SIGINT on, and the command would rightly keep ignoring it; so
-# a small launcher restores Ctrl-C, then becomes the command.
+# The command as a shell's foreground job starts it: the pseudo-terminal is its controlling
+# terminal, and Ctrl-C is on. A test run started in the background of a script passes an
+# ignored SIGINT on, and the command would rightly keep ignoring it. A small launcher,
+# in the new session, takes the terminal and restores Ctrl-C, then becomes the command.
 _AS_A_FOREGROUND_JOB = (
-    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+    "import fcntl, os, signal, sys, termios; fcntl.ioctl(0, termios.TIOCSCTTY, 0); "
+    "signal.signal(signal.SIGINT, signal.SIG_DFL); "
     "os.execv(sys.executable, [sys.executable, '-m', 'pix2pix_client', *sys.argv[1:]])"
 )
 
@@ -216,13 +218,19 @@ class _Terminal:
 
     def __init__(self, arguments: list[str], cwd: Path) -> None:
         self._controller, terminal = os.openpty()
-        fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 120, 0, 0))
-        self.process = subprocess.Popen(
-            [sys.executable, "-c", _AS_A_FOREGROUND_JOB, *arguments],
-            stdin=terminal, stdout=terminal, stderr=terminal, cwd=cwd, start_new_session=True,
-            env={**os.environ, "TERM": "xterm-256color", "COLUMNS": "120"},
-        )  # fmt: skip
-        os.close(terminal)
+        try:
+            fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 120, 0, 0))
+            self.process = subprocess.Popen(
+                [sys.executable, "-c", _AS_A_FOREGROUND_JOB, *arguments],
+                stdin=terminal, stdout=terminal, stderr=terminal, cwd=cwd,
+                start_new_session=True,
+                env={**os.environ, "TERM": "xterm-256color", "COLUMNS": "120"},
+            )  # fmt: skip
+        except BaseException:
+            os.close(self._controller)
+            raise
+        finally:
+            os.close(terminal)
         self.screen = pyte.Screen(120, 30)
         self._stream = pyte.ByteStream(self.screen)
         self._closed = False
