@@ -212,8 +212,7 @@ class _Terminal:
     """The command running in a 30x120 pseudo-terminal, and what its screen shows.
 
     Started by subprocess, whose fork runs no Python in the child. pexpect's fork does,
-    which is unsafe in a process with this many threads: in two full runs its child died
-    of SIGSEGV.
+    which is unsafe in a process with this many threads: in CI its child died of SIGSEGV.
     """
 
     def __init__(self, arguments: list[str], cwd: Path) -> None:
