@@ -28,7 +28,7 @@ import re
 import signal
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -79,6 +79,21 @@ class Recovery:
 
 
 @dataclass
+class StopWatch:
+    """Since when a process has been stopped by a signal (state T), from its states as
+    they are seen; stopped for STOPPED_FOR_S, it is taken as hung."""
+
+    since: float | None = None
+
+    def hung(self, state: str | None, now: float) -> bool:
+        if state != "T":
+            self.since = None
+            return False
+        self.since = self.since or now
+        return now - self.since >= STOPPED_FOR_S
+
+
+@dataclass
 class ModelProcess:
     """One Python backend stub: which model instance it runs, and its shm region."""
 
@@ -86,7 +101,7 @@ class ModelProcess:
     instance: str
     model: str
     shm_region: str
-    stopped_since: float | None = None
+    stopped: StopWatch = field(default_factory=StopWatch)
 
 
 def _read_stub(pid: int) -> ModelProcess | None:
@@ -111,11 +126,16 @@ def _state(pid: int) -> str | None:
     return stat[stat.rindex(")") + 2]
 
 
+def gone(pid: int) -> bool:
+    """Whether a process has ended: no such process, or a zombie not reaped yet."""
+    return _state(pid) in GONE
+
+
 def model_processes(server_pid: int) -> list[ModelProcess]:
     """The live Python backend model processes of a tritonserver."""
     found = []
     for pid in _children(server_pid):
-        stub = _read_stub(pid) if _state(pid) not in GONE else None
+        stub = _read_stub(pid) if not gone(pid) else None
         if stub is not None:
             found.append(stub)
     return found
@@ -189,7 +209,7 @@ class Supervisor:
         self.recoveries: list[Recovery] = []
         self.restarting = False
         self._served = False
-        self._server_stopped_since: float | None = None
+        self._server_stop_watch = StopWatch()
         self._retry_at: dict[str, float] = {}
         self._retry_delay: dict[str, float] = {}
         self._draining = False
@@ -261,17 +281,12 @@ class Supervisor:
         """Whether tritonserver is stopped by a signal; one stopped for STOPPED_FOR_S is
         hung, and is killed with its model processes (started again at the next check).
         Nothing else is checked meanwhile: a stopped server answers no request."""
-        if _state(pid) != "T":
-            self._server_stopped_since = None
-            return False
-        now = time.monotonic()
-        self._server_stopped_since = self._server_stopped_since or now
-        if now - self._server_stopped_since >= STOPPED_FOR_S:
+        state = _state(pid)
+        if self._server_stop_watch.hung(state, time.monotonic()):
             log.warning("tritonserver is stopped; killing it to start it again")
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGKILL)
-            self._server_stopped_since = None
-        return True
+        return state == "T"
 
     def _discover(self) -> None:
         """Records model processes that appeared (at start and after each reload)."""
@@ -293,12 +308,9 @@ class Supervisor:
             state = _state(pid)
             if state in GONE:
                 fail(stub, f"the process of {stub.instance} exited")
-            elif state == "T":
-                stub.stopped_since = stub.stopped_since or now
-                if now - stub.stopped_since >= STOPPED_FOR_S:
-                    fail(stub, f"the process of {stub.instance} is stopped")
-            else:
-                stub.stopped_since = None
+            elif stub.stopped.hung(state, now):
+                fail(stub, f"the process of {stub.instance} is stopped")
+            elif state != "T":
                 report = reports.get(pid)
                 if report is not None and report.busy_for(now) > stuck_limit(report):
                     fail(
@@ -364,7 +376,7 @@ class Supervisor:
         reports = read_reports(self.server.runtime_dir)
         for pid, stub in list(self.retired.items()):
             report = reports.get(pid)
-            if _state(pid) not in GONE and report is not None and report.busy_since:
+            if not gone(pid) and report is not None and report.busy_since:
                 continue
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
@@ -439,9 +451,9 @@ class Supervisor:
     def _edits_in_flight(self) -> bool:
         """Whether any live model process is in a call (an edit, or a component for one)."""
         reports = read_reports(self.server.runtime_dir)
-        return any(r.busy_since and _state(pid) not in GONE for pid, r in reports.items())
+        return any(r.busy_since and not gone(pid) for pid, r in reports.items())
 
     def model_processes_alive(self) -> bool:
         """Whether a model process of the current models still runs (after SIGINT: they
         end as their models unload)."""
-        return any(_state(pid) not in GONE for pid in self.processes)
+        return any(not gone(pid) for pid in self.processes)

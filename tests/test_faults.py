@@ -28,7 +28,7 @@ import pytest
 
 from model_repository.runtime import INSTANCES_DIR, read_reports
 from model_repository.server import TritonServer, free_port
-from model_repository.supervisor import ORPHANED_AFTER_S, ModelProcess, model_processes
+from model_repository.supervisor import ORPHANED_AFTER_S, ModelProcess, gone, model_processes
 from pix2pix_client import EditClient, EditError, ServerUnavailable
 from tests.serving import photo, png_bytes
 
@@ -163,20 +163,7 @@ def test_a_stopped_process_is_taken_as_hung_and_replaced(
     )
     assert watch.seen_not_ready
     assert recovered_s < RECOVERY_S
-    assert _gone(victim.pid)
-
-
-def _state(pid: int) -> str:
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    return stat[stat.rindex(")") + 2]
-
-
-def _gone(pid: int) -> bool:
-    """Ended: no process, or a zombie (a container's first process may never reap it)."""
-    try:
-        return _state(pid) == "Z"
-    except FileNotFoundError:
-        return True
+    assert gone(victim.pid)
 
 
 def test_a_call_stuck_far_past_its_usual_length_is_replaced(
@@ -226,7 +213,7 @@ def test_a_dead_or_hung_tritonserver_is_started_again(
         f"{recovered_s:.1f} s later",
     )
     assert server.process.pid != old
-    assert stubs and all(_gone(stub.pid) for stub in stubs)
+    assert stubs and all(gone(stub.pid) for stub in stubs)
     assert not any((Path("/dev/shm") / stub.shm_region).exists() for stub in stubs)
 
 
@@ -334,7 +321,7 @@ def test_no_shared_memory_is_left_behind(
         os.kill(process.pid, signal.SIGKILL)
         process.wait()
     deadline = time.monotonic() + 60
-    while not all(_gone(p.pid) for p in [tritonserver, *stubs]):
+    while not all(gone(p.pid) for p in [tritonserver, *stubs]):
         assert time.monotonic() < deadline, "a killed process is still there"
         time.sleep(0.2)
     assert orphaned and all((Path("/dev/shm") / r).exists() for r in orphaned)
