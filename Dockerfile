@@ -8,7 +8,7 @@
 #       -e IMAGE_EDIT_ADMIN_KEY=... \
 #       -v "$PWD/build/repository/instruct-pix2pix-tensorrt:/models" triton-image-edit
 #
-# The entry point is the project's supervisor (model_repository.serve), which starts
+# The entry point is the project's supervisor (serving.serve), which starts
 # tritonserver with the project's flags: it replaces model processes that die, and on
 # SIGTERM drains edits in flight before tritonserver stops (bare tritonserver refuses the
 # edits' BLS calls as soon as SIGTERM arrives).
@@ -50,4 +50,4 @@ RUN trt_version="$(find /usr -name 'libnvinfer.so.*.*.*' 2>/dev/null \
  && test -n "$trt_version" \
  && pip install "tensorrt==${trt_version}.*"
 
-CMD ["python3", "-m", "model_repository.serve", "--repository", "/models", "--host", "0.0.0.0"]
+CMD ["python3", "-m", "serving.serve", "--repository", "/models", "--host", "0.0.0.0"]

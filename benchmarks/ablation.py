@@ -19,8 +19,9 @@ from typing import Any
 from benchmarks.perf_analyzer import PerfAnalyzer, Profiled
 from benchmarks.results import AblationResult, geometric_mean
 from benchmarks.rounds import RoundLoads, undisturbed_rounds
-from benchmarks.serving import Built, build, serving, warm_up
+from benchmarks.serving import build, serving, warm_up
 from benchmarks.settings import BenchConfig
+from model_repository.chain import BuiltModel
 from model_repository.configs import OPENVINO_FLAVOURS
 
 # (name, serving options before, after, kept): each step starts where the last ended.
@@ -76,7 +77,7 @@ def measure_ablation(
                 warm_up(url, sides[side], image)
 
             def one_round(
-                attempt: int, urls: dict[str, str] = urls, built: dict[str, Built] = built
+                attempt: int, urls: dict[str, str] = urls, built: dict[str, BuiltModel] = built
             ) -> dict[tuple[str, int], Profiled]:
                 measured = {}
                 for concurrency in (1, 2):

@@ -6,13 +6,10 @@ import contextlib
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.settings import BenchConfig, admin_key
-from export.onnx_export import ensure_export
-from model_repository.builder import build_repository
-from model_repository.serve import ensure_preset, export_dir_for
+from model_repository.chain import BuiltModel, Source, prepare
 from pix2pix_client import EditClient
 
 
@@ -20,43 +17,24 @@ def log(message: str) -> None:
     print(message, flush=True)
 
 
-@dataclass(frozen=True)
-class Built:
-    preset_root: Path
-    export_dir: Path
-    repository: Path
-
-
-def build(config: BenchConfig, build_dir: Path, name: str) -> Built:
-    """Preset, export and a fresh repository for one configuration."""
-    preset_root = ensure_preset(config.preset, build_dir)
-    fp16 = config.options.precision == "fp16"
-    fused = config.options.fused_export
-    export_dir = export_dir_for(config.preset, build_dir, fused, fp16)
-    ensure_export([preset_root], export_dir, fp16=fp16, optimize=fused)
-    engines = None
-    if config.options.flavour == "tensorrt":
-        from export.tensorrt_engines import ENGINES_MANIFEST, build_engines
-
-        engines = build_dir / "engines" / export_dir.name
-        if not (engines / ENGINES_MANIFEST).is_file():
-            build_engines(export_dir, engines, fp16=fp16)
+def build(config: BenchConfig, build_dir: Path, name: str) -> BuiltModel:
+    """Preset, export, engines and a fresh repository for one configuration, through the
+    chain `make serve` builds with."""
     repository = build_dir / "bench" / name / "repository"
-    build_repository(export_dir, repository, config.options, engines)
-    return Built(preset_root, export_dir, repository)
+    return prepare(Source(preset=config.preset), config.options, build_dir, repository=repository)
 
 
 @contextlib.contextmanager
 def serving(repository: Path, url: str | None) -> Iterator[str]:
     """The gRPC URL of a running server: `url`, or one started on `repository`."""
-    from model_repository.server import TritonServer
+    from serving.tritonserver import TritonServer
 
     if url is not None:
         yield url
         return
     log_file = repository.parent / "tritonserver.log"
     log_file.unlink(missing_ok=True)
-    server = TritonServer(repository, log_file=log_file, admin_key=admin_key())
+    server = TritonServer(repository, admin_key=admin_key(), log_file=log_file)
     started = time.perf_counter()
     server.start()
     try:

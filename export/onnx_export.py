@@ -122,7 +122,7 @@ def _wrappers(pipelines: dict[str, Any]) -> dict[str, Any]:
 
 
 def _check_shared_weights(pipelines: dict[str, Any]) -> None:
-    """Both ensembles run one text encoder and one VAE: their weights must agree."""
+    """Both pipelines call one text encoder and one VAE: their weights must agree."""
     import torch
 
     if len(pipelines) < 2:
@@ -134,8 +134,8 @@ def _check_shared_weights(pipelines: dict[str, Any]) -> None:
         same = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
         if not same:
             raise UnsupportedCheckpointError(
-                f"the two pipelines have different {component} weights; both ensembles "
-                "share one: export them separately"
+                f"the two pipelines have different {component} weights; the served "
+                "pipelines share one: export them separately"
             )
 
 

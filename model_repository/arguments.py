@@ -15,6 +15,11 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
+def option(default: Any, help: str, **metadata: Any) -> Any:
+    """A documented setting: a dataclass field whose help becomes its flag's."""
+    return dataclasses.field(default=default, metadata={"help": help, **metadata})
+
+
 def add_arguments(group: Any, settings: type, skip: tuple[str, ...] = ()) -> None:
     """Adds a flag to `group` (a parser or argument group) per documented field."""
     for field in dataclasses.fields(settings):

@@ -23,6 +23,15 @@ from typing import Any
 
 from google.protobuf import text_format
 
+import edit_pipeline.triton
+from edit_pipeline.openvino_component import check_precision
+from edit_pipeline.pipeline import (
+    SCHEDULER_FILE,
+    SETTINGS_FILE,
+    TOKENIZER_DIR,
+    PipelineSettings,
+)
+from edit_pipeline.preview import LatentPreview
 from export.components import (
     TEXT_ENCODER,
     UNET_FOR_PIPELINE,
@@ -41,22 +50,15 @@ from model_repository.configs import (
     readiness_config,
     server_arguments,
 )
-from model_repository.openvino_component import check_precision
-from model_repository.pipeline import (
-    SCHEDULER_FILE,
-    SETTINGS_FILE,
-    TOKENIZER_DIR,
-    PipelineSettings,
-)
-from model_repository.preview import LatentPreview
+from model_repository.record import write_record
 
-BACKEND_TEMPLATES = Path(__file__).parent / "backend"
+# The Python backend models' model.py files, copied into the repository.
+TRITON_MODELS = Path(edit_pipeline.triton.__file__).parent
 # The model.py of each Python flavour's component models.
 COMPONENT_TEMPLATES = {
-    "python-onnxruntime": "onnx_component",
-    "python-openvino": "openvino_component",
+    "python-onnxruntime": "onnxruntime_model",
+    "python-openvino": "openvino_model",
 }
-REPOSITORY_RECORD = "repository.json"
 
 
 def pipeline_settings(
@@ -108,7 +110,7 @@ def _write_model(output: Path, config: Any, template: str | None = None) -> Path
     version_dir.mkdir(parents=True, exist_ok=True)
     (output / config.name / "config.pbtxt").write_text(text_format.MessageToString(config))
     if template is not None:
-        shutil.copyfile(BACKEND_TEMPLATES / f"{template}.py", version_dir / "model.py")
+        shutil.copyfile(TRITON_MODELS / f"{template}.py", version_dir / "model.py")
     return version_dir
 
 
@@ -181,7 +183,7 @@ def build_repository(
         settings = pipeline_settings(manifest, pipeline, options)
         for streaming in (False, True):
             config = edit_config(pipeline, options, streaming)
-            version_dir = _write_model(output, config, "edit")
+            version_dir = _write_model(output, config, "edit_model")
             (version_dir / SETTINGS_FILE).write_text(
                 json.dumps(settings.to_json(), indent=2) + "\n"
             )
@@ -190,21 +192,18 @@ def build_repository(
                 export_dir / manifest["schedulers"][pipeline], version_dir / SCHEDULER_FILE
             )
             written.append(config.name)
-    _write_model(output, readiness_config(), "readiness")
+    _write_model(output, readiness_config(), "readiness_model")
     written.append(READINESS_MODEL)
-    (output / REPOSITORY_RECORD).write_text(
-        json.dumps(
-            {
-                "export": str(export_dir.resolve()),
-                "flavour": options.flavour,
-                "options": asdict(options),
-                "server_args": server_arguments(options),
-                "models": sorted(written),
-                "pipelines": sorted(manifest["pipelines"]),
-            },
-            indent=2,
-        )
-        + "\n"
+    write_record(
+        output,
+        {
+            "export": str(export_dir.resolve()),
+            "flavour": options.flavour,
+            "options": asdict(options),
+            "server_args": server_arguments(options),
+            "models": sorted(written),
+            "pipelines": sorted(manifest["pipelines"]),
+        },
     )
     return sorted(written)
 

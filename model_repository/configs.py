@@ -12,13 +12,14 @@ so field names and tensor names cannot drift from what export, engines and clien
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from tritonclient.grpc import model_config_pb2 as mc
 
+from edit_pipeline.preprocess import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE, ImageLimits
 from export.components import MIN_IMAGE_SIDE, UNET_FOR_PIPELINE, ComponentSpec, TensorSpec
-from model_repository.preprocess import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE, ImageLimits
+from model_repository.arguments import option
 from pix2pix_client.contract import OUTPUTS, STREAM_OUTPUTS, parameters_for, stream_model
 
 KIND_AUTO = mc.ModelInstanceGroup.KIND_AUTO
@@ -49,60 +50,55 @@ _SPEC_DTYPES = {
 }
 
 
-def _option(default: Any, help: str, **metadata: Any) -> Any:
-    """A documented option: its help becomes its command-line flag's (arguments.py)."""
-    return field(default=default, metadata={"help": help, **metadata})
-
-
 @dataclass(frozen=True)
 class RepositoryOptions:
     """Serving settings that are not part of the export: one set for `make serve`, the
     builder and the benchmark, each a flag of their command lines."""
 
-    flavour: str = _option(
+    flavour: str = option(
         "python-onnxruntime", "how the components run (see the flavours table)", choices=FLAVOURS
     )
-    max_image_side: int = _option(DEFAULT_MAX_SIDE, "longer side images are resized to")
-    max_image_pixels: int = _option(DEFAULT_MAX_PIXELS, "decoded pixels allowed at most")
-    edit_instances: int = _option(2, "edits each edit model runs at once")
-    max_edits: int = _option(
+    max_image_side: int = option(DEFAULT_MAX_SIDE, "longer side images are resized to")
+    max_image_pixels: int = option(DEFAULT_MAX_PIXELS, "decoded pixels allowed at most")
+    edit_instances: int = option(2, "edits each edit model runs at once")
+    max_edits: int = option(
         8, "edits each edit model holds, running and waiting; more get UNAVAILABLE at once"
     )
-    unet_queue_delay_us: int = _option(
+    unet_queue_delay_us: int = option(
         # Small against a UNet step (tens of ms on GPU, hundreds on CPU), longer than the
         # few ms an edit's loop spends between steps, so that concurrent loops meet.
         5000,
         "microseconds the UNet's dynamic batcher waits for a partner request",
     )
-    precision: str = _option(
+    precision: str = option(
         "fp32",
         "what the components compute in: fp32; bf16 (openvino flavours, CPUs with "
         "AVX512_BF16 or AMX); fp16 (an fp16 export, GPUs)",
         choices=PRECISIONS,
     )
-    intra_op_threads: int = _option(
+    intra_op_threads: int = option(
         0, "threads per component (onnxruntime session, OpenVINO compiled model); 0: all cores"
     )
-    openvino_streams: int = _option(
+    openvino_streams: int = option(
         # One call at a time reaches a component: more streams would split its cores.
         1,
         "openvino flavours: OpenVINO CPU streams per component",
     )
-    allow_spinning: bool = _option(
+    allow_spinning: bool = option(
         True, "idle onnxruntime pool threads spin (fast hand-offs, CPU taken from others)"
     )
-    cpu_rate_limit: bool = _option(
+    cpu_rate_limit: bool = option(
         # Two sessions computing at once on a CPU only take cores from each other.
         True,
         "python flavours: one component computes at a time, with every core",
     )
-    unet_split_threads: bool = _option(
+    unet_split_threads: bool = option(
         # More edits/s on a CPU; the first merged call loads one more UNet copy per core.
         False,
         "python-onnxruntime: merged UNet calls run side by side on one-thread sessions",
     )
 
-    onnxruntime_fusions: bool = _option(
+    onnxruntime_fusions: bool = option(
         True, "onnxruntime flavours: serve the export with onnxruntime's fusions (faster)"
     )
 

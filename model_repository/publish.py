@@ -14,7 +14,7 @@ AWS_SECRET_ACCESS_KEY, a profile, an instance role).
 
 Triton names a store that is not AWS in the repository path itself, as
 `s3://[http://|https://]HOST:PORT/BUCKET/PREFIX`; the command prints the path to serve.
-`S3Location` reads both forms, so `model_repository.serve` and `TritonServer` accept
+`S3Location` reads both forms, so `serving.serve` and `TritonServer` accept
 whatever Triton accepts.
 """
 
@@ -271,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     for key in report.stale:
         verb = "deleted" if report.deleted else "not in the repository (--delete removes it)"
         print(f"  {verb}: {key}")
-    print(f"serve it: python -m model_repository.serve --repository {location.triton_url}")
+    print(f"serve it: python -m serving.serve --repository {location.triton_url}")
     return 0
 
 

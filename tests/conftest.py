@@ -77,7 +77,7 @@ def tiny_repository(tiny_export: Path, tmp_path_factory: pytest.TempPathFactory)
 @pytest.fixture(scope="session")
 def tiny_server(tiny_repository: Path, tmp_path_factory: pytest.TempPathFactory):
     """A real tritonserver serving the tiny repository for the whole test session."""
-    from model_repository.server import TritonServer
+    from serving.tritonserver import TritonServer
 
     log = tmp_path_factory.mktemp("logs") / "tritonserver.log"
     server = TritonServer(tiny_repository, log_file=log)
@@ -101,14 +101,18 @@ def grpc_client(tiny_server):
 @pytest.fixture(scope="module")
 def start_server(tmp_path_factory: pytest.TempPathFactory):
     """Starts servers of the module's own (they stop with the module): `start(repository,
-    **TritonServer options)` returns a ready TritonServer."""
-    from model_repository.server import TritonServer
+    **ServerSettings fields)` returns a ready TritonServer on free ports."""
+    from serving.tritonserver import ServerSettings, TritonServer
 
     started: list[TritonServer] = []
 
-    def start(repository: Path, **options: object) -> TritonServer:
+    def start(repository: Path, **settings: object) -> TritonServer:
         log = tmp_path_factory.mktemp("logs") / "tritonserver.log"
-        server = TritonServer(repository, log_file=log, **options)  # type: ignore[arg-type]
+        server = TritonServer(
+            repository,
+            ServerSettings.on_free_ports(**settings),
+            log_file=log,
+        )
         started.append(server)
         server.start()
         server.wait_ready(timeout_s=300)

@@ -22,11 +22,11 @@ from dataclasses import dataclass, field
 
 import psutil
 
-from model_repository.preprocess import decode_image
-from model_repository.server import TritonServer
-from model_repository.supervisor import model_processes
+from edit_pipeline.preprocess import decode_image
 from pix2pix_client import DeadlineExceeded, EditClient, EditError, InvalidArgument
 from pix2pix_client.contract import InvalidArgumentError
+from serving.procfs import model_processes
+from serving.tritonserver import TritonServer
 from tests.bad_images import mutations, named_cases
 from tests.serving import photo, png_bytes
 

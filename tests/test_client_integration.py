@@ -24,7 +24,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from model_repository.server import TritonServer, free_port
 from pix2pix_client import (
     AccessDenied,
     AsyncEditClient,
@@ -36,6 +35,7 @@ from pix2pix_client import (
     ServerUnavailable,
     contract,
 )
+from serving.tritonserver import TritonServer, free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "make it look like a watercolor painting"

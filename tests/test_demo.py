@@ -1,4 +1,4 @@
-"""`make demo` (model_repository.demo): weights -> export -> repository -> tritonserver -> an
+"""`make demo` (serving.demo): weights -> export -> repository -> tritonserver -> an
 edited astronaut, run for real against a temporary build folder."""
 
 from __future__ import annotations
@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from model_repository import demo
+from model_repository.chain import PRESET_MARKER, BuiltModel
 from pix2pix_client import contract
+from serving import demo
 
 TIMED_STEPS = ("build", "export", "repository", "server start", "edit", "server stop", "total")
 
@@ -80,12 +81,16 @@ def test_demo_reports_a_missing_model_folder(
 def test_random_weights_are_recognised_by_the_preset_marker(tmp_path: Path) -> None:
     preset = tmp_path / "tiny"
     (preset / "instruct-pix2pix").mkdir(parents=True)
-    (preset / demo.PRESET_MARKER).write_text("{}")
+    (preset / PRESET_MARKER).write_text("{}")
     checkpoint = tmp_path / "instruct-pix2pix"
     checkpoint.mkdir()
-    assert demo.has_random_weights(preset)
-    assert demo.has_random_weights(preset / "instruct-pix2pix")
-    assert not demo.has_random_weights(checkpoint)
+
+    def built(weights: Path) -> BuiltModel:
+        return BuiltModel("m", weights, tmp_path, None, tmp_path)
+
+    assert built(preset).random_weights
+    assert built(preset / "instruct-pix2pix").random_weights
+    assert not built(checkpoint).random_weights
 
 
 def test_readme_parameter_table_is_the_client_readmes() -> None:

@@ -1,6 +1,6 @@
 """`make deploy-check` and what it catches: the manifests of deploy/k8s rendered by
 `kubectl kustomize`, validated offline against the Kubernetes 1.32 schemas, their
-container arguments compared with what model_repository.server builds.
+container arguments compared with what serving.tritonserver builds.
 
 No cluster runs here: the rendered objects are checked, not deployed (a mutated copy
 stands for a broken manifest).
@@ -44,7 +44,7 @@ def test_deploy_check_passes_for_every_rendering(summary) -> None:
 def test_the_pod_runs_the_flags_model_repository_server_builds(
     gpu_objects: list[dict[str, Any]],
 ) -> None:
-    from model_repository.server import ServerSettings, server_flags
+    from serving.tritonserver import ServerSettings, server_flags
 
     report = check.check_rendering("gpu", gpu_objects, check.KUBERNETES_VERSION)
     assert report.problems == []

@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 from tritonclient.grpc import InferenceServerClient
 
+from edit_pipeline.preprocess import decode_image
 from export.checkpoint import UnsupportedCheckpointError, inspect_folder, load_pipeline
 from export.components import COMPONENTS, ComponentSpec
 from export.onnx_export import MANIFEST, export_checkpoint, load_manifest
@@ -29,8 +30,7 @@ from export.tokenizer import VOCAB_SIZE, save_clip_tokenizer
 from export.validation import TOLERANCE, onnx_session
 from model_repository.builder import build_repository
 from model_repository.configs import RepositoryOptions
-from model_repository.preprocess import decode_image
-from model_repository.server import TritonServer
+from serving.tritonserver import TritonServer
 from tests.serving import edit, photo, png_bytes
 from tests.variants import (
     VARIANT_SEEDS,

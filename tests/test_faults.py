@@ -26,10 +26,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-from model_repository.runtime import INSTANCES_DIR, read_reports
-from model_repository.server import TritonServer, free_port
-from model_repository.supervisor import ORPHANED_AFTER_S, ModelProcess, gone, model_processes
+from edit_pipeline.runtime_status import INSTANCES_DIR, read_reports
 from pix2pix_client import EditClient, EditError, ServerUnavailable
+from serving.procfs import ORPHANED_AFTER_S, ModelProcess, gone, model_processes
+from serving.tritonserver import TritonServer, free_port
 from tests.serving import photo, png_bytes
 
 RECOVERY_S = 15.0
@@ -229,7 +229,7 @@ def test_every_recovery_was_recorded(server: TritonServer) -> None:
 def _serve(repository: Path, log_file: Path) -> tuple[subprocess.Popen[bytes], str, str]:
     grpc_port, http_port, metrics_port = free_port(), free_port(), free_port()
     command = [
-        sys.executable, "-m", "model_repository.serve",
+        sys.executable, "-m", "serving.serve",
         "--repository", str(repository),
         "--grpc-port", str(grpc_port),
         "--http-port", str(http_port),

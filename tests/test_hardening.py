@@ -23,9 +23,9 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from model_repository.server import TlsFiles, TritonServer
-from model_repository.supervisor import shared_memory_prefix
 from pix2pix_client import EditClient, InvalidArgument, ServerUnavailable
+from serving.procfs import shared_memory_prefix
+from serving.tritonserver import TlsFiles, TritonServer
 from tests.bad_images import mutations, named_cases
 from tests.serving import contract_input, edit, execution_counts, photo, png_bytes
 

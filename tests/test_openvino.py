@@ -15,12 +15,12 @@ import pytest
 
 from benchmarks.settings import BenchConfig
 from benchmarks.systems import BareLoop
+from edit_pipeline.onnxruntime_component import OnnxComponent
+from edit_pipeline.openvino_component import OpenVinoComponent, bf16_unsupported_reason
+from edit_pipeline.preprocess import decode_image
 from model_repository import openvino_component
 from model_repository.builder import build_repository
 from model_repository.configs import RepositoryOptions
-from model_repository.onnx_component import OnnxComponent
-from model_repository.openvino_component import OpenVinoComponent, bf16_unsupported_reason
-from model_repository.preprocess import decode_image
 from tests.serving import photo, png_bytes
 from tests.test_parity import CASES, PROMPT, SEED, Case, reference_image
 
@@ -127,7 +127,7 @@ def test_a_bf16_repository_served_on_a_cpu_without_it_computes_fp32(
     cpu_without_bf16, tiny_export: Path
 ) -> None:
     """A repository built elsewhere (copied, or on shared storage) still loads: the
-    component logs why and computes in fp32 (model_repository/backend/openvino_component)."""
+    component logs why and computes in fp32 (edit_pipeline/triton/openvino_model.py)."""
     component = OpenVinoComponent(tiny_export / "vae_decoder" / "model.onnx", "bf16", threads=1)
     assert component.precision == "fp32" and component.inference_precision == "fp32"
     assert "neither avx512_bf16 nor amx_bf16" in component.fallback_reason

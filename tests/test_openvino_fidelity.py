@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
+from edit_pipeline.openvino_component import bf16_unsupported_reason
 from model_repository.configs import RepositoryOptions
-from model_repository.openvino_component import bf16_unsupported_reason
-from model_repository.serve import prepare
-from model_repository.server import TritonServer
+from serving.serve import prepare
+from serving.tritonserver import TritonServer
 from tests.serving import edit, photo, png_bytes
 from tests.test_openvino import psnr
 

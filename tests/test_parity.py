@@ -17,9 +17,9 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, EulerAncestralDiscreteScheduler, PNDMScheduler
 
+from edit_pipeline.preprocess import decode_image
 from model_repository.builder import build_repository
 from model_repository.configs import RepositoryOptions
-from model_repository.preprocess import decode_image
 from tests.serving import edit, photo, png_bytes
 
 REFERENCE_SCHEDULERS = {

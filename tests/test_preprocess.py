@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from model_repository.postprocess import encode_png, tensor_to_image
-from model_repository.preprocess import (
+from edit_pipeline.postprocess import encode_png, tensor_to_image
+from edit_pipeline.preprocess import (
     ImageLimits,
     decode_image,
     image_to_tensor,

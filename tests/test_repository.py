@@ -9,11 +9,11 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
+from edit_pipeline.openvino_component import bf16_unsupported_reason
 from export.components import COMPONENTS, UNET_FOR_PIPELINE
 from export.onnx_export import load_manifest
 from model_repository.builder import build_repository
 from model_repository.configs import FLAVOURS, READINESS_MODEL, RepositoryOptions
-from model_repository.openvino_component import bf16_unsupported_reason
 from pix2pix_client.contract import OUTPUTS, STREAM_OUTPUTS, parameters_for, stream_model
 
 PIPELINES = ("instruct_pix2pix", "img2img")

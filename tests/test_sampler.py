@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from model_repository.onnx_component import OnnxComponent
-from model_repository.sampler import (
+from edit_pipeline.onnxruntime_component import OnnxComponent
+from edit_pipeline.sampler import (
     SCHEDULER_CLASSES,
     Sampler,
     SamplerInputs,

@@ -1,5 +1,5 @@
 """Past one machine: the tiny repository published to an S3-compatible store (moto_server on
-loopback), served from there by two `model_repository.serve` replicas behind HAProxy
+loopback), served from there by two `serving.serve` replicas behind HAProxy
 (the configuration of deploy/balancer.py), which balances on Triton's readiness.
 
 The failover test sends 60 edits at concurrency 4 through the balancer while one replica
@@ -30,9 +30,9 @@ from deploy.balancer import ATTEMPT_HEADER, Replica, haproxy_config, replica_sta
 from deploy.check import adapter_series
 from model_repository.publish import S3Location, publish
 from model_repository.publish import main as publish_main
-from model_repository.server import TritonServer, free_port
-from model_repository.supervisor import _children, model_processes
 from pix2pix_client import EditClient, EditError
+from serving.procfs import children, model_processes
+from serving.tritonserver import TritonServer, free_port
 from tests.serving import photo, png_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -127,7 +127,7 @@ def published(object_store: str, tiny_repository: Path, summary) -> S3Location:
 
 @dataclass
 class ServeProcess:
-    """One `python -m model_repository.serve` replica on loopback ports of its own."""
+    """One `python -m serving.serve` replica on loopback ports of its own."""
 
     name: str
     repository: str
@@ -147,7 +147,7 @@ class ServeProcess:
         self.starts += 1
         log = self.log_dir / f"{self.name}-{self.starts}.log"
         command = [
-            sys.executable, "-m", "model_repository.serve",
+            sys.executable, "-m", "serving.serve",
             "--repository", self.repository,
             "--grpc-port", str(self.grpc_port),
             "--http-port", str(self.http_port),
@@ -190,7 +190,7 @@ class ServeProcess:
         container dies: the supervisor, tritonserver and the model processes (which
         outlive a killed tritonserver)."""
         assert self.process is not None
-        tritonservers = _children(self.process.pid)
+        tritonservers = children(self.process.pid)
         stubs = [stub for pid in tritonservers for stub in model_processes(pid)]
         for pid in [self.process.pid, *tritonservers, *(stub.pid for stub in stubs)]:
             with contextlib.suppress(ProcessLookupError):
@@ -357,8 +357,8 @@ def test_publish_marks_empty_folders_and_prints_what_it_uploaded(
     import boto3
 
     repository = tmp_path / "repository"
-    (repository / "ensemble" / "1").mkdir(parents=True)
-    (repository / "ensemble" / "config.pbtxt").write_text('name: "ensemble"\n')
+    (repository / "empty_version" / "1").mkdir(parents=True)
+    (repository / "empty_version" / "config.pbtxt").write_text('name: "empty_version"\n')
     (repository / "repository.json").write_text("{}\n")
     destination = f"s3://{BUCKET}/markers"
     code = publish_main([str(repository), destination, "--endpoint-url", object_store])
@@ -371,11 +371,11 @@ def test_publish_marks_empty_folders_and_prints_what_it_uploaded(
         )["Contents"]
     }
     assert keys == {
-        "markers/ensemble/1/",
-        "markers/ensemble/config.pbtxt",
+        "markers/empty_version/1/",
+        "markers/empty_version/config.pbtxt",
         "markers/repository.json",
     }
-    assert "marker    markers/ensemble/1/" in printed
+    assert "marker    markers/empty_version/1/" in printed
     assert "uploaded 3 objects" in printed
     host = object_store.removeprefix("http://")
     assert f"--repository s3://{host}/{BUCKET}/markers" in printed

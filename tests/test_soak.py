@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from model_repository.server import TritonServer
+from serving.tritonserver import TritonServer
 from tests.soak import run_soak
 
 

@@ -23,7 +23,6 @@ import pyte
 import pytest
 from PIL import Image
 
-from model_repository.server import TritonServer
 from pix2pix_client import (
     AsyncEditClient,
     EditClient,
@@ -32,6 +31,7 @@ from pix2pix_client import (
     Progress,
     contract,
 )
+from serving.tritonserver import TritonServer
 from tests.serving import execution_counts, photo, png_bytes
 
 PROMPT = "make it snowy"

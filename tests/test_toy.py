@@ -21,8 +21,8 @@ import pytest
 import torch
 from PIL import Image
 
+from edit_pipeline.preprocess import decode_image
 from export.checkpoint import PIX2PIX, discover_pipelines, inspect_folder, load_pipeline
-from model_repository.preprocess import decode_image
 from tests.serving import edit, png_bytes
 from training.toy.evaluate import (
     channel_dominance,
@@ -192,7 +192,7 @@ def toy_client(toy_export: Path, tmp_path_factory: pytest.TempPathFactory):
     import tritonclient.grpc as grpcclient
 
     from model_repository.builder import RepositoryOptions, build_repository
-    from model_repository.server import TritonServer
+    from serving.tritonserver import TritonServer
 
     repository = tmp_path_factory.mktemp("repository") / "toy"
     build_repository(toy_export, repository, RepositoryOptions(intra_op_threads=1))

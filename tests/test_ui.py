@@ -82,9 +82,9 @@ def ui_server(tiny_export: Path, tmp_path_factory: pytest.TempPathFactory, start
 
 
 def _launch_page(grpc_url: str) -> tuple[Any, str]:
-    from model_repository.server import free_port
     from pix2pix_client.aio import AsyncEditClient
     from pix2pix_client.ui import build_page, launch
+    from serving.tritonserver import free_port
 
     page = build_page(AsyncEditClient(grpc_url), concurrency=1)
     return page, launch(page, host="127.0.0.1", port=free_port())
@@ -436,7 +436,7 @@ def test_bad_uploads_are_refused_in_words_naming_the_image(
 
 @needs_browser
 def test_a_server_that_is_down_is_said_in_words(open_tab, photo_file: Path) -> None:
-    from model_repository.server import free_port
+    from serving.tritonserver import free_port
 
     page, url = _launch_page(f"127.0.0.1:{free_port()}")
     try:
@@ -479,8 +479,8 @@ def test_the_command_serves_the_page_until_ctrl_c(tmp_path: Path) -> None:
     import sys
     import urllib.request
 
-    from model_repository.server import free_port
     from pix2pix_client.cli import main
+    from serving.tritonserver import free_port
 
     assert main(["ui", "--concurrency", "0"]) == 2
     port = free_port()

@@ -9,8 +9,8 @@ from typing import Any, Protocol
 
 import triton_python_backend_utils as pb_utils
 
-from model_repository.backend.triton_io import as_numpy, error_response
-from model_repository.runtime import InstanceStatus
+from edit_pipeline.runtime_status import InstanceStatus
+from edit_pipeline.triton.triton_io import as_numpy, error_response
 
 
 class Component(Protocol):

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from model_repository.backend.component_model import ComponentModel
-from model_repository.backend.triton_io import config_parameters
-from model_repository.onnx_component import OnnxComponent
-from model_repository.runtime import InstanceStatus
+from edit_pipeline.onnxruntime_component import OnnxComponent
+from edit_pipeline.runtime_status import InstanceStatus
+from edit_pipeline.triton.component_model import ComponentModel
+from edit_pipeline.triton.triton_io import config_parameters
 
 
 class TritonPythonModel(ComponentModel):

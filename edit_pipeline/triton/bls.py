@@ -14,8 +14,8 @@ import torch
 import triton_python_backend_utils as pb_utils
 from torch.utils.dlpack import from_dlpack
 
-from model_repository.backend.triton_io import raise_for_component
-from model_repository.pipeline import PipelineSettings
+from edit_pipeline.pipeline import PipelineSettings
+from edit_pipeline.triton.triton_io import raise_for_component
 
 
 def _to_triton(name: str, tensor: torch.Tensor | np.ndarray) -> Any:

@@ -8,7 +8,7 @@ there is refused with one line, and a bf16 repository loaded there computes in f
 logs why (one built on another machine).
 
 Requests that arrive together (Triton's dynamic batcher) and share a shape run as one
-call, as in the onnxruntime flavour (model_repository/batching.py).
+call, as in the onnxruntime flavour (edit_pipeline/batching.py).
 """
 
 from __future__ import annotations
@@ -19,11 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from model_repository.batching import model_feed, run_merged
+from edit_pipeline.batching import model_feed, run_merged
 
-PRECISIONS = ("fp32", "bf16")
-# OpenVINO's names of the two inference precisions.
-_INFERENCE_PRECISION = {"fp32": "f32", "bf16": "bf16"}
+# What OpenVINO computes in, by the project's name: OpenVINO's name of it.
+INFERENCE_PRECISIONS = {"fp32": "f32", "bf16": "bf16"}
 # /proc/cpuinfo flags of native bf16 arithmetic: AVX-512 BF16 dot products, or AMX tiles.
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 CPUINFO = Path("/proc/cpuinfo")
@@ -67,8 +66,9 @@ def bf16_unsupported_reason(
 
 
 def _check_known(precision: str) -> None:
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision={precision!r}: allowed one of {', '.join(PRECISIONS)}")
+    if precision not in INFERENCE_PRECISIONS:
+        allowed = ", ".join(INFERENCE_PRECISIONS)
+        raise ValueError(f"precision={precision!r}: allowed one of {allowed}")
 
 
 def check_precision(precision: str) -> None:
@@ -87,7 +87,7 @@ def compile_properties(precision: str, threads: int, streams: int) -> dict[str, 
     a time, as the Python backend hands them over.
     """
     properties: dict[str, Any] = {
-        "INFERENCE_PRECISION_HINT": _INFERENCE_PRECISION[precision],
+        "INFERENCE_PRECISION_HINT": INFERENCE_PRECISIONS[precision],
         "PERFORMANCE_HINT": "LATENCY",
         "NUM_STREAMS": streams,
     }
@@ -128,7 +128,7 @@ class OpenVinoComponent:
     def inference_precision(self) -> str:
         """The precision the compiled model computes in, as OpenVINO reports it."""
         reported = self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
-        return {name: key for key, name in _INFERENCE_PRECISION.items()}.get(reported, reported)
+        return {name: key for key, name in INFERENCE_PRECISIONS.items()}.get(reported, reported)
 
     def close(self) -> None:
         """Releases the compiled model and its infer request."""

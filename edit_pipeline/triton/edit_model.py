@@ -1,8 +1,8 @@
 """Triton model: one edit from request to PNG, the model clients call.
 
-The pipeline itself is plain Python (model_repository/pipeline.py); this file turns
+The pipeline itself is plain Python (edit_pipeline/pipeline.py); this file turns
 Triton requests into its inputs and its outputs into responses, and reaches the exported
-components through BLS (model_repository/backend/bls.py). Each instance runs one edit at
+components through BLS (edit_pipeline/triton/bls.py). Each instance runs one edit at
 a time inside `execute`: when its process dies, the Python backend answers the edit in
 flight with an error instead of leaving the caller waiting, and Triton's queue policy
 bounds how many edits wait.
@@ -27,11 +27,11 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
-from model_repository.backend.bls import TritonComponents
-from model_repository.backend.triton_io import Cancelled, Unavailable, as_numpy, error_response
-from model_repository.pipeline import EditOutput, EditPipeline, PreparedEdit
-from model_repository.runtime import InstanceStatus, draining
-from model_repository.sampler import instance_device
+from edit_pipeline.pipeline import EditOutput, EditPipeline, PreparedEdit
+from edit_pipeline.runtime_status import InstanceStatus, draining
+from edit_pipeline.sampler import instance_device
+from edit_pipeline.triton.bls import TritonComponents
+from edit_pipeline.triton.triton_io import Cancelled, Unavailable, as_numpy, error_response
 from pix2pix_client.contract import (
     OUTPUT_IMAGE,
     OUTPUT_NUM_STEPS,

@@ -1,6 +1,6 @@
 """`make demo`: the whole system once, from weights to an edited photo.
 
-    python -m model_repository.demo [--model DIR | --preset tiny] [--build-dir build]
+    python -m serving.demo [--model DIR | --preset tiny] [--build-dir build]
         [--out out] [--prompt TEXT] [--size N] [--steps N] [--seed N]
 
 Builds the preset (random weights of the real architectures) unless --model names a
@@ -25,16 +25,9 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from export.checkpoint import UnsupportedCheckpointError
-from export.onnx_export import ensure_export, load_manifest
-from export.presets import PRESETS
+from export.onnx_export import load_manifest
+from model_repository.chain import DEFAULT_BUILD_DIR, Source, add_source_arguments, prepare
 from model_repository.configs import RepositoryOptions
-from model_repository.serve import (
-    DEFAULT_BUILD_DIR,
-    export_dir_for,
-    resolve_source,
-    write_repository,
-)
-from model_repository.server import TritonServer
 from pix2pix_client import EditClient, EditError, EditResult
 from pix2pix_client.contract import (
     IMG2IMG,
@@ -43,6 +36,7 @@ from pix2pix_client.contract import (
     SCHEDULERS,
     parameters_for,
 )
+from serving.tritonserver import TritonServer
 
 DEFAULT_OUT_DIR = Path("out")
 DEFAULT_PROMPT = "turn it into a watercolor painting"
@@ -52,7 +46,6 @@ ASTRONAUT_SIDE = 512
 # InstructPix2Pix's own scheduler (EulerAncestralDiscreteScheduler in its model card).
 DEFAULT_SCHEDULER = "euler_a"
 RANDOM_WEIGHTS_NOTE = "random weights: the edit is noise; serve a real checkpoint with MODEL=..."
-PRESET_MARKER = "preset.json"
 
 
 @dataclass
@@ -81,12 +74,6 @@ class Timings:
 
 def _log(message: str) -> None:
     print(message, flush=True)
-
-
-def has_random_weights(source: Path) -> bool:
-    """Whether `source` is (part of) a preset: a preset root, or a pipeline folder in one."""
-    source = source.resolve()
-    return (source / PRESET_MARKER).is_file() or (source.parent / PRESET_MARKER).is_file()
 
 
 def astronaut(side: int = ASTRONAUT_SIDE) -> Image.Image:
@@ -128,9 +115,7 @@ def parameter_lines(result: EditResult, prompt: str, weights: str) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     """Runs the demo; returns 0 on success, 2 for a bad model folder, 1 for a failed server."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    source_group = parser.add_mutually_exclusive_group()
-    source_group.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
-    source_group.add_argument("--model", type=Path, help="a diffusers folder (or a preset root)")
+    add_source_arguments(parser)
     parser.add_argument("--build-dir", type=Path, default=DEFAULT_BUILD_DIR)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT_DIR, help="where images go")
     parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="the edit instruction")
@@ -149,30 +134,25 @@ def main(argv: list[str] | None = None) -> int:
 
     timings = Timings()
     try:
-        preset = None if args.model is not None else args.preset
-        build_note = (
-            "skipped: MODEL given" if preset is None else f"{preset} preset, skipped when current"
+        built = prepare(
+            Source.from_arguments(args),
+            RepositoryOptions(),
+            args.build_dir,
+            measure=timings.measure,
         )
-        with timings.measure("build", build_note):
-            name, source = resolve_source(preset, args.model, args.build_dir)
-        options = RepositoryOptions()
-        export_dir = export_dir_for(name, args.build_dir, options.fused_export)
-        with timings.measure("export", "ONNX + validation, skipped when current"):
-            ensure_export([source], export_dir, optimize=options.fused_export)
-        with timings.measure("repository", options.flavour):
-            repository = write_repository(name, export_dir, args.build_dir, options)
     except (UnsupportedCheckpointError, FileNotFoundError, ValueError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
-    pipelines = load_manifest(export_dir)["pipelines"]
+    name = built.name
+    pipelines = load_manifest(built.export_dir)["pipelines"]
     pipeline = INSTRUCT_PIX2PIX if INSTRUCT_PIX2PIX in pipelines else IMG2IMG
-    random_weights = has_random_weights(source)
-    weights = f"{source.resolve().name} (random)" if random_weights else str(source)
+    random_weights = built.random_weights
+    weights = f"{built.weights.resolve().name} (random)" if random_weights else str(built.weights)
 
     log_file = args.build_dir / "logs" / f"tritonserver-demo-{name}.log"
     log_file.parent.mkdir(parents=True, exist_ok=True)
-    server = TritonServer(repository, log_file=log_file)
+    server = TritonServer(built.repository, log_file=log_file)
     photo = astronaut(args.size)
     try:
         with timings.measure("server start", "tritonserver, every model ready"):

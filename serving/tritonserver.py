@@ -1,40 +1,40 @@
 """A real tritonserver, started with this project's flags and kept healthy by a supervisor.
 
 `server_flags` is the one list of tritonserver flags: the process started here, the
-container command and the Kubernetes manifests all take it from there. Secure by
-default: every endpoint binds to 127.0.0.1 unless a host is given, and every API but
-inference, health, metadata and metrics needs the admin key (Triton's restricted
-protocols). Models load under explicit model control, so the supervisor can replace a
-model whose process died without restarting the server.
+container command and the Kubernetes manifests all take it from there, and
+`ServerSettings` is the one place their values and defaults are declared (serve's flags
+come from its fields). Secure by default: every endpoint binds to 127.0.0.1 unless a host
+is given, and every API but inference, health, metadata and metrics needs the admin key
+(Triton's restricted protocols). Models load under explicit model control, so the
+supervisor can replace a model whose process died without restarting the server.
 
 Without Docker the binary comes from the `nvidia-pytriton` wheel, which ships tritonserver
-with the Python backend only: all the `python-onnxruntime` flavour needs. The Python
-backend stub runs in this interpreter's environment, so models import torch, diffusers,
-onnxruntime and this project.
+with the Python backend only: all the python flavours need. The Python backend stub runs
+in this interpreter's environment, so models import this project and its dependencies.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import sysconfig
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from model_repository.runtime import RUNTIME_DIR_VARIABLE
-from model_repository.supervisor import shared_memory_prefix
-from pix2pix_client.contract import ADMIN_GRPC_HEADER, ADMIN_HEADER, ADMIN_KEY_VARIABLE
+from edit_pipeline.runtime_status import RUNTIME_DIR_VARIABLE
+from model_repository.arguments import option
+from model_repository.record import read_record
+from pix2pix_client.contract import ADMIN_HEADER, ADMIN_KEY_VARIABLE
+from serving.admin import AdminClient, new_admin_key
+from serving.supervisor import Supervisor
 
 ADMIN_KEY_FILE_VARIABLE = "IMAGE_EDIT_ADMIN_KEY_FILE"
 # Everything but inference, health, metadata (and metrics, a port of its own).
@@ -47,16 +47,10 @@ RESTRICTED_APIS = (
     "logging",
 )
 LOOPBACK = "127.0.0.1"
-# Seconds tritonserver may take to exit once every model process is gone.
-UNLOADED_EXIT_S = 3.0
-# Times a tritonserver killed by a signal while it starts is started again.
-STARTUP_CRASHES = 2
-
-
-def new_admin_key() -> str:
-    """A key for one server's run: hexadecimal, so that it never starts with "-" and is
-    read as a value on any command line (`--admin-key KEY`)."""
-    return secrets.token_hex(24)
+# SIGKILL for tritonserver when the thread that started it ends, so that a killed test run
+# or supervisor never leaves one behind. setpriv (util-linux) sets it between fork and
+# exec: a Python preexec_fn would run Python in the child of a process with many threads.
+DIE_WITH_PARENT = ("setpriv", "--pdeathsig", "KILL", "--")
 
 
 def admin_key_from_environment() -> str | None:
@@ -83,20 +77,31 @@ class TlsFiles:
     root_certificate: Path | None = None
 
 
+def free_port() -> int:
+    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
+        sock.bind((LOOPBACK, 0))
+        return int(sock.getsockname()[1])
+
+
 @dataclass(frozen=True)
 class ServerSettings:
-    """How a tritonserver listens and what it lets through."""
+    """How a tritonserver listens, what it lets through and how it stops: each a flag of
+    `serve` (TLS has flags of its own there)."""
 
-    host: str = LOOPBACK
-    grpc_port: int = 8001
-    http_port: int = 8000
-    metrics_port: int = 8002
-    # Never a default value: None makes a random key for this process only.
-    admin_key: str | None = None
+    host: str = option(LOOPBACK, "address every endpoint binds to (0.0.0.0 opens it)")
+    grpc_port: int = option(8001, "gRPC port (edits, health, metadata)")
+    http_port: int = option(8000, "HTTP port (KServe v2: health, metadata, inference)")
+    metrics_port: int = option(8002, "Prometheus metrics port")
+    grace: float = option(60.0, "seconds edits in flight may take to finish on SIGTERM")
+    exit_timeout_s: int = option(30, "seconds tritonserver may take to unload its models")
+    log_verbose: int = option(0, "tritonserver's log verbosity (0: informational only)")
     tls: TlsFiles | None = None
-    exit_timeout_s: int = 30
-    log_verbose: int = 0
-    extra_flags: tuple[str, ...] = field(default=())
+
+    @classmethod
+    def on_free_ports(cls, **settings: Any) -> ServerSettings:
+        """Settings whose ports are free ones of this machine's loopback (tests, demo)."""
+        ports = {name: free_port() for name in ("grpc_port", "http_port", "metrics_port")}
+        return cls(**{**ports, **settings})
 
     @property
     def connect_host(self) -> str:
@@ -105,7 +110,8 @@ class ServerSettings:
 
 
 def server_flags(repository: str, settings: ServerSettings, admin_key: str) -> list[str]:
-    """Every tritonserver flag of this project, but --backend-directory."""
+    """Every tritonserver flag of this project, but those of one start (the backend
+    directory and the shared memory regions' prefix)."""
     restricted = f"{','.join(RESTRICTED_APIS)}:{ADMIN_HEADER}={admin_key}"
     flags = [
         f"--model-repository={repository}",
@@ -121,14 +127,13 @@ def server_flags(repository: str, settings: ServerSettings, admin_key: str) -> l
         "--allow-gpu-metrics=false",
         "--strict-readiness=true",
         # The configs are complete; auto-completion would start every Python model's
-        # process once more, importing torch and diffusers, before loading it.
+        # process once more before loading it.
         "--disable-auto-complete-config",
         "--model-control-mode=explicit",
         "--load-model=*",
-        # Edit models import torch and diffusers: on a busy machine a stub's start can
+        # A model process imports its libraries first: on a busy machine its start can
         # take longer than the Python backend's 30 s default.
         "--backend-config=python,stub-timeout-seconds=300",
-        f"--backend-config=python,shm-region-prefix-name={shared_memory_prefix()}",
         f"--exit-timeout-secs={settings.exit_timeout_s}",
         f"--log-verbose={settings.log_verbose}",
     ]
@@ -143,7 +148,7 @@ def server_flags(repository: str, settings: ServerSettings, admin_key: str) -> l
                 "--grpc-use-ssl-mutual=true",
                 f"--grpc-root-cert={settings.tls.root_certificate}",
             ]
-    return [*flags, *settings.extra_flags]
+    return flags
 
 
 def _pytriton_dir() -> Path | None:
@@ -203,65 +208,35 @@ def server_environment() -> dict[str, str]:
     return env
 
 
-# SIGKILL for tritonserver when the thread that started it ends, so that a killed test run
-# or supervisor never leaves one behind. setpriv (util-linux) sets it between fork and
-# exec: a Python preexec_fn would run Python in the child of a process with many threads.
-DIE_WITH_PARENT = ("setpriv", "--pdeathsig", "KILL", "--")
-
-
-def free_port() -> int:
-    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
-        sock.bind((LOOPBACK, 0))
-        return int(sock.getsockname()[1])
-
-
 class TritonServer:
-    """A tritonserver process serving one model repository, and its supervisor.
+    """A tritonserver process serving one model repository, under a supervisor.
 
     Use as a context manager, or `start()`, `wait_ready()` and `stop()`. While it runs,
-    a supervisor thread replaces a model whose process dies or hangs (readiness is false
-    meanwhile) and restarts tritonserver if it exits. `stop()` drains: readiness goes
-    false, new edits are refused with UNAVAILABLE, edits in flight finish (up to
-    `grace_s`), then the server exits.
+    the supervisor replaces a model whose process dies or hangs (readiness is false
+    meanwhile) and starts tritonserver again if it dies. `stop()` drains: readiness goes
+    false, new edits are refused with UNAVAILABLE, edits in flight finish (up to the
+    grace period), then the server exits. Without settings, it listens on free ports of
+    loopback.
     """
 
     def __init__(
         self,
         repository: Path | str,
+        settings: ServerSettings | None = None,
         *,
-        grpc_port: int | None = None,
-        http_port: int | None = None,
-        metrics_port: int | None = None,
-        host: str = LOOPBACK,
         admin_key: str | None = None,
-        tls: TlsFiles | None = None,
         log_file: Path | None = None,
-        log_verbose: int = 0,
-        extra_args: tuple[str, ...] = (),
-        supervise: bool = True,
-        grace_s: float = 60.0,
     ) -> None:
         text = str(repository)
         self.repository = text if "://" in text else str(Path(text).resolve())
-        self.settings = ServerSettings(
-            host=host,
-            grpc_port=grpc_port or free_port(),
-            http_port=http_port or free_port(),
-            metrics_port=metrics_port or free_port(),
-            admin_key=admin_key,
-            tls=tls,
-            log_verbose=log_verbose,
-            extra_flags=tuple(extra_args),
-        )
+        self.settings = settings or ServerSettings.on_free_ports()
         # Never a default value: without one, a random key only this process knows.
         self.admin_key = admin_key or admin_key_from_environment() or new_admin_key()
+        self.admin = AdminClient(self.http_url, self.admin_key)
         self.log_file = log_file
-        self.grace_s = grace_s
-        self.process: subprocess.Popen[bytes] | None = None
+        self.supervisor: Supervisor | None = None
         self._scratch: tempfile.TemporaryDirectory[str] | None = None
         self._backends: Path | None = None
-        self._supervise = supervise
-        self.supervisor = None
 
     @property
     def grpc_url(self) -> str:
@@ -278,11 +253,16 @@ class TritonServer:
     @property
     def grpc_admin_headers(self) -> dict[str, str]:
         """Headers that open the restricted APIs to a tritonclient gRPC call."""
-        return {ADMIN_GRPC_HEADER: self.admin_key}
+        return self.admin.grpc_headers
 
     @property
     def http_admin_headers(self) -> dict[str, str]:
-        return {ADMIN_HEADER: self.admin_key}
+        return self.admin.http_headers
+
+    @property
+    def process(self) -> subprocess.Popen[bytes] | None:
+        """The tritonserver process running now (the supervisor may have started another)."""
+        return None if self.supervisor is None else self.supervisor.process
 
     @property
     def runtime_dir(self) -> Path:
@@ -290,43 +270,26 @@ class TritonServer:
             raise RuntimeError("the server has not been started")
         return Path(self._scratch.name) / "runtime"
 
-    def repository_arguments(self) -> list[str]:
-        """Flags the repository asks for in its repository.json (e.g. the rate limiter),
-        read from object storage too: a published repository is served like a local one."""
-        if self.repository.startswith("s3://"):
-            from model_repository.publish import read_text
-
-            text = read_text(self.repository, "repository.json")
-        elif "://" in self.repository:
-            return []
-        else:
-            record = Path(self.repository) / "repository.json"
-            text = record.read_text() if record.is_file() else None
-        if text is None:
-            return []
-        return list(json.loads(text).get("server_args", []))
-
-    def command(self, backend_directory: Path | None) -> list[str]:
+    def command(self, shm_prefix: str) -> list[str]:
+        """tritonserver's command line for one start."""
         flags = server_flags(self.repository, self.settings, self.admin_key)
-        if backend_directory is not None:
-            flags.append(f"--backend-directory={backend_directory}")
-        return [str(tritonserver_binary()), *flags, *self.repository_arguments()]
+        flags.append(f"--backend-config=python,shm-region-prefix-name={shm_prefix}")
+        if self._backends is not None:
+            flags.append(f"--backend-directory={self._backends}")
+        record = read_record(self.repository) or {}
+        # Flags the repository asks for (the rate limiter, for one).
+        return [str(tritonserver_binary()), *flags, *record.get("server_args", [])]
 
     def start(self) -> TritonServer:
         self._scratch = tempfile.TemporaryDirectory(prefix="tritonserver-")
         self.runtime_dir.mkdir()
         self._backends = prepare_backend_directory(Path(self._scratch.name) / "backends")
-        self._launch()
-        if self._supervise:
-            from model_repository.supervisor import Supervisor
-
-            self.supervisor = Supervisor(self)
-            self.supervisor.start()
+        self.supervisor = Supervisor(self._launch, self.admin, self.runtime_dir)
+        self.supervisor.start()
         return self
 
-    def _launch(self) -> None:
-        """Starts the tritonserver process (again, after it died)."""
-        assert self._scratch is not None
+    def _launch(self, shm_prefix: str) -> subprocess.Popen[bytes]:
+        """Starts a tritonserver process (the supervisor calls it, again after a death)."""
         # A log file, this process's stdout ("-": containers log there), or nowhere.
         if self.log_file is None:
             log_target: Any = subprocess.DEVNULL
@@ -336,49 +299,29 @@ class TritonServer:
             log_target = open(self.log_file, "ab")  # noqa: SIM115
         environment = server_environment()
         environment[RUNTIME_DIR_VARIABLE] = str(self.runtime_dir)
-        self.process = subprocess.Popen(
-            [*DIE_WITH_PARENT, *self.command(self._backends)],
-            env=environment,
-            stdout=log_target,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        if hasattr(log_target, "close"):
-            log_target.close()
-
-    def http_client(self) -> object:
-        import tritonclient.http as httpclient
-
-        return httpclient.InferenceServerClient(self.http_url, connection_timeout=5.0)
+        try:
+            return subprocess.Popen(
+                [*DIE_WITH_PARENT, *self.command(shm_prefix)],
+                env=environment,
+                stdout=log_target,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        finally:
+            if hasattr(log_target, "close"):
+                log_target.close()
 
     def is_ready(self) -> bool:
-        client = self.http_client()
-        try:
-            return bool(client.is_server_ready())  # type: ignore[attr-defined]
-        except Exception:
-            return False
-        finally:
-            client.close()  # type: ignore[attr-defined]
+        return self.admin.is_ready()
 
     def wait_ready(self, timeout_s: float = 300.0) -> None:
-        """Blocks until the server reports ready, or raises with the end of its log.
-
-        A tritonserver killed by a signal while it loads (seen: an abort in the Python
-        backend's shared-memory locks on an overloaded machine) is started again, twice at
-        most; one that exits on its own (a broken repository, a port in use) is not.
-        """
+        """Blocks until the server reports ready, or raises with the end of its log."""
+        if self.supervisor is None:
+            raise RuntimeError("the server has not been started")
         deadline = time.monotonic() + timeout_s
-        crashes = 0
         while time.monotonic() < deadline:
-            process = self.process
-            restarting = self.supervisor is not None and self.supervisor.restarting
-            if process is not None and process.poll() is not None and not restarting:
-                if process.returncode >= 0 or crashes == STARTUP_CRASHES:
-                    raise RuntimeError(
-                        f"tritonserver exited with {process.returncode}\n{self.log_tail()}"
-                    )
-                crashes += 1
-                self._launch()
+            if self.supervisor.failure is not None:
+                raise RuntimeError(f"{self.supervisor.failure}\n{self.log_tail()}")
             if self.is_ready():
                 return
             time.sleep(0.25)
@@ -389,48 +332,15 @@ class TritonServer:
             return "\n".join(Path(self.log_file).read_text(errors="replace").splitlines()[-lines:])
         return "(no log file)"
 
-    def stop(self, grace_s: float | None = None) -> None:
+    def stop(self, grace: float | None = None) -> None:
         """Drains (edits in flight finish, up to the grace period), then stops the server."""
-        grace_s = self.grace_s if grace_s is None else grace_s
+        if self._scratch is None:
+            return
         if self.supervisor is not None:
-            self.supervisor.drain(grace_s)
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
-            self._wait_for_exit()
-        if self.supervisor is not None:
-            # Only now: a tritonserver that the supervisor started again dies with its thread.
-            self.supervisor.stop()
-            self.supervisor.remove_shared_memory()
-            self.supervisor = None
-        if self._scratch is not None:
-            self._scratch.cleanup()
-            self._scratch = None
-
-    def _wait_for_exit(self) -> None:
-        """Waits for tritonserver to exit after SIGINT; kills it when it cannot.
-
-        A model whose process died never finishes unloading in Triton 2.51, so shutdown
-        would wait the whole exit timeout for it. After the drain nothing is in flight:
-        once no live model process is left for a while, the rest is that wait, cut short.
-        """
-        assert self.process is not None
-        deadline = time.monotonic() + self.settings.exit_timeout_s + 5
-        unloaded_since: float | None = None
-        while time.monotonic() < deadline:
-            try:
-                self.process.wait(timeout=0.5)
-                return
-            except subprocess.TimeoutExpired:
-                pass
-            if self.supervisor is None or self.supervisor.model_processes_alive():
-                unloaded_since = None
-            elif unloaded_since is None:
-                unloaded_since = time.monotonic()
-            elif time.monotonic() - unloaded_since > UNLOADED_EXIT_S:
-                break
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait()
+            self.supervisor.drain(self.settings.grace if grace is None else grace)
+            self.supervisor.stop(self.settings.exit_timeout_s)
+        self._scratch.cleanup()
+        self._scratch = None
 
     def __enter__(self) -> TritonServer:
         return self.start()

@@ -9,15 +9,14 @@ where concurrent edits' UNet steps merge.
 from __future__ import annotations
 
 import os
-import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from model_repository.batching import Runnable, model_feed, run_merged
+from edit_pipeline.batching import model_feed, run_merged
 
 if TYPE_CHECKING:
     import torch
@@ -151,66 +150,3 @@ class OnnxComponent:
             for index, outputs in done:
                 results[index] = outputs
         return results  # type: ignore[return-value]
-
-
-class OnnxComponents:
-    """The four component calls of an edit on the exported ONNX files in this process (the
-    bare loop the benchmark compares with Triton, and tests): the pipeline's Components.
-    `make` opens one file: an OnnxComponent, or an OpenVinoComponent on the CPU."""
-
-    def __init__(
-        self,
-        export_dir: Path,
-        calls: dict[str, dict[str, Any]],
-        make: Callable[[Path], Runnable],
-        device: str = "cpu",
-    ) -> None:
-        self.calls = calls
-        self.device = device
-        self.sessions = {
-            role: make(Path(export_dir) / call["model"] / "model.onnx")
-            for role, call in calls.items()
-        }
-        self.unet_seconds: list[float] = []
-
-    def _run(self, role: str, *values: np.ndarray) -> list[np.ndarray]:
-        call = self.calls[role]
-        outputs = self.sessions[role].run(dict(zip(call["inputs"], values, strict=True)))
-        return [outputs[name] for name in call["outputs"]]
-
-    def encode_prompts(self, input_ids: np.ndarray) -> torch.Tensor:
-        import torch
-
-        return torch.from_numpy(self._run("text_encoder", input_ids)[0])
-
-    def encode_image(self, pixels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        import torch
-
-        mean, std = self._run("vae_encoder", pixels)
-        return torch.from_numpy(mean), torch.from_numpy(std)
-
-    def predict_noise(
-        self, sample: torch.Tensor, timestep: torch.Tensor, embeds: torch.Tensor
-    ) -> torch.Tensor:
-        import torch
-
-        started = time.perf_counter()
-        unet = self.sessions["unet"]
-        if self.device == "cpu":
-            arrays = (sample.numpy(), timestep.numpy(), embeds.numpy())
-            noise_pred = torch.from_numpy(self._run("unet", *arrays)[0])
-        else:
-            # On a GPU the loop's tensors stay there: onnxruntime reads and writes them.
-            noise_pred = torch.empty(
-                (sample.shape[0], unet.output_channels, *sample.shape[2:]), device=sample.device
-            )
-            names = self.calls["unet"]["inputs"]
-            unet.run_bound(
-                dict(zip(names, (sample, timestep, embeds), strict=True)),
-                {self.calls["unet"]["outputs"][0]: noise_pred},
-            )
-        self.unet_seconds.append(time.perf_counter() - started)
-        return noise_pred
-
-    def decode_latents(self, latent: torch.Tensor) -> np.ndarray:
-        return self._run("vae_decoder", latent.cpu().numpy())[0]

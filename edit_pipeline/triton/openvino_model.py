@@ -6,10 +6,10 @@ from pathlib import Path
 
 import triton_python_backend_utils as pb_utils
 
-from model_repository.backend.component_model import ComponentModel
-from model_repository.backend.triton_io import config_parameters
-from model_repository.openvino_component import OpenVinoComponent
-from model_repository.runtime import InstanceStatus
+from edit_pipeline.openvino_component import OpenVinoComponent
+from edit_pipeline.runtime_status import InstanceStatus
+from edit_pipeline.triton.component_model import ComponentModel
+from edit_pipeline.triton.triton_io import config_parameters
 
 
 class TritonPythonModel(ComponentModel):

@@ -25,7 +25,7 @@ import torch
 from pix2pix_client.contract import IMG2IMG, INSTRUCT_PIX2PIX, SCHEDULERS, guidance_on
 
 if TYPE_CHECKING:
-    from model_repository.preprocess import EditRequest
+    from edit_pipeline.preprocess import EditRequest
 
 # (sample, timestep per batch row, encoder_hidden_states) -> noise prediction: float32
 # tensors on the sampler's device, contiguous; the prediction comes back on any device.

@@ -20,8 +20,8 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from model_repository.postprocess import encode_png, tensor_to_image
-from model_repository.preprocess import (
+from edit_pipeline.postprocess import encode_png, tensor_to_image
+from edit_pipeline.preprocess import (
     EditRequest,
     ImageLimits,
     PromptTokenizer,
@@ -29,8 +29,8 @@ from model_repository.preprocess import (
     image_to_tensor,
     resolve_request,
 )
-from model_repository.preview import LatentPreview
-from model_repository.sampler import Sampler, SamplerInputs, StepCallback
+from edit_pipeline.preview import LatentPreview
+from edit_pipeline.sampler import Sampler, SamplerInputs, StepCallback
 
 # The files an edit model's version folder holds besides model.py.
 SETTINGS_FILE = "pipeline.json"

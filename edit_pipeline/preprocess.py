@@ -1,6 +1,6 @@
 """Request preprocessing: validated parameters, the decoded input image, prompt token ids.
 
-Plain Python, called by the edit pipeline (model_repository/pipeline.py) that the served
+Plain Python, called by the edit pipeline (edit_pipeline/pipeline.py) that the served
 edit models and the bare onnxruntime baseline run. Every failure is an
 `InvalidArgumentError` naming the input and its allowed values, which the Triton model
 turns into INVALID_ARG.

@@ -1,0 +1,163 @@
+"""The one chain from weights to a servable repository, for serve, demo and benchmarks:
+
+    preset (random weights of the real architectures) or a diffusers folder
+      -> validated ONNX export (fp16 for the fp16 precision, onnxruntime's fusions for
+         the onnxruntime flavours)
+      -> TensorRT engines (the tensorrt flavour; built when missing, on a GPU)
+      -> model repository for the chosen options
+
+Every step whose output is already there and current is skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
+
+from export.onnx_export import ensure_export
+from export.presets import PRESETS
+from model_repository.builder import build_repository
+from model_repository.configs import RepositoryOptions
+
+DEFAULT_BUILD_DIR = Path("build")
+DEFAULT_PRESET = "tiny"
+PRESET_MARKER = "preset.json"
+
+# Times one step of the chain: (step, note) -> a context manager around it.
+MeasureStep = Callable[[str, str], AbstractContextManager[object]]
+
+
+def _unmeasured(step: str, note: str) -> AbstractContextManager[object]:
+    return contextlib.nullcontext()
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where the weights come from: a preset built here, or a diffusers folder (or a
+    preset's root) on disk."""
+
+    preset: str | None = None
+    model: Path | None = None
+
+    @classmethod
+    def from_arguments(cls, args: argparse.Namespace) -> Source:
+        return cls(model=args.model) if args.model is not None else cls(preset=args.preset)
+
+
+@dataclass(frozen=True)
+class BuiltModel:
+    """What the chain made: the served model's name, its diffusers folder, its export,
+    its engines (tensorrt) and the repository."""
+
+    name: str
+    weights: Path
+    export_dir: Path
+    engines_dir: Path | None
+    repository: Path
+
+    @property
+    def random_weights(self) -> bool:
+        """Whether the weights are a preset's: a preset root, or a pipeline folder in one."""
+        folder = self.weights.resolve()
+        return (folder / PRESET_MARKER).is_file() or (folder.parent / PRESET_MARKER).is_file()
+
+
+def add_source_arguments(parser: argparse.ArgumentParser) -> argparse._MutuallyExclusiveGroup:
+    """--preset and --model, one of them; returns the group (serve adds --repository)."""
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default=DEFAULT_PRESET,
+        help="random weights of the real architectures, built here (default: %(default)s)",
+    )
+    source.add_argument("--model", type=Path, help="a diffusers folder (or a preset root)")
+    return source
+
+
+def _log(message: str) -> None:
+    print(message, flush=True)
+
+
+def ensure_preset(preset: str, build_dir: Path) -> Path:
+    """The preset's root under `build_dir`, built when missing."""
+    from export.presets import build_preset
+
+    root = build_dir / "presets" / preset
+    marker = root / PRESET_MARKER
+    if marker.is_file() and json.loads(marker.read_text()).get("preset") == preset:
+        _log(f"preset up to date: {root}")
+        return root
+    _log(f"building the {preset} preset (random weights of the real architectures) ...")
+    for folder, digest in build_preset(preset, root).items():
+        _log(f"  {folder}: sha256 {digest}")
+    return root
+
+
+def resolve_source(source: Source, build_dir: Path) -> tuple[str, Path]:
+    """The served model's name and its diffusers folder, building the preset if needed."""
+    if source.model is not None:
+        if not source.model.is_dir():
+            raise FileNotFoundError(f"{source.model}: no such folder")
+        return source.model.resolve().name, source.model
+    preset = source.preset or DEFAULT_PRESET
+    return preset, ensure_preset(preset, build_dir)
+
+
+def export_dir_for(name: str, build_dir: Path, options: RepositoryOptions) -> Path:
+    """Where the export of `name` goes: one folder per weight precision and fusions."""
+    fp16 = "-fp16" if options.precision == "fp16" else ""
+    fused = "-fused" if options.fused_export else ""
+    return build_dir / "onnx" / f"{name}{fp16}{fused}"
+
+
+def repository_dir_for(name: str, build_dir: Path, options: RepositoryOptions) -> Path:
+    """Where serve and demo write the repository of `name` for these options."""
+    precision = "" if options.precision == "fp32" else f"-{options.precision}"
+    return build_dir / "repository" / f"{name}-{options.flavour}{precision}"
+
+
+def ensure_engines(export_dir: Path, build_dir: Path, options: RepositoryOptions) -> Path:
+    """The TensorRT engines of an export, built when missing (needs an NVIDIA GPU)."""
+    from export.tensorrt_engines import ENGINES_MANIFEST, build_engines
+
+    engines = build_dir / "engines" / export_dir.name
+    if not (engines / ENGINES_MANIFEST).is_file():
+        _log(f"building TensorRT engines of {export_dir} ...")
+        build_engines(export_dir, engines, fp16=options.precision == "fp16")
+    return engines
+
+
+def prepare(
+    source: Source,
+    options: RepositoryOptions,
+    build_dir: Path = DEFAULT_BUILD_DIR,
+    *,
+    repository: Path | None = None,
+    engines_dir: Path | None = None,
+    measure: MeasureStep = _unmeasured,
+) -> BuiltModel:
+    """Weights -> validated export -> engines (tensorrt) -> repository (at `repository`,
+    or where serve keeps it). `measure` times each step."""
+    options.check()
+    build_note = "skipped: MODEL given" if source.model else f"{source.preset} preset"
+    with measure("build", f"{build_note}, skipped when current"):
+        name, weights = resolve_source(source, build_dir)
+    export_dir = export_dir_for(name, build_dir, options)
+    with measure("export", "ONNX + validation, skipped when current"):
+        ensure_export(
+            [weights], export_dir, fp16=options.precision == "fp16", optimize=options.fused_export
+        )
+    if options.flavour == "tensorrt" and engines_dir is None:
+        with measure("engines", "TensorRT, skipped when current"):
+            engines_dir = ensure_engines(export_dir, build_dir, options)
+    repository = repository or repository_dir_for(name, build_dir, options)
+    with measure("repository", options.flavour):
+        models = build_repository(export_dir, repository, options, engines_dir)
+    _log(f"repository ({options.flavour}, {len(models)} models): {repository}")
+    return BuiltModel(name, weights, export_dir, engines_dir, repository)
