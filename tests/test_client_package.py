@@ -13,7 +13,7 @@ import pytest
 import pix2pix_client
 
 FORBIDDEN = ("torch", "diffusers", "transformers", "onnx", "onnxruntime", "tensorrt")
-SERVER_PACKAGES = ("export", "model_repository", "benchmarks")
+SERVER_PACKAGES = ("export", "edit_pipeline", "model_repository", "serving", "benchmarks", "deploy")
 # The web page (pix2pix-client[ui]) is held to the same rule where Gradio is installed.
 HAS_GRADIO = importlib.util.find_spec("gradio") is not None
 
