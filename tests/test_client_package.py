@@ -95,34 +95,3 @@ def test_public_api() -> None:
         "contract",
     ):
         assert hasattr(pix2pix_client, name), name
-
-
-def test_readme_parameter_table_matches_the_contract() -> None:
-    from pix2pix_client import contract
-    from pix2pix_client.cli import EDIT_FLAGS
-
-    readme = Path(__file__).resolve().parents[1] / "client" / "README.md"
-    section = readme.read_text().split("## Parameters", 1)[1].split("\n## ", 1)[0]
-    rows = {}
-    for line in section.splitlines():
-        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
-        if len(cells) == 7 and cells[0].startswith("`"):
-            rows[cells[0].strip("`")] = cells
-    assert list(rows) == [parameter.name for parameter in contract.PARAMETERS]
-
-    flags = {name: flag for flag, (name, _, _) in EDIT_FLAGS.items()}
-    for parameter in contract.PARAMETERS:
-        _, triton_type, flag, allowed, pix2pix, img2img, meaning = rows[parameter.name]
-        assert triton_type == parameter.wire_type
-        assert allowed == parameter.allowed()
-        assert parameter.description in meaning
-        if parameter.name in flags:
-            assert f"`{flags[parameter.name]}`" in flag
-        for pipeline, shown in (("instruct_pix2pix", pix2pix), ("img2img", img2img)):
-            if pipeline not in parameter.pipelines:
-                assert shown == "not an input"
-            elif parameter.required:
-                assert shown == "required"
-            elif parameter.default_for(pipeline) is not None:
-                default = parameter.default_for(pipeline)
-                assert shown == ('`""`' if default == "" else str(default))

@@ -12,7 +12,6 @@ import pytest
 from PIL import Image
 
 from model_repository.chain import PRESET_MARKER, BuiltModel
-from pix2pix_client import contract
 from serving import demo
 
 TIMED_STEPS = ("build", "export", "repository", "server start", "edit", "server stop", "total")
@@ -91,17 +90,3 @@ def test_random_weights_are_recognised_by_the_preset_marker(tmp_path: Path) -> N
     assert built(preset).random_weights
     assert built(preset / "instruct-pix2pix").random_weights
     assert not built(checkpoint).random_weights
-
-
-def test_readme_parameter_table_is_the_client_readmes() -> None:
-    """The top-level README repeats client/README.md's table, which test_client_package
-    checks against the contract."""
-    root = Path(__file__).resolve().parents[1]
-
-    def table(readme: Path) -> list[str]:
-        section = readme.read_text().split("\n## Parameters\n", 1)[1].split("\n## ", 1)[0]
-        return [line for line in section.splitlines() if line.startswith("|")]
-
-    rows = table(root / "README.md")
-    assert len(rows) == 2 + len(contract.PARAMETERS)  # header, rule, one row per input
-    assert rows == table(root / "client" / "README.md")

@@ -320,3 +320,44 @@ def validate_request(
             continue
         validated[parameter.name] = parameter.validate(value)
     return validated
+
+
+def parameters_table(cli_flags: dict[str, tuple[str, ...]]) -> str:
+    """The contract as a markdown table, one row per input: the table of client/README.md.
+
+    `cli_flags` maps an input's name to what the `pix2pix edit` command calls it (its
+    flags, or the positional's name); inputs missing from it show "-".
+    """
+    header = (
+        "input",
+        "Triton type",
+        "CLI flag",
+        "allowed",
+        f"default `{INSTRUCT_PIX2PIX}`",
+        f"default `{IMG2IMG}`",
+        "meaning",
+    )
+
+    def shown_default(parameter: Parameter, pipeline: str) -> str:
+        if pipeline not in parameter.pipelines:
+            return "not an input"
+        if parameter.required:
+            return "required"
+        default = parameter.default_for(pipeline)
+        if default is None:
+            return "the server's choice"
+        return '`""`' if default == "" else str(default)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for parameter in PARAMETERS:
+        flags = ", ".join(f"`{flag}`" for flag in cli_flags.get(parameter.name, ())) or "-"
+        cells = (
+            f"`{parameter.name}`",
+            parameter.wire_type,
+            flags,
+            parameter.allowed(),
+            *(shown_default(parameter, pipeline) for pipeline in PIPELINES),
+            parameter.description,
+        )
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
