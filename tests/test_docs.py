@@ -29,7 +29,9 @@ subcommands (tests/test_client_cli.py).
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
+import importlib
 import importlib.util
 import re
 import shlex
@@ -384,6 +386,31 @@ def test_every_fence_names_its_language() -> None:
         if not language
     ]
     assert not untagged, f"fenced blocks without a language: {untagged}"
+
+
+def test_every_python_example_compiles_and_imports_what_exists() -> None:
+    """The pages' ```python blocks are valid Python, and what they import from the client
+    package is there."""
+    problems = []
+    for page in PAGES:
+        for language, body, line in _fences(page.read_text()):
+            if language != "python":
+                continue
+            where = f"{page.relative_to(ROOT)}:{line}"
+            try:
+                tree = ast.parse(body, where)
+            except SyntaxError as error:
+                problems.append(f"{where}: {error}")
+                continue
+            for node in ast.walk(tree):
+                if isinstance(node, ast.ImportFrom) and node.module == "pix2pix_client":
+                    module = importlib.import_module(node.module)
+                    problems += [
+                        f"{where}: pix2pix_client has no {alias.name}"
+                        for alias in node.names
+                        if not hasattr(module, alias.name)
+                    ]
+    assert not problems, problems
 
 
 # ---------------------------------------------------------------- links and size
