@@ -1,7 +1,7 @@
-# NVIDIA's tritonserver container plus what this project's Python backend models import
-# (preprocess, sampler, postprocess; the components too in the python-onnxruntime flavour),
-# and what the ONNX export and the TensorRT engine build need, so that engines are built
-# with the same TensorRT as the server that loads them.
+# NVIDIA's tritonserver container plus this project: the edit pipeline its Python backend
+# models run (edit_pipeline/), the supervisor that starts tritonserver (serving/), and what
+# the ONNX export and the TensorRT engine build need, so that engines are built with the
+# same TensorRT as the server that loads them.
 #
 #   docker build -t triton-image-edit .
 #   docker run --gpus all --rm --shm-size=1g -p 8000:8000 -p 8001:8001 -p 8002:8002 \
@@ -14,7 +14,7 @@
 # edits' BLS calls as soon as SIGTERM arrives).
 #
 # Not built or run by this project's CI: its machines have no Docker engine, no access to
-# nvcr.io and no GPU (see README.md, "On a GPU").
+# nvcr.io and no GPU (docs/gpu.md).
 
 # 25.01 and later ship Python 3.12 (Ubuntu 24.04). The 24.xx containers have Python 3.10,
 # too old for the diffusers, transformers and torch versions pinned in constraints.txt.
@@ -31,17 +31,15 @@ WORKDIR /opt/triton-image-edit
 COPY pyproject.toml constraints.txt ./
 COPY client/ client/
 COPY export/ export/
+COPY edit_pipeline/ edit_pipeline/
 COPY model_repository/ model_repository/
+COPY serving/ serving/
 
-# On Linux, torch from PyPI is a CUDA build (the CPU build of the development machines comes
-# from a local wheel folder); constraints.txt keeps the versions the tests ran with.
-# The project itself goes in without its dependencies: they are listed here instead, minus
-# nvidia-pytriton (a tritonserver for machines without this container).
-RUN pip install -c constraints.txt \
-        torch diffusers transformers safetensors scipy "numpy<2" pillow psutil \
-        onnx onnxruntime-gpu polygraphy "tritonclient[grpc]" boto3 \
- && pip install -c constraints.txt ./client \
- && pip install --no-deps .
+# The project and its dependencies as pyproject.toml lists them, at the versions of
+# constraints.txt (the ones the tests ran with); the `gpu` extra instead of `standalone`:
+# this container has its own tritonserver and runs onnxruntime on the GPU. On Linux,
+# torch from PyPI is a CUDA build.
+RUN pip install -c constraints.txt ./client ".[gpu]"
 
 # TensorRT's Python package at the version of the container's own libnvinfer: an engine
 # only loads in the TensorRT version that built it.

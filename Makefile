@@ -35,7 +35,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml client/pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -c constraints.txt -e ./client -e '.[dev]'
+	$(PIP) install -q -c constraints.txt -e ./client -e '.[standalone,bench,dev]'
 	$(PIP) install -q -c constraints.txt --no-deps open-clip-torch
 	@touch $(STAMP)
 
@@ -97,11 +97,11 @@ demo: setup
 
 # Serves the toy model (or PRESET=, or MODEL=<diffusers folder>) on localhost:8001 (gRPC) until Ctrl-C,
 # building the preset, export and repository first when they are missing. FLAVOUR= and
-# PRECISION= choose how the components run (README: "Choosing a flavour and precision").
-# Loopback only unless HOST=0.0.0.0; the admin key from $IMAGE_EDIT_ADMIN_KEY (README:
-# "Running it for others"). SIGTERM or Ctrl-C drains edits in flight, then stops.
+# PRECISION= choose how the components run (docs/flavours.md).
+# Loopback only unless HOST=0.0.0.0; the admin key from $IMAGE_EDIT_ADMIN_KEY
+# (docs/operating.md). SIGTERM or Ctrl-C drains edits in flight, then stops.
 # REPOSITORY= serves a built repository as it is: a folder, or one published to object
-# storage (s3://BUCKET/PREFIX, credentials from the AWS_* variables; README: "Scaling out").
+# storage (s3://BUCKET/PREFIX, credentials from the AWS_* variables; docs/scaling-out.md).
 HOST ?=
 REPOSITORY ?=
 serve: setup
@@ -119,7 +119,7 @@ deploy-check: setup
 # The web page over a server of the toy model (or PRESET=, or MODEL=<diffusers folder>)
 # until Ctrl-C, which stops both: builds what is missing and starts the server as `make
 # serve` does (on loopback), waits until it is ready, then serves `pix2pix ui` and prints
-# its URL. UI_HOST=0.0.0.0 opens the page to other machines (README: "The web page").
+# its URL. UI_HOST=0.0.0.0 opens the page to other machines (client/README.md, "Web page").
 UI_HOST ?=
 UI_PORT ?=
 # serve's own default unless given (serving/tritonserver.py, ServerSettings).

@@ -56,7 +56,7 @@ class RepositoryOptions:
     builder and the benchmark, each a flag of their command lines."""
 
     flavour: str = option(
-        "python-onnxruntime", "how the components run (see the flavours table)", choices=FLAVOURS
+        "python-onnxruntime", "how the components run (docs/flavours.md)", choices=FLAVOURS
     )
     max_image_side: int = option(DEFAULT_MAX_SIDE, "longer side images are resized to")
     max_image_pixels: int = option(DEFAULT_MAX_PIXELS, "decoded pixels allowed at most")

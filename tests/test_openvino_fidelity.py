@@ -3,7 +3,7 @@
 Real tritonservers of the python-openvino flavour, fp32 then bf16, on the small preset
 (random weights of the real architectures, fresh in a temporary build folder): the same
 edit, 256x256 and 20 steps, for both pipelines and three schedulers. The PSNR of each pair
-is printed after the run; the gate is 40 dB (README: "Choosing a flavour and precision").
+is printed after the run; the gate is 40 dB (docs/flavours.md).
 """
 
 from __future__ import annotations
