@@ -1,10 +1,10 @@
 """The denoising loop of InstructPix2Pix and img2img, around any UNet callable.
 
-This is the sampler the Triton `sampler_*` models run, with the UNet reached through BLS;
-tests and the bare onnxruntime baseline pass an onnxruntime session instead. It follows
-diffusers' `StableDiffusionInstructPix2PixPipeline` and `StableDiffusionImg2ImgPipeline`
-step for step (same scheduler objects, same order of random draws from a CPU
-`torch.Generator`), so a seeded request reproduces the reference pipeline's image.
+The edit models run it with the UNet reached through BLS; tests and the benchmarks' bare
+loop pass a UNet of their own. It follows diffusers' `StableDiffusionInstructPix2PixPipeline`
+and `StableDiffusionImg2ImgPipeline` step for step (same scheduler objects, same order of
+random draws from a CPU `torch.Generator`), so a seeded request reproduces the reference
+pipeline's image.
 
 It runs on one torch device. On a GPU the latents, the scheduler's arithmetic and every
 UNet input and output stay in GPU memory for the whole loop; only the random draws are

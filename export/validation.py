@@ -15,7 +15,7 @@ import numpy as np
 from export.components import ComponentSpec
 from export.sample_inputs import CheckpointInputs, sample_inputs
 
-# fp32 differences come from kernel order only (seen: ~1e-6); fp16 keeps ~3 digits.
+# fp32 differences come from kernel order only; fp16 keeps about 3 digits.
 TOLERANCE = {"fp32": 1e-3, "fp16": 2e-2}
 
 # (batch for UNets, batch for the rest, latent height, latent width). The second case is

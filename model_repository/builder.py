@@ -163,6 +163,16 @@ def build_repository(
     if options.flavour in OPENVINO_FLAVOURS:
         _check_openvino_export(export_dir, manifest, options)
 
+    pipelines = options.pipelines or tuple(manifest["pipelines"])
+    missing = [p for p in pipelines if p not in manifest["pipelines"]]
+    if missing:
+        raise ValueError(
+            f"pipelines={missing}: the export at {export_dir} has "
+            f"{', '.join(manifest['pipelines'])} only"
+        )
+    served = {TEXT_ENCODER, VAE_ENCODER, VAE_DECODER} | {UNET_FOR_PIPELINE[p] for p in pipelines}
+    specs = {name: spec for name, spec in specs.items() if name in served}
+
     if output.exists():
         shutil.rmtree(output)
     output.mkdir(parents=True)
@@ -179,9 +189,9 @@ def build_repository(
                 _link_or_copy(source / EXTERNAL_DATA_FILE, version_dir / EXTERNAL_DATA_FILE)
         written.append(name)
 
-    for pipeline in manifest["pipelines"]:
+    for pipeline in pipelines:
         settings = pipeline_settings(manifest, pipeline, options)
-        for streaming in (False, True):
+        for streaming in (False, True) if options.streaming_models else (False,):
             config = edit_config(pipeline, options, streaming)
             version_dir = _write_model(output, config, "edit_model")
             (version_dir / SETTINGS_FILE).write_text(
@@ -202,7 +212,7 @@ def build_repository(
             "options": asdict(options),
             "server_args": server_arguments(options),
             "models": sorted(written),
-            "pipelines": sorted(manifest["pipelines"]),
+            "pipelines": sorted(pipelines),
         },
     )
     return sorted(written)

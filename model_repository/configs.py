@@ -20,7 +20,13 @@ from tritonclient.grpc import model_config_pb2 as mc
 from edit_pipeline.preprocess import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE, ImageLimits
 from export.components import MIN_IMAGE_SIDE, UNET_FOR_PIPELINE, ComponentSpec, TensorSpec
 from model_repository.arguments import option
-from pix2pix_client.contract import OUTPUTS, STREAM_OUTPUTS, parameters_for, stream_model
+from pix2pix_client.contract import (
+    OUTPUTS,
+    PIPELINES,
+    STREAM_OUTPUTS,
+    parameters_for,
+    stream_model,
+)
 
 KIND_AUTO = mc.ModelInstanceGroup.KIND_AUTO
 KIND_CPU = mc.ModelInstanceGroup.KIND_CPU
@@ -58,6 +64,10 @@ class RepositoryOptions:
     flavour: str = option(
         "python-onnxruntime", "how the components run (docs/flavours.md)", choices=FLAVOURS
     )
+    pipelines: tuple[str, ...] = option(
+        (), "the pipelines served (none given: every one the export has)", choices=PIPELINES
+    )
+    streaming_models: bool = option(True, "serve each pipeline's streaming model too")
     max_image_side: int = option(DEFAULT_MAX_SIDE, "longer side images are resized to")
     max_image_pixels: int = option(DEFAULT_MAX_PIXELS, "decoded pixels allowed at most")
     edit_instances: int = option(2, "edits each edit model runs at once")
@@ -112,6 +122,9 @@ class RepositoryOptions:
         """Raises ValueError naming the first option outside its allowed values."""
         if self.flavour not in FLAVOURS:
             raise ValueError(f"flavour={self.flavour!r}: allowed one of {', '.join(FLAVOURS)}")
+        unknown = [p for p in self.pipelines if p not in PIPELINES]
+        if unknown:
+            raise ValueError(f"pipelines={unknown}: allowed {', '.join(PIPELINES)}")
         if self.edit_instances < 1:
             raise ValueError(f"edit_instances={self.edit_instances}: allowed >= 1")
         if self.precision not in PRECISIONS:

@@ -72,12 +72,11 @@ def test_unknown_model_message_names_the_model() -> None:
 
 
 def test_server_side_contract_error_keeps_the_field_and_message() -> None:
-    # What the ensemble answers when the preprocess model rejects an input with the
-    # contract's message (the same message the client would have produced).
+    # An edit model's refusal with the contract's message (the same message the client
+    # would have produced), wrapped as Triton wraps the error of a Python model's execute.
     contract_message = "temperature=1.5 is out of range: allowed 0.1..1"
     raw = InferenceServerException(
-        "in ensemble 'img2img', Failed to process the request(s) for model "
-        f"'preprocess_0_0', message: {contract_message}",
+        f"Failed to process the request(s) for model 'img2img_0_0', message: {contract_message}",
         status="StatusCode.INVALID_ARGUMENT",
     )
     error = from_triton(raw)
@@ -90,7 +89,7 @@ def test_server_side_contract_error_keeps_the_field_and_message() -> None:
 
 def test_contract_error_reported_as_internal_is_still_invalid_argument() -> None:
     raw = InferenceServerException(
-        "Failed to process the request(s) for model 'preprocess_0_0', message: "
+        "Failed to process the request(s) for model 'instruct_pix2pix_0_0', message: "
         "InvalidArgumentError: scheduler='heun' is not supported: allowed one of "
         + ", ".join(contract.SCHEDULERS),
         status="StatusCode.INTERNAL",

@@ -174,8 +174,7 @@ def test_server_side_invalid_argument_carries_field(standin: StandInTriton, url:
     standin.script = [
         Failure(
             grpc.StatusCode.INVALID_ARGUMENT,
-            "in ensemble 'instruct_pix2pix', image=b'...' is not a decodable image: allowed "
-            "encoded PNG, JPEG or WEBP bytes",
+            "image=b'...' is not a decodable image: allowed encoded PNG, JPEG or WEBP bytes",
         )
     ]
     with EditClient(url) as client, pytest.raises(InvalidArgument) as raised:

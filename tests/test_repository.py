@@ -239,3 +239,48 @@ def test_edit_models_run_next_to_their_unet(repository) -> None:
         assert unet.instance_group[0].kind in (expected, mc.ModelInstanceGroup.KIND_CPU)
         assert unet.instance_group[0].kind == expected
         assert edit.parameters["FORCE_CPU_ONLY_INPUT_TENSORS"].string_value == "no"
+
+
+def test_a_lean_repository_serves_only_what_it_is_asked_for(
+    tiny_export: Path, tmp_path: Path
+) -> None:
+    """One pipeline without its streaming model: its UNet, the shared components, the edit
+    model and the readiness gate, nothing of the other pipeline."""
+    options = RepositoryOptions(pipelines=("img2img",), streaming_models=False)
+    models = build_repository(tiny_export, tmp_path / "lean", options)
+    shared = {"text_encoder", "vae_encoder", "vae_decoder"}
+    assert set(models) == {*shared, "unet_img2img", "img2img", READINESS_MODEL}
+    assert json.loads((tmp_path / "lean" / "repository.json").read_text())["pipelines"] == [
+        "img2img"
+    ]
+
+
+def test_a_pipeline_the_export_lacks_is_refused(tiny_export: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="pipelines=\\['nope'\\]: allowed"):
+        RepositoryOptions(pipelines=("nope",)).check()
+
+
+def test_the_record_says_which_code_built_the_repository(
+    repository, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """repository.json names the project's version and commit; serve --repository warns
+    when the code serving it is another."""
+    from model_repository.record import code_version, read_record
+    from serving.serve import warn_if_built_by_other_code
+
+    _, root = repository
+    record = read_record(str(root))
+    assert record is not None
+    assert record["built_by"] == code_version()
+    assert record["built_by"]["version"] and record["built_by"]["commit"]
+    warn_if_built_by_other_code(str(root))
+    assert capsys.readouterr().out == ""
+
+    other = {**record, "built_by": {**record["built_by"], "commit": "0" * 40}}
+    (root / "repository.json").write_text(json.dumps(other))
+    try:
+        warn_if_built_by_other_code(str(root))
+        warning = capsys.readouterr().out
+        assert f"built by commit {'0' * 40}, served by commit {code_version()['commit']}" in warning
+    finally:
+        (root / "repository.json").write_text(json.dumps(record))

@@ -211,8 +211,8 @@ _AS_A_FOREGROUND_JOB = (
 class _Terminal:
     """The command running in a 30x120 pseudo-terminal, and what its screen shows.
 
-    Started by subprocess, whose fork runs no Python in the child. pexpect's fork does,
-    which is unsafe in a process with this many threads: in CI its child died of SIGSEGV.
+    Started by subprocess, whose fork runs no Python in the child: Python in the forked
+    child of a process with this many threads is unsafe.
     """
 
     def __init__(self, arguments: list[str], cwd: Path) -> None:

@@ -98,8 +98,8 @@ def _sharpness_loss(source: np.ndarray, edited: np.ndarray) -> float:
 
 # The instructions the model learned (models/toy/instruct-pix2pix/README.md: "make it sepia"
 # and "make it darker" were trained but not learned). Each threshold sits under the
-# smallest effect measured on the held-out photos over seeds 0-3 but one (black and white
-# on the astronaut at seed 3: 0.03), far above what an unrelated instruction does.
+# smallest effect on the held-out photos over seeds 0-3 but one (that README's table), far
+# above what an unrelated instruction does.
 CHECKS = {
     check.prompt: check
     for check in (
@@ -125,7 +125,8 @@ MAX_UNGUIDED_SHARE = 0.6
 
 @pytest.fixture(scope="module", autouse=True)
 def one_torch_thread() -> Iterator[None]:
-    """The reference pipeline on one thread: on 2 shared cores two threads ran 10x slower."""
+    """The reference pipeline on one thread: threads of a toy-sized model on shared cores
+    mostly wait for each other."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -258,7 +259,7 @@ def test_served_edit_follows_the_instruction(
 
 
 # The tints: at guidance_scale 1 the prediction is still conditioned on the text, and the
-# model inverts or greys a photo nearly as much there (shares 0.93 and 0.77 measured).
+# model inverts or greys a photo nearly as much there; only the tints need the guidance.
 @pytest.mark.parametrize("prompt", ["make it red", "make it blue"])
 def test_text_guidance_off_weakens_the_edit(
     served_edit: Callable[..., np.ndarray], summary: Callable[[str, str], None], prompt: str

@@ -467,7 +467,7 @@ def test_busy_and_down_servers_are_told_apart_in_words() -> None:
     down = said("failed to connect to all addresses", "StatusCode.UNAVAILABLE")
     assert down.startswith("The server at triton:8001 is unavailable"), down
     bad = said(
-        "in ensemble 'img2img', seed=-1 is out of range: allowed 0..2^63-1",
+        "seed=-1 is out of range: allowed 0..2^63-1",
         "StatusCode.INVALID_ARGUMENT",
     )
     assert bad == "Seed refused: seed=-1 is out of range: allowed 0..2^63-1", bad

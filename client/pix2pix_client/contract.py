@@ -248,9 +248,8 @@ PARAMETERS: tuple[Parameter, ...] = (
 
 PARAMETERS_BY_NAME = {parameter.name: parameter for parameter in PARAMETERS}
 
-# The seed output is not called `seed`: Triton (2.51) drops an ensemble output that
-# shares its name with an optional input whenever a request leaves that input out, and
-# clients of any Triton model expect outputs named apart from inputs.
+# Outputs are named apart from inputs (the seed used is not `seed`): Triton clients read
+# both by name.
 OUTPUT_IMAGE = "edited_image"
 OUTPUT_SEED = "seed_used"
 OUTPUTS = (

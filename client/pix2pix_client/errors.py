@@ -80,8 +80,8 @@ _TENSOR_NAME = re.compile(r"input '(?P<field>\w+)'")
 # "model='x' is not served: allowed ...", and the server's image checks such as
 # "image could not be decoded (PNG: image file is truncated): allowed ...".
 _FIELDS = sorted([*contract.PARAMETERS_BY_NAME, "model"], key=len, reverse=True)
-# The field opens the message or a clause of Triton's wrapping ("in ensemble 'x', ...",
-# "... message: ..."), so "for model 'preprocess_0_0'" is not taken for one.
+# The field opens the message or the clause after Triton's wrapping ("... message: ..."),
+# so "for model 'img2img_0_0'" in that wrapping is not taken for one.
 _CONTRACT_MESSAGE = re.compile(
     r"(?:^|(?<=, )|(?<=: ))(?P<field>" + "|".join(_FIELDS) + r")[= ].*: allowed ", re.DOTALL
 )

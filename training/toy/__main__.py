@@ -199,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", type=Path, required=True, help="folder to write")
     parser.add_argument("--seed", type=int, default=0)
-    # One thread: on a 2-core machine shared with other work, two threads ran 2.5x slower.
+    # One thread by default: the toy is small, and threads of a small model on shared
+    # cores spend their time waiting for each other.
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--vae-steps", type=int, default=VaeSettings.steps)
     parser.add_argument("--unet-steps", type=int, default=UnetSettings.steps)
