@@ -27,7 +27,7 @@ EXPORT_DIR := $(BUILD)/onnx/$(MODEL_NAME)
 REPO_DIR := $(BUILD)/repository/$(MODEL_NAME)-$(FLAVOUR)
 
 .PHONY: setup test test-slow test-gpu test-ui lint format preset export engines serve demo ui \
-	lock clean system-packages deploy-check toy
+	api lock clean system-packages deploy-check toy
 
 setup: $(STAMP)
 
@@ -131,6 +131,22 @@ ui: setup
 		kill -0 $$server 2>/dev/null || { echo "the server did not start"; exit 1; }; \
 		sleep 1; done; \
 	$(VENV)/bin/pix2pix ui --url 127.0.0.1:$(GRPC_PORT) --host $(UI_HOST) --port $(UI_PORT)
+
+# OpenAI's Images API (POST /v1/images/edits, GET /v1/models) over a server of the toy model
+# (or PRESET=, or MODEL=<diffusers folder>) until Ctrl-C, which stops both: the server as
+# `make ui` starts it, then `pix2pix api` on http://API_HOST:API_PORT/v1. API_HOST=0.0.0.0
+# opens it to other machines; clients must send $$PIX2PIX_API_KEY when it is set
+# (client/README.md: "OpenAI-compatible API").
+API_HOST ?= 127.0.0.1
+API_PORT ?= 8080
+api: setup
+	@trap 'kill -TERM $$server 2>/dev/null; wait $$server' EXIT; \
+	$(PY) -m model_repository.serve $(SOURCE) --flavour $(FLAVOUR) --grpc-port $(GRPC_PORT) & \
+	server=$$!; \
+	until $(VENV)/bin/pix2pix health --url 127.0.0.1:$(GRPC_PORT) >/dev/null 2>&1; do \
+		kill -0 $$server 2>/dev/null || { echo "the server did not start"; exit 1; }; \
+		sleep 1; done; \
+	$(VENV)/bin/pix2pix api --url 127.0.0.1:$(GRPC_PORT) --host $(API_HOST) --port $(API_PORT)
 
 # Benchmarks Triton (perf_analyzer concurrency sweep over gRPC, per-stage statistics)
 # against diffusers eager PyTorch (fp32 and bf16) and a bare loop (onnxruntime, or OpenVINO

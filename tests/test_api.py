@@ -342,6 +342,10 @@ def test_an_image_over_the_limit_is_a_413(sdk: Any, gateway: str) -> None:
 
     # ... or, sent without a Content-Length, once it passes the limit.
     def chunks() -> Iterator[bytes]:
+        yield (
+            b'--x\r\nContent-Disposition: form-data; name="image"; filename="photo.png"\r\n'
+            b"Content-Type: image/png\r\n\r\n"
+        )
         chunk = bytes(1024 * 1024)
         for _ in range(MAX_BODY_BYTES // len(chunk) + 2):
             yield chunk
@@ -409,8 +413,8 @@ def test_leaving_a_stream_mid_way_stops_the_servers_unet(
         prompt=PROMPT,
         stream=True,
         partial_images=3,
-        # 1000 steps at temperature 0.1: 100 run, a partial image every 25.
-        extra_body={"num_inference_steps": LONG_STEPS, "temperature": 0.1, "seed": 5},
+        # 1000 steps at temperature 0.5: 500 run, a partial image every 125.
+        extra_body={"num_inference_steps": LONG_STEPS, "temperature": 0.5, "seed": 5},
     )
     started = _unet_executions(tiny_server)
     first = next(iter(stream))
@@ -450,31 +454,41 @@ def _fenced(section: str, language: str) -> list[str]:
     return re.findall(rf"```{language}\n(.*?)```", section, re.DOTALL)
 
 
-def test_the_readmes_sdk_snippet_runs_against_the_gateway(
+def test_the_readmes_sdk_snippets_run_against_the_gateway(
     gateway: str, grpc_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    (snippet,) = [
+    snippets = [
         block
         for block in _fenced(_section(ROOT / "client" / "README.md"), "python")
         if "images.edit(" in block
     ]
+    assert len(snippets) == 2, snippets
     short = ROOT / "API_README_SECTION.md"
     if short.exists():
-        # The repository README's section shows the same code.
-        assert snippet in _fenced(_section(short), "python")
+        # The repository README's section shows the same code as the first.
+        assert snippets[0] in _fenced(_section(short), "python")
     image = png_bytes(photo(64, 64))
     (tmp_path / "photo.png").write_bytes(image)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("OPENAI_BASE_URL", f"{gateway}/v1")
     monkeypatch.setenv("OPENAI_API_KEY", API_KEY)
-    exec(compile(snippet, "client/README.md", "exec"), {})
-    seed = int(re.search(r'"seed": (\d+)', snippet).group(1))  # type: ignore[union-attr]
-    steps = int(re.search(r'"num_inference_steps": (\d+)', snippet).group(1))  # type: ignore[union-attr]
-    written = next(p for p in tmp_path.glob("*.png") if p.name != "photo.png")
+    namespace: dict[str, Any] = {}
+    for snippet in snippets:
+        exec(compile(snippet, "client/README.md", "exec"), namespace)
+    seed = int(re.search(r'"seed": (\d+)', snippets[0]).group(1))  # type: ignore[union-attr]
+    steps = int(re.search(r'"num_inference_steps": (\d+)', snippets[0]).group(1))  # type: ignore[union-attr]
     expected = _library_edit(
         grpc_url, image, contract.INSTRUCT_PIX2PIX, seed=seed, num_inference_steps=steps
     )
-    assert written.read_bytes() == expected
+    assert (tmp_path / "snowy.png").read_bytes() == expected
+    streamed = sorted(path.name for path in tmp_path.glob("*.png"))
+    assert streamed == [
+        "partial_0.png",
+        "partial_1.png",
+        "photo.png",
+        "snowy.png",
+        "snowy_streamed.png",
+    ]
 
 
 def test_the_readmes_curl_line_sends_the_form(gateway: str, grpc_url: str, tmp_path: Path) -> None:

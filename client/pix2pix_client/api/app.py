@@ -294,13 +294,16 @@ class EventStream(Response):
     """A text/event-stream response that stops producing (and so cancels the edit) as
     soon as the client disconnects, whether or not an event is due."""
 
-    media_type = "text/event-stream"
-
     def __init__(self, chunks: AsyncGenerator[bytes, None]) -> None:
-        super().__init__(
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-            media_type=self.media_type,
-        )
+        # No Content-Length: the stream's length is not known before it ends.
+        self.status_code = 200
+        self.background = None
+        self.raw_headers = [
+            (b"content-type", b"text/event-stream; charset=utf-8"),
+            (b"cache-control", b"no-cache"),
+            # nginx passes events on as they come instead of buffering them.
+            (b"x-accel-buffering", b"no"),
+        ]
         self.chunks = chunks
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

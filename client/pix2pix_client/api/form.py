@@ -180,7 +180,7 @@ class FormReader:
             if name == "mask":
                 raise ApiError(
                     400,
-                    "mask is not supported: the edit models take no mask (no inpainting); "
+                    "masks are not supported: the edit models take no mask (no inpainting); "
                     "leave it out and say in the prompt what to change",
                     param="mask",
                     code="unsupported_parameter",
