@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import copy
 import io
 import os
 import re
@@ -602,3 +603,45 @@ def test_what_the_gateway_costs(sdk: Any, grpc_url: str, picture: bytes, summary
         f"({one_by_one_s / together_s:.2f}x the throughput)",
     )
     assert len(together.data) == 4
+
+
+# -------------------------------------------------------------------- deployment
+
+
+@pytest.fixture(scope="module")
+def sidecar_objects() -> list[dict[str, Any]]:
+    from deploy import check
+
+    return check.render(check.kubectl(), ["overlays/gpu", "components/openai-api"])
+
+
+def test_the_kubernetes_sidecar_is_checked_against_its_pod(
+    sidecar_objects: list[dict[str, Any]],
+) -> None:
+    from deploy import check
+
+    def problems(objects: list[dict[str, Any]]) -> list[str]:
+        return check.check_rendering("sidecar", objects, check.KUBERNETES_VERSION).problems
+
+    assert problems(sidecar_objects) == []
+    (deployment,) = [item for item in sidecar_objects if item["kind"] == "Deployment"]
+    names = [c["name"] for c in deployment["spec"]["template"]["spec"]["containers"]]
+    assert sorted(names) == ["openai-api", "triton"]
+
+    def gateway(objects: list[dict[str, Any]]) -> dict[str, Any]:
+        (item,) = [item for item in objects if item["kind"] == "Deployment"]
+        containers = item["spec"]["template"]["spec"]["containers"]
+        return next(c for c in containers if c["name"] == "openai-api")
+
+    breakages = [
+        (lambda c: c["args"].__setitem__(3, "127.0.0.1:9001"), "is not Triton's gRPC port"),
+        (lambda c: c["ports"][0].update(containerPort=9090), "container port named openai"),
+        (lambda c: c["env"].pop(0), "the API key must come from a Secret"),
+        (lambda c: c["volumeMounts"].pop(), "/tmp is not mounted"),
+        (lambda c: c.pop("lifecycle"), "no preStop sleep"),
+        (lambda c: c["args"].append("--no-such-flag"), "refuses these arguments"),
+    ]
+    for breaks, words in breakages:
+        objects = copy.deepcopy(sidecar_objects)
+        breaks(gateway(objects))
+        assert any(words in problem for problem in problems(objects)), words
