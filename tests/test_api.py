@@ -562,6 +562,23 @@ def test_the_command_serves_until_sigterm_with_the_key_from_a_file(
     assert "pix2pix api: stopped" in output
 
 
+def test_the_gateway_loads_no_ml_framework_and_keeps_the_servers_defaults() -> None:
+    from model_repository.configs import RepositoryOptions
+    from pix2pix_client.api import DEFAULT_MAX_IMAGE_SIDE, DEFAULT_MAX_N
+
+    assert RepositoryOptions().max_edits == DEFAULT_MAX_N
+    assert RepositoryOptions().max_image_side == DEFAULT_MAX_IMAGE_SIDE
+    forbidden = ("torch", "diffusers", "transformers", "onnx", "onnxruntime", "model_repository")
+    code = (
+        "import sys, pix2pix_client.api.serve\n"
+        f"print(','.join(sorted(m for m in {forbidden!r} if m in sys.modules)))"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert loaded.stdout.strip() == ""
+
+
 # ------------------------------------------------------------------------ figures
 
 

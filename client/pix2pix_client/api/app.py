@@ -154,19 +154,13 @@ class Gateway:
 
     async def health(self, request: Request) -> Response:
         """GET /health, for probes: 200 when the server is ready and serves an edit model."""
-        try:
-            health = await self.client.health(timeout_s=HEALTH_TIMEOUT_S)
-        except EditError as error:
-            raise from_edit_error(error) from None
+        health = await self.client.health(timeout_s=HEALTH_TIMEOUT_S)
         ready = health["live"] and health["ready"] and any(health["models"].values())
         models = {MODEL_IDS[name]: state for name, state in health["models"].items()}
         return JSONResponse({**health, "models": models}, status_code=200 if ready else 503)
 
     async def _ready_models(self) -> list[dict[str, Any]]:
-        try:
-            health = await self.client.health(timeout_s=HEALTH_TIMEOUT_S)
-        except EditError as error:
-            raise from_edit_error(error) from None
+        health = await self.client.health(timeout_s=HEALTH_TIMEOUT_S)
         return [
             {"id": MODEL_IDS[name], "object": "model", "created": self.created, "owned_by": OWNER}
             for name, ready in health["models"].items()

@@ -86,31 +86,48 @@ class FormReader:
 
     def __init__(self, *, max_n: int, max_image_side: int) -> None:
         self.max_image_side = max_image_side
+        # OpenAI's fields, described as the contract describes its inputs, so that a bad
+        # value is refused in the same words.
         self.parameters = {
             parameter.name: parameter
             for parameter in (
                 contract.Parameter("model", "BYTES", False, "the pipeline", choices=tuple(MODELS)),
-                contract.Parameter("n", "INT32", False, "images", minimum=1, maximum=max_n),
+                contract.Parameter("n", "INT32", False, "images to make", minimum=1, maximum=max_n),
                 contract.Parameter(
-                    "response_format", "BYTES", False, "how images return", choices=("b64_json",)
+                    "response_format",
+                    "BYTES",
+                    False,
+                    "how the images come back",
+                    choices=("b64_json",),
                 ),
                 contract.Parameter(
-                    "output_format", "BYTES", False, "the format", choices=OUTPUT_FORMATS
+                    "output_format",
+                    "BYTES",
+                    False,
+                    "the images' file format",
+                    choices=OUTPUT_FORMATS,
                 ),
                 contract.Parameter(
-                    "output_compression", "INT32", False, "quality", minimum=0, maximum=100
+                    "output_compression",
+                    "INT32",
+                    False,
+                    "JPEG and WebP quality",
+                    minimum=0,
+                    maximum=100,
                 ),
-                contract.Parameter("stream", "BYTES", False, "stream", choices=("true", "false")),
+                contract.Parameter(
+                    "stream", "BYTES", False, "server-sent events", choices=("true", "false")
+                ),
                 contract.Parameter(
                     "partial_images",
                     "INT32",
                     False,
-                    "previews",
+                    "previews streamed before the image",
                     minimum=0,
                     maximum=MAX_PARTIAL_IMAGES,
                 ),
                 *(
-                    contract.Parameter(name, "BYTES", False, name, choices=values)
+                    contract.Parameter(name, "BYTES", False, "accepted as it is", choices=values)
                     for name, values in ACCEPTED_VALUES.items()
                 ),
             )
@@ -124,8 +141,7 @@ class FormReader:
         try:
             model = self._value(text, "model", DEFAULT_MODEL)
             pipeline = MODELS[model]
-            if self._value(text, "response_format", "b64_json") != "b64_json":
-                raise contract.InvalidArgumentError("response_format", "")
+            self._value(text, "response_format", "b64_json")
             stream = self._value(text, "stream", "false") == "true"
             n = self._value(text, "n", 1)
             partial_images = self._value(text, "partial_images", 0)
@@ -149,6 +165,7 @@ class FormReader:
                 contract.PARAMETERS_BY_NAME["seed"].validate(options["seed"] + n - 1)
         except contract.InvalidArgumentError as error:
             if error.field == "response_format":
+                # Why, beyond the allowed value.
                 raise ApiError(
                     400,
                     f"response_format={text['response_format']!r} is not supported: this "
