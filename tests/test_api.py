@@ -294,8 +294,9 @@ def test_masks_several_images_and_undecodable_images_are_refused(sdk: Any, pictu
     cases = [
         ({"mask": _upload(picture)}, "mask", "masks are not supported"),
         ({"image": [_upload(picture), _upload(picture)]}, "image", "allowed one"),
-        # The server's own words, from decoding it.
+        # The server's own words, from decoding it; a stream is refused with its status too.
         ({"image": _upload(picture[:100])}, "image", "image could not be decoded"),
+        ({"image": _upload(picture[:100]), "stream": True}, "image", "image could not be decoded"),
     ]
     for arguments, param, words in cases:
         with pytest.raises(openai.BadRequestError) as refused:
@@ -390,6 +391,27 @@ def test_a_server_that_is_down_is_a_503_with_retry_after(picture: bytes) -> None
         with pytest.raises(openai.InternalServerError):
             client.models.list()
         assert httpx.get(f"{url}/health").status_code == 503
+
+
+def test_a_bug_is_a_500_with_an_incident_id_and_the_traceback_only_in_the_log(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from pix2pix_client.api.errors import from_edit_error
+    from pix2pix_client.errors import ServerError
+
+    def read_the_answer() -> None:
+        raise ServerError("the response of instruct_pix2pix lacks the output 'edited_image'")
+
+    try:
+        read_the_answer()
+    except ServerError as error:
+        with caplog.at_level("ERROR", logger="pix2pix_client.api"):
+            answer = from_edit_error(error)
+    incident_id = re.search(r"incident ([0-9a-f]+)", answer.message).group(1)  # type: ignore[union-attr]
+    assert answer.status == 500 and answer.body()["error"]["type"] == "server_error"
+    assert "Traceback" not in answer.message and "edited_image" not in answer.message
+    (record,) = caplog.records
+    assert incident_id in record.getMessage() and record.exc_info is not None
 
 
 # ------------------------------------------------------------------ cancellation
