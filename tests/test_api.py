@@ -12,6 +12,7 @@ import base64
 import contextlib
 import copy
 import io
+import json
 import os
 import re
 import secrets
@@ -224,6 +225,7 @@ def test_a_stream_sends_two_partial_images_then_the_completed_one(
 
 def test_partial_images_are_spread_evenly_over_the_steps(gateway: str, picture: bytes) -> None:
     seen: list[str] = []
+    formats: list[str] = []
     with httpx.stream(
         "POST",
         f"{gateway}/v1/images/edits",
@@ -244,9 +246,13 @@ def test_partial_images_are_spread_evenly_over_the_steps(gateway: str, picture: 
                 seen.append(line.split()[-1].split("/")[0])
             elif line.startswith("event: "):
                 seen.append(line.removeprefix("event: "))
+            elif line.startswith("data: "):
+                data = json.loads(line.removeprefix("data: "))
+                formats.append(Image.open(io.BytesIO(_decoded(data["b64_json"]))).format)
     partial_after = [seen[i - 1] for i, item in enumerate(seen) if item.endswith("partial_image")]
     assert partial_after == ["3", "6", "9"], seen
     assert seen[-2:] == ["12", "image_edit.completed"]
+    assert formats == ["JPEG"] * 4
 
 
 # ------------------------------------------------------------------------ errors
@@ -532,8 +538,6 @@ def test_the_readmes_curl_line_sends_the_form(gateway: str, grpc_url: str, tmp_p
         timeout=120,
     )
     assert result.returncode == 0, result.stderr
-    import json
-
     response = json.loads((tmp_path / "response.json").read_text())
     (item,) = response["data"]
     seed = int(re.search(r"seed=(\d+)", block).group(1))  # type: ignore[union-attr]
