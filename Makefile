@@ -135,7 +135,7 @@ ui: setup
 # OpenAI's Images API (POST /v1/images/edits, GET /v1/models) over a server of the toy model
 # (or PRESET=, or MODEL=<diffusers folder>) until Ctrl-C, which stops both: the server as
 # `make ui` starts it, then `pix2pix api` on http://API_HOST:API_PORT/v1. API_HOST=0.0.0.0
-# opens it to other machines; clients must send $$PIX2PIX_API_KEY when it is set
+# opens it to other machines; clients must send $PIX2PIX_API_KEY when it is set
 # (client/README.md: "OpenAI-compatible API").
 API_HOST ?= 127.0.0.1
 API_PORT ?= 8080
