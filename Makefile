@@ -27,7 +27,7 @@ EXPORT_DIR := $(BUILD)/onnx/$(MODEL_NAME)
 REPO_DIR := $(BUILD)/repository/$(MODEL_NAME)-$(FLAVOUR)
 
 .PHONY: setup test test-slow test-gpu test-ui lint format preset export engines serve demo ui \
-	lock clean system-packages deploy-check toy
+	api lock clean system-packages deploy-check toy
 
 setup: $(STAMP)
 
@@ -116,23 +116,38 @@ K8S_VERSION ?= 1.32
 deploy-check: setup
 	$(PY) -m deploy.check --kubernetes-version $(K8S_VERSION)
 
-# The web page over a server of the toy model (or PRESET=, or MODEL=<diffusers folder>)
-# until Ctrl-C, which stops both: builds what is missing and starts the server as `make
-# serve` does (on loopback), waits until it is ready, then serves `pix2pix ui` and prints
-# its URL. UI_HOST=0.0.0.0 opens the page to other machines (client/README.md, "Web page").
-UI_HOST ?=
-UI_PORT ?=
-# serve's own default unless given (serving/tritonserver.py, ServerSettings).
+# A command beside a server of the toy model (or PRESET=, or MODEL=<diffusers folder>) until
+# Ctrl-C, which stops both: builds what is missing and starts the server as `make serve`
+# does (on loopback), waits until it is ready, then runs the command.
+# serve's own gRPC port unless given (serving/tritonserver.py, ServerSettings).
 GRPC_PORT ?= $(shell $(PY) -c 'from serving.tritonserver import ServerSettings as s; print(s.grpc_port)')
-ui: setup
+define beside_server
 	@trap 'kill -TERM $$server 2>/dev/null; wait $$server' EXIT; \
-	$(PY) -m serving.serve $(SOURCE) --flavour $(FLAVOUR) --grpc-port $(GRPC_PORT) & \
+	$(PY) -m serving.serve $(SOURCE) --flavour $(FLAVOUR) --precision $(PRECISION) \
+		--grpc-port $(GRPC_PORT) & \
 	server=$$!; \
 	until $(VENV)/bin/pix2pix health --url 127.0.0.1:$(GRPC_PORT) >/dev/null 2>&1; do \
 		kill -0 $$server 2>/dev/null || { echo "the server did not start"; exit 1; }; \
 		sleep 1; done; \
-	$(VENV)/bin/pix2pix ui --url 127.0.0.1:$(GRPC_PORT) $(if $(UI_HOST),--host $(UI_HOST)) \
-		$(if $(UI_PORT),--port $(UI_PORT))
+	$(1)
+endef
+
+# The web page, `pix2pix ui`, beside the server; it prints its URL. UI_HOST=0.0.0.0 opens
+# the page to other machines (client/README.md, "Web page").
+UI_HOST ?=
+UI_PORT ?=
+ui: setup
+	$(call beside_server,$(VENV)/bin/pix2pix ui --url 127.0.0.1:$(GRPC_PORT) \
+		$(if $(UI_HOST),--host $(UI_HOST)) $(if $(UI_PORT),--port $(UI_PORT)))
+
+# OpenAI's Images API (POST /v1/images/edits, GET /v1/models), `pix2pix api`, beside the
+# server. API_HOST=0.0.0.0 opens it to other machines; clients must send $$PIX2PIX_API_KEY
+# when it is set (client/README.md: "OpenAI-compatible API").
+API_HOST ?=
+API_PORT ?=
+api: setup
+	$(call beside_server,$(VENV)/bin/pix2pix api --url 127.0.0.1:$(GRPC_PORT) \
+		$(if $(API_HOST),--host $(API_HOST)) $(if $(API_PORT),--port $(API_PORT)))
 
 # Benchmarks Triton (perf_analyzer concurrency sweep over gRPC, per-stage statistics)
 # against diffusers eager PyTorch (fp32 and bf16) and a bare loop (onnxruntime, or OpenVINO

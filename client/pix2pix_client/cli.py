@@ -1,5 +1,5 @@
 """The `pix2pix` command: edit images, check the server's health, list its models, serve
-the web page (the edit batch itself: batch.py).
+the web page and OpenAI's Images API (the edit batch itself: batch.py).
 
 Exit codes: 0 success, 2 invalid input (a bad flag value, an unreadable input file, a
 request the client or the server rejects as invalid), 1 a server or connection error.
@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from pix2pix_client import api as openai_api
 from pix2pix_client import contract
 from pix2pix_client.aio import AsyncEditClient
 from pix2pix_client.batch import (
@@ -59,6 +60,9 @@ DEFAULT_PREVIEW_EVERY = 5
 UI_HOST = "127.0.0.1"
 UI_PORT = 7860
 UI_CONCURRENCY = 2
+# `pix2pix api`: loopback unless told otherwise, beside Triton's 8000-8002.
+API_HOST = "127.0.0.1"
+API_PORT = 8080
 
 
 class _Parser(argparse.ArgumentParser):
@@ -216,6 +220,42 @@ def build_parser() -> argparse.ArgumentParser:
     page.add_argument(
         "--root-path", metavar="PATH", help="the page's path behind a reverse proxy, e.g. /edit"
     )
+    gateway = subcommands.add_parser(
+        "api",
+        parents=[connection],
+        help="serve OpenAI's Images API, /v1/images/edits (needs pix2pix-client[api])",
+        description="Serve OpenAI's Images API over the server at --url: POST "
+        "/v1/images/edits (streaming included) and GET /v1/models, for OpenAI's SDKs and "
+        "anything else that speaks it. Runs until Ctrl-C or SIGTERM, which let requests "
+        "in flight finish.",
+    )
+    gateway.add_argument(
+        "--host", default=API_HOST, help=f"address the API binds to (default: {API_HOST})"
+    )
+    gateway.add_argument("--port", type=int, default=API_PORT, help=f"(default: {API_PORT})")
+    gateway.add_argument(
+        "--api-key-file",
+        metavar="FILE",
+        help="file holding the key clients must send as 'Authorization: Bearer KEY' "
+        f"(default: ${openai_api.API_KEY_VARIABLE}, the key itself, else the file named by "
+        f"${openai_api.API_KEY_FILE_VARIABLE}; none of them set: no key is asked for)",
+    )
+    gateway.add_argument(
+        "--max-n",
+        type=int,
+        default=openai_api.DEFAULT_MAX_N,
+        metavar="N",
+        help="images one request may ask for; at most the server's --max-edits (default: "
+        f"{openai_api.DEFAULT_MAX_N}, the server's default)",
+    )
+    gateway.add_argument(
+        "--max-image-side",
+        type=int,
+        default=openai_api.DEFAULT_MAX_IMAGE_SIDE,
+        metavar="PIXELS",
+        help="the largest side `size` may ask for: the server's --max-image-side (default: "
+        f"{openai_api.DEFAULT_MAX_IMAGE_SIDE}, the server's default)",
+    )
     return parser
 
 
@@ -228,7 +268,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _exit_code(exit_request)
     if args.command is None:
         parser.print_usage(sys.stderr)
-        report_failure("a command is required: edit, health, models or ui")
+        report_failure("a command is required: edit, health, models, ui or api")
         return EXIT_INVALID_INPUT
     try:
         connection = _connection_arguments(args)
@@ -238,6 +278,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_health(args, connection))
         if args.command == "ui":
             return _ui(args, connection)
+        if args.command == "api":
+            return _api(args, connection)
         return asyncio.run(_models(args, connection))
     except InvalidArgument as error:
         report_failure(str(error))
@@ -334,6 +376,31 @@ def _ui(args: argparse.Namespace, connection: dict[str, Any]) -> int:
         port=args.port,
         concurrency=args.concurrency,
         root_path=args.root_path,
+        connection=connection,
+    )
+
+
+def _api(args: argparse.Namespace, connection: dict[str, Any]) -> int:
+    for flag, value in (("max-n", args.max_n), ("max-image-side", args.max_image_side)):
+        if value < 1:
+            raise InvalidArgument(flag, f"--{flag}={value} is out of range: allowed >= 1")
+    try:
+        api_key = openai_api.load_api_key(args.api_key_file)
+    except (OSError, ValueError) as error:
+        raise InvalidArgument("api-key-file", f"the API key cannot be read: {error}") from None
+    try:
+        from pix2pix_client.api.serve import serve
+    except ModuleNotFoundError as missing:
+        raise InvalidArgument(
+            "api", f"the API needs {missing.name}: pip install 'pix2pix-client[api]'"
+        ) from None
+    return serve(
+        args.url,
+        host=args.host,
+        port=args.port,
+        api_key=api_key,
+        max_n=args.max_n,
+        max_image_side=args.max_image_side,
         connection=connection,
     )
 
