@@ -62,16 +62,45 @@ def reference_pipelines(tiny_preset: Path) -> dict[str, object]:
     }
 
 
+# What the tests' repositories share: one onnxruntime thread per session (the test
+# machine's cores are shared by every model of every server).
+TEST_OPTIONS = {"intra_op_threads": 1}
+# A server that only has to edit: one pipeline, no streaming models, one edit at a time.
+LEAN = {"pipelines": ("instruct_pix2pix",), "streaming_models": False, "edit_instances": 1}
+
+
 @pytest.fixture(scope="session")
-def tiny_repository(tiny_export: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A python-onnxruntime model repository of the tiny preset."""
+def tiny_repository_with(
+    tiny_export: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Callable[..., Path]:
+    """`tiny_repository_with(**RepositoryOptions fields)`: a python-onnxruntime repository
+    of the tiny preset with these options over TEST_OPTIONS, built once per session."""
     from model_repository.builder import build_repository
     from model_repository.configs import RepositoryOptions
 
-    output = tmp_path_factory.mktemp("repository") / "tiny"
-    # One onnxruntime thread per session: the test machine has 2 cores shared by all models.
-    build_repository(tiny_export, output, RepositoryOptions(intra_op_threads=1))
-    return output
+    built: dict[RepositoryOptions, Path] = {}
+
+    def repository(**options: object) -> Path:
+        chosen = RepositoryOptions(**{**TEST_OPTIONS, **options})  # type: ignore[arg-type]
+        if chosen not in built:
+            output = tmp_path_factory.mktemp("repository") / "tiny"
+            build_repository(tiny_export, output, chosen)
+            built[chosen] = output
+        return built[chosen]
+
+    return repository
+
+
+@pytest.fixture(scope="session")
+def tiny_repository(tiny_repository_with: Callable[..., Path]) -> Path:
+    """The tiny preset's repository with every model `make serve` serves."""
+    return tiny_repository_with()
+
+
+@pytest.fixture(scope="session")
+def lean_repository(tiny_repository_with: Callable[..., Path]) -> Path:
+    """The tiny preset's repository with only what an edit needs (LEAN)."""
+    return tiny_repository_with(**LEAN)
 
 
 @pytest.fixture(scope="session")

@@ -491,6 +491,8 @@ def test_the_harness_runs_end_to_end_on_the_tiny_preset(
     (build / "onnx" / "tiny").symlink_to(tiny_export)  # the plain export: no fusions
     steps = 3
     argv = ["--preset", "tiny", "--size", "64", "--steps", str(steps), "--no-onnxruntime-fusions"]
+    # The pipeline measured, one edit per model at a time: what the run needs of a server.
+    argv += ["--pipelines", "instruct_pix2pix", "--edit-instances", "1"]
     # Two edits per level: with one, perf_analyzer 2.51 sometimes exits 99 ("failed to find
     # the requested model version") after a tiny edit.
     argv += ["--concurrency", "1", "2", "--rounds", "1", "--requests-per-round", "2"]

@@ -184,22 +184,19 @@ def test_server_side_invalid_argument_carries_field(standin: StandInTriton, url:
 
 
 def test_deadline_exceeded(standin: StandInTriton, url: str) -> None:
+    # The answer would come after 1 s: DeadlineExceeded means the client gave up first.
     standin.infer_delay_s = 1.0
-    with EditClient(url, timeout_s=5) as client:
-        started = time.monotonic()
-        with pytest.raises(DeadlineExceeded):
-            client.edit(png_bytes(), "x", timeout_s=0.2)
-    assert time.monotonic() - started < 0.9
+    with EditClient(url, timeout_s=5) as client, pytest.raises(DeadlineExceeded):
+        client.edit(png_bytes(), "x", timeout_s=0.2)
 
 
 def test_deadline_covers_retries(standin: StandInTriton, url: str) -> None:
     standin.script = [_unavailable() for _ in range(20)]
-    with EditClient(url, retries=10, backoff_s=0.1, timeout_s=0.5) as client:
-        started = time.monotonic()
-        with pytest.raises(ServerUnavailable):
-            client.edit(png_bytes(), "x")
-    elapsed = time.monotonic() - started
-    assert elapsed < 0.8
+    with (
+        EditClient(url, retries=10, backoff_s=0.1, timeout_s=0.5) as client,
+        pytest.raises(ServerUnavailable),
+    ):
+        client.edit(png_bytes(), "x")
     # 0.1 + 0.2 fit in the deadline, the 0.4 after them does not.
     assert len(standin.requests) == 3
 
@@ -253,12 +250,9 @@ def test_async_edits_run_concurrently(standin: StandInTriton, url: str) -> None:
                 *(client.edit(png_bytes(), "x", seed=seed) for seed in range(6))
             )
 
-    started = time.monotonic()
     results = asyncio.run(edit_many())
-    elapsed = time.monotonic() - started
     assert [result.seed for result in results] == list(range(6))
     assert standin.max_in_flight == 6
-    assert elapsed < 6 * 0.2
 
 
 def test_async_retries_and_errors(standin: StandInTriton, url: str) -> None:

@@ -185,7 +185,8 @@ def test_a_served_edit_equals_diffusers(
 
     factor = vae_scale_factor(exported_variant.preset)
     repository = tmp_path / "repository"
-    options = RepositoryOptions(intra_op_threads=1)
+    # Unary edits only: no streaming models, one edit at a time.
+    options = RepositoryOptions(intra_op_threads=1, streaming_models=False, edit_instances=1)
     build_repository(exported_variant.export_dir, repository, options)
     upload = png_bytes(photo(70, 54))
     expected_image = decode_image(upload, options.image_limits(factor))

@@ -9,7 +9,6 @@ preprocessed image.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,8 +17,6 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, EulerAncestralDiscreteScheduler, PNDMScheduler
 
 from edit_pipeline.preprocess import decode_image
-from model_repository.builder import build_repository
-from model_repository.configs import RepositoryOptions
 from tests.serving import edit, photo, png_bytes
 
 REFERENCE_SCHEDULERS = {
@@ -90,7 +87,7 @@ FLAVOURS = ("python-onnxruntime", "python-openvino")
 
 
 @pytest.fixture(scope="module", params=FLAVOURS)
-def served_client(request, tiny_export: Path, tmp_path_factory, start_server):
+def served_client(request, tiny_repository_with, start_server):
     """A gRPC client of a tiny-preset server of the flavour: the session's python-onnxruntime
     server, or one of this module's own."""
     import tritonclient.grpc as grpcclient
@@ -98,9 +95,10 @@ def served_client(request, tiny_export: Path, tmp_path_factory, start_server):
     if request.param == "python-onnxruntime":
         server = request.getfixturevalue("tiny_server")
     else:
-        repository = tmp_path_factory.mktemp(request.param) / "repository"
-        options = RepositoryOptions(flavour=request.param, intra_op_threads=1)
-        build_repository(tiny_export, repository, options)
+        # Unary edits only, one at a time: all the parity cases need.
+        repository = tiny_repository_with(
+            flavour=request.param, streaming_models=False, edit_instances=1
+        )
         server = start_server(repository)
     client = grpcclient.InferenceServerClient(server.grpc_url)
     yield request.param, client

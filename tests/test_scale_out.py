@@ -1,6 +1,7 @@
-"""Past one machine: the tiny repository published to an S3-compatible store (moto_server on
-loopback), served from there by two `serving.serve` replicas behind HAProxy
-(the configuration of deploy/balancer.py), which balances on Triton's readiness.
+"""Past one machine: the tiny preset's lean repository (one pipeline, no streaming models)
+published to an S3-compatible store (moto_server on loopback), served from there by two
+`serving.serve` replicas behind HAProxy (the configuration of deploy/balancer.py), which
+balances on Triton's readiness.
 
 The failover test sends 60 edits at concurrency 4 through the balancer while one replica
 is killed with SIGKILL and started again and the other is drained with SIGTERM: every
@@ -110,10 +111,10 @@ def object_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def published(object_store: str, tiny_repository: Path, summary) -> S3Location:
+def published(object_store: str, lean_repository: Path, summary) -> S3Location:
     location = S3Location(BUCKET, PREFIX, object_store)
     started = time.perf_counter()
-    report = publish(tiny_repository, location, log=lambda line: None)
+    report = publish(lean_repository, location, log=lambda line: None)
     summary(
         "object storage (moto_server on loopback)",
         f"publish: {len(report.uploaded)} objects, {report.uploaded_bytes / 1e6:.1f} MB in "
@@ -328,24 +329,24 @@ def test_s3_locations_read_both_forms_triton_accepts() -> None:
 
 
 def test_publish_uploads_the_repository_then_skips_what_is_unchanged(
-    published: S3Location, tiny_repository: Path
+    published: S3Location, lean_repository: Path
 ) -> None:
     import boto3
 
-    files = [p for p in tiny_repository.rglob("*") if p.is_file()]
+    files = [p for p in lean_repository.rglob("*") if p.is_file()]
     client = boto3.client("s3", endpoint_url=published.endpoint_url)
     listed = client.list_objects_v2(Bucket=BUCKET, Prefix=PREFIX + "/")["Contents"]
     assert len(listed) == len(files)
-    again = publish(tiny_repository, published, log=lambda line: None)
+    again = publish(lean_repository, published, log=lambda line: None)
     assert again.uploaded == [] and len(again.unchanged) == len(files)
     # A changed file is uploaded again, alone.
     changed = S3Location(BUCKET, "tiny/changed", published.endpoint_url)
-    publish(tiny_repository, changed, log=lambda line: None)
+    publish(lean_repository, changed, log=lambda line: None)
     head = client.head_object(Bucket=BUCKET, Key="tiny/changed/repository.json")
     assert len(head["Metadata"]["sha256"]) == 64
     client.put_object(Bucket=BUCKET, Key="tiny/changed/repository.json", Body=b"{}")
     client.put_object(Bucket=BUCKET, Key="tiny/changed/old_model/config.pbtxt", Body=b"")
-    third = publish(tiny_repository, changed, delete=True, log=lambda line: None)
+    third = publish(lean_repository, changed, delete=True, log=lambda line: None)
     assert [entry.relative for entry in third.uploaded] == ["repository.json"]
     assert third.deleted == ["tiny/changed/old_model/config.pbtxt"]
 

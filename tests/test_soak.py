@@ -13,8 +13,8 @@ from tests.soak import run_soak
 
 
 @pytest.fixture(scope="module")
-def server(start_server: Callable[..., TritonServer], tiny_repository: Path) -> TritonServer:
-    return start_server(tiny_repository)
+def server(start_server: Callable[..., TritonServer], lean_repository: Path) -> TritonServer:
+    return start_server(lean_repository)
 
 
 def _check(report, edits: int, summary, title: str) -> None:

@@ -127,7 +127,6 @@ def test_leaving_a_stream_early_cancels_the_servers_work(
         f"a 300-step stream left after 2 events: the next 2-step edit took {quick_s:.2f} s "
         f"({quick.latency_s:.2f} s on the server); UNet executions since: {growth}",
     )
-    assert quick_s < 1.0
     assert growth <= 2 + 1  # the quick edit's 2 steps, and at most the step in progress
 
 
