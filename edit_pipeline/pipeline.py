@@ -23,19 +23,13 @@ import torch
 from edit_pipeline.postprocess import encode_png, tensor_to_image
 from edit_pipeline.preprocess import (
     EditRequest,
-    ImageLimits,
     PromptTokenizer,
     decode_image,
     image_to_tensor,
     resolve_request,
 )
-from edit_pipeline.preview import LatentPreview
 from edit_pipeline.sampler import Sampler, SamplerInputs, StepCallback
-
-# The files an edit model's version folder holds besides model.py.
-SETTINGS_FILE = "pipeline.json"
-SCHEDULER_FILE = "scheduler_config.json"
-TOKENIZER_DIR = "tokenizer"
+from edit_pipeline.settings import SCHEDULER_FILE, SETTINGS_FILE, TOKENIZER_DIR, PipelineSettings
 
 
 class Components(Protocol):
@@ -58,37 +52,6 @@ class Components(Protocol):
     def decode_latents(self, latent: torch.Tensor) -> np.ndarray:
         """[1, C, h, w] unscaled latents -> [1, 3, H, W] pixels in [-1, 1]."""
         ...
-
-
-@dataclass(frozen=True)
-class PipelineSettings:
-    """What an edit model knows of its pipeline, written by the repository builder."""
-
-    pipeline: str
-    vae_scaling_factor: float
-    limits: ImageLimits
-    # Triton model and tensor names of each component call, from the export's specs.
-    components: dict[str, dict[str, Any]]
-    latent_preview: LatentPreview
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "pipeline": self.pipeline,
-            "vae_scaling_factor": self.vae_scaling_factor,
-            "limits": self.limits.__dict__,
-            "components": self.components,
-            "latent_preview": self.latent_preview.to_json(),
-        }
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> PipelineSettings:
-        return cls(
-            pipeline=data["pipeline"],
-            vae_scaling_factor=float(data["vae_scaling_factor"]),
-            limits=ImageLimits(**data["limits"]),
-            components=data["components"],
-            latent_preview=LatentPreview.from_json(data["latent_preview"]),
-        )
 
 
 @dataclass(frozen=True)

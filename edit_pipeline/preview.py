@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from PIL import Image
+
+if TYPE_CHECKING:
+    import torch
 
 # Previews are small: the longer side at most this, never larger than the edit itself.
 PREVIEW_SIDE = 256
@@ -40,7 +42,7 @@ class LatentPreview:
 
     def rgb(self, latents: torch.Tensor) -> np.ndarray:
         """[1, C, h, w] unscaled latents (the VAE decoder's input) -> [h, w, 3] uint8."""
-        pixels = latents[0].detach().to("cpu", torch.float32).numpy()
+        pixels = latents[0].detach().float().cpu().numpy()
         colours = np.tensordot(pixels, self.weights, axes=([0], [0])) + self.bias
         return (np.clip(colours, 0.0, 1.0) * 255 + 0.5).astype(np.uint8)
 

@@ -7,11 +7,12 @@ inherit tritonserver's environment) holds:
     instances/<instance>.<pid>  per model instance process: since when it is busy, and its
                              longest call
 
-Each instance file is two float64 values written in place: `busy_since` (wall-clock
-seconds, 0 when idle) and `longest_call_s` (the longest call that completed). The
-supervisor reads them to tell a stuck call from a long one and to know when no edit is in
-flight. Without the variable (a plain tritonserver, as in the NGC container run by hand)
-every function here does nothing.
+Each instance file is three float64 values written in place: `busy_since` (wall-clock
+seconds of the call's start or its last step, 0 when idle), `longest_call_s` (the longest
+call that completed) and `waiting` (1 while the call waits for another model: an edit's
+BLS call to a component). The supervisor reads them to tell a stuck call from a long one
+and to know when no edit is in flight. Without the variable (a plain tritonserver, as in
+the NGC container run by hand) every function here does nothing.
 """
 
 from __future__ import annotations
@@ -19,13 +20,15 @@ from __future__ import annotations
 import os
 import struct
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 RUNTIME_DIR_VARIABLE = "IMAGE_EDIT_RUNTIME_DIR"
 DRAINING_MARKER = "draining"
 INSTANCES_DIR = "instances"
-_RECORD = struct.Struct("<dd")
+_RECORD = struct.Struct("<ddd")
 
 
 def runtime_dir() -> Path | None:
@@ -52,6 +55,7 @@ class InstanceStatus:
         self._fd: int | None = None
         self._busy_since = 0.0
         self._longest_s = 0.0
+        self._waiting = False
         if directory is not None:
             # Keyed by process too: a reloaded instance has the old one's name while the
             # old process may still finish an edit.
@@ -64,6 +68,18 @@ class InstanceStatus:
         """A call starts (or makes progress: a long call beats at every step)."""
         self._busy_since = time.time()
         self._write()
+
+    @contextmanager
+    def waiting(self) -> Iterator[None]:
+        """Around a call to another model: the time it takes is that model's to account
+        for, and this call beats again when it returns."""
+        self._waiting = True
+        self._write()
+        try:
+            yield
+        finally:
+            self._waiting = False
+            self.busy()
 
     def idle(self) -> None:
         """The call ended."""
@@ -79,7 +95,8 @@ class InstanceStatus:
 
     def _write(self) -> None:
         if self._fd is not None:
-            os.pwrite(self._fd, _RECORD.pack(self._busy_since, self._longest_s), 0)
+            record = _RECORD.pack(self._busy_since, self._longest_s, float(self._waiting))
+            os.pwrite(self._fd, record, 0)
 
 
 @dataclass(frozen=True)
@@ -90,6 +107,7 @@ class InstanceReport:
     pid: int
     busy_since: float
     longest_call_s: float
+    waiting: bool
 
     def busy_for(self, now: float) -> float:
         return now - self.busy_since if self.busy_since else 0.0
@@ -105,8 +123,8 @@ def read_reports(directory: Path) -> dict[int, InstanceReport]:
         instance, _, pid = path.name.rpartition(".")
         data = path.read_bytes()[: _RECORD.size]
         if pid.isdigit() and len(data) == _RECORD.size:
-            busy_since, longest = _RECORD.unpack(data)
-            reports[int(pid)] = InstanceReport(instance, int(pid), busy_since, longest)
+            busy_since, longest, waiting = _RECORD.unpack(data)
+            reports[int(pid)] = InstanceReport(instance, int(pid), busy_since, longest, waiting > 0)
     return reports
 
 

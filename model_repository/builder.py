@@ -25,13 +25,13 @@ from google.protobuf import text_format
 
 import edit_pipeline.triton
 from edit_pipeline.openvino_component import check_precision
-from edit_pipeline.pipeline import (
+from edit_pipeline.preview import LatentPreview
+from edit_pipeline.settings import (
     SCHEDULER_FILE,
     SETTINGS_FILE,
     TOKENIZER_DIR,
     PipelineSettings,
 )
-from edit_pipeline.preview import LatentPreview
 from export.components import (
     TEXT_ENCODER,
     UNET_FOR_PIPELINE,

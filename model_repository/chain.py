@@ -6,17 +6,20 @@
       -> TensorRT engines (the tensorrt flavour; built when missing, on a GPU)
       -> model repository for the chosen options
 
-Every step whose output is already there and current is skipped.
+Every step whose output is already there and current is skipped. `prepare_in_child`
+runs the chain in a process of its own, so that what an export holds (gigabytes at real
+size) is the machine's again before the server starts.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-from collections.abc import Callable
-from contextlib import AbstractContextManager
-from dataclasses import dataclass
+import multiprocessing
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from export.onnx_export import ensure_export
@@ -27,13 +30,6 @@ from model_repository.configs import RepositoryOptions
 DEFAULT_BUILD_DIR = Path("build")
 DEFAULT_PRESET = "tiny"
 PRESET_MARKER = "preset.json"
-
-# Times one step of the chain: (step, note) -> a context manager around it.
-MeasureStep = Callable[[str, str], AbstractContextManager[object]]
-
-
-def _unmeasured(step: str, note: str) -> AbstractContextManager[object]:
-    return contextlib.nullcontext()
 
 
 @dataclass(frozen=True)
@@ -50,15 +46,25 @@ class Source:
 
 
 @dataclass(frozen=True)
+class Step:
+    """One step of the chain as it ran: seconds, and what it did."""
+
+    name: str
+    seconds: float
+    note: str
+
+
+@dataclass(frozen=True)
 class BuiltModel:
     """What the chain made: the served model's name, its diffusers folder, its export,
-    its engines (tensorrt) and the repository."""
+    its engines (tensorrt) and the repository; and how long each step took."""
 
     name: str
     weights: Path
     export_dir: Path
     engines_dir: Path | None
     repository: Path
+    steps: tuple[Step, ...] = field(default=())
 
     @property
     def random_weights(self) -> bool:
@@ -133,6 +139,13 @@ def ensure_engines(export_dir: Path, build_dir: Path, options: RepositoryOptions
     return engines
 
 
+@contextmanager
+def _step(steps: list[Step], name: str, note: str) -> Iterator[None]:
+    started = time.perf_counter()
+    yield
+    steps.append(Step(name, time.perf_counter() - started, note))
+
+
 def prepare(
     source: Source,
     options: RepositoryOptions,
@@ -140,24 +153,39 @@ def prepare(
     *,
     repository: Path | None = None,
     engines_dir: Path | None = None,
-    measure: MeasureStep = _unmeasured,
 ) -> BuiltModel:
     """Weights -> validated export -> engines (tensorrt) -> repository (at `repository`,
-    or where serve keeps it). `measure` times each step."""
+    or where serve keeps it)."""
     options.check()
+    steps: list[Step] = []
     build_note = "skipped: MODEL given" if source.model else f"{source.preset} preset"
-    with measure("build", f"{build_note}, skipped when current"):
+    with _step(steps, "build", f"{build_note}, skipped when current"):
         name, weights = resolve_source(source, build_dir)
     export_dir = export_dir_for(name, build_dir, options)
-    with measure("export", "ONNX + validation, skipped when current"):
+    with _step(steps, "export", "ONNX + validation, skipped when current"):
         ensure_export(
             [weights], export_dir, fp16=options.precision == "fp16", optimize=options.fused_export
         )
     if options.flavour == "tensorrt" and engines_dir is None:
-        with measure("engines", "TensorRT, skipped when current"):
+        with _step(steps, "engines", "TensorRT, skipped when current"):
             engines_dir = ensure_engines(export_dir, build_dir, options)
     repository = repository or repository_dir_for(name, build_dir, options)
-    with measure("repository", options.flavour):
+    with _step(steps, "repository", options.flavour):
         models = build_repository(export_dir, repository, options, engines_dir)
     _log(f"repository ({options.flavour}, {len(models)} models): {repository}")
-    return BuiltModel(name, weights, export_dir, engines_dir, repository)
+    return BuiltModel(name, weights, export_dir, engines_dir, repository, tuple(steps))
+
+
+def prepare_in_child(
+    source: Source,
+    options: RepositoryOptions,
+    build_dir: Path = DEFAULT_BUILD_DIR,
+    *,
+    engines_dir: Path | None = None,
+) -> BuiltModel:
+    """`prepare` in a fresh process (spawned, so it inherits none of this one's threads):
+    the weights, export and libraries it loads are freed when it exits. Its errors are
+    raised here."""
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(1) as pool:
+        return pool.apply(prepare, (source, options, build_dir), {"engines_dir": engines_dir})

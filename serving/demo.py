@@ -26,7 +26,12 @@ from PIL import Image, ImageDraw, ImageFont
 
 from export.checkpoint import UnsupportedCheckpointError
 from export.onnx_export import load_manifest
-from model_repository.chain import DEFAULT_BUILD_DIR, Source, add_source_arguments, prepare
+from model_repository.chain import (
+    DEFAULT_BUILD_DIR,
+    Source,
+    add_source_arguments,
+    prepare_in_child,
+)
 from model_repository.configs import RepositoryOptions
 from pix2pix_client import EditClient, EditError, EditResult
 from pix2pix_client.contract import (
@@ -134,16 +139,12 @@ def main(argv: list[str] | None = None) -> int:
 
     timings = Timings()
     try:
-        built = prepare(
-            Source.from_arguments(args),
-            RepositoryOptions(),
-            args.build_dir,
-            measure=timings.measure,
-        )
+        built = prepare_in_child(Source.from_arguments(args), RepositoryOptions(), args.build_dir)
     except (UnsupportedCheckpointError, FileNotFoundError, ValueError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
+    timings.steps |= {step.name: (step.seconds, step.note) for step in built.steps}
     name = built.name
     pipelines = load_manifest(built.export_dir)["pipelines"]
     pipeline = INSTRUCT_PIX2PIX if INSTRUCT_PIX2PIX in pipelines else IMG2IMG

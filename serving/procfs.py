@@ -1,9 +1,10 @@
 """What Linux's /proc says about a tritonserver's processes, and their shared memory.
 
-The supervisor and the tests read every fact about processes here: a process's state
-letter, its children, which of tritonserver's children are Python backend model processes
-(stubs) and which model instance each runs, and which /dev/shm regions of the Python
-backend no process maps any more.
+The supervisor, the benchmarks and the tests read every fact about processes here: a
+process's state letter, the CPU time it has used, its memory (PSS), its children, which
+of tritonserver's children are Python backend model processes (stubs) and which model
+instance each runs, and which /dev/shm regions of the Python backend no process maps any
+more.
 """
 
 from __future__ import annotations
@@ -24,13 +25,41 @@ ORPHANED_AFTER_S = 10.0
 GONE = (None, "Z", "X")
 
 
-def state(pid: int) -> str | None:
-    """The process state letter of /proc/PID/stat (R, S, D, Z, T, t, ...), None if gone."""
+def _stat_fields(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name, from the state on."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    return stat[stat.rindex(")") + 2]
+    return stat[stat.rindex(")") + 2 :].split()
+
+
+def state(pid: int) -> str | None:
+    """The process state letter of /proc/PID/stat (R, S, D, Z, T, t, ...), None if gone."""
+    fields = _stat_fields(pid)
+    return fields[0] if fields else None
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """CPU time the process has used, user and system, all threads; None if gone."""
+    fields = _stat_fields(pid)
+    if not fields:
+        return None
+    # utime and stime are fields 14 and 15 of stat, in clock ticks.
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def pss_bytes(pid: int) -> int:
+    """The process's proportional set size: its private memory plus its share of memory
+    mapped by several processes; 0 when it is gone."""
+    try:
+        rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    except OSError:
+        return 0
+    for line in rollup.splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1]) * 1024
+    return 0
 
 
 def gone(pid: int) -> bool:

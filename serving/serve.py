@@ -4,11 +4,11 @@
         [--host 127.0.0.1] [--grpc-port 8001] [--tls-cert PEM --tls-key PEM] ...
 
 With --preset or --model, every step whose output is missing or stale runs first
-(model_repository/chain.py): the preset's weights, the validated ONNX export, the
-engines, the model repository. With --repository, a built repository is served as it is
-(the container's entry point). Then tritonserver starts with the project's flags
-(serving/tritonserver.py) under the supervisor, and the endpoints are printed once every
-model is ready.
+(model_repository/chain.py: the preset's weights, the validated ONNX export, the engines,
+the model repository), in a process of its own that exits before the server starts. With
+--repository, a built repository is served as it is (the container's entry point). Then
+tritonserver starts with the project's flags (serving/tritonserver.py) under the
+supervisor, and the endpoints are printed once every model is ready.
 
 Secure by default: it listens on 127.0.0.1 only (`--host 0.0.0.0` to open it), and
 every API but inference, health, metadata and metrics needs the admin key from
@@ -29,7 +29,12 @@ from pathlib import Path
 
 from export.checkpoint import UnsupportedCheckpointError
 from model_repository.arguments import add_arguments, from_arguments
-from model_repository.chain import DEFAULT_BUILD_DIR, Source, add_source_arguments, prepare
+from model_repository.chain import (
+    DEFAULT_BUILD_DIR,
+    Source,
+    add_source_arguments,
+    prepare_in_child,
+)
 from model_repository.configs import RepositoryOptions
 from model_repository.record import code_differences, read_record
 from serving.tritonserver import ServerSettings, TlsFiles, TritonServer
@@ -105,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             repository, name = args.repository, Path(str(args.repository).rstrip("/")).name
             warn_if_built_by_other_code(repository)
         else:
-            built = prepare(
+            built = prepare_in_child(
                 Source.from_arguments(args), options, args.build_dir, engines_dir=args.engines
             )
             repository, name = str(built.repository), built.name

@@ -4,7 +4,7 @@ starts it again when it dies, drains and stops it.
 Triton 2.51 never replaces a Python backend model process that died (kill -9, an OOM
 kill) or hangs: its model stays "ready" and every request routed to it fails. The
 supervisor watches each model process (the stubs are tritonserver's children) and, when
-one is gone, a zombie, stopped, or makes no progress in a call, kills what is left of it,
+one is gone, a zombie, stopped, or stuck in a call (see `Watchdog`), kills what is left of it,
 unloads the model and loads it again (explicit model control, through the restricted
 model-repository API with the admin key). While the model is unloaded, server readiness
 is false (strict readiness), so load balancers and Kubernetes stop routing here; the dead
@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import secrets
 import signal
 import subprocess
 import threading
@@ -54,12 +55,6 @@ from serving.procfs import ModelProcess
 log = logging.getLogger("serving.supervisor")
 
 POLL_S = 0.2
-# A call is stuck when it has made no progress (edits beat at every step) for this many
-# times its instance's longest call, and at least STUCK_FLOOR_S; before any call
-# finished, FIRST_CALL_S.
-STUCK_FACTOR = 10.0
-STUCK_FLOOR_S = 10.0
-FIRST_CALL_S = 300.0
 # A process stopped by a signal (SIGSTOP) this long is taken as hung; a shorter stop may
 # be someone looking at it.
 STOPPED_FOR_S = 1.0
@@ -78,11 +73,27 @@ SERVER = "tritonserver"
 Launch = Callable[[str], "subprocess.Popen[bytes]"]
 
 
-def stuck_limit(report: InstanceReport) -> float:
-    """How long one call of this instance may run before it counts as stuck."""
-    if not report.longest_call_s:
-        return FIRST_CALL_S
-    return max(STUCK_FLOOR_S, STUCK_FACTOR * report.longest_call_s)
+@dataclass(frozen=True)
+class Watchdog:
+    """When a call counts as stuck: it has run past its limit (`factor` times the longest
+    call of its instance, at least `floor_s`; `first_call_s` before any call finished)
+    and its process has used less than `min_cpu_s` of CPU time for `stall_s`. Edits beat
+    at every step, and a call waiting for another model (an edit's BLS call to a
+    component) is that model's to account for. A call that computes is never stuck,
+    however much longer than the ones before it runs (a first large image, a merged batch
+    under load, a slower CPU); a process that computes nothing for that long is."""
+
+    factor: float = 10.0
+    floor_s: float = 10.0
+    first_call_s: float = 300.0
+    stall_s: float = 30.0
+    min_cpu_s: float = 0.25
+
+    def limit(self, report: InstanceReport) -> float:
+        """How long one call of this instance may run before it may count as stuck."""
+        if not report.longest_call_s:
+            return self.first_call_s
+        return max(self.floor_s, self.factor * report.longest_call_s)
 
 
 @dataclass(frozen=True)
@@ -111,28 +122,44 @@ class StopWatch:
 
 @dataclass
 class Watched:
-    """A model process the supervisor watches."""
+    """A model process the supervisor watches, and since when it has used no CPU in a
+    call."""
 
     stub: ModelProcess
     stopped: StopWatch = field(default_factory=StopWatch)
+    cpu_at: float = 0.0
+    since: float = 0.0
+
+    def stalled_for(self, cpu: float, now: float, busy: bool, min_cpu_s: float) -> float:
+        """Seconds the process has been busy without using `min_cpu_s` of CPU time."""
+        if not busy or cpu - self.cpu_at >= min_cpu_s:
+            self.cpu_at, self.since = cpu, now
+        return now - self.since
 
 
 class Supervisor:
     """Starts one tritonserver and keeps it healthy from a background thread.
 
     `launch` starts the server process, `admin` reaches its readiness and model control,
-    `runtime_dir` is where its model instances report (edit_pipeline/runtime_status.py).
+    `runtime_dir` is where its model instances report (edit_pipeline/runtime_status.py),
+    `watchdog` says when a call is stuck.
     """
 
-    def __init__(self, launch: Launch, admin: AdminClient, runtime_dir: Path) -> None:
+    def __init__(
+        self,
+        launch: Launch,
+        admin: AdminClient,
+        runtime_dir: Path,
+        watchdog: Watchdog | None = None,
+    ) -> None:
         self._launch_server = launch
         self.admin = admin
         self.runtime_dir = runtime_dir
+        self.watchdog = watchdog or Watchdog()
         self.process: subprocess.Popen[bytes] | None = None
         # Why the server cannot be started; None while it runs or may still come up.
         self.failure: str | None = None
         self.recoveries: list[Recovery] = []
-        self._launches = 0
         self._shm_prefix = ""
         self._served = False
         self._ready_since_launch = False
@@ -186,8 +213,8 @@ class Supervisor:
         self._remove_server_regions()
 
     def _launch(self) -> None:
-        self._launches += 1
-        self._shm_prefix = f"{procfs.shared_memory_prefix()}{os.getpid()}_{self._launches}_"
+        # Unique to this start, across every server this process or another starts.
+        self._shm_prefix = f"{procfs.shared_memory_prefix()}{secrets.token_hex(6)}_"
         self._ready_since_launch = False
         self.process = self._launch_server(self._shm_prefix)
 
@@ -292,13 +319,15 @@ class Supervisor:
         reports = read_reports(self.runtime_dir)
         broken: dict[str, tuple[str, list[int]]] = {}
         for pid, watched in self._processes.items():
-            why = self._fault(watched, reports.get(pid), now)
+            why = self._fault(watched, reports.get(pid), now, self.watchdog)
             if why is not None:
                 broken.setdefault(watched.stub.model, (why, []))[1].append(pid)
         return broken
 
     @staticmethod
-    def _fault(watched: Watched, report: InstanceReport | None, now: float) -> str | None:
+    def _fault(
+        watched: Watched, report: InstanceReport | None, now: float, watchdog: Watchdog
+    ) -> str | None:
         """What is wrong with a model process, or None."""
         stub = watched.stub
         state = procfs.state(stub.pid)
@@ -306,10 +335,16 @@ class Supervisor:
             return f"the process of {stub.instance} exited"
         if watched.stopped.hung(state, now):
             return f"the process of {stub.instance} is stopped"
-        if state != "T" and report is not None and report.busy_for(now) > stuck_limit(report):
+        cpu = procfs.cpu_seconds(stub.pid)
+        if state == "T" or report is None or cpu is None:
+            return None
+        busy = bool(report.busy_since) and not report.waiting
+        stalled_s = watched.stalled_for(cpu, now, busy, watchdog.min_cpu_s)
+        busy_s, limit_s = report.busy_for(now), watchdog.limit(report)
+        if busy and busy_s > limit_s and stalled_s > watchdog.stall_s:
             return (
-                f"{stub.instance} has made no progress in one call for "
-                f"{report.busy_for(now):.0f} s (limit {stuck_limit(report):.0f} s)"
+                f"{stub.instance} has been in one call for {busy_s:.0f} s (limit "
+                f"{limit_s:.0f} s) and used no CPU for the last {stalled_s:.0f} s"
             )
         return None
 

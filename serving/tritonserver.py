@@ -34,7 +34,7 @@ from model_repository.arguments import option
 from model_repository.record import read_record
 from pix2pix_client.contract import ADMIN_HEADER, ADMIN_KEY_VARIABLE
 from serving.admin import AdminClient, new_admin_key
-from serving.supervisor import Supervisor
+from serving.supervisor import Supervisor, Watchdog
 
 ADMIN_KEY_FILE_VARIABLE = "IMAGE_EDIT_ADMIN_KEY_FILE"
 # Everything but inference, health, metadata (and metrics, a port of its own).
@@ -226,6 +226,7 @@ class TritonServer:
         *,
         admin_key: str | None = None,
         log_file: Path | None = None,
+        watchdog: Watchdog | None = None,
     ) -> None:
         text = str(repository)
         self.repository = text if "://" in text else str(Path(text).resolve())
@@ -234,6 +235,7 @@ class TritonServer:
         self.admin_key = admin_key or admin_key_from_environment() or new_admin_key()
         self.admin = AdminClient(self.http_url, self.admin_key)
         self.log_file = log_file
+        self.watchdog = watchdog
         self.supervisor: Supervisor | None = None
         self._scratch: tempfile.TemporaryDirectory[str] | None = None
         self._backends: Path | None = None
@@ -284,7 +286,7 @@ class TritonServer:
         self._scratch = tempfile.TemporaryDirectory(prefix="tritonserver-")
         self.runtime_dir.mkdir()
         self._backends = prepare_backend_directory(Path(self._scratch.name) / "backends")
-        self.supervisor = Supervisor(self._launch, self.admin, self.runtime_dir)
+        self.supervisor = Supervisor(self._launch, self.admin, self.runtime_dir, self.watchdog)
         self.supervisor.start()
         return self
 

@@ -130,17 +130,21 @@ def grpc_client(tiny_server):
 @pytest.fixture(scope="module")
 def start_server(tmp_path_factory: pytest.TempPathFactory):
     """Starts servers of the module's own (they stop with the module): `start(repository,
-    **ServerSettings fields)` returns a ready TritonServer on free ports."""
+    watchdog=None, **ServerSettings fields)` returns a ready TritonServer on free ports."""
+    from serving.supervisor import Watchdog
     from serving.tritonserver import ServerSettings, TritonServer
 
     started: list[TritonServer] = []
 
-    def start(repository: Path, **settings: object) -> TritonServer:
+    def start(
+        repository: Path, watchdog: Watchdog | None = None, **settings: object
+    ) -> TritonServer:
         log = tmp_path_factory.mktemp("logs") / "tritonserver.log"
         server = TritonServer(
             repository,
             ServerSettings.on_free_ports(**settings),
             log_file=log,
+            watchdog=watchdog,
         )
         started.append(server)
         server.start()

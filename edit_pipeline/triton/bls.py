@@ -14,7 +14,8 @@ import torch
 import triton_python_backend_utils as pb_utils
 from torch.utils.dlpack import from_dlpack
 
-from edit_pipeline.pipeline import PipelineSettings
+from edit_pipeline.runtime_status import InstanceStatus
+from edit_pipeline.settings import PipelineSettings
 from edit_pipeline.triton.triton_io import raise_for_component
 
 
@@ -33,9 +34,10 @@ def _to_torch(tensor: Any) -> torch.Tensor:
 class TritonComponents:
     """The exported components as BLS calls to their Triton models."""
 
-    def __init__(self, settings: PipelineSettings, memory: Any) -> None:
+    def __init__(self, settings: PipelineSettings, memory: Any, status: InstanceStatus) -> None:
         self.calls = settings.components
         self.memory = memory
+        self.status = status
 
     def _call(self, role: str, *values: torch.Tensor | np.ndarray) -> list[torch.Tensor]:
         call = self.calls[role]
@@ -45,7 +47,8 @@ class TritonComponents:
             inputs=[_to_triton(n, v) for n, v in zip(call["inputs"], values, strict=True)],
             preferred_memory=self.memory,
         )
-        response = request.exec()
+        with self.status.waiting():
+            response = request.exec()
         if response.has_error():
             raise_for_component(call["model"], response.error())
         return [_to_torch(pb_utils.get_output_tensor_by_name(response, n)) for n in call["outputs"]]

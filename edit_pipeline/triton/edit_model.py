@@ -18,6 +18,7 @@ connection) and stops if not, so abandoned work ends within one UNet step.
 
 from __future__ import annotations
 
+import gc
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -61,14 +62,18 @@ class TritonPythonModel:
         else:
             memory = pb_utils.TRITONSERVER_MEMORY_CPU
         preferred = pb_utils.PreferredMemory(memory, device.index or 0)
+        self.status = InstanceStatus(args["model_instance_name"])
         self.pipeline = EditPipeline.from_folder(
             Path(args["model_repository"]) / args["model_version"],
-            lambda settings: TritonComponents(settings, preferred),
+            lambda settings: TritonComponents(settings, preferred, self.status),
             device,
         )
         pipeline = self.pipeline.settings.pipeline
         self.input_names = [p.name for p in parameters_for(pipeline, self.streaming)]
-        self.status = InstanceStatus(args["model_instance_name"])
+        # What initialize made lives as long as the process: out of the garbage
+        # collector's sight, neither edits nor the interpreter's teardown at unload (which
+        # the server's stop and the supervisor's reloads wait for) walk it again.
+        gc.freeze()
 
     def execute(self, requests: list) -> list | None:
         if not self.streaming:
