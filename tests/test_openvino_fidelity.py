@@ -13,8 +13,8 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from edit_pipeline.openvino_component import bf16_unsupported_reason
+from model_repository.chain import Source, prepare_in_child
 from model_repository.configs import RepositoryOptions
-from serving.serve import prepare
 from serving.tritonserver import TritonServer
 from tests.serving import edit, photo, png_bytes
 from tests.test_openvino import psnr
@@ -47,7 +47,7 @@ def served_images(tmp_path_factory) -> dict[tuple[str, str, str], np.ndarray]:
     images = {}
     for precision in ("fp32", "bf16"):
         options = RepositoryOptions(flavour="python-openvino", precision=precision)
-        built = prepare(preset="small", build_dir=build_dir, options=options)
+        built = prepare_in_child(Source(preset="small"), options, build_dir)
         log = tmp_path_factory.mktemp("logs") / "tritonserver.log"
         with TritonServer(built.repository, log_file=log) as server:
             server.wait_ready(timeout_s=600)
