@@ -181,11 +181,13 @@ def prepare_in_child(
     options: RepositoryOptions,
     build_dir: Path = DEFAULT_BUILD_DIR,
     *,
+    repository: Path | None = None,
     engines_dir: Path | None = None,
 ) -> BuiltModel:
     """`prepare` in a fresh process (spawned, so it inherits none of this one's threads):
     the weights, export and libraries it loads are freed when it exits. Its errors are
     raised here."""
     context = multiprocessing.get_context("spawn")
+    keywords = {"repository": repository, "engines_dir": engines_dir}
     with context.Pool(1) as pool:
-        return pool.apply(prepare, (source, options, build_dir), {"engines_dir": engines_dir})
+        return pool.apply(prepare, (source, options, build_dir), keywords)

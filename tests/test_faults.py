@@ -12,6 +12,7 @@ UNAVAILABLE, the process exits 0.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import struct
@@ -28,7 +29,7 @@ import psutil
 import pytest
 
 from edit_pipeline.runtime_status import INSTANCES_DIR, read_reports
-from pix2pix_client import EditClient, EditError, ServerUnavailable
+from pix2pix_client import EditClient, EditError, Progress, ServerUnavailable
 from serving.procfs import ORPHANED_AFTER_S, ModelProcess, gone, model_processes
 from serving.supervisor import Watchdog
 from serving.tritonserver import TritonServer, free_port
@@ -340,6 +341,42 @@ def test_sigterm_drains_edits_in_flight(
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+
+
+def test_a_stop_after_a_previewed_stream_unloads_every_model(
+    tiny_repository_with: Callable[..., Path], tmp_path: Path, summary
+) -> None:
+    """What `pix2pix edit` on a terminal and the web page do for every edit (a stream with
+    latent previews), then SIGTERM to `serve` alone, as Docker and Kubernetes send it:
+    every model unloads, none waits out tritonserver's exit timeout, serve exits 0."""
+    repository = tiny_repository_with(pipelines=("instruct_pix2pix",), edit_instances=1)
+    log = tmp_path / "tritonserver.log"
+    process, grpc_url, http_url = _serve(repository, log)
+    try:
+        _wait_served(process, http_url)
+        with EditClient(grpc_url) as client:
+            events = list(
+                client.edit_stream(
+                    png_bytes(photo(256, 192)), "invert the colors", num_inference_steps=30,
+                    preview_every=5, seed=1,
+                )
+            )  # fmt: skip
+        previews = [e for e in events if isinstance(e, Progress) and e.preview_png]
+        assert len(previews) == 6
+        signalled = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(timeout=120)
+        stop_s = time.monotonic() - signalled
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    text = log.read_text(errors="replace")
+    summary("stop after a previewed stream", f"SIGTERM: exit {code} after {stop_s:.1f} s")
+    assert code == 0
+    assert "Non-graceful termination" not in text and "Exit timeout expired" not in text
+    models = json.loads((repository / "repository.json").read_text())["models"]
+    assert all(f"successfully unloaded '{model}'" in text for model in models)
 
 
 # --------------------------------------------------------------------------- shared memory

@@ -1,0 +1,466 @@
+"""What serving costs in memory and start time, against diffusers on the same weights:
+`make bench-footprint` (the sd15 preset at 512x512 unless PRESET= and SIZE= say otherwise).
+
+For each served configuration (`make serve`'s, and the FLAVOUR:PRECISION ones of
+--served), one at a time:
+
+- `serve --repository` of a repository built beforehand, started as an operator starts
+  it: the seconds until it is ready, and the PSS of its whole process tree, process by
+  process (the serving parent, tritonserver, each model instance);
+- EDITS edits at MEMORY_STEPS steps, then TIMED edits at STEPS steps: their latency, the
+  tree's PSS after them and its peak while they ran (sampled);
+- the budget: PSS after the edits against 1.25 x the bytes of the weights the server
+  holds (at the precision they compute in) + 1.5 GB.
+
+Then diffusers' pipeline on the same weights, in a process of its own (fp32, and bf16
+where the CPU computes it): from_pretrained's seconds, the same edits, its RSS and PSS
+after them and its peak RSS. With --from-checkpoint, `serve --model` of the diffusers
+folder into an empty build folder as well: export, repository and load, until ready.
+
+Writes benchmarks/results/<date>-<machine>-<preset>-footprint.{md,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import multiprocessing
+import os
+import resource
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from benchmarks.photo import photo_png
+from benchmarks.results import library_versions, machine_info, machine_slug
+from benchmarks.settings import BenchConfig
+from edit_pipeline.openvino_component import bf16_unsupported_reason
+from model_repository.arguments import add_arguments, from_arguments
+from model_repository.chain import DEFAULT_BUILD_DIR, Source, ensure_preset, prepare_in_child
+from model_repository.configs import PRECISIONS, RepositoryOptions
+from pix2pix_client import EditClient
+from serving import procfs
+from serving.tritonserver import free_port
+
+GB = 1e9
+# The budget: PSS <= WEIGHT_FACTOR x the served weights' bytes + ALLOWANCE_BYTES.
+WEIGHT_FACTOR = 1.25
+ALLOWANCE_BYTES = 1.5 * GB
+SAMPLE_S = 0.5
+READY_TIMEOUT_S = 3600.0
+# Bytes per parameter of what the components compute in.
+PARAMETER_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+def log(message: str) -> None:
+    print(message, flush=True)
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def process_label(pid: int, serve_pid: int) -> str:
+    """What a process of the server's tree is: the serving parent, tritonserver, or the
+    model instance a Python backend process runs."""
+    if pid == serve_pid:
+        return "serve (builds, supervises)"
+    stub = procfs.read_stub(pid)
+    if stub is not None:
+        return stub.instance
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    return str(pid)
+
+
+def tree_pss(root: int) -> dict[str, int]:
+    """PSS in bytes of every process of a tree, by label."""
+    return {process_label(pid, root): procfs.pss_bytes(pid) for pid in procfs.process_tree(root)}
+
+
+class PeakSampler:
+    """The largest total PSS a process tree reaches while it runs, sampled."""
+
+    def __init__(self, root: int) -> None:
+        self.root = root
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(SAMPLE_S):
+            self.peak = max(self.peak, sum(tree_pss(self.root).values()))
+
+    def __enter__(self) -> PeakSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def served_weight_bytes(repository: Path, precision: str) -> int:
+    """The bytes of the components' weights at the precision they compute in: their
+    fp32 files' size, scaled."""
+    fp32 = sum(
+        path.stat().st_size
+        for path in repository.glob("*/1/model.onnx*")
+        if path.name in ("model.onnx", "model.onnx.data")
+    )
+    return fp32 * PARAMETER_BYTES[precision] // PARAMETER_BYTES["fp32"]
+
+
+# --------------------------------------------------------------------------- served
+
+
+@dataclass
+class ServedFootprint:
+    """One served configuration's start, memory and edits."""
+
+    name: str
+    ready_s: float
+    weights_bytes: int
+    pss_at_ready: dict[str, int]
+    pss_after_edits: dict[str, int]
+    peak_pss: int
+    edit_s: list[float]
+    stop_s: float
+    from_checkpoint_s: float | None = None
+
+    @property
+    def budget_bytes(self) -> float:
+        return WEIGHT_FACTOR * self.weights_bytes + ALLOWANCE_BYTES
+
+    def total(self, when: str) -> int:
+        return sum(getattr(self, f"pss_{when}").values())
+
+
+@contextlib.contextmanager
+def serving(arguments: list[str], log_file: Path) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """`python -m serving.serve ARGUMENTS` on free ports; yields it and its gRPC URL once
+    it is ready, stops it with SIGTERM afterwards."""
+    grpc, http, metrics = free_port(), free_port(), free_port()
+    command = [
+        sys.executable, "-m", "serving.serve", *arguments,
+        "--grpc-port", str(grpc), "--http-port", str(http), "--metrics-port", str(metrics),
+        "--log-file", str(log_file),
+    ]  # fmt: skip
+    with open(log_file.with_suffix(".serve.log"), "wb") as output:
+        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
+    url = f"127.0.0.1:{grpc}"
+    try:
+        yield process, url
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=600)
+
+
+def wait_ready(process: subprocess.Popen[bytes], url: str) -> float:
+    """Seconds from now until the server at `url` is ready."""
+    started = time.perf_counter()
+    with EditClient(url, retries=0) as client:
+        while time.perf_counter() - started < READY_TIMEOUT_S:
+            if process.poll() is not None:
+                raise RuntimeError(f"serve exited with {process.returncode}")
+            with contextlib.suppress(Exception):
+                if client.health(timeout_s=5)["ready"]:
+                    return time.perf_counter() - started
+            time.sleep(0.5)
+    raise TimeoutError(f"not ready after {READY_TIMEOUT_S:.0f} s")
+
+
+def run_edits(url: str, config: BenchConfig, image: bytes, edits: int, steps: int) -> list[float]:
+    """`edits` edits one after the other; their seconds."""
+    request = config.request() | {"num_inference_steps": steps}
+    prompt = request.pop("prompt")
+    seconds = []
+    with EditClient(url, timeout_s=READY_TIMEOUT_S) as client:
+        for _ in range(edits):
+            seconds.append(client.edit(image, prompt, model=config.pipeline, **request).latency_s)
+    return seconds
+
+
+def measure_served(
+    name: str, config: BenchConfig, repository: Path, args: argparse.Namespace, image: bytes
+) -> ServedFootprint:
+    log(f"{name}: serving {repository}")
+    log_file = args.build_dir / "bench" / "footprint" / f"{name}.log"
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with serving(["--repository", str(repository)], log_file) as (process, url):
+        ready_s = wait_ready(process, url)
+        at_ready = tree_pss(process.pid)
+        log(f"  ready in {ready_s:.1f} s, PSS {sum(at_ready.values()) / GB:.2f} GB")
+        with PeakSampler(process.pid) as sampler:
+            run_edits(url, config, image, args.edits, args.memory_steps)
+            timed = run_edits(url, config, image, args.timed_edits, config.steps)
+        after = tree_pss(process.pid)
+        log(
+            f"  after the edits PSS {sum(after.values()) / GB:.2f} GB, peak {sampler.peak / GB:.2f}"
+        )
+        stopping = time.perf_counter()
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=600)
+        stop_s = time.perf_counter() - stopping
+    return ServedFootprint(
+        name=name,
+        ready_s=ready_s,
+        weights_bytes=served_weight_bytes(repository, config.options.precision),
+        pss_at_ready=at_ready,
+        pss_after_edits=after,
+        peak_pss=max(sampler.peak, sum(after.values())),
+        edit_s=timed,
+        stop_s=stop_s,
+    )
+
+
+def measure_from_checkpoint(config: BenchConfig, weights: Path, args: argparse.Namespace) -> float:
+    """Seconds from `serve --model` of the diffusers folder, with nothing built, to ready."""
+    with tempfile.TemporaryDirectory(prefix="footprint-") as build_dir:
+        options = config.options
+        arguments = [
+            "--model", str(weights), "--build-dir", build_dir,
+            "--flavour", options.flavour, "--precision", options.precision,
+        ]  # fmt: skip
+        log_file = Path(build_dir) / "from-checkpoint.log"
+        with serving(arguments, log_file) as (process, url):
+            seconds = wait_ready(process, url)
+    log(f"  from the checkpoint: ready in {seconds:.1f} s")
+    return seconds
+
+
+# --------------------------------------------------------------------------- diffusers
+
+
+def diffusers_footprint(
+    weights: str, config: BenchConfig, dtype: str, image: bytes, plan: tuple[int, int, int]
+) -> dict[str, Any]:
+    """diffusers' pipeline in this process (a fresh one): its load, the edits, memory."""
+    import torch
+
+    from benchmarks.systems import DiffusersEager
+
+    edits, memory_steps, timed = plan
+    started = time.perf_counter()
+    pipeline = DiffusersEager(Path(weights), config, dtype=getattr(torch, dtype))
+    load_s = time.perf_counter() - started
+    pipeline.config = replace(config, steps=memory_steps)
+    for _ in range(edits):
+        pipeline(image)
+    pipeline.config = config
+    timings = []
+    for _ in range(timed):
+        started = time.perf_counter()
+        pipeline(image)
+        timings.append(time.perf_counter() - started)
+    return {
+        "load_s": load_s,
+        "edit_s": timings,
+        "pss_after_edits": procfs.pss_bytes(os.getpid()),
+        "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }
+
+
+def measure_diffusers(
+    dtype: str, config: BenchConfig, weights: Path, args: argparse.Namespace, image: bytes
+) -> dict[str, Any]:
+    log(f"diffusers {dtype}")
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(1) as pool:
+        found = pool.apply(
+            diffusers_footprint,
+            (str(weights), config, dtype, image, (args.edits, args.memory_steps, args.timed_edits)),
+        )
+    log(
+        f"  loaded in {found['load_s']:.1f} s, PSS after the edits "
+        f"{found['pss_after_edits'] / GB:.2f} GB, peak RSS {found['peak_rss'] / GB:.2f} GB"
+    )
+    return found
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass
+class Footprint:
+    config: dict[str, Any]
+    machine: dict[str, Any]
+    libraries: dict[str, str]
+    edits: int
+    memory_steps: int
+    served: list[ServedFootprint] = field(default_factory=list)
+    diffusers: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def _gb(value: float) -> str:
+    return f"{value / GB:.2f}"
+
+
+def markdown(footprint: Footprint) -> str:
+    config = footprint.config
+    fp32 = footprint.diffusers.get("float32", {})
+    lines = [
+        f"# Footprint: {config['preset']} preset, {config['size']}x{config['size']}, "
+        f"{config['steps']} steps ({config['pipeline']})",
+        "",
+        f"Machine: {footprint.machine['cpu']}, {footprint.machine['logical_cores']} cores, "
+        f"{footprint.machine['ram_gib']} GiB. Each system started alone; "
+        f"{footprint.edits} edits at {footprint.memory_steps} steps, then the timed ones. "
+        "PSS: the whole process tree, from /proc/PID/smaps_rollup.",
+        "",
+        "## Start",
+        "",
+        "| system | ready (s) | / diffusers fp32 load |",
+        "|---|---|---|",
+    ]
+    load = fp32.get("load_s")
+    for served in footprint.served:
+        rows = [("from the built repository", served.ready_s)]
+        if served.from_checkpoint_s is not None:
+            rows.append(
+                ("from the checkpoint (export, repository, load)", served.from_checkpoint_s)
+            )
+        for what, seconds in rows:
+            ratio = f"{seconds / load:.2f}x" if load else "-"
+            lines.append(f"| {served.name}, {what} | {seconds:.1f} | {ratio} |")
+    for dtype, found in footprint.diffusers.items():
+        lines.append(f"| diffusers {dtype} `from_pretrained` | {found['load_s']:.1f} | - |")
+    lines += [
+        "",
+        "## Memory (GB)",
+        "",
+        "| system | at ready | after the edits | peak | weights | budget | met |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for served in footprint.served:
+        after = served.total("after_edits")
+        lines.append(
+            f"| {served.name} | {_gb(served.total('at_ready'))} | {_gb(after)} | "
+            f"{_gb(served.peak_pss)} | {_gb(served.weights_bytes)} | "
+            f"{_gb(served.budget_bytes)} | {'yes' if after <= served.budget_bytes else 'no'} |"
+        )
+    for dtype, found in footprint.diffusers.items():
+        lines.append(
+            f"| diffusers {dtype} | - | {_gb(found['pss_after_edits'])} | "
+            f"{_gb(found['peak_rss'])} (RSS) | - | - | - |"
+        )
+    lines += [
+        "",
+        "## Edit latency",
+        "",
+        "| system | median (s) | / diffusers fp32 |",
+        "|---|---|---|",
+    ]
+    reference = statistics.median(fp32["edit_s"]) if fp32.get("edit_s") else None
+    systems = [(s.name, s.edit_s) for s in footprint.served]
+    systems += [(f"diffusers {d}", f["edit_s"]) for d, f in footprint.diffusers.items()]
+    for name, seconds in systems:
+        if seconds:
+            median = statistics.median(seconds)
+            ratio = f"{median / reference:.2f}x" if reference else "-"
+            lines.append(f"| {name} | {median:.2f} | {ratio} |")
+    for served in footprint.served:
+        lines += [
+            "",
+            f"## PSS by process: {served.name} (MB)",
+            "",
+            "| process | at ready | after the edits |",
+            "|---|---|---|",
+        ]
+        for process in sorted(served.pss_after_edits, key=served.pss_after_edits.__getitem__)[::-1]:
+            lines.append(
+                f"| {process} | {served.pss_at_ready.get(process, 0) / 1e6:.0f} | "
+                f"{served.pss_after_edits[process] / 1e6:.0f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def write(footprint: Footprint, output_dir: Path, stem: str) -> Path:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    data = asdict(footprint)
+    (output_dir / f"{stem}.json").write_text(json.dumps(data, indent=2) + "\n")
+    path = output_dir / f"{stem}.md"
+    path.write_text(markdown(footprint))
+    return path
+
+
+# --------------------------------------------------------------------------- main
+
+
+def served_options(base: RepositoryOptions, spec: str) -> RepositoryOptions:
+    flavour, _, precision = spec.partition(":")
+    return replace(base, flavour=flavour, precision=precision or "fp32")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--edits", type=int, default=10, help="edits before memory is read")
+    parser.add_argument("--memory-steps", type=int, default=2, help="steps of those edits")
+    parser.add_argument("--timed-edits", type=int, default=2, help="edits at --steps, timed")
+    parser.add_argument(
+        "--from-checkpoint",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time serve --model from the diffusers folder with nothing built",
+    )
+    parser.add_argument("--build-dir", type=Path, default=DEFAULT_BUILD_DIR)
+    parser.add_argument("--output-dir", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--stem", help="result files' name (default: date, machine, preset)")
+    add_arguments(parser.add_argument_group("what is measured"), BenchConfig)
+    add_arguments(parser.add_argument_group("what is served (as make serve)"), RepositoryOptions)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    options = from_arguments(RepositoryOptions, args)
+    config = from_arguments(BenchConfig, args, options=options)
+    image = photo_png(config.size)
+    machine = machine_info()
+    footprint = Footprint(
+        config=config.to_json(),
+        machine=machine,
+        libraries=library_versions(),
+        edits=args.edits,
+        memory_steps=args.memory_steps,
+    )
+    weights = ensure_preset(config.preset, args.build_dir)
+    for spec in (f"{options.flavour}:{options.precision}", *config.served):
+        served = served_options(options, spec)
+        if served.precision not in PRECISIONS:
+            raise ValueError(f"{spec}: allowed precisions {', '.join(PRECISIONS)}")
+        repository = args.build_dir / "bench" / "footprint" / spec.replace(":", "-")
+        prepare_in_child(
+            Source(preset=config.preset), served, args.build_dir, repository=repository
+        )
+        measured = measure_served(spec, replace(config, options=served), repository, args, image)
+        if args.from_checkpoint:
+            measured.from_checkpoint_s = measure_from_checkpoint(
+                replace(config, options=served), weights, args
+            )
+        footprint.served.append(measured)
+    dtypes = ["float32"]
+    if bf16_unsupported_reason() is None:
+        dtypes.append("bfloat16")
+    for dtype in dtypes:
+        footprint.diffusers[dtype] = measure_diffusers(dtype, config, weights, args, image)
+    date = datetime.date.today().isoformat()
+    stem = args.stem or f"{date}-{machine_slug(machine)}-{config.preset}-footprint"
+    path = write(footprint, args.output_dir, stem)
+    log(path.read_text())
+    log(f"written: {path} and .json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
