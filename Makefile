@@ -16,15 +16,15 @@ SOURCE := $(or $(CHOSEN_SOURCE),--model $(TOY_MODEL))
 # The toy knows a handful of instructions (models/toy/instruct-pix2pix/README.md) and
 # edits a 256x256 photo in seconds on a CPU.
 DEMO_ARGS := $(or $(CHOSEN_SOURCE),--model $(TOY_MODEL) --size 256 --prompt "make it blue")
-FLAVOUR ?= python-onnxruntime
-# fp32; bf16 with the openvino flavours on CPUs with AVX512_BF16 or AMX; fp16 on GPUs.
-PRECISION ?= fp32
+# auto: bf16 in python-openvino on CPUs with AVX512_BF16 or AMX, fp32 in python-onnxruntime
+# elsewhere (PRECISION=fp32 is the exact-parity mode); fp16 on GPUs (docs/flavours.md).
+FLAVOUR ?= auto
+PRECISION ?= auto
 BUILD := build
 # A diffusers folder given as MODEL= wins over the preset.
 MODEL_DIR := $(if $(MODEL),$(MODEL),$(BUILD)/presets/$(PRESET))
 MODEL_NAME := $(if $(MODEL),$(notdir $(abspath $(MODEL))),$(PRESET))
 EXPORT_DIR := $(BUILD)/onnx/$(MODEL_NAME)
-REPO_DIR := $(BUILD)/repository/$(MODEL_NAME)-$(FLAVOUR)
 
 .PHONY: setup test test-slow test-gpu test-ui lint format preset export engines serve demo ui \
 	api lock clean system-packages deploy-check toy
@@ -169,6 +169,17 @@ bench: setup
 	$(PY) -m benchmarks.run --preset $(BENCH_PRESET) --size $(SIZE) --steps $(STEPS) \
 		$(if $(SCHEDULER),--scheduler $(SCHEDULER)) --concurrency $(CONCURRENCY) \
 		--flavour $(FLAVOUR) --precision $(PRECISION) $(if $(SERVED),--served $(SERVED)) $(BENCH_FLAGS)
+
+# Memory and start time against diffusers on the same weights (benchmarks/footprint.py):
+# the server's process tree by process, time to ready, edit latency, the memory budget.
+# The sd15 preset at 512x512 unless PRESET= and SIZE= say otherwise: about an hour on 2 cores.
+FOOTPRINT_PRESET := $(if $(filter command line environment,$(origin PRESET)),$(PRESET),sd15)
+FOOTPRINT_SIZE := $(if $(filter command line environment,$(origin SIZE)),$(SIZE),512)
+.PHONY: bench-footprint
+bench-footprint: setup
+	$(PY) -m benchmarks.footprint --preset $(FOOTPRINT_PRESET) --size $(FOOTPRINT_SIZE) \
+		--steps $(STEPS) --flavour $(FLAVOUR) --precision $(PRECISION) \
+		$(if $(SERVED),--served $(SERVED)) $(BENCH_FLAGS)
 
 # Regenerates the pins from the current environment.
 lock: setup

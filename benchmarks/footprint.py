@@ -7,8 +7,10 @@ For each served configuration (`make serve`'s, and the FLAVOUR:PRECISION ones of
 - `serve --repository` of a repository built beforehand, started as an operator starts
   it: the seconds until it is ready, and the PSS of its whole process tree, process by
   process (the serving parent, tritonserver, each model instance);
-- EDITS edits at MEMORY_STEPS steps, then TIMED edits at STEPS steps: their latency, the
-  tree's PSS after them and its peak while they ran (sampled);
+- EDITS edits at MEMORY_STEPS steps (every served pipeline in turn), then TIMED edits at
+  STEPS steps: their latency, the tree's PSS after them and its peak while they ran
+  (sampled); then CONCURRENT edits sent at once, each pipeline in turn: how many completed
+  and how many were refused at once (UNAVAILABLE), and the peak while they ran;
 - the budget: PSS after the edits against 1.25 x the bytes of the weights the server
   holds (at the precision they compute in) + 1.5 GB.
 
@@ -37,6 +39,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -46,9 +49,11 @@ from benchmarks.results import library_versions, machine_info, machine_slug
 from benchmarks.settings import BenchConfig
 from edit_pipeline.openvino_component import bf16_unsupported_reason
 from model_repository.arguments import add_arguments, from_arguments
+from model_repository.builder import weight_bytes
 from model_repository.chain import DEFAULT_BUILD_DIR, Source, ensure_preset, prepare_in_child
 from model_repository.configs import PRECISIONS, RepositoryOptions
-from pix2pix_client import EditClient
+from model_repository.record import REPOSITORY_RECORD
+from pix2pix_client import EditClient, EditError, ServerUnavailable
 from serving import procfs
 from serving.tritonserver import free_port
 
@@ -58,8 +63,6 @@ WEIGHT_FACTOR = 1.25
 ALLOWANCE_BYTES = 1.5 * GB
 SAMPLE_S = 0.5
 READY_TIMEOUT_S = 3600.0
-# Bytes per parameter of what the components compute in.
-PARAMETER_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
 def log(message: str) -> None:
@@ -97,8 +100,12 @@ class PeakSampler:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
-        while not self._stop.wait(SAMPLE_S):
+        # A sample at the start and one at the end, whatever the run's length.
+        while True:
             self.peak = max(self.peak, sum(tree_pss(self.root).values()))
+            if self._stop.wait(SAMPLE_S):
+                self.peak = max(self.peak, sum(tree_pss(self.root).values()))
+                return
 
     def __enter__(self) -> PeakSampler:
         self._thread.start()
@@ -109,15 +116,15 @@ class PeakSampler:
         self._thread.join()
 
 
+def served_pipelines(repository: Path) -> list[str]:
+    return json.loads((repository / REPOSITORY_RECORD).read_text())["pipelines"]
+
+
 def served_weight_bytes(repository: Path, precision: str) -> int:
-    """The bytes of the components' weights at the precision they compute in: their
-    fp32 files' size, scaled."""
-    fp32 = sum(
-        path.stat().st_size
-        for path in repository.glob("*/1/model.onnx*")
-        if path.name in ("model.onnx", "model.onnx.data")
+    """The bytes of the components' weights at the precision they compute in."""
+    return sum(
+        weight_bytes(folder.parent, precision) for folder in repository.glob("*/1/model.onnx")
     )
-    return fp32 * PARAMETER_BYTES[precision] // PARAMETER_BYTES["fp32"]
 
 
 # --------------------------------------------------------------------------- served
@@ -135,6 +142,9 @@ class ServedFootprint:
     peak_pss: int
     edit_s: list[float]
     stop_s: float
+    # Edits sent at once: how each ended (completed, refused, failed) and the peak PSS.
+    concurrent: dict[str, int] = field(default_factory=dict)
+    concurrent_peak_pss: int = 0
     from_checkpoint_s: float | None = None
 
     @property
@@ -180,15 +190,44 @@ def wait_ready(process: subprocess.Popen[bytes], url: str) -> float:
     raise TimeoutError(f"not ready after {READY_TIMEOUT_S:.0f} s")
 
 
-def run_edits(url: str, config: BenchConfig, image: bytes, edits: int, steps: int) -> list[float]:
-    """`edits` edits one after the other; their seconds."""
-    request = config.request() | {"num_inference_steps": steps}
-    prompt = request.pop("prompt")
+def run_edits(
+    url: str, configs: list[BenchConfig], image: bytes, edits: int, steps: int
+) -> list[float]:
+    """`edits` edits one after the other, taking the configs (pipelines) in turn; their
+    seconds."""
     seconds = []
     with EditClient(url, timeout_s=READY_TIMEOUT_S) as client:
-        for _ in range(edits):
-            seconds.append(client.edit(image, prompt, model=config.pipeline, **request).latency_s)
+        for index in range(edits):
+            config = configs[index % len(configs)]
+            request = config.request() | {"num_inference_steps": steps}
+            prompt = request.pop("prompt")
+            result = client.edit(image, prompt, model=config.pipeline, **request)
+            seconds.append(result.latency_s)
     return seconds
+
+
+def run_concurrent(
+    url: str, configs: list[BenchConfig], image: bytes, edits: int, steps: int
+) -> dict[str, int]:
+    """`edits` edits sent at once, the configs (pipelines) in turn: how many completed,
+    were refused at once as busy, or failed otherwise."""
+
+    def one(index: int) -> str:
+        config = configs[index % len(configs)]
+        request = config.request() | {"num_inference_steps": steps}
+        prompt = request.pop("prompt")
+        try:
+            client.edit(image, prompt, model=config.pipeline, **request)
+        except ServerUnavailable:
+            return "refused"
+        except EditError as error:
+            log(f"  edit {index} failed: {error}")
+            return "failed"
+        return "completed"
+
+    with EditClient(url, timeout_s=READY_TIMEOUT_S) as client, ThreadPoolExecutor(edits) as pool:
+        outcomes = list(pool.map(one, range(edits)))
+    return {outcome: outcomes.count(outcome) for outcome in ("completed", "refused", "failed")}
 
 
 def measure_served(
@@ -202,12 +241,17 @@ def measure_served(
         at_ready = tree_pss(process.pid)
         log(f"  ready in {ready_s:.1f} s, PSS {sum(at_ready.values()) / GB:.2f} GB")
         with PeakSampler(process.pid) as sampler:
-            run_edits(url, config, image, args.edits, args.memory_steps)
-            timed = run_edits(url, config, image, args.timed_edits, config.steps)
+            # Every pipeline served, as a server's clients would: each UNet has worked.
+            every = [replace(config, pipeline=p) for p in served_pipelines(repository)]
+            run_edits(url, every, image, args.edits, args.memory_steps)
+            timed = run_edits(url, [config], image, args.timed_edits, config.steps)
         after = tree_pss(process.pid)
         log(
             f"  after the edits PSS {sum(after.values()) / GB:.2f} GB, peak {sampler.peak / GB:.2f}"
         )
+        with PeakSampler(process.pid) as concurrent_sampler:
+            concurrent = run_concurrent(url, every, image, args.concurrent, args.memory_steps)
+        log(f"  {args.concurrent} at once: {concurrent}, peak {concurrent_sampler.peak / GB:.2f}")
         stopping = time.perf_counter()
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=600)
@@ -221,6 +265,8 @@ def measure_served(
         peak_pss=max(sampler.peak, sum(after.values())),
         edit_s=timed,
         stop_s=stop_s,
+        concurrent=concurrent,
+        concurrent_peak_pss=concurrent_sampler.peak,
     )
 
 
@@ -369,6 +415,20 @@ def markdown(footprint: Footprint) -> str:
             median = statistics.median(seconds)
             ratio = f"{median / reference:.2f}x" if reference else "-"
             lines.append(f"| {name} | {median:.2f} | {ratio} |")
+    lines += [
+        "",
+        "## Edits sent at once (admission)",
+        "",
+        "| system | sent | completed | refused at once | failed | peak PSS (GB) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for served in footprint.served:
+        counts = served.concurrent
+        lines.append(
+            f"| {served.name} | {sum(counts.values())} | {counts.get('completed', 0)} | "
+            f"{counts.get('refused', 0)} | {counts.get('failed', 0)} | "
+            f"{_gb(served.concurrent_peak_pss)} |"
+        )
     for served in footprint.served:
         lines += [
             "",
@@ -408,6 +468,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--memory-steps", type=int, default=2, help="steps of those edits")
     parser.add_argument("--timed-edits", type=int, default=2, help="edits at --steps, timed")
     parser.add_argument(
+        "--concurrent", type=int, default=4, help="edits sent at once (admission by memory)"
+    )
+    parser.add_argument(
         "--from-checkpoint",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -423,8 +486,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    options = from_arguments(RepositoryOptions, args)
-    config = from_arguments(BenchConfig, args, options=options)
+    config = from_arguments(BenchConfig, args, options=from_arguments(RepositoryOptions, args))
+    options = config.options
     image = photo_png(config.size)
     machine = machine_info()
     footprint = Footprint(

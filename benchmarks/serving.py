@@ -10,6 +10,7 @@ from pathlib import Path
 
 from benchmarks.settings import BenchConfig, admin_key
 from model_repository.chain import BuiltModel, Source, prepare
+from model_repository.configs import MAX_DERIVED_EDIT_INSTANCES
 from pix2pix_client import EditClient
 
 
@@ -50,7 +51,8 @@ def warm_up(url: str, config: BenchConfig, image: bytes) -> bytes:
     of every model has run (the first call of an instance allocates lazily)."""
     options = config.request()
     prompt = options.pop("prompt")
-    instances = config.options.edit_instances
+    # Derived instances (0) are at most MAX_DERIVED_EDIT_INSTANCES; extra edits wait.
+    instances = config.options.edit_instances or MAX_DERIVED_EDIT_INSTANCES
     with EditClient(url, timeout_s=900) as client, ThreadPoolExecutor(instances) as pool:
         for _ in range(2):
             outputs = list(

@@ -65,6 +65,8 @@ class BenchConfig:
                 "allowed at least 1 each"
             )
         self.options.check()
+        # What `make serve` would run on this machine, so results name a real flavour.
+        object.__setattr__(self, "options", self.options.for_this_machine())
         for entry in self.served:
             flavour, _, precision = entry.partition(":")
             if flavour not in PYTHON_FLAVOURS or not precision:

@@ -8,7 +8,9 @@ there is refused with one line, and a bf16 repository loaded there computes in f
 logs why (one built on another machine).
 
 Requests that arrive together (Triton's dynamic batcher) and share a shape run as one
-call, as in the onnxruntime flavour (edit_pipeline/batching.py).
+call, as in the onnxruntime flavour (edit_pipeline/batching.py). A component called once
+per edit (the encoders, the VAE) gives its working memory back after each call
+(`release_activations`, OpenVINO's `release_memory`); the UNet keeps its own.
 """
 
 from __future__ import annotations
@@ -105,6 +107,7 @@ class OpenVinoComponent:
         precision: str = "fp32",
         threads: int = 0,
         streams: int = 1,
+        release_activations: bool = False,
     ) -> None:
         import openvino as ov
 
@@ -123,6 +126,7 @@ class OpenVinoComponent:
         self.output_names = [port.get_any_name() for port in model.outputs]
         self.compiled = core.compile_model(model, "CPU", properties)
         self._request = self.compiled.create_infer_request()
+        self.release_activations = release_activations
 
     @property
     def inference_precision(self) -> str:
@@ -142,7 +146,10 @@ class OpenVinoComponent:
             for name, array in model_feed(inputs, self.input_names, self.input_ranks).items()
         }
         outputs = self._request.infer(feed, share_inputs=True, share_outputs=False)
-        return {name: outputs[name] for name in self.output_names}
+        results = {name: outputs[name] for name in self.output_names}
+        if self.release_activations:
+            self.compiled.release_memory()
+        return results
 
     def run_merged(self, requests: Sequence[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
         """Runs requests that arrived together (equal non-batch shapes as one batch);

@@ -17,7 +17,7 @@ import json
 import os
 import shutil
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,7 @@ from model_repository.configs import (
     READINESS_MODEL,
     RepositoryOptions,
     component_config,
+    derived_edit_instances,
     edit_config,
     readiness_config,
     server_arguments,
@@ -142,6 +143,35 @@ def _check_openvino_export(
     check_precision(options.precision)
 
 
+def weight_bytes(folder: Path, precision: str) -> int:
+    """Bytes of the weights of the component whose files are in `folder`, as it computes:
+    the files' size, halved for bf16 (computed from the fp32 export)."""
+    stored = sum(
+        (folder / file).stat().st_size
+        for file in (MODEL_FILE, EXTERNAL_DATA_FILE)
+        if (folder / file).exists()
+    )
+    return stored // 2 if precision == "bf16" else stored
+
+
+def with_edit_instances(
+    options: RepositoryOptions, export_dir: Path, components: list[str], pipelines: tuple[str, ...]
+) -> RepositoryOptions:
+    """The options with edit instances derived, where none were given."""
+    if options.edit_instances:
+        return options
+    sizes = {name: weight_bytes(export_dir / name, options.precision) for name in components}
+    unet = max(sizes[UNET_FOR_PIPELINE[p]] for p in pipelines)
+    edit_models = len(pipelines) * (2 if options.streaming_models else 1)
+    instances = derived_edit_instances(options, sum(sizes.values()), unet, edit_models)
+    print(
+        f"edit instances: {instances} per edit model ({edit_models} edit models; from the "
+        f"cores, the memory and {sum(sizes.values()) / 1e9:.2f} GB of weights)",
+        flush=True,
+    )
+    return replace(options, edit_instances=instances)
+
+
 def build_repository(
     export_dir: Path,
     output: Path,
@@ -149,7 +179,7 @@ def build_repository(
     engines_dir: Path | None = None,
 ) -> list[str]:
     """Writes the repository; returns the names of the models in it."""
-    options = options or RepositoryOptions()
+    options = (options or RepositoryOptions()).for_this_machine()
     options.check()
     export_dir = Path(export_dir)
     manifest = load_manifest(export_dir)
@@ -172,6 +202,7 @@ def build_repository(
         )
     served = {TEXT_ENCODER, VAE_ENCODER, VAE_DECODER} | {UNET_FOR_PIPELINE[p] for p in pipelines}
     specs = {name: spec for name, spec in specs.items() if name in served}
+    options = with_edit_instances(options, export_dir, list(specs), pipelines)
 
     if output.exists():
         shutil.rmtree(output)

@@ -139,6 +139,21 @@ def ensure_engines(export_dir: Path, build_dir: Path, options: RepositoryOptions
     return engines
 
 
+def choose_for_this_machine(options: RepositoryOptions) -> RepositoryOptions:
+    """The options with `auto` made concrete, the choice logged with its reason."""
+    from edit_pipeline.openvino_component import bf16_unsupported_reason
+
+    chosen = options.for_this_machine()
+    if chosen != options:
+        reason = bf16_unsupported_reason() or "this CPU computes bf16 natively"
+        _log(
+            f"flavour {chosen.flavour}, precision {chosen.precision} "
+            f"(asked: {options.flavour}, {options.precision}; {reason}; "
+            "--flavour/--precision or FLAVOUR=/PRECISION= override)"
+        )
+    return chosen
+
+
 @contextmanager
 def _step(steps: list[Step], name: str, note: str) -> Iterator[None]:
     started = time.perf_counter()
@@ -157,6 +172,7 @@ def prepare(
     """Weights -> validated export -> engines (tensorrt) -> repository (at `repository`,
     or where serve keeps it)."""
     options.check()
+    options = choose_for_this_machine(options)
     steps: list[Step] = []
     build_note = "skipped: MODEL given" if source.model else f"{source.preset} preset"
     with _step(steps, "build", f"{build_note}, skipped when current"):

@@ -12,11 +12,14 @@ so field names and tensor names cannot drift from what export, engines and clien
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from tritonclient.grpc import model_config_pb2 as mc
 
+from edit_pipeline.openvino_component import bf16_unsupported_reason
 from edit_pipeline.preprocess import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE, ImageLimits
 from export.components import MIN_IMAGE_SIDE, UNET_FOR_PIPELINE, ComponentSpec, TensorSpec
 from model_repository.arguments import option
@@ -40,6 +43,8 @@ PYTHON_FLAVOURS = ("python-onnxruntime", "python-openvino")
 # What the components compute in: fp16 is an fp16 export (GPUs), bf16 is OpenVINO's
 # inference precision on CPUs with native bf16 (AVX512_BF16 or AMX).
 PRECISIONS = ("fp32", "bf16", "fp16")
+# A flavour or precision chosen for this machine when the repository is built.
+AUTO = "auto"
 READINESS_MODEL = "readiness"
 # The file both openvino flavours read: the plain ONNX export, as it is.
 OPENVINO_MODEL_FILE = "model.onnx"
@@ -62,7 +67,10 @@ class RepositoryOptions:
     builder and the benchmark, each a flag of their command lines."""
 
     flavour: str = option(
-        "python-onnxruntime", "how the components run (docs/flavours.md)", choices=FLAVOURS
+        AUTO,
+        "how the components run (docs/flavours.md); auto: python-openvino where the CPU "
+        "computes bf16 natively, python-onnxruntime elsewhere",
+        choices=(AUTO, *FLAVOURS),
     )
     pipelines: tuple[str, ...] = option(
         (), "the pipelines served (none given: every one the export has)", choices=PIPELINES
@@ -70,7 +78,11 @@ class RepositoryOptions:
     streaming_models: bool = option(True, "serve each pipeline's streaming model too")
     max_image_side: int = option(DEFAULT_MAX_SIDE, "longer side images are resized to")
     max_image_pixels: int = option(DEFAULT_MAX_PIXELS, "decoded pixels allowed at most")
-    edit_instances: int = option(2, "edits each edit model runs at once")
+    edit_instances: int = option(
+        0,
+        "edits each edit model runs at once; 0: from the machine's cores and memory and the "
+        "model's size (docs/operating.md)",
+    )
     max_edits: int = option(
         8, "edits each edit model holds, running and waiting; more get UNAVAILABLE at once"
     )
@@ -81,10 +93,11 @@ class RepositoryOptions:
         "microseconds the UNet's dynamic batcher waits for a partner request",
     )
     precision: str = option(
-        "fp32",
+        AUTO,
         "what the components compute in: fp32; bf16 (openvino flavours, CPUs with "
-        "AVX512_BF16 or AMX); fp16 (an fp16 export, GPUs)",
-        choices=PRECISIONS,
+        "AVX512_BF16 or AMX); fp16 (an fp16 export, GPUs); auto: bf16 where the flavour and "
+        "the CPU compute it, fp32 elsewhere",
+        choices=(AUTO, *PRECISIONS),
     )
     intra_op_threads: int = option(
         0, "threads per component (onnxruntime session, OpenVINO compiled model); 0: all cores"
@@ -108,9 +121,32 @@ class RepositoryOptions:
         "python-onnxruntime: merged UNet calls run side by side on one-thread sessions",
     )
 
+    release_activations: bool = option(
+        # A UNet is called every step: it keeps its working memory for the next one.
+        True,
+        "python flavours: the components called once per edit (text encoder, VAE) give "
+        "their working memory back after each call",
+    )
     onnxruntime_fusions: bool = option(
         True, "onnxruntime flavours: serve the export with onnxruntime's fusions (faster)"
     )
+
+    def for_this_machine(self) -> RepositoryOptions:
+        """These options with an `auto` flavour and precision made concrete: bf16 in
+        python-openvino where this CPU computes bf16 natively, fp32 in python-onnxruntime
+        (the exact-parity mode) elsewhere; a precision given picks the flavour that
+        computes it, a flavour given takes the best precision it has here."""
+        if AUTO not in (self.flavour, self.precision):
+            return self
+        bf16 = bf16_unsupported_reason() is None
+        precision = self.precision
+        if precision == AUTO:
+            openvino = self.flavour in (AUTO, *OPENVINO_FLAVOURS)
+            precision = "bf16" if openvino and bf16 else "fp32"
+        flavour = self.flavour
+        if flavour == AUTO:
+            flavour = "python-openvino" if precision == "bf16" else "python-onnxruntime"
+        return replace(self, flavour=flavour, precision=precision)
 
     @property
     def fused_export(self) -> bool:
@@ -120,19 +156,19 @@ class RepositoryOptions:
 
     def check(self) -> None:
         """Raises ValueError naming the first option outside its allowed values."""
-        if self.flavour not in FLAVOURS:
-            raise ValueError(f"flavour={self.flavour!r}: allowed one of {', '.join(FLAVOURS)}")
+        if self.flavour not in (AUTO, *FLAVOURS):
+            allowed = ", ".join((AUTO, *FLAVOURS))
+            raise ValueError(f"flavour={self.flavour!r}: allowed one of {allowed}")
         unknown = [p for p in self.pipelines if p not in PIPELINES]
         if unknown:
             raise ValueError(f"pipelines={unknown}: allowed {', '.join(PIPELINES)}")
-        if self.edit_instances < 1:
-            raise ValueError(f"edit_instances={self.edit_instances}: allowed >= 1")
-        if self.precision not in PRECISIONS:
-            raise ValueError(
-                f"precision={self.precision!r}: allowed one of {', '.join(PRECISIONS)}"
-            )
+        if self.edit_instances < 0:
+            raise ValueError(f"edit_instances={self.edit_instances}: allowed >= 0 (0: derived)")
+        if self.precision not in (AUTO, *PRECISIONS):
+            allowed = ", ".join((AUTO, *PRECISIONS))
+            raise ValueError(f"precision={self.precision!r}: allowed one of {allowed}")
         openvino = self.flavour in OPENVINO_FLAVOURS
-        if self.precision == "bf16" and not openvino:
+        if self.precision == "bf16" and self.flavour not in (AUTO, *OPENVINO_FLAVOURS):
             raise ValueError(
                 f"precision=bf16 with flavour={self.flavour}: only the openvino flavours "
                 f"({', '.join(OPENVINO_FLAVOURS)}) compute in bf16"
@@ -144,10 +180,10 @@ class RepositoryOptions:
             )
         if self.openvino_streams < 1:
             raise ValueError(f"openvino_streams={self.openvino_streams}: allowed >= 1")
-        if self.max_edits <= self.edit_instances:
+        if self.max_edits <= max(self.edit_instances, 1):
             raise ValueError(
                 f"max_edits={self.max_edits}: allowed more than edit_instances "
-                f"({self.edit_instances}); Triton's queue holds the difference"
+                f"({self.edit_instances or 1}); Triton's queue holds the difference"
             )
 
     def image_limits(self, side_multiple: int) -> ImageLimits:
@@ -159,6 +195,60 @@ class RepositoryOptions:
             min_side=min_side,
             side_multiple=side_multiple,
         )
+
+
+# The derived edit instances: one per this many cores (a CPU edit computes on all of
+# them; more at once only buys the UNet batches of their merged steps), at most this many.
+CORES_PER_EDIT_INSTANCE = 8
+MAX_DERIVED_EDIT_INSTANCES = 4
+GPU_EDIT_INSTANCES = 2
+# What one more running edit costs beyond the weights: its Python backend process (the
+# edit model's libraries) and the UNet's working memory for its rows, as a fraction of the
+# UNet's weight bytes at a 512x512 image, growing with the pixels.
+EDIT_PROCESS_BYTES = 350 * 2**20
+UNET_WORKING_FRACTION_AT_512 = 0.5
+# The rest of the server, as in the memory budget: 1.25 x the weights + 1.5 GB.
+WEIGHT_OVERHEAD = 1.25
+SERVER_ALLOWANCE_BYTES = 1.5e9
+
+
+def machine_memory_bytes() -> int:
+    """The memory this process may use: the cgroup's limit (a container's) where there is
+    one, else the machine's."""
+    pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+    except OSError:
+        return pages
+    return min(pages, int(limit)) if limit.isdigit() else pages
+
+
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+def derived_edit_instances(
+    options: RepositoryOptions,
+    served_weight_bytes: int,
+    unet_weight_bytes: int,
+    edit_models: int,
+    cores: int | None = None,
+    memory_bytes: int | None = None,
+) -> int:
+    """Edits each edit model runs at once, when not given: what the cores use, as far as
+    the memory holds every edit model's running edits at the largest image accepted.
+    Waiting edits (up to max_edits) hold only their request."""
+    if options.flavour == "tensorrt":
+        return min(GPU_EDIT_INSTANCES, options.max_edits - 1)
+    cores = usable_cores() if cores is None else cores
+    memory_bytes = machine_memory_bytes() if memory_bytes is None else memory_bytes
+    by_cores = min(MAX_DERIVED_EDIT_INSTANCES, cores // CORES_PER_EDIT_INSTANCE)
+    pixels = min(options.max_image_side**2, options.max_image_pixels)
+    working = UNET_WORKING_FRACTION_AT_512 * unet_weight_bytes * pixels / 512**2
+    per_instance = edit_models * (EDIT_PROCESS_BYTES + working)
+    room = memory_bytes - WEIGHT_OVERHEAD * served_weight_bytes - SERVER_ALLOWANCE_BYTES
+    by_memory = int(room // per_instance)
+    return max(1, min(by_cores, by_memory, options.max_edits - 1))
 
 
 def server_arguments(options: RepositoryOptions) -> list[str]:
@@ -220,6 +310,7 @@ def component_config(spec: ComponentSpec, options: RepositoryOptions) -> Any:
                 "intra_op_threads": options.intra_op_threads,
                 "allow_spinning": int(options.allow_spinning),
                 "split_threads": int(options.unet_split_threads and is_unet),
+                "release_activations": int(options.release_activations and not is_unet),
             },
         )
     elif options.flavour == "python-openvino":
@@ -231,6 +322,7 @@ def component_config(spec: ComponentSpec, options: RepositoryOptions) -> Any:
                 "precision": options.precision,
                 "threads": options.intra_op_threads,
                 "streams": options.openvino_streams,
+                "release_activations": int(options.release_activations and not is_unet),
             },
         )
     elif options.flavour == "openvino":

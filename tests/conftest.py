@@ -64,7 +64,14 @@ def reference_pipelines(tiny_preset: Path) -> dict[str, object]:
 
 # What the tests' repositories share: one onnxruntime thread per session (the test
 # machine's cores are shared by every model of every server).
-TEST_OPTIONS = {"intra_op_threads": 1}
+# fp32 in onnxruntime (the exact-parity mode, whatever the CPU) and two edits at a time
+# per edit model (concurrency tests need two), on one thread per component.
+TEST_OPTIONS = {
+    "flavour": "python-onnxruntime",
+    "precision": "fp32",
+    "edit_instances": 2,
+    "intra_op_threads": 1,
+}
 # A server that only has to edit: one pipeline, no streaming models, one edit at a time.
 LEAN = {"pipelines": ("instruct_pix2pix",), "streaming_models": False, "edit_instances": 1}
 

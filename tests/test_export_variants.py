@@ -31,6 +31,7 @@ from export.validation import TOLERANCE, onnx_session
 from model_repository.builder import build_repository
 from model_repository.configs import RepositoryOptions
 from serving.tritonserver import TritonServer
+from tests.conftest import LEAN, TEST_OPTIONS
 from tests.serving import edit, photo, png_bytes
 from tests.variants import (
     VARIANT_SEEDS,
@@ -186,7 +187,7 @@ def test_a_served_edit_equals_diffusers(
     factor = vae_scale_factor(exported_variant.preset)
     repository = tmp_path / "repository"
     # Unary edits only: no streaming models, one edit at a time.
-    options = RepositoryOptions(intra_op_threads=1, streaming_models=False, edit_instances=1)
+    options = RepositoryOptions(**{**TEST_OPTIONS, **LEAN, "pipelines": ()})
     build_repository(exported_variant.export_dir, repository, options)
     upload = png_bytes(photo(70, 54))
     expected_image = decode_image(upload, options.image_limits(factor))

@@ -13,7 +13,14 @@ from edit_pipeline.openvino_component import bf16_unsupported_reason
 from export.components import COMPONENTS, UNET_FOR_PIPELINE
 from export.onnx_export import load_manifest
 from model_repository.builder import build_repository
-from model_repository.configs import FLAVOURS, READINESS_MODEL, RepositoryOptions
+from model_repository.configs import (
+    FLAVOURS,
+    MAX_DERIVED_EDIT_INSTANCES,
+    READINESS_MODEL,
+    RepositoryOptions,
+    derived_edit_instances,
+)
+from model_repository.record import REPOSITORY_RECORD
 from pix2pix_client.contract import OUTPUTS, STREAM_OUTPUTS, parameters_for, stream_model
 
 PIPELINES = ("instruct_pix2pix", "img2img")
@@ -152,12 +159,82 @@ def test_edit_models_call_components_by_the_names_of_the_specs(
 
 def test_edit_models_hold_a_bounded_number_of_edits(repository) -> None:
     _, root = repository
-    options = RepositoryOptions()
+    recorded = json.loads((root / REPOSITORY_RECORD).read_text())["options"]
+    # Derived when not given, and recorded as derived.
+    assert RepositoryOptions().edit_instances == 0
+    assert 1 <= recorded["edit_instances"] <= MAX_DERIVED_EDIT_INSTANCES
     for pipeline in PIPELINES:
         config = _configs(root)[pipeline]
-        assert sum(group.count for group in config.instance_group) == options.edit_instances
+        assert sum(group.count for group in config.instance_group) == recorded["edit_instances"]
         policy = config.dynamic_batching.default_queue_policy
-        assert policy.max_queue_size == options.max_edits - options.edit_instances
+        assert policy.max_queue_size == recorded["max_edits"] - recorded["edit_instances"]
+
+
+GB = 10**9
+SD15_FP32 = {"served_weight_bytes": int(7.7 * GB), "unet_weight_bytes": int(3.4 * GB)}
+
+
+@pytest.mark.parametrize(
+    ("cores", "memory_gb", "weights", "edit_models", "expected"),
+    [
+        (2, 24, SD15_FP32, 4, 1),  # this machine: one edit per model
+        (32, 24, SD15_FP32, 4, 1),  # the cores allow 4; the memory holds one
+        (32, 64, SD15_FP32, 4, 4),  # both allow 4
+        (32, 32, SD15_FP32, 4, 2),  # the memory holds two per edit model
+        (16, 512, SD15_FP32, 4, 2),  # the cores allow 2
+        (128, 512, SD15_FP32, 4, MAX_DERIVED_EDIT_INSTANCES),  # never more than the cap
+        (32, 8, SD15_FP32, 4, 1),  # too small for the rule: still one, not none
+    ],
+)
+def test_edit_instances_come_from_cores_memory_and_model_size(
+    cores: int, memory_gb: int, weights: dict, edit_models: int, expected: int
+) -> None:
+    options = RepositoryOptions(flavour="python-onnxruntime", precision="fp32")
+    derived = derived_edit_instances(
+        options, **weights, edit_models=edit_models, cores=cores, memory_bytes=memory_gb * GB
+    )
+    assert derived == expected
+    # Larger images need more working memory per edit: never more instances.
+    larger = RepositoryOptions(flavour="python-onnxruntime", precision="fp32", max_image_side=1024)
+    assert (
+        derived_edit_instances(
+            larger, **weights, edit_models=edit_models, cores=cores, memory_bytes=memory_gb * GB
+        )
+        <= derived
+    )
+    # max_edits bounds them too: one place in the queue is left.
+    few = RepositoryOptions(flavour="python-onnxruntime", precision="fp32", max_edits=2)
+    assert (
+        derived_edit_instances(
+            few, **weights, edit_models=edit_models, cores=cores, memory_bytes=memory_gb * GB
+        )
+        == 1
+    )
+
+
+def test_auto_picks_bf16_openvino_only_where_the_cpu_computes_bf16(monkeypatch) -> None:
+    import model_repository.configs as configs
+
+    cases = {
+        # (flavour, precision) asked -> chosen on a bf16 CPU, chosen elsewhere
+        ("auto", "auto"): (("python-openvino", "bf16"), ("python-onnxruntime", "fp32")),
+        ("auto", "fp32"): (("python-onnxruntime", "fp32"), ("python-onnxruntime", "fp32")),
+        ("auto", "bf16"): (("python-openvino", "bf16"), ("python-openvino", "bf16")),
+        ("python-openvino", "auto"): (("python-openvino", "bf16"), ("python-openvino", "fp32")),
+        ("python-onnxruntime", "auto"): (
+            ("python-onnxruntime", "fp32"),
+            ("python-onnxruntime", "fp32"),
+        ),
+        ("tensorrt", "fp16"): (("tensorrt", "fp16"), ("tensorrt", "fp16")),
+    }
+    for has_bf16, column in ((True, 0), (False, 1)):
+        monkeypatch.setattr(
+            configs, "bf16_unsupported_reason", lambda has=has_bf16: None if has else "no bf16"
+        )
+        for (flavour, precision), expected in cases.items():
+            chosen = RepositoryOptions(flavour=flavour, precision=precision).for_this_machine()
+            assert (chosen.flavour, chosen.precision) == expected[column], (flavour, precision)
+            chosen.check()
 
 
 def test_edit_models_carry_their_assets_and_stay_thin(repository) -> None:
@@ -193,11 +270,11 @@ def test_unknown_flavour_is_refused(tiny_export: Path, tmp_path: Path) -> None:
     "options, message",
     [
         (
-            {"precision": "bf16"},
+            {"flavour": "python-onnxruntime", "precision": "bf16"},
             "precision=bf16 with flavour=python-onnxruntime: only the openvino",
         ),
         ({"flavour": "openvino", "precision": "fp16"}, "the openvino flavours take fp32 or bf16"),
-        ({"precision": "int8"}, "precision='int8': allowed one of fp32, bf16, fp16"),
+        ({"precision": "int8"}, "precision='int8': allowed one of auto, fp32, bf16, fp16"),
         ({"flavour": "python-openvino", "openvino_streams": 0}, "openvino_streams=0"),
     ],
 )

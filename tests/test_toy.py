@@ -23,6 +23,7 @@ from PIL import Image
 
 from edit_pipeline.preprocess import decode_image
 from export.checkpoint import PIX2PIX, discover_pipelines, inspect_folder, load_pipeline
+from tests.conftest import TEST_OPTIONS
 from tests.serving import edit, png_bytes
 from training.toy.evaluate import (
     channel_dominance,
@@ -196,7 +197,7 @@ def toy_client(toy_export: Path, tmp_path_factory: pytest.TempPathFactory):
     from serving.tritonserver import TritonServer
 
     repository = tmp_path_factory.mktemp("repository") / "toy"
-    build_repository(toy_export, repository, RepositoryOptions(intra_op_threads=1))
+    build_repository(toy_export, repository, RepositoryOptions(**TEST_OPTIONS))
     server = TritonServer(repository, log_file=tmp_path_factory.mktemp("logs") / "toy.log")
     server.start()
     try:

@@ -24,6 +24,7 @@ import pytest
 from PIL import Image
 
 from pix2pix_client import EditClient, contract
+from tests.conftest import TEST_OPTIONS
 from tests.serving import photo, png_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,7 +75,7 @@ def ui_server(tiny_export: Path, tmp_path_factory: pytest.TempPathFactory, start
     from model_repository.configs import RepositoryOptions
 
     options = RepositoryOptions(
-        intra_op_threads=1, edit_instances=1, max_edits=4, max_image_pixels=MAX_PIXELS
+        **{**TEST_OPTIONS, "edit_instances": 1, "max_edits": 4, "max_image_pixels": MAX_PIXELS}
     )
     repository = tmp_path_factory.mktemp("repository") / "tiny-ui"
     build_repository(tiny_export, repository, options)

@@ -215,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=UI_CONCURRENCY,
         metavar="N",
         help=f"edits the page runs at once, the others wait in its queue (default: "
-        f"{UI_CONCURRENCY}, the server's edit instances per model)",
+        f"{UI_CONCURRENCY}; more than the server runs at once wait in its queue)",
     )
     page.add_argument(
         "--root-path", metavar="PATH", help="the page's path behind a reverse proxy, e.g. /edit"

@@ -20,5 +20,6 @@ class TritonPythonModel(ComponentModel):
             intra_op_threads=int(parameters["intra_op_threads"]),
             allow_spinning=parameters.get("allow_spinning", "1") != "0",
             split_threads=parameters.get("split_threads", "0") == "1",
+            release_activations=parameters.get("release_activations", "0") == "1",
         )
         self.status = InstanceStatus(args["model_instance_name"])

@@ -22,6 +22,7 @@ class TritonPythonModel(ComponentModel):
             precision=parameters["precision"],
             threads=int(parameters["threads"]),
             streams=int(parameters["streams"]),
+            release_activations=parameters.get("release_activations", "0") == "1",
         )
         if self.component.fallback_reason:
             pb_utils.Logger.log_warn(
