@@ -61,7 +61,9 @@ GB = 1e9
 # The budget: PSS <= WEIGHT_FACTOR x the served weights' bytes + ALLOWANCE_BYTES.
 WEIGHT_FACTOR = 1.25
 ALLOWANCE_BYTES = 1.5 * GB
-SAMPLE_S = 0.5
+# Reading smaps_rollup of a tree of multi-GB processes costs CPU: often enough for a
+# peak of edits that last seconds, rarely enough to leave the edits their cores.
+SAMPLE_S = 2.0
 READY_TIMEOUT_S = 3600.0
 
 
@@ -179,14 +181,15 @@ def serving(arguments: list[str], log_file: Path) -> Iterator[tuple[subprocess.P
 def wait_ready(process: subprocess.Popen[bytes], url: str) -> float:
     """Seconds from now until the server at `url` is ready."""
     started = time.perf_counter()
-    with EditClient(url, retries=0) as client:
-        while time.perf_counter() - started < READY_TIMEOUT_S:
-            if process.poll() is not None:
-                raise RuntimeError(f"serve exited with {process.returncode}")
-            with contextlib.suppress(Exception):
-                if client.health(timeout_s=5)["ready"]:
-                    return time.perf_counter() - started
-            time.sleep(0.5)
+    while time.perf_counter() - started < READY_TIMEOUT_S:
+        if process.poll() is not None:
+            raise RuntimeError(f"serve exited with {process.returncode}")
+        # A channel of its own per probe, as an orchestrator's probe connects: a channel
+        # refused before the server listened would wait out gRPC's reconnect backoff.
+        with contextlib.suppress(Exception), EditClient(url, retries=0) as client:
+            if client.health(timeout_s=5)["ready"]:
+                return time.perf_counter() - started
+        time.sleep(0.5)
     raise TimeoutError(f"not ready after {READY_TIMEOUT_S:.0f} s")
 
 

@@ -54,7 +54,10 @@ from serving.procfs import ModelProcess
 
 log = logging.getLogger("serving.supervisor")
 
+# tritonserver's exit or stop is checked this often; its model processes (a walk of
+# /proc over its threads and children, and their reports) less often.
 POLL_S = 0.2
+MODEL_CHECK_S = 1.0
 # A process stopped by a signal (SIGSTOP) this long is taken as hung; a shorter stop may
 # be someone looking at it.
 STOPPED_FOR_S = 1.0
@@ -165,6 +168,7 @@ class Supervisor:
         self._ready_since_launch = False
         self._startup_crashes = 0
         self._server_stop_watch = StopWatch()
+        self._next_model_check = 0.0
         self._processes: dict[int, Watched] = {}
         # Processes of models the supervisor replaced, until they end.
         self._retired: dict[int, ModelProcess] = {}
@@ -260,7 +264,10 @@ class Supervisor:
         if self._server_exited(process):
             self._on_server_exit(process.returncode)  # type: ignore[arg-type]
         elif not self._server_stopped(process.pid) and self._serving():
-            self._watch_models()
+            now = time.monotonic()
+            if now >= self._next_model_check:
+                self._next_model_check = now + MODEL_CHECK_S
+                self._watch_models()
 
     def _server_exited(self, process: subprocess.Popen[bytes]) -> bool:
         """Whether tritonserver has exited (it is then reaped, its model processes killed)."""

@@ -492,6 +492,8 @@ def test_the_harness_runs_end_to_end_on_the_tiny_preset(
     (build / "onnx" / "tiny").symlink_to(tiny_export)  # the plain export: no fusions
     steps = 3
     argv = ["--preset", "tiny", "--size", "64", "--steps", str(steps), "--no-onnxruntime-fusions"]
+    # The fp32 systems agree within 2 levels whatever the CPU (auto may pick bf16).
+    argv += ["--flavour", "python-onnxruntime", "--precision", "fp32"]
     # The pipeline measured, one edit per model at a time: what the run needs of a server.
     argv += ["--pipelines", "instruct_pix2pix", "--edit-instances", "1"]
     # Two edits per level: with one, perf_analyzer 2.51 sometimes exits 99 ("failed to find
@@ -538,3 +540,47 @@ def test_the_harness_runs_end_to_end_on_the_tiny_preset(
     assert (tmp_path / "results" / "tiny.png").read_bytes()[:4] == b"\x89PNG"
     printed = capsys.readouterr().out
     assert "edits/s at c=2 over c=1" in printed
+
+
+def test_the_footprint_measures_every_process_and_the_admission_on_the_tiny_preset(
+    tiny_preset: Path, tiny_export: Path, tmp_path: Path
+) -> None:
+    """`make bench-footprint`, scaled down: a real `serve --repository` process tree and
+    diffusers in a process of its own; the figures are the machine's, the shape is checked."""
+    from benchmarks.footprint import main
+
+    build = tmp_path / "build"
+    (build / "presets").mkdir(parents=True)
+    (build / "presets" / "tiny").symlink_to(tiny_preset)
+    (build / "onnx").mkdir()
+    (build / "onnx" / "tiny").symlink_to(tiny_export)
+    argv = ["--preset", "tiny", "--size", "64", "--steps", "3", "--no-onnxruntime-fusions"]
+    argv += ["--flavour", "python-onnxruntime", "--precision", "fp32", "--intra-op-threads", "1"]
+    argv += ["--edits", "2", "--memory-steps", "2", "--timed-edits", "1", "--concurrent", "3"]
+    argv += ["--no-from-checkpoint", "--build-dir", str(build)]
+    argv += ["--output-dir", str(tmp_path / "results"), "--stem", "tiny"]
+    assert main(argv) == 0
+
+    results = json.loads((tmp_path / "results" / "tiny.json").read_text())
+    (served,) = results["served"]
+    assert served["name"] == "python-onnxruntime:fp32"
+    assert served["ready_s"] > 0 and served["stop_s"] > 0
+    # Every process of the tree is counted under its own name: each model instance, the
+    # server and the serving parent; both pipelines' models (edits took both in turn).
+    processes = set(served["pss_after_edits"])
+    assert {"tritonserver", "serve (builds, supervises)"} <= processes
+    for model in ("instruct_pix2pix", "img2img", "unet_pix2pix", "unet_img2img", "vae_decoder"):
+        assert f"{model}_0_0" in processes, model
+    assert all(value > 0 for value in served["pss_after_edits"].values())
+    assert served["peak_pss"] >= sum(served["pss_after_edits"].values())
+    exported = sum(p.stat().st_size for p in tiny_export.glob("*/model.onnx*"))
+    assert 0 < served["weights_bytes"] <= exported
+    # Three edits sent at once to a server that holds eight: none refused, none failed.
+    assert served["concurrent"] == {"completed": 3, "refused": 0, "failed": 0}
+    assert served["concurrent_peak_pss"] > 0
+    (timed,) = served["edit_s"]
+    assert timed > 0
+    diffusers = results["diffusers"]["float32"]
+    assert diffusers["load_s"] > 0 and diffusers["pss_after_edits"] > 0
+    markdown = (tmp_path / "results" / "tiny.md").read_text()
+    assert "## Edits sent at once (admission)" in markdown and "| budget |" in markdown

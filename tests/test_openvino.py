@@ -79,6 +79,23 @@ def test_fp32_computes_what_onnxruntime_computes(tiny_export: Path) -> None:
     component.close()
 
 
+def test_releasing_working_memory_after_each_call_changes_no_result(tiny_export: Path) -> None:
+    """What the components called once per edit do (release_activations): the next call
+    allocates again and computes the same, in onnxruntime and in OpenVINO."""
+    model = tiny_export / "vae_decoder" / "model.onnx"
+    latents = {"latent": np.random.default_rng(3).standard_normal((1, 4, 8, 8), np.float32)}
+    kept = OnnxComponent(model, intra_op_threads=1).run(latents)
+    for component in (
+        OnnxComponent(model, intra_op_threads=1, release_activations=True),
+        OpenVinoComponent(model, "fp32", threads=1, release_activations=True),
+    ):
+        for _ in range(2):
+            (name,) = component.output_names
+            np.testing.assert_allclose(
+                component.run(latents)[name], kept[name], atol=1e-4, rtol=1e-4
+            )
+
+
 def test_merged_requests_equal_separate_calls(tiny_export: Path) -> None:
     component = OpenVinoComponent(tiny_export / "unet_pix2pix" / "model.onnx", threads=1)
     first, second = unet_inputs(3), unet_inputs(2)
