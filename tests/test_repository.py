@@ -261,7 +261,7 @@ def test_tensorrt_flavour_rejects_images_outside_the_engine_profile(repository) 
 
 def test_unknown_flavour_is_refused(tiny_export: Path, tmp_path: Path) -> None:
     with pytest.raises(
-        ValueError, match="allowed one of python-onnxruntime, onnxruntime, tensorrt"
+        ValueError, match="allowed one of auto, python-onnxruntime, onnxruntime, tensorrt"
     ):
         build_repository(tiny_export, tmp_path / "repo", RepositoryOptions(flavour="tflite"))
 
