@@ -15,6 +15,7 @@ per edit (the encoders, the VAE) gives its working memory back after each call
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -43,11 +44,13 @@ def cpu_flags() -> set[str] | None:
     return set()
 
 
-def openvino_capabilities() -> list[str]:
-    """What OpenVINO's CPU plugin says this CPU computes fast (BF16, FP32, INT8, ...)."""
+@functools.cache
+def openvino_capabilities() -> tuple[str, ...]:
+    """What OpenVINO's CPU plugin says this CPU computes fast (BF16, FP32, INT8, ...); asked
+    once per process (a Core each time would load the CPU plugin again)."""
     import openvino as ov
 
-    return list(ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+    return tuple(ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
 
 
 def bf16_unsupported_reason(
