@@ -53,7 +53,7 @@ from model_repository.builder import weight_bytes
 from model_repository.chain import DEFAULT_BUILD_DIR, Source, ensure_preset, prepare_in_child
 from model_repository.configs import PRECISIONS, RepositoryOptions
 from model_repository.record import REPOSITORY_RECORD
-from pix2pix_client import EditClient, EditError, ServerUnavailable
+from pix2pix_client import EditClient, EditError, EditResult, ServerUnavailable
 from serving import procfs
 from serving.tritonserver import free_port
 
@@ -101,13 +101,15 @@ class PeakSampler:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
+    def _sample(self) -> None:
+        self.peak = max(self.peak, sum(tree_pss(self.root).values()))
+
     def _run(self) -> None:
         # A sample at the start and one at the end, whatever the run's length.
-        while True:
-            self.peak = max(self.peak, sum(tree_pss(self.root).values()))
-            if self._stop.wait(SAMPLE_S):
-                self.peak = max(self.peak, sum(tree_pss(self.root).values()))
-                return
+        self._sample()
+        while not self._stop.wait(SAMPLE_S):
+            self._sample()
+        self._sample()
 
     def __enter__(self) -> PeakSampler:
         self._thread.start()
@@ -193,6 +195,16 @@ def wait_ready(process: subprocess.Popen[bytes], url: str) -> float:
     raise TimeoutError(f"not ready after {READY_TIMEOUT_S:.0f} s")
 
 
+def edit_in_turn(
+    client: EditClient, configs: list[BenchConfig], index: int, image: bytes, steps: int
+) -> EditResult:
+    """Edit number `index` of a series that takes the configs (pipelines) in turn."""
+    config = configs[index % len(configs)]
+    request = config.request() | {"num_inference_steps": steps}
+    prompt = request.pop("prompt")
+    return client.edit(image, prompt, model=config.pipeline, **request)
+
+
 def run_edits(
     url: str, configs: list[BenchConfig], image: bytes, edits: int, steps: int
 ) -> list[float]:
@@ -201,11 +213,7 @@ def run_edits(
     seconds = []
     with EditClient(url, timeout_s=READY_TIMEOUT_S) as client:
         for index in range(edits):
-            config = configs[index % len(configs)]
-            request = config.request() | {"num_inference_steps": steps}
-            prompt = request.pop("prompt")
-            result = client.edit(image, prompt, model=config.pipeline, **request)
-            seconds.append(result.latency_s)
+            seconds.append(edit_in_turn(client, configs, index, image, steps).latency_s)
     return seconds
 
 
@@ -216,11 +224,8 @@ def run_concurrent(
     were refused at once as busy, or failed otherwise."""
 
     def one(index: int) -> str:
-        config = configs[index % len(configs)]
-        request = config.request() | {"num_inference_steps": steps}
-        prompt = request.pop("prompt")
         try:
-            client.edit(image, prompt, model=config.pipeline, **request)
+            edit_in_turn(client, configs, index, image, steps)
         except ServerUnavailable:
             return "refused"
         except EditError as error:
