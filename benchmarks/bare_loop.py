@@ -29,7 +29,7 @@ class InProcessComponents:
         self.calls = calls
         self.device = device
         self.sessions = {
-            role: make(Path(export_dir) / call["model"] / "model.onnx")
+            role: make(Path(export_dir) / call["component"] / "model.onnx")
             for role, call in calls.items()
         }
         self.unet_seconds: list[float] = []
@@ -38,6 +38,9 @@ class InProcessComponents:
         call = self.calls[role]
         outputs = self.sessions[role].run(dict(zip(call["inputs"], values, strict=True)))
         return [outputs[name] for name in call["outputs"]]
+
+    def _unet_arrays(self, *tensors: torch.Tensor) -> tuple[np.ndarray, ...]:
+        return tuple(tensor.cpu().numpy() for tensor in tensors)
 
     def encode_prompts(self, input_ids: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(self._run("text_encoder", input_ids)[0])
@@ -66,6 +69,26 @@ class InProcessComponents:
             )
         self.unet_seconds.append(time.perf_counter() - started)
         return noise_pred
+
+    def predict_noise_keeping(
+        self, sample: torch.Tensor, timestep: torch.Tensor, embeds: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        started = time.perf_counter()
+        noise_pred, deep = self._run("unet", *self._unet_arrays(sample, timestep, embeds))
+        self.unet_seconds.append(time.perf_counter() - started)
+        return torch.from_numpy(noise_pred), torch.from_numpy(deep)
+
+    def predict_noise_shallow(
+        self, sample: torch.Tensor, timestep: torch.Tensor, embeds: torch.Tensor, deep: torch.Tensor
+    ) -> torch.Tensor:
+        started = time.perf_counter()
+        # The shallow pass reads the prompt's embeddings only where it cross-attends.
+        values = dict(zip(self.calls["unet"]["inputs"], (sample, timestep, embeds), strict=True))
+        names = self.calls["unet_shallow"]["inputs"]
+        arrays = self._unet_arrays(*(values[name] for name in names[:-1]), deep)
+        (noise_pred,) = self._run("unet_shallow", *arrays)
+        self.unet_seconds.append(time.perf_counter() - started)
+        return torch.from_numpy(noise_pred)
 
     def decode_latents(self, latent: torch.Tensor) -> np.ndarray:
         return self._run("vae_decoder", latent.cpu().numpy())[0]

@@ -22,6 +22,16 @@ class Runnable(Protocol):
     def run(self, inputs: Tensors) -> Tensors: ...
 
 
+class Component(Protocol):
+    """What a component's Triton model serves: requests that arrived together, run merged."""
+
+    input_names: list[str]
+
+    def run_merged(self, requests: Sequence[Tensors]) -> list[Tensors]: ...
+
+    def close(self) -> None: ...
+
+
 def model_feed(inputs: Tensors, input_names: Sequence[str], input_ranks: dict[str, int]) -> Tensors:
     """The named inputs as the model takes them: Triton carries a [batch] tensor as
     [batch, 1] (dims [1] + reshape []), which goes back to [batch] here."""

@@ -28,8 +28,9 @@ from edit_pipeline.preprocess import (
     image_to_tensor,
     resolve_request,
 )
-from edit_pipeline.sampler import Sampler, SamplerInputs, StepCallback
+from edit_pipeline.sampler import ReusedUNet, Sampler, SamplerInputs, StepCallback
 from edit_pipeline.settings import SCHEDULER_FILE, SETTINGS_FILE, TOKENIZER_DIR, PipelineSettings
+from pix2pix_client.contract import InvalidArgumentError
 
 
 class Components(Protocol):
@@ -47,6 +48,18 @@ class Components(Protocol):
         self, sample: torch.Tensor, timestep: torch.Tensor, embeds: torch.Tensor
     ) -> torch.Tensor:
         """One UNet call."""
+        ...
+
+    def predict_noise_keeping(
+        self, sample: torch.Tensor, timestep: torch.Tensor, embeds: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One full UNet pass that also returns its deep features (reused UNet work)."""
+        ...
+
+    def predict_noise_shallow(
+        self, sample: torch.Tensor, timestep: torch.Tensor, embeds: torch.Tensor, deep: torch.Tensor
+    ) -> torch.Tensor:
+        """One shallow UNet pass on kept deep features."""
         ...
 
     def decode_latents(self, latent: torch.Tensor) -> np.ndarray:
@@ -82,12 +95,18 @@ class EditPipeline:
         self.settings = settings
         self.tokenizer = tokenizer
         self.components = components
+        reused_unet = (
+            ReusedUNet(components.predict_noise_keeping, components.predict_noise_shallow)
+            if settings.reuses_unet_work
+            else None
+        )
         self.sampler = Sampler(
             settings.pipeline,
             scheduler_config,
             settings.vae_scaling_factor,
             components.predict_noise,
             device,
+            reused_unet,
         )
 
     @classmethod
@@ -111,6 +130,12 @@ class EditPipeline:
         """Validates the inputs (a streaming model's too) and decodes the image; raises
         InvalidArgumentError."""
         request = resolve_request(self.settings.pipeline, inputs, streaming)
+        if request.cache_interval > 1 and not self.settings.reuses_unet_work:
+            raise InvalidArgumentError(
+                "cache_interval",
+                f"cache_interval={request.cache_interval}: this model's UNet cannot reuse its "
+                "work (the export says why): allowed 1",
+            )
         image = decode_image(inputs["image"], self.settings.limits)
         return PreparedEdit(request, image_to_tensor(image))
 

@@ -61,6 +61,8 @@ class EditRequest:
     temperature: float
     seed: int
     scheduler: str | None
+    # A full UNet pass every this many steps, shallow passes between (1: every step full).
+    cache_interval: int = 1
     # Streaming models: a latent preview every this many steps (0: progress only).
     preview_every: int = 0
 
@@ -185,6 +187,7 @@ def resolve_request(pipeline: str, inputs: dict[str, Any], streaming: bool = Fal
         temperature=validated["temperature"],
         seed=seed,
         scheduler=validated["scheduler"],
+        cache_interval=validated["cache_interval"],
         preview_every=validated.get("preview_every") or 0,
     )
 

@@ -32,6 +32,17 @@ if TYPE_CHECKING:
 UNetFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 Array = np.ndarray | torch.Tensor
 
+
+@dataclass(frozen=True)
+class ReusedUNet:
+    """A UNet that can reuse its work across steps (DeepCache; export/unet_reuse.py)."""
+
+    # As UNetFn, also returning the deep features to keep.
+    full: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+    # As UNetFn, with the kept deep features last.
+    shallow: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
 SCHEDULER_CLASSES = {
     "euler_a": "EulerAncestralDiscreteScheduler",
     "euler": "EulerDiscreteScheduler",
@@ -92,6 +103,7 @@ class SamplerInputs:
     temperature: float
     seed: int
     scheduler: str | None
+    cache_interval: int = 1  # a full UNet pass every this many steps, shallow ones between
 
     @classmethod
     def for_request(
@@ -108,6 +120,7 @@ class SamplerInputs:
             temperature=request.temperature,
             seed=request.seed,
             scheduler=request.scheduler,
+            cache_interval=request.cache_interval,
         )
 
 
@@ -135,6 +148,7 @@ class Sampler:
         vae_scaling_factor: float,
         unet: UNetFn,
         device: torch.device | str = "cpu",
+        reused_unet: ReusedUNet | None = None,
     ) -> None:
         if pipeline not in (INSTRUCT_PIX2PIX, IMG2IMG):
             raise ValueError(f"unknown pipeline {pipeline!r}")
@@ -142,6 +156,7 @@ class Sampler:
         self.scheduler_config = dict(scheduler_config)
         self.vae_scaling_factor = vae_scaling_factor
         self.unet = unet
+        self.reused_unet = reused_unet
         self.device = torch.device(device)
         # diffusers imports its scheduler classes lazily, seconds of work: done here, at
         # model load, instead of in the first edit.
@@ -173,13 +188,30 @@ class Sampler:
         scheduler.set_timesteps(inputs.num_inference_steps, device=self.device)
         return scheduler
 
-    def _predict(
-        self, model_input: torch.Tensor, t: torch.Tensor, prompt_embeds: torch.Tensor
-    ) -> torch.Tensor:
-        batch = model_input.shape[0]
-        timestep = t.to(self.device, torch.float32).reshape(1).repeat(batch)
-        sample = model_input.to(torch.float32).contiguous()
-        return self.unet(sample, timestep, prompt_embeds).to(self.device)
+    def _predictor(self, cache_interval: int) -> Callable[..., torch.Tensor]:
+        """The UNet call of each step (index, model input, t, prompt embeddings): a full
+        pass every step, or with reuse a full pass every `cache_interval` steps, keeping its
+        deep features, and shallow passes on them between."""
+        if cache_interval > 1 and self.reused_unet is None:
+            raise ValueError("cache_interval above 1 needs a UNet that reuses its work")
+        kept: list[torch.Tensor] = []
+
+        def predict(
+            index: int, model_input: torch.Tensor, t: torch.Tensor, prompt_embeds: torch.Tensor
+        ) -> torch.Tensor:
+            batch = model_input.shape[0]
+            timestep = t.to(self.device, torch.float32).reshape(1).repeat(batch)
+            sample = model_input.to(torch.float32).contiguous()
+            if cache_interval == 1:
+                noise_pred = self.unet(sample, timestep, prompt_embeds)
+            elif index % cache_interval == 0:
+                noise_pred, deep = self.reused_unet.full(sample, timestep, prompt_embeds)
+                kept[:] = [deep]
+            else:
+                noise_pred = self.reused_unet.shallow(sample, timestep, prompt_embeds, kept[0])
+            return noise_pred.to(self.device)
+
+        return predict
 
     def _instruct_pix2pix(
         self, inputs: SamplerInputs, trace: SamplerTrace | None, on_step: StepCallback | None
@@ -218,11 +250,12 @@ class Sampler:
             trace.initial_latents = latents.cpu().numpy().copy()
 
         step_kwargs = _step_kwargs(scheduler, generator)
+        predict = self._predictor(inputs.cache_interval)
         for index, t in enumerate(timesteps):
             model_input = torch.cat([latents] * 3) if guided else latents
             model_input = scheduler.scale_model_input(model_input, t)
             model_input = torch.cat([model_input, image_latents], dim=1)
-            noise_pred = self._predict(model_input, t, prompt_embeds)
+            noise_pred = predict(index, model_input, t, prompt_embeds)
             if guided:
                 text_pred, image_pred, uncond_pred = noise_pred.chunk(3)
                 noise_pred = (
@@ -264,10 +297,11 @@ class Sampler:
             trace.initial_latents = latents.cpu().numpy().copy()
 
         step_kwargs = _step_kwargs(scheduler, generator)
+        predict = self._predictor(inputs.cache_interval)
         for index, t in enumerate(timesteps):
             model_input = torch.cat([latents] * 2) if guided else latents
             model_input = scheduler.scale_model_input(model_input, t)
-            noise_pred = self._predict(model_input, t, prompt_embeds)
+            noise_pred = predict(index, model_input, t, prompt_embeds)
             if guided:
                 uncond_pred, text_pred = noise_pred.chunk(2)
                 noise_pred = uncond_pred + inputs.guidance_scale * (text_pred - uncond_pred)

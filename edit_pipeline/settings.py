@@ -26,6 +26,11 @@ class PipelineSettings:
     components: dict[str, dict[str, Any]]
     latent_preview: LatentPreview
 
+    @property
+    def reuses_unet_work(self) -> bool:
+        """Whether the UNet has a shallow pass (cache_interval above 1)."""
+        return "unet_shallow" in self.components
+
     def to_json(self) -> dict[str, Any]:
         return {
             "pipeline": self.pipeline,

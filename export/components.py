@@ -18,6 +18,17 @@ UNET_PIX2PIX = "unet_pix2pix"
 UNET_IMG2IMG = "unet_img2img"
 COMPONENTS = (TEXT_ENCODER, VAE_ENCODER, VAE_DECODER, UNET_PIX2PIX, UNET_IMG2IMG)
 UNET_FOR_PIPELINE = {"instruct_pix2pix": UNET_PIX2PIX, "img2img": UNET_IMG2IMG}
+# Reused UNet work (DeepCache): a full pass also returns the deep features that enter the
+# UNet's last, shallowest sub-blocks; the shallow pass runs those sub-blocks on features
+# kept from the last full pass (export/unet_reuse.py).
+DEEP_FEATURES = "deep_features"
+SHALLOW_SUFFIX = "_shallow"
+
+
+def shallow_unet(unet: str) -> str:
+    """The component name of a UNet's shallow pass."""
+    return f"{unet}{SHALLOW_SUFFIX}"
+
 
 # Served tensors stay fp32 whatever the weights' precision.
 FLOAT = "float32"
@@ -117,8 +128,19 @@ def _pixel_axes(dims: ModelDimensions, batch: AxisRange) -> dict[str, AxisRange]
     return {**latent_axes, "height": pixels, "width": pixels}
 
 
-def component_specs(dims: ModelDimensions) -> dict[str, ComponentSpec]:
-    """The specs of all five components for a checkpoint's dimensions."""
+@dataclass(frozen=True)
+class ShallowPass:
+    """What a UNet's shallow pass takes besides the sample and timestep."""
+
+    deep_channels: int  # channels of the deep features it is given
+    cross_attends: bool  # whether its sub-blocks read the prompt's embeddings
+
+
+def component_specs(
+    dims: ModelDimensions, shallow_passes: dict[str, ShallowPass] | None = None
+) -> dict[str, ComponentSpec]:
+    """The specs of the five components for a checkpoint's dimensions; each UNet named in
+    `shallow_passes` also returns its deep features, and has a shallow pass of its own."""
     # Text encoder: prompt and negative prompt in one call.
     text_batch = AxisRange(1, 2, 2)
     # VAE: one image per request; dynamic batching may merge a few.
@@ -126,24 +148,28 @@ def component_specs(dims: ModelDimensions) -> dict[str, ComponentSpec]:
     # UNet: 3 for pix2pix guidance, 2 for img2img; two guided requests may merge.
     unet_batch = AxisRange(1, 3, 6)
     latent = ("batch", dims.latent_channels, "latent_height", "latent_width")
+    noise_pred = TensorSpec("noise_pred", FLOAT, latent)
+    timestep = TensorSpec("timestep", FLOAT, ("batch",))
+    context = TensorSpec(
+        "encoder_hidden_states", FLOAT, ("batch", dims.text_max_length, dims.text_hidden_size)
+    )
 
-    def unet(name: str, in_channels: int) -> ComponentSpec:
-        return ComponentSpec(
-            name=name,
-            inputs=(
-                TensorSpec(
-                    "sample", FLOAT, ("batch", in_channels, "latent_height", "latent_width")
-                ),
-                TensorSpec("timestep", FLOAT, ("batch",)),
-                TensorSpec(
-                    "encoder_hidden_states",
-                    FLOAT,
-                    ("batch", dims.text_max_length, dims.text_hidden_size),
-                ),
+    def unets(name: str, in_channels: int) -> dict[str, ComponentSpec]:
+        sample = TensorSpec("sample", FLOAT, ("batch", in_channels, *latent[2:]))
+        axes = _latent_axes(dims, unet_batch)
+        shallow = (shallow_passes or {}).get(name)
+        if shallow is None:
+            return {name: ComponentSpec(name, (sample, timestep, context), (noise_pred,), axes)}
+        # At the latent's full resolution: the shallowest sub-blocks never down-sample.
+        deep = TensorSpec(DEEP_FEATURES, FLOAT, ("batch", shallow.deep_channels, *latent[2:]))
+        # An input the pass does not read would not be in its exported graph.
+        shallow_inputs = (sample, timestep, *([context] if shallow.cross_attends else []), deep)
+        return {
+            name: ComponentSpec(name, (sample, timestep, context), (noise_pred, deep), axes),
+            shallow_unet(name): ComponentSpec(
+                shallow_unet(name), shallow_inputs, (noise_pred,), axes
             ),
-            outputs=(TensorSpec("noise_pred", FLOAT, latent),),
-            axes=_latent_axes(dims, unet_batch),
-        )
+        }
 
     return {
         TEXT_ENCODER: ComponentSpec(
@@ -177,6 +203,6 @@ def component_specs(dims: ModelDimensions) -> dict[str, ComponentSpec]:
         ),
         # Noise and image latents side by side: export.checkpoint accepts a pix2pix UNet only
         # when its config says so, and an img2img UNet only with latent_channels in and out.
-        UNET_PIX2PIX: unet(UNET_PIX2PIX, 2 * dims.latent_channels),
-        UNET_IMG2IMG: unet(UNET_IMG2IMG, dims.latent_channels),
+        **unets(UNET_PIX2PIX, 2 * dims.latent_channels),
+        **unets(UNET_IMG2IMG, dims.latent_channels),
     }

@@ -31,6 +31,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+from export import unet_reuse
 from export.checkpoint import (
     PIX2PIX,
     PipelineFolder,
@@ -44,7 +45,9 @@ from export.components import (
     VAE_DECODER,
     VAE_ENCODER,
     ComponentSpec,
+    ShallowPass,
     component_specs,
+    shallow_unet,
 )
 from export.latent_preview import fit_latent_preview
 from export.sample_inputs import CheckpointInputs, sample_inputs
@@ -52,8 +55,9 @@ from export.validation import TOLERANCE, ValidationRow, format_table, validate_c
 
 MANIFEST = "manifest.json"
 # 2: dimensions carry the vocabulary size and the UNets' sample size; 3: the latent
-# preview map. Exports of another format are made again.
-MANIFEST_FORMAT = 3
+# preview map; 4: the UNets' deep features and shallow passes. Exports of another format
+# are made again.
+MANIFEST_FORMAT = 4
 MODEL_FILE = "model.onnx"
 EXTERNAL_DATA_FILE = "model.onnx.data"
 # Protobuf cannot hold a model over 2 GiB; leave headroom for the graph itself.
@@ -110,6 +114,23 @@ def _wrappers(pipelines: dict[str, Any]) -> dict[str, Any]:
         ) -> torch.Tensor:
             return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
 
+    class DeepFeaturesUNet(UNet):
+        def forward(
+            self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+            return unet_reuse.full_pass(self.unet, sample, timestep, encoder_hidden_states)
+
+    class ShallowUNet(UNet):
+        # (sample, timestep, [encoder_hidden_states,] deep_features): the prompt's
+        # embeddings only where the shallow sub-blocks cross-attend (ShallowPass).
+        def forward(  # type: ignore[override]
+            self, sample: torch.Tensor, timestep: torch.Tensor, *rest: torch.Tensor
+        ) -> torch.Tensor:
+            *context, deep_features = rest
+            return unet_reuse.shallow_pass(
+                self.unet, sample, timestep, context[0] if context else None, deep_features
+            )
+
     shared = pipelines.get(PIX2PIX) or next(iter(pipelines.values()))
     modules = {
         TEXT_ENCODER: TextEncoder(shared.text_encoder),
@@ -117,8 +138,25 @@ def _wrappers(pipelines: dict[str, Any]) -> dict[str, Any]:
         VAE_DECODER: VaeDecoder(shared.vae),
     }
     for pipeline_name, pipeline in pipelines.items():
-        modules[UNET_FOR_PIPELINE[pipeline_name]] = UNet(pipeline.unet)
+        name = UNET_FOR_PIPELINE[pipeline_name]
+        if unet_reuse.reuse_unsupported_reason(pipeline.unet) is None:
+            modules[name] = DeepFeaturesUNet(pipeline.unet)
+            modules[shallow_unet(name)] = ShallowUNet(pipeline.unet)
+        else:
+            modules[name] = UNet(pipeline.unet)
     return {name: module.eval() for name, module in modules.items()}
+
+
+def _shallow_passes(pipelines: dict[str, Any]) -> dict[str, ShallowPass]:
+    """The shallow pass of each UNet that reuse can cut (export/unet_reuse.py)."""
+    passes = {}
+    for pipeline_name, pipeline in pipelines.items():
+        reason = unet_reuse.reuse_unsupported_reason(pipeline.unet)
+        if reason is None:
+            passes[UNET_FOR_PIPELINE[pipeline_name]] = unet_reuse.shallow_pass_inputs(pipeline.unet)
+        else:
+            print(f"{pipeline_name}: no reused UNet work: {reason}", flush=True)
+    return passes
 
 
 def _check_shared_weights(pipelines: dict[str, Any]) -> None:
@@ -253,6 +291,17 @@ def _copy_pipeline_assets(folders: dict[str, PipelineFolder], output: Path) -> d
     return {"tokenizer": "tokenizer", "schedulers": schedulers}
 
 
+def _pipeline_entry(folder: PipelineFolder, components: dict[str, Any]) -> dict[str, Any]:
+    unet = UNET_FOR_PIPELINE[folder.pipeline]
+    return {
+        "source": str(folder.path.resolve()),
+        "unet": unet,
+        # None where the UNet cannot reuse its work (export/unet_reuse.py).
+        "shallow_unet": shallow_unet(unet) if shallow_unet(unet) in components else None,
+        "vae_scaling_factor": folder.vae_scaling_factor(),
+    }
+
+
 def export_checkpoint(
     models: list[Path],
     output: Path,
@@ -273,7 +322,7 @@ def export_checkpoint(
     pipelines = {name: load_pipeline(folder) for name, folder in folders.items()}
     checkpoint = checkpoint_inputs(folders, pipelines)
     _check_shared_weights(pipelines)
-    specs = component_specs(checkpoint.dims)
+    specs = component_specs(checkpoint.dims, _shallow_passes(pipelines))
     modules = _wrappers(pipelines)
 
     output.mkdir(parents=True, exist_ok=True)
@@ -319,12 +368,7 @@ def export_checkpoint(
         # onnxruntime fusions (com.microsoft ops): onnxruntime only, no TensorRT engines.
         "optimized": optimize,
         "pipelines": {
-            name: {
-                "source": str(folder.path.resolve()),
-                "unet": UNET_FOR_PIPELINE[name],
-                "vae_scaling_factor": folder.vae_scaling_factor(),
-            }
-            for name, folder in folders.items()
+            name: _pipeline_entry(folder, components) for name, folder in folders.items()
         },
         "dimensions": asdict(checkpoint.dims),
         "latent_preview": fit_latent_preview(shared.vae, checkpoint.dims.vae_scale_factor),

@@ -29,14 +29,19 @@ from typing import Any
 
 import numpy as np
 
-from export.components import TEXT_ENCODER, UNET_IMG2IMG, UNET_PIX2PIX, VAE_DECODER, VAE_ENCODER
+from export.components import (
+    TEXT_ENCODER,
+    UNET_FOR_PIPELINE,
+    VAE_DECODER,
+    VAE_ENCODER,
+    shallow_unet,
+)
 
 MODEL_TYPES = {
     TEXT_ENCODER: "clip",
     VAE_ENCODER: "vae",
     VAE_DECODER: "vae",
-    UNET_PIX2PIX: "unet",
-    UNET_IMG2IMG: "unet",
+    **{name: "unet" for unet in UNET_FOR_PIPELINE.values() for name in (unet, shallow_unet(unet))},
 }
 MS_DOMAIN = "com.microsoft"
 # Fused ops that only onnxruntime's CUDA execution provider implements.

@@ -32,7 +32,9 @@ from edit_pipeline.settings import (
     TOKENIZER_DIR,
     PipelineSettings,
 )
+from edit_pipeline.unet_passes import SHALLOW_DIR
 from export.components import (
+    DEEP_FEATURES,
     TEXT_ENCODER,
     UNET_FOR_PIPELINE,
     VAE_DECODER,
@@ -43,6 +45,7 @@ from export.onnx_export import EXTERNAL_DATA_FILE, MODEL_FILE, load_manifest
 from model_repository.arguments import add_arguments, from_arguments
 from model_repository.configs import (
     OPENVINO_FLAVOURS,
+    PYTHON_FLAVOURS,
     READINESS_MODEL,
     RepositoryOptions,
     component_config,
@@ -74,27 +77,48 @@ def pipeline_settings(
         pipeline=pipeline,
         vae_scaling_factor=manifest["pipelines"][pipeline]["vae_scaling_factor"],
         limits=options.image_limits(int(manifest["dimensions"]["vae_scale_factor"])),
-        components=component_calls(specs, pipeline),
+        components=component_calls(specs, manifest["pipelines"][pipeline], options.flavour),
         latent_preview=LatentPreview.from_json(manifest["latent_preview"]),
     )
 
 
-def component_calls(specs: dict[str, ComponentSpec], pipeline: str) -> dict[str, dict[str, Any]]:
-    """The Triton model and tensor names of the four calls an edit makes, from the specs."""
+def component_calls(
+    specs: dict[str, ComponentSpec], pipeline: dict[str, Any], flavour: str
+) -> dict[str, dict[str, Any]]:
+    """The Triton model, exported component and tensor names of the calls an edit makes,
+    from the specs: the four components, and the UNet's shallow pass where it has one (in
+    the python flavours, served by the UNet's own model)."""
     roles = {
         "text_encoder": TEXT_ENCODER,
         "vae_encoder": VAE_ENCODER,
-        "unet": UNET_FOR_PIPELINE[pipeline],
+        "unet": pipeline["unet"],
         "vae_decoder": VAE_DECODER,
     }
+    if pipeline.get("shallow_unet"):
+        roles["unet_shallow"] = pipeline["shallow_unet"]
     return {
         role: {
-            "model": name,
+            "model": _served_by(name, pipeline, flavour),
+            "component": name,
             "inputs": [t.name for t in specs[name].inputs],
             "outputs": [t.name for t in specs[name].outputs],
         }
         for role, name in roles.items()
     }
+
+
+def _served_by(component: str, pipeline: dict[str, Any], flavour: str) -> str:
+    """The Triton model that serves an exported component."""
+    if flavour in PYTHON_FLAVOURS and component == pipeline.get("shallow_unet"):
+        return pipeline["unet"]
+    return component
+
+
+def _hosting_spec(full: ComponentSpec, shallow: ComponentSpec) -> ComponentSpec:
+    """A python flavour's UNet model: the full pass's tensors, and the deep features the
+    shallow pass takes as one more input (optional: a request with it runs that pass)."""
+    extra = tuple(t for t in shallow.inputs if t.name not in {i.name for i in full.inputs})
+    return replace(full, inputs=(*full.inputs, *extra))
 
 
 def _link_or_copy(source: Path, target: Path) -> None:
@@ -104,6 +128,14 @@ def _link_or_copy(source: Path, target: Path) -> None:
         os.link(source, target)
     except OSError:
         shutil.copy2(source, target)
+
+
+def _link_model_files(source: Path, target: Path) -> None:
+    """An exported component's ONNX file (and its external data) into a model's folder."""
+    target.mkdir(parents=True, exist_ok=True)
+    _link_or_copy(source / MODEL_FILE, target / MODEL_FILE)
+    if (source / EXTERNAL_DATA_FILE).exists():
+        _link_or_copy(source / EXTERNAL_DATA_FILE, target / EXTERNAL_DATA_FILE)
 
 
 def _write_model(output: Path, config: Any, template: str | None = None) -> Path:
@@ -200,24 +232,33 @@ def build_repository(
             f"pipelines={missing}: the export at {export_dir} has "
             f"{', '.join(manifest['pipelines'])} only"
         )
-    served = {TEXT_ENCODER, VAE_ENCODER, VAE_DECODER} | {UNET_FOR_PIPELINE[p] for p in pipelines}
-    specs = {name: spec for name, spec in specs.items() if name in served}
-    options = with_edit_instances(options, export_dir, list(specs), pipelines)
+    entries = [manifest["pipelines"][p] for p in pipelines]
+    served = {TEXT_ENCODER, VAE_ENCODER, VAE_DECODER} | {e["unet"] for e in entries}
+    # A UNet's shallow pass: a model of its own, or in the python flavours a second file
+    # of the UNet's model (edit_pipeline/unet_passes.py).
+    shallow = {e["unet"]: e["shallow_unet"] for e in entries if e.get("shallow_unet")}
+    hosted = options.flavour in PYTHON_FLAVOURS
+    if not hosted:
+        served |= set(shallow.values())
+    options = with_edit_instances(options, export_dir, sorted(served), pipelines)
 
     if output.exists():
         shutil.rmtree(output)
     output.mkdir(parents=True)
     written = []
-    for name, spec in specs.items():
-        template = COMPONENT_TEMPLATES.get(options.flavour)
-        version_dir = _write_model(output, component_config(spec, options), template)
+    for name in sorted(served):
+        spec = specs[name]
+        if hosted and name in shallow:
+            spec = _hosting_spec(spec, specs[shallow[name]])
+        optional = [DEEP_FEATURES] if hosted and name in shallow else []
+        config = component_config(spec, options, optional_inputs=optional)
+        version_dir = _write_model(output, config, COMPONENT_TEMPLATES.get(options.flavour))
         if options.flavour == "tensorrt":
             _link_or_copy(engines[name], version_dir / "model.plan")
         else:
-            source = export_dir / name
-            _link_or_copy(source / MODEL_FILE, version_dir / MODEL_FILE)
-            if (source / EXTERNAL_DATA_FILE).exists():
-                _link_or_copy(source / EXTERNAL_DATA_FILE, version_dir / EXTERNAL_DATA_FILE)
+            _link_model_files(export_dir / name, version_dir)
+            if hosted and name in shallow:
+                _link_model_files(export_dir / shallow[name], version_dir / SHALLOW_DIR)
         written.append(name)
 
     for pipeline in pipelines:

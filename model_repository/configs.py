@@ -13,6 +13,7 @@ so field names and tensor names cannot drift from what export, engines and clien
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -263,10 +264,12 @@ def _parameters(config: Any, values: dict[str, Any]) -> None:
         config.parameters[key].string_value = str(value)
 
 
-def _tensor(message: Any, tensor: TensorSpec, batched: bool = True) -> None:
+def _tensor(message: Any, tensor: TensorSpec, batched: bool = True, optional: bool = False) -> None:
     """A tensor of a component: batched, the config lists the dims after the batch axis;
     unbatched (max_batch_size 0), every dim, the batch axis one of the variable ones."""
     message.name = tensor.name
+    if optional:
+        message.optional = True
     message.data_type = _SPEC_DTYPES[tensor.dtype]
     dims = [-1 if isinstance(d, str) else int(d) for d in tensor.dims[1 if batched else 0 :]]
     if len(tensor.dims) > 1:
@@ -290,18 +293,21 @@ def _scalar(message: Any, name: str, wire_type: str, optional: bool) -> None:
         message.optional = True
 
 
-def component_config(spec: ComponentSpec, options: RepositoryOptions) -> Any:
-    """config.pbtxt of an exported component, for the chosen flavour."""
+def component_config(
+    spec: ComponentSpec, options: RepositoryOptions, optional_inputs: Sequence[str] = ()
+) -> Any:
+    """config.pbtxt of an exported component, for the chosen flavour; `optional_inputs`
+    may be left out of a request."""
     # Triton's OpenVINO backend (r24.10) fixes a batching model's batch to max_batch_size
     # and refuses smaller ones (or pads them, computing the padding): with max_batch_size 0
     # the batch stays a dynamic dim of OpenVINO's own, without Triton's dynamic batcher.
     batched = options.flavour != "openvino"
     config = mc.ModelConfig(name=spec.name, max_batch_size=spec.axes["batch"].max if batched else 0)
     for tensor in spec.inputs:
-        _tensor(config.input.add(), tensor, batched)
+        _tensor(config.input.add(), tensor, batched, optional=tensor.name in optional_inputs)
     for tensor in spec.outputs:
         _tensor(config.output.add(), tensor, batched)
-    is_unet = spec.name in UNET_FOR_PIPELINE.values()
+    is_unet = spec.name.startswith(tuple(UNET_FOR_PIPELINE.values()))
     if options.flavour == "python-onnxruntime":
         config.backend = "python"
         _parameters(

@@ -235,6 +235,16 @@ PARAMETERS: tuple[Parameter, ...] = (
         choices=SCHEDULERS,
     ),
     Parameter(
+        "cache_interval",
+        "INT32",
+        False,
+        "reused UNet work: a full UNet pass every N steps, shallow passes on its kept deep "
+        "features between (faster, approximate); 1 runs every step in full",
+        default={INSTRUCT_PIX2PIX: 1, IMG2IMG: 1},
+        minimum=1,
+        maximum=10,
+    ),
+    Parameter(
         "preview_every",
         "INT32",
         False,

@@ -39,35 +39,63 @@ class TritonComponents:
         self.memory = memory
         self.status = status
 
-    def _call(self, role: str, *values: torch.Tensor | np.ndarray) -> list[torch.Tensor]:
+    def _named(self, role: str, *values: torch.Tensor | np.ndarray) -> dict[str, Any]:
+        """Values in the order of the role's inputs, by their names."""
+        return dict(zip(self.calls[role]["inputs"], values, strict=True))
+
+    def _call(self, role: str, values: dict[str, Any], outputs: int = 1) -> list[torch.Tensor]:
+        """One component call: the role's inputs taken from `values` by name (a pass that
+        does not read one has none), its first `outputs` outputs returned."""
         call = self.calls[role]
+        wanted = call["outputs"][:outputs]
         request = pb_utils.InferenceRequest(
             model_name=call["model"],
-            requested_output_names=call["outputs"],
-            inputs=[_to_triton(n, v) for n, v in zip(call["inputs"], values, strict=True)],
+            requested_output_names=wanted,
+            inputs=[_to_triton(name, values[name]) for name in call["inputs"]],
             preferred_memory=self.memory,
         )
         with self.status.waiting():
             response = request.exec()
         if response.has_error():
             raise_for_component(call["model"], response.error())
-        return [_to_torch(pb_utils.get_output_tensor_by_name(response, n)) for n in call["outputs"]]
+        return [_to_torch(pb_utils.get_output_tensor_by_name(response, n)) for n in wanted]
 
     def encode_prompts(self, input_ids: np.ndarray) -> torch.Tensor:
-        (embeds,) = self._call("text_encoder", input_ids)
+        (embeds,) = self._call("text_encoder", self._named("text_encoder", input_ids))
         return embeds
 
     def encode_image(self, pixels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        mean, std = self._call("vae_encoder", pixels)
+        mean, std = self._call("vae_encoder", self._named("vae_encoder", pixels), outputs=2)
         return mean, std
+
+    def _unet_inputs(
+        self, sample: torch.Tensor, timestep: torch.Tensor, embeds: torch.Tensor
+    ) -> dict[str, Any]:
+        # [batch] travels as [batch, 1]: dims [1] reshaped to [] in the UNet config.
+        return self._named("unet", sample, timestep.reshape(-1, 1), embeds)
 
     def predict_noise(
         self, sample: torch.Tensor, timestep: torch.Tensor, embeds: torch.Tensor
     ) -> torch.Tensor:
-        # [batch] travels as [batch, 1]: dims [1] reshaped to [] in the UNet config.
-        (noise_pred,) = self._call("unet", sample, timestep.reshape(-1, 1), embeds)
+        (noise_pred,) = self._call("unet", self._unet_inputs(sample, timestep, embeds))
+        return noise_pred
+
+    def predict_noise_keeping(
+        self, sample: torch.Tensor, timestep: torch.Tensor, embeds: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # The full pass's outputs: the prediction, then the deep features.
+        noise_pred, deep = self._call("unet", self._unet_inputs(sample, timestep, embeds), 2)
+        return noise_pred, deep
+
+    def predict_noise_shallow(
+        self, sample: torch.Tensor, timestep: torch.Tensor, embeds: torch.Tensor, deep: torch.Tensor
+    ) -> torch.Tensor:
+        # The shallow pass takes the deep features last.
+        deep_name = self.calls["unet_shallow"]["inputs"][-1]
+        values = {**self._unet_inputs(sample, timestep, embeds), deep_name: deep}
+        (noise_pred,) = self._call("unet_shallow", values)
         return noise_pred
 
     def decode_latents(self, latent: torch.Tensor) -> np.ndarray:
-        (decoded,) = self._call("vae_decoder", latent)
+        (decoded,) = self._call("vae_decoder", self._named("vae_decoder", latent))
         return decoded.cpu().numpy()

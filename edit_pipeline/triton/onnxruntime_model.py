@@ -6,7 +6,7 @@ from pathlib import Path
 
 from edit_pipeline.onnxruntime_component import OnnxComponent
 from edit_pipeline.runtime_status import InstanceStatus
-from edit_pipeline.triton.component_model import ComponentModel
+from edit_pipeline.triton.component_model import ComponentModel, with_shallow_pass
 from edit_pipeline.triton.triton_io import config_parameters
 
 
@@ -15,11 +15,15 @@ class TritonPythonModel(ComponentModel):
         parameters = config_parameters(args)
         self.model_name = args["model_name"]
         version_dir = Path(args["model_repository"]) / args["model_version"]
-        self.component = OnnxComponent(
-            version_dir / "model.onnx",
-            intra_op_threads=int(parameters["intra_op_threads"]),
-            allow_spinning=parameters.get("allow_spinning", "1") != "0",
-            split_threads=parameters.get("split_threads", "0") == "1",
-            release_activations=parameters.get("release_activations", "0") == "1",
-        )
+
+        def load(folder: Path) -> OnnxComponent:
+            return OnnxComponent(
+                folder / "model.onnx",
+                intra_op_threads=int(parameters["intra_op_threads"]),
+                allow_spinning=parameters.get("allow_spinning", "1") != "0",
+                split_threads=parameters.get("split_threads", "0") == "1",
+                release_activations=parameters.get("release_activations", "0") == "1",
+            )
+
+        self.component = with_shallow_pass(version_dir, load(version_dir), load)
         self.status = InstanceStatus(args["model_instance_name"])

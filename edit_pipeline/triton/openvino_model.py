@@ -8,7 +8,7 @@ import triton_python_backend_utils as pb_utils
 
 from edit_pipeline.openvino_component import OpenVinoComponent
 from edit_pipeline.runtime_status import InstanceStatus
-from edit_pipeline.triton.component_model import ComponentModel
+from edit_pipeline.triton.component_model import ComponentModel, with_shallow_pass
 from edit_pipeline.triton.triton_io import config_parameters
 
 
@@ -17,16 +17,20 @@ class TritonPythonModel(ComponentModel):
         parameters = config_parameters(args)
         self.model_name = args["model_name"]
         version_dir = Path(args["model_repository"]) / args["model_version"]
-        self.component = OpenVinoComponent(
-            version_dir / parameters["model_file"],
-            precision=parameters["precision"],
-            threads=int(parameters["threads"]),
-            streams=int(parameters["streams"]),
-            release_activations=parameters.get("release_activations", "0") == "1",
-        )
-        if self.component.fallback_reason:
-            pb_utils.Logger.log_warn(
-                f"{self.model_name}: bf16 asked for, but {self.component.fallback_reason}: "
-                "computing in fp32"
+
+        def load(folder: Path) -> OpenVinoComponent:
+            return OpenVinoComponent(
+                folder / parameters["model_file"],
+                precision=parameters["precision"],
+                threads=int(parameters["threads"]),
+                streams=int(parameters["streams"]),
+                release_activations=parameters.get("release_activations", "0") == "1",
             )
+
+        full = load(version_dir)
+        if full.fallback_reason:
+            pb_utils.Logger.log_warn(
+                f"{self.model_name}: bf16 asked for, but {full.fallback_reason}: computing in fp32"
+            )
+        self.component = with_shallow_pass(version_dir, full, load)
         self.status = InstanceStatus(args["model_instance_name"])
