@@ -90,11 +90,11 @@ def validate_component(
 
 def format_table(rows: list[ValidationRow]) -> str:
     """The validation rows as a fixed-width table, one line per component and shape."""
-    header = f"{'component':<14} {'input shape':<32} {'max abs':>10} {'max rel':>10} {'tol':>8}  ok"
+    header = f"{'component':<20} {'input shape':<32} {'max abs':>10} {'max rel':>10} {'tol':>8}  ok"
     lines = [header, "-" * len(header)]
     for row in rows:
         lines.append(
-            f"{row.component:<14} {row.shapes:<32} {row.max_abs:>10.2e} {row.max_rel:>10.2e} "
+            f"{row.component:<20} {row.shapes:<32} {row.max_abs:>10.2e} {row.max_rel:>10.2e} "
             f"{row.tolerance:>8.0e}  {'yes' if row.passed else 'NO'}"
         )
     return "\n".join(lines)

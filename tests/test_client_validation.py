@@ -35,6 +35,9 @@ BAD_VALUES = [
     ("seed", 2**63, "is out of range"),
     ("seed", 7.5, "is not an integer"),
     ("scheduler", "heun", "is not supported"),
+    ("cache_interval", 0, "is out of range"),
+    ("cache_interval", 11, "is out of range"),
+    ("cache_interval", 2.5, "is not an integer"),
     ("preview_every", -1, "is out of range"),
     ("preview_every", 1001, "is out of range"),
 ]

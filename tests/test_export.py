@@ -23,11 +23,20 @@ from export.checkpoint import (
     inspect_folder,
     load_pipeline,
 )
-from export.components import COMPONENTS, ModelDimensions, component_specs
+from export.components import (
+    COMPONENTS,
+    UNET_FOR_PIPELINE,
+    ModelDimensions,
+    component_specs,
+    shallow_unet,
+)
 from export.onnx_export import MANIFEST, format_table, load_manifest
 from export.presets import IMG2IMG_FOLDER, PIX2PIX_FOLDER, build_preset, weights_hash
 from export.sample_inputs import sample_inputs
 from export.tensorrt_engines import engine_name, optimization_profile
+
+# The five components, and each UNet's shallow pass (reused UNet work).
+EXPORTED = (*COMPONENTS, *(shallow_unet(unet) for unet in UNET_FOR_PIPELINE.values()))
 
 
 def test_preset_is_deterministic(tiny_preset: Path, tmp_path: Path) -> None:
@@ -60,7 +69,7 @@ def test_preset_shares_text_encoder_and_vae_like_real_checkpoints(tiny_preset: P
 
 def test_export_writes_manifest_with_every_component(tiny_export: Path) -> None:
     manifest = load_manifest(tiny_export)
-    assert set(manifest["components"]) == set(COMPONENTS)
+    assert set(manifest["components"]) == set(EXPORTED)
     assert manifest["precision"] == "fp32"
     assert set(manifest["pipelines"]) == {"instruct_pix2pix", "img2img"}
     for entry in manifest["components"].values():
@@ -69,7 +78,7 @@ def test_export_writes_manifest_with_every_component(tiny_export: Path) -> None:
         assert entry["files"][entry["model"]]["bytes"] == model.stat().st_size
         assert not entry["external_data"]
     rows = manifest["validation"]["rows"]
-    assert len(rows) == 2 * len(COMPONENTS)
+    assert len(rows) == 2 * len(EXPORTED)
     assert all(row["passed"] and row["max_rel"] < 1e-4 for row in rows)
     assert (tiny_export / "tokenizer" / "tokenizer_config.json").is_file()
     for pipeline, path in manifest["schedulers"].items():
@@ -112,7 +121,7 @@ def test_unet_dynamic_shapes_match_pytorch(
     spec = component_specs(checkpoint.dims)["unet_pix2pix"]
     inputs = sample_inputs(spec, checkpoint, batch, (height // 8, width // 8), seed=7)
     session = ort.InferenceSession(str(tiny_export / "unet_pix2pix" / "model.onnx"))
-    (actual,) = session.run(None, inputs)
+    (actual,) = session.run(["noise_pred"], inputs)
     with torch.inference_mode():
         expected = pipeline.unet(
             torch.from_numpy(inputs["sample"]),
@@ -146,7 +155,7 @@ def test_validation_table_names_every_component(tiny_export: Path) -> None:
     ]
     table = format_table(rows)
     print("\n" + table)
-    for component in COMPONENTS:
+    for component in EXPORTED:
         assert component in table
     failing = ValidationRow("unet_pix2pix", "sample 1x8x8x8", 0.5, 0.1, 1e-3)
     assert not failing.passed and "NO" in format_table([failing])
@@ -286,7 +295,7 @@ def test_tensorrt_engines_build_and_match_onnx(tiny_export: Path, tmp_path: Path
     from export.tensorrt_engines import build_engines
 
     record = build_engines(tiny_export, tmp_path, fp16=True)
-    assert set(record["components"]) == set(COMPONENTS)
+    assert set(record["components"]) == set(EXPORTED)
     for entry in record["components"].values():
         assert (tmp_path / entry["engine"]).stat().st_size > 0
         assert f"trt{trt.__version__}" in entry["engine"]

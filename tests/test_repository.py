@@ -10,12 +10,19 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from edit_pipeline.openvino_component import bf16_unsupported_reason
-from export.components import COMPONENTS, UNET_FOR_PIPELINE
+from export.components import (
+    COMPONENTS,
+    DEEP_FEATURES,
+    SHALLOW_SUFFIX,
+    UNET_FOR_PIPELINE,
+    shallow_unet,
+)
 from export.onnx_export import load_manifest
 from model_repository.builder import build_repository
 from model_repository.configs import (
     FLAVOURS,
     MAX_DERIVED_EDIT_INSTANCES,
+    PYTHON_FLAVOURS,
     READINESS_MODEL,
     RepositoryOptions,
     derived_edit_instances,
@@ -61,8 +68,14 @@ def test_every_config_parses_as_model_config(repository) -> None:
     flavour, root = repository
     configs = _configs(root)
     streams = {stream_model(pipeline) for pipeline in PIPELINES}
-    assert set(configs) == {*COMPONENTS, *PIPELINES, *streams, READINESS_MODEL}
-    for name in COMPONENTS:
+    # The python flavours serve a UNet's shallow pass from the UNet's own model.
+    hosted = flavour in PYTHON_FLAVOURS
+    shallow = {shallow_unet(unet) for unet in UNET_FOR_PIPELINE.values()}
+    components = {*COMPONENTS, *(set() if hosted else shallow)}
+    assert set(configs) == {*components, *PIPELINES, *streams, READINESS_MODEL}
+    for unet in UNET_FOR_PIPELINE.values():
+        assert (root / unet / "1" / "shallow" / "model.onnx").is_file() == hosted
+    for name in components:
         config = configs[name]
         if flavour == "python-onnxruntime":
             assert config.backend == "python"
@@ -96,13 +109,22 @@ def test_component_configs_follow_the_specs(repository, tiny_export: Path) -> No
     # Triton's OpenVINO backend takes only a batch of max_batch_size: its components have
     # none, the batch axis is a dim of the model's own (configs.component_config).
     batched = flavour != "openvino"
+    hosted = flavour in PYTHON_FLAVOURS
     for name, entry in manifest["components"].items():
+        if name.endswith(SHALLOW_SUFFIX) and hosted:
+            continue
         config = configs[name]
         spec = entry["spec"]
+        inputs = spec["inputs"]
+        if hosted and name in UNET_FOR_PIPELINE.values():
+            # The shallow pass's deep features: one more input, optional.
+            shallow = manifest["components"][shallow_unet(name)]["spec"]
+            inputs = [*inputs, shallow["inputs"][-1]]
+            assert [i.name for i in config.input if i.optional] == [DEEP_FEATURES]
         assert config.max_batch_size == (spec["axes"]["batch"]["max"] if batched else 0)
-        assert [i.name for i in config.input] == [t["name"] for t in spec["inputs"]]
+        assert [i.name for i in config.input] == [t["name"] for t in inputs]
         assert [o.name for o in config.output] == [t["name"] for t in spec["outputs"]]
-        for tensor, declared in zip(config.input, spec["inputs"], strict=True):
+        for tensor, declared in zip(config.input, inputs, strict=True):
             dims = [-1 if isinstance(d, str) else d for d in declared["dims"]]
             dims = dims[1:] if batched else dims
             assert list(tensor.dims) == (dims if len(declared["dims"]) > 1 else [*dims, 1])
@@ -148,13 +170,15 @@ def test_edit_models_call_components_by_the_names_of_the_specs(
         settings = json.loads((root / pipeline / "1" / "pipeline.json").read_text())
         assert settings["pipeline"] == pipeline
         assert settings["components"]["unet"]["model"] == UNET_FOR_PIPELINE[pipeline]
+        shallow = settings["components"]["unet_shallow"]
+        assert shallow["component"] == shallow_unet(UNET_FOR_PIPELINE[pipeline])
         for call in settings["components"].values():
-            spec = specs[call["model"]]["spec"]
+            spec = specs[call["component"]]["spec"]
             assert call["inputs"] == [t["name"] for t in spec["inputs"]]
             assert call["outputs"] == [t["name"] for t in spec["outputs"]]
             config = configs[call["model"]]
-            assert call["inputs"] == [t.name for t in config.input]
-            assert call["outputs"] == [t.name for t in config.output]
+            assert set(call["inputs"]) <= {t.name for t in config.input}
+            assert set(call["outputs"]) <= {t.name for t in config.output}
 
 
 def test_edit_models_hold_a_bounded_number_of_edits(repository) -> None:

@@ -51,6 +51,7 @@ EDIT_FLAGS: dict[str, tuple[str, type, str]] = {
     "--temperature": ("temperature", float, "T"),
     "--seed": ("seed", int, "SEED"),
     "--scheduler": ("scheduler", str, "NAME"),
+    "--cache-interval": ("cache_interval", int, "N"),
     "--preview-every": ("preview_every", int, "N"),
 }
 # With --previews and no --preview-every: a preview every this many steps.

@@ -33,6 +33,7 @@ class EditOptions(TypedDict, total=False):
     temperature: float
     seed: int
     scheduler: str
+    cache_interval: int  # a full UNet pass every N steps, shallow passes between
 
 
 class StreamOptions(EditOptions, total=False):
