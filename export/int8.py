@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from importlib.metadata import version
@@ -238,9 +240,10 @@ def build_int8(export_dir: Path, calibration: Calibration | None = None) -> dict
     export_dir = Path(export_dir)
     manifest = load_manifest(export_dir)
     if manifest["precision"] != "fp32" or manifest.get("optimized"):
+        fused = " with onnxruntime's fusions" if manifest.get("optimized") else ""
         raise ValueError(
-            f"{export_dir}: int8 is calibrated from the plain fp32 export; this one is "
-            f"{manifest['precision']}{' with onnxruntime fusions' if manifest.get('optimized') else ''}"
+            f"{export_dir}: a {manifest['precision']} export{fused}; int8 is quantized from "
+            "the plain fp32 one"
         )
     calibration = (calibration or Calibration()).for_export(manifest)
     output = int8_dir(export_dir)
@@ -255,10 +258,15 @@ def build_int8(export_dir: Path, calibration: Calibration | None = None) -> dict
         quantized = quantize_component(export_dir / name / MODEL_FILE, feeds, calibration)
         target = ir_path(export_dir, name)
         target.parent.mkdir(parents=True, exist_ok=True)
-        # fp32 for what stays floating point: the fp16 compression would lose precision
-        # the fp32 components keep.
-        ov.save_model(quantized, str(target), compress_to_fp16=False)
         written = (target, target.with_name(IR_WEIGHTS_FILE))
+        with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+            # fp32 for what stays floating point: the fp16 compression would lose precision
+            # the fp32 components keep.
+            ov.save_model(quantized, str(Path(scratch) / IR_FILE), compress_to_fp16=False)
+            # New files, not rewritten ones: repositories hold hard links to the old ones.
+            for path in written:
+                os.replace(Path(scratch) / path.name, path)
+                path.chmod(0o644)  # readable by a server running as another user
         components[name] = {
             "source": _source_files(manifest, name),
             "files": {path.name: file_sha256(path) for path in written},
@@ -284,26 +292,35 @@ def build_int8(export_dir: Path, calibration: Calibration | None = None) -> dict
     return record
 
 
-def int8_is_current(export_dir: Path, calibration: Calibration | None = None) -> bool:
-    """Whether the export holds int8 IR of every UNet, made from its current files with
-    these calibration settings and today's library versions."""
+def _record(export_dir: Path) -> dict[str, Any] | None:
     path = int8_dir(export_dir) / CALIBRATION_FILE
-    if not path.is_file():
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def int8_matches_export(export_dir: Path) -> bool:
+    """Whether the export holds int8 IR of every UNet, quantized from its current files
+    (whatever the calibration settings)."""
+    record = _record(export_dir)
+    if record is None or record.get("format") != CALIBRATION_FORMAT:
         return False
-    record = json.loads(path.read_text())
     manifest = load_manifest(export_dir)
-    wanted = (calibration or Calibration()).for_export(manifest)
     components = record["components"]
+    return set(components) == set(_quantized_components(manifest)) and all(
+        entry["source"] == _source_files(manifest, name)
+        and all((ir_path(export_dir, name).parent / file).is_file() for file in entry["files"])
+        for name, entry in components.items()
+    )
+
+
+def int8_is_current(export_dir: Path, calibration: Calibration | None = None) -> bool:
+    """Whether the export's int8 IR matches it (int8_matches_export) and was calibrated
+    with these settings and today's library versions."""
+    if not int8_matches_export(export_dir):
+        return False
+    record = _record(export_dir) or {}
+    wanted = (calibration or Calibration()).for_export(load_manifest(export_dir))
     return (
-        record.get("format") == CALIBRATION_FORMAT
-        and record["calibration"] == wanted.to_json()
-        and record["versions"] == quantization_versions()
-        and set(components) == set(_quantized_components(manifest))
-        and all(
-            entry["source"] == _source_files(manifest, name)
-            and all((ir_path(export_dir, name).parent / file).is_file() for file in entry["files"])
-            for name, entry in components.items()
-        )
+        record["calibration"] == wanted.to_json() and record["versions"] == quantization_versions()
     )
 
 
