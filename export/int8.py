@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -217,6 +218,15 @@ def quantize_component(
     )
 
 
+def name_by_position(model: Any) -> None:
+    """OpenVINO names the operations nobody named after a process-wide counter
+    (`Constant_506545`, different in each build, and copied by its transformations):
+    named by their place in the graph instead, two builds write byte-identical IR."""
+    for index, op in enumerate(model.get_ordered_ops()):
+        if re.fullmatch(rf"{op.get_type_name()}(_\d+)+", op.get_friendly_name()):
+            op.set_friendly_name(f"{op.get_type_name()}_{index}")
+
+
 def _source_files(manifest: dict[str, Any], component: str) -> dict[str, str]:
     """The export's files of a component by path, with their digests (the manifest's)."""
     files = manifest["components"][component]["files"]
@@ -256,6 +266,7 @@ def build_int8(export_dir: Path, calibration: Calibration | None = None) -> dict
         capture_s = time.perf_counter() - tick
         tick = time.perf_counter()
         quantized = quantize_component(export_dir / name / MODEL_FILE, feeds, calibration)
+        name_by_position(quantized)
         target = ir_path(export_dir, name)
         target.parent.mkdir(parents=True, exist_ok=True)
         written = (target, target.with_name(IR_WEIGHTS_FILE))
