@@ -94,10 +94,14 @@ def test_int8_images_match_fp32_ones(served_images, summary, pipeline: str, sche
 def toy_int8_client(tmp_path_factory) -> Any:
     """A real tritonserver serving the toy model's int8 repository (built by the chain)."""
     options = RepositoryOptions(
-        **{**TEST_OPTIONS, "flavour": "python-openvino", "precision": "int8"},
-        pipelines=("instruct_pix2pix",),
-        streaming_models=False,
-        edit_instances=1,
+        **{
+            **TEST_OPTIONS,
+            "flavour": "python-openvino",
+            "precision": "int8",
+            "pipelines": ("instruct_pix2pix",),
+            "streaming_models": False,
+            "edit_instances": 1,
+        }
     )
     built = prepare_in_child(Source(model=TOY_FOLDER), options, tmp_path_factory.mktemp("build"))
     with TritonServer(
