@@ -42,7 +42,7 @@ from tests.serving import edit, photo, png_bytes
 from tests.test_openvino import psnr
 from tests.test_parity import CASES, PROMPT, SEED, reference_image
 from tests.test_toy import CHECKS
-from training.toy.photos import HELD_OUT_PHOTOS
+from training.toy.photos import HELD_OUT_PHOTOS, TRAINING_PHOTOS
 
 # A few short edits at the tiny preset's smallest useful size: what the tests can afford.
 TEST_CALIBRATION = Calibration(subset_size=8, steps=4, image_side=64)
@@ -61,6 +61,7 @@ def test_calibration_is_the_projects_own_and_recorded(tiny_int8: dict, tiny_expo
     # The toy's learned instructions calibrate it; the photos its fidelity gate measures
     # on do not.
     assert set(CHECKS) <= set(CALIBRATION_PROMPTS)
+    assert set(Calibration().photos) <= set(TRAINING_PHOTOS)
     assert not set(Calibration().photos) & set(HELD_OUT_PHOTOS)
     record = json.loads((int8_dir(tiny_export) / CALIBRATION_FILE).read_text())
     assert record == tiny_int8
