@@ -26,8 +26,8 @@ MODEL_DIR := $(if $(MODEL),$(MODEL),$(BUILD)/presets/$(PRESET))
 MODEL_NAME := $(if $(MODEL),$(notdir $(abspath $(MODEL))),$(PRESET))
 EXPORT_DIR := $(BUILD)/onnx/$(MODEL_NAME)
 
-.PHONY: setup test test-slow test-gpu test-ui lint format preset export engines serve demo ui \
-	api lock clean system-packages deploy-check toy
+.PHONY: setup test test-slow test-gpu test-ui lint format preset export engines int8 serve demo \
+	ui api lock clean system-packages deploy-check toy
 
 setup: $(STAMP)
 
@@ -88,6 +88,12 @@ export: setup
 # TensorRT engines from the ONNX export (needs an NVIDIA GPU and `pip install -e '.[tensorrt]'`).
 engines: setup
 	$(PY) -m export.tensorrt_engines $(EXPORT_DIR) --output $(BUILD)/engines/$(MODEL_NAME)
+
+# The UNets of the ONNX export (make export) quantized to int8 for the openvino flavours'
+# PRECISION=int8: NNCF, calibrated on the checkpoint's own pipelines (docs/flavours.md).
+# serve, demo and bench build it themselves when missing.
+int8: setup
+	$(PY) -m export.int8 $(EXPORT_DIR)
 
 # The whole system once: takes the toy model (or PRESET=, or MODEL=<diffusers folder>),
 # exports it, builds the repository, starts tritonserver, edits scikit-image's astronaut through the

@@ -1,7 +1,10 @@
 """An exported component run by OpenVINO inside a Python backend model.
 
 Used by the `python-openvino` flavour. OpenVINO compiles the plain ONNX export (the
-onnxruntime fusions' contrib ops are no ONNX it reads) for the CPU, in fp32 or in bf16.
+onnxruntime fusions' contrib ops are no ONNX it reads) for the CPU, in fp32 or in bf16;
+at int8 the UNets' quantized IR (export/int8.py) computes its quantized operations in
+int8 and, like the components not quantized, the rest in bf16 where the CPU computes it
+natively, fp32 elsewhere.
 bf16 halves the work of the convolutions and matrix products on CPUs that compute it
 natively (AVX512_BF16, AMX); elsewhere it buys no speed, so building a bf16 repository
 there is refused with one line, and a bf16 repository loaded there computes in fp32 and
@@ -26,6 +29,8 @@ from edit_pipeline.batching import model_feed, run_merged
 
 # What OpenVINO computes in, by the project's name: OpenVINO's name of it.
 INFERENCE_PRECISIONS = {"fp32": "f32", "bf16": "bf16"}
+# The precisions a component takes: int8 is the quantized IR's, not an inference precision.
+PRECISIONS = (*INFERENCE_PRECISIONS, "int8")
 # /proc/cpuinfo flags of native bf16 arithmetic: AVX-512 BF16 dot products, or AMX tiles.
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 CPUINFO = Path("/proc/cpuinfo")
@@ -71,8 +76,8 @@ def bf16_unsupported_reason(
 
 
 def _check_known(precision: str) -> None:
-    if precision not in INFERENCE_PRECISIONS:
-        allowed = ", ".join(INFERENCE_PRECISIONS)
+    if precision not in PRECISIONS:
+        allowed = ", ".join(PRECISIONS)
         raise ValueError(f"precision={precision!r}: allowed one of {allowed}")
 
 
@@ -118,6 +123,9 @@ class OpenVinoComponent:
         self.model_path = Path(model_path)
         # A repository built on a bf16 machine may be served on another (replicas, S3).
         self.fallback_reason = bf16_unsupported_reason() if precision == "bf16" else None
+        if precision == "int8":
+            precision = "bf16" if bf16_unsupported_reason() is None else "fp32"
+        # What the floating-point operations compute in.
         self.precision = "fp32" if self.fallback_reason else precision
         properties = compile_properties(self.precision, threads, streams)
         core = ov.Core()

@@ -2,10 +2,11 @@
 
     python -m model_repository.builder EXPORT_DIR --output DIR
         [--flavour python-onnxruntime|onnxruntime|tensorrt|python-openvino|openvino]
-        [--precision fp32|bf16|fp16] [--engines DIR] [--help: every option]
+        [--precision fp32|bf16|fp16|int8] [--engines DIR] [--help: every option]
 
 The configs come from model_repository/configs.py; this module lays out the folders:
-each component's model file (ONNX or TensorRT engine), and each edit model's version
+each component's model file (ONNX, TensorRT engine, or at int8 the quantized UNets'
+OpenVINO IR that export.int8 wrote beside the export), and each edit model's version
 folder with its model.py, tokenizer, scheduler config and `pipeline.json` (the component
 models and tensor names it calls, taken from the specs).
 """
@@ -41,16 +42,19 @@ from export.components import (
     VAE_ENCODER,
     ComponentSpec,
 )
+from export.int8 import IR_FILE, IR_WEIGHTS_FILE, int8_dir, int8_matches_export
 from export.onnx_export import EXTERNAL_DATA_FILE, MODEL_FILE, load_manifest
 from model_repository.arguments import add_arguments, from_arguments
 from model_repository.configs import (
     OPENVINO_FLAVOURS,
+    OPENVINO_MODEL_FILE,
     PYTHON_FLAVOURS,
     READINESS_MODEL,
     RepositoryOptions,
     component_config,
     derived_edit_instances,
     edit_config,
+    openvino_model_file,
     readiness_config,
     server_arguments,
 )
@@ -58,6 +62,8 @@ from model_repository.record import write_record
 
 # The Python backend models' model.py files, copied into the repository.
 TRITON_MODELS = Path(edit_pipeline.triton.__file__).parent
+# The files a component's model may be: the ONNX export, or OpenVINO IR (int8).
+MODEL_FILES = (MODEL_FILE, EXTERNAL_DATA_FILE, IR_FILE, IR_WEIGHTS_FILE)
 # The model.py of each Python flavour's component models.
 COMPONENT_TEMPLATES = {
     "python-onnxruntime": "onnxruntime_model",
@@ -131,11 +137,12 @@ def _link_or_copy(source: Path, target: Path) -> None:
 
 
 def _link_model_files(source: Path, target: Path) -> None:
-    """An exported component's ONNX file (and its external data) into a model's folder."""
+    """A served component's model files (ONNX and its external data, or IR) into a
+    model's folder."""
     target.mkdir(parents=True, exist_ok=True)
-    _link_or_copy(source / MODEL_FILE, target / MODEL_FILE)
-    if (source / EXTERNAL_DATA_FILE).exists():
-        _link_or_copy(source / EXTERNAL_DATA_FILE, target / EXTERNAL_DATA_FILE)
+    for file in MODEL_FILES:
+        if (source / file).exists():
+            _link_or_copy(source / file, target / file)
 
 
 def _write_model(output: Path, config: Any, template: str | None = None) -> Path:
@@ -160,8 +167,9 @@ def _engine_files(engines_dir: Path) -> dict[str, Path]:
 def _check_openvino_export(
     export_dir: Path, manifest: dict[str, Any], options: RepositoryOptions
 ) -> None:
-    """OpenVINO reads the plain ONNX export, in fp32, and computes bf16 only where the CPU
-    does: raises ValueError with one line otherwise."""
+    """OpenVINO reads the plain ONNX export, in fp32, computes bf16 only where the CPU
+    does, and int8 from the IR export.int8 made of this export: raises ValueError with
+    one line otherwise."""
     if manifest.get("optimized"):
         raise ValueError(
             f"{export_dir}: this export has onnxruntime's fusions (export --optimize), which "
@@ -173,16 +181,27 @@ def _check_openvino_export(
             "needs the fp32 one (bf16 is chosen with precision, not exported)"
         )
     check_precision(options.precision)
+    if options.precision == "int8" and not int8_matches_export(export_dir):
+        raise ValueError(
+            f"{export_dir}: no int8 UNets quantized from this export; build them with "
+            f"`python -m export.int8 {export_dir}` (make int8), or let serve, demo or "
+            "bench build them (--precision int8)"
+        )
+
+
+def served_folder(export_dir: Path, component: str, options: RepositoryOptions) -> Path:
+    """The folder of the files a component is served from: its ONNX export, or at int8 in
+    an openvino flavour, a quantized component's IR."""
+    int8 = openvino_model_file(component, options.precision) != OPENVINO_MODEL_FILE
+    if int8 and options.flavour in OPENVINO_FLAVOURS:
+        return int8_dir(export_dir) / component
+    return export_dir / component
 
 
 def weight_bytes(folder: Path, precision: str) -> int:
     """Bytes of the weights of the component whose files are in `folder`, as it computes:
     the files' size, halved for bf16 (computed from the fp32 export)."""
-    stored = sum(
-        (folder / file).stat().st_size
-        for file in (MODEL_FILE, EXTERNAL_DATA_FILE)
-        if (folder / file).exists()
-    )
+    stored = sum((folder / file).stat().st_size for file in MODEL_FILES if (folder / file).exists())
     return stored // 2 if precision == "bf16" else stored
 
 
@@ -192,7 +211,10 @@ def with_edit_instances(
     """The options with edit instances derived, where none were given."""
     if options.edit_instances:
         return options
-    sizes = {name: weight_bytes(export_dir / name, options.precision) for name in components}
+    sizes = {
+        name: weight_bytes(served_folder(export_dir, name, options), options.precision)
+        for name in components
+    }
     unet = max(sizes[UNET_FOR_PIPELINE[p]] for p in pipelines)
     edit_models = len(pipelines) * (2 if options.streaming_models else 1)
     instances = derived_edit_instances(options, sum(sizes.values()), unet, edit_models)
@@ -256,9 +278,10 @@ def build_repository(
         if options.flavour == "tensorrt":
             _link_or_copy(engines[name], version_dir / "model.plan")
         else:
-            _link_model_files(export_dir / name, version_dir)
+            _link_model_files(served_folder(export_dir, name, options), version_dir)
             if hosted and name in shallow:
-                _link_model_files(export_dir / shallow[name], version_dir / SHALLOW_DIR)
+                shallow_source = served_folder(export_dir, shallow[name], options)
+                _link_model_files(shallow_source, version_dir / SHALLOW_DIR)
         written.append(name)
 
     for pipeline in pipelines:

@@ -3,6 +3,7 @@
     preset (random weights of the real architectures) or a diffusers folder
       -> validated ONNX export (fp16 for the fp16 precision, onnxruntime's fusions for
          the onnxruntime flavours)
+      -> int8 UNets quantized from it (the int8 precision; export/int8.py)
       -> TensorRT engines (the tensorrt flavour; built when missing, on a GPU)
       -> model repository for the chosen options
 
@@ -22,6 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from export.int8 import ensure_int8
 from export.onnx_export import ensure_export
 from export.presets import PRESETS
 from model_repository.builder import build_repository
@@ -169,8 +171,8 @@ def prepare(
     repository: Path | None = None,
     engines_dir: Path | None = None,
 ) -> BuiltModel:
-    """Weights -> validated export -> engines (tensorrt) -> repository (at `repository`,
-    or where serve keeps it)."""
+    """Weights -> validated export -> int8 UNets (int8) or engines (tensorrt) ->
+    repository (at `repository`, or where serve keeps it)."""
     options.check()
     options = choose_for_this_machine(options)
     steps: list[Step] = []
@@ -182,6 +184,9 @@ def prepare(
         ensure_export(
             [weights], export_dir, fp16=options.precision == "fp16", optimize=options.fused_export
         )
+    if options.precision == "int8":
+        with _step(steps, "int8", "NNCF calibration and quantization, skipped when current"):
+            ensure_int8(export_dir)
     if options.flavour == "tensorrt" and engines_dir is None:
         with _step(steps, "engines", "TensorRT, skipped when current"):
             engines_dir = ensure_engines(export_dir, build_dir, options)

@@ -23,6 +23,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from edit_pipeline.openvino_component import bf16_unsupported_reason
 from edit_pipeline.preprocess import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE, ImageLimits
 from export.components import MIN_IMAGE_SIDE, UNET_FOR_PIPELINE, ComponentSpec, TensorSpec
+from export.int8 import IR_FILE, QUANTIZED_COMPONENTS
 from model_repository.arguments import option
 from pix2pix_client.contract import (
     OUTPUTS,
@@ -42,12 +43,17 @@ OPENVINO_FLAVOURS = ("python-openvino", "openvino")
 # The flavours whose components are Python backend models (the wheel's tritonserver).
 PYTHON_FLAVOURS = ("python-onnxruntime", "python-openvino")
 # What the components compute in: fp16 is an fp16 export (GPUs), bf16 is OpenVINO's
-# inference precision on CPUs with native bf16 (AVX512_BF16 or AMX).
-PRECISIONS = ("fp32", "bf16", "fp16")
+# inference precision on CPUs with native bf16 (AVX512_BF16 or AMX), int8 the openvino
+# flavours' UNets quantized by export.int8 (what is not quantized in bf16 where the CPU
+# has it, fp32 elsewhere).
+PRECISIONS = ("fp32", "bf16", "fp16", "int8")
+# The precisions only OpenVINO computes.
+OPENVINO_PRECISIONS = ("bf16", "int8")
 # A flavour or precision chosen for this machine when the repository is built.
 AUTO = "auto"
 READINESS_MODEL = "readiness"
-# The file both openvino flavours read: the plain ONNX export, as it is.
+# The file both openvino flavours read: the plain ONNX export, as it is (int8: the
+# quantized components' IR instead, openvino_model_file).
 OPENVINO_MODEL_FILE = "model.onnx"
 # The rate limiter's resource: held by a component model instance while it computes.
 CPU_RESOURCE = "cpu_cores"
@@ -96,8 +102,9 @@ class RepositoryOptions:
     precision: str = option(
         AUTO,
         "what the components compute in: fp32; bf16 (openvino flavours, CPUs with "
-        "AVX512_BF16 or AMX); fp16 (an fp16 export, GPUs); auto: bf16 where the flavour and "
-        "the CPU compute it, fp32 elsewhere",
+        "AVX512_BF16 or AMX); fp16 (an fp16 export, GPUs); int8 (openvino flavours: the "
+        "UNets quantized by export.int8, opt-in); auto: bf16 where the flavour and the CPU "
+        "compute it, fp32 elsewhere",
         choices=(AUTO, *PRECISIONS),
     )
     intra_op_threads: int = option(
@@ -136,7 +143,8 @@ class RepositoryOptions:
         """These options with an `auto` flavour and precision made concrete: bf16 in
         python-openvino where this CPU computes bf16 natively, fp32 in python-onnxruntime
         (the exact-parity mode) elsewhere; a precision given picks the flavour that
-        computes it, a flavour given takes the best precision it has here."""
+        computes it, a flavour given takes the best precision it has here (never int8,
+        which is asked for)."""
         if AUTO not in (self.flavour, self.precision):
             return self
         bf16 = bf16_unsupported_reason() is None
@@ -146,7 +154,8 @@ class RepositoryOptions:
             precision = "bf16" if openvino and bf16 else "fp32"
         flavour = self.flavour
         if flavour == AUTO:
-            flavour = "python-openvino" if precision == "bf16" else "python-onnxruntime"
+            openvino = precision in OPENVINO_PRECISIONS
+            flavour = "python-openvino" if openvino else "python-onnxruntime"
         return replace(self, flavour=flavour, precision=precision)
 
     @property
@@ -169,15 +178,15 @@ class RepositoryOptions:
             allowed = ", ".join((AUTO, *PRECISIONS))
             raise ValueError(f"precision={self.precision!r}: allowed one of {allowed}")
         openvino = self.flavour in OPENVINO_FLAVOURS
-        if self.precision == "bf16" and self.flavour not in (AUTO, *OPENVINO_FLAVOURS):
+        if self.precision in OPENVINO_PRECISIONS and not (openvino or self.flavour == AUTO):
             raise ValueError(
-                f"precision=bf16 with flavour={self.flavour}: only the openvino flavours "
-                f"({', '.join(OPENVINO_FLAVOURS)}) compute in bf16"
+                f"precision={self.precision} with flavour={self.flavour}: only the openvino "
+                f"flavours ({', '.join(OPENVINO_FLAVOURS)}) compute in {self.precision}"
             )
         if self.precision == "fp16" and openvino:
             raise ValueError(
                 f"precision=fp16 with flavour={self.flavour}: the openvino flavours take "
-                "fp32 or bf16"
+                "fp32, bf16 or int8"
             )
         if self.openvino_streams < 1:
             raise ValueError(f"openvino_streams={self.openvino_streams}: allowed >= 1")
@@ -324,7 +333,7 @@ def component_config(
         _parameters(
             config,
             {
-                "model_file": OPENVINO_MODEL_FILE,
+                "model_file": openvino_model_file(spec.name, options.precision),
                 "precision": options.precision,
                 "threads": options.intra_op_threads,
                 "streams": options.openvino_streams,
@@ -333,7 +342,7 @@ def component_config(
         )
     elif options.flavour == "openvino":
         config.backend = "openvino"
-        config.default_model_filename = OPENVINO_MODEL_FILE
+        config.default_model_filename = openvino_model_file(spec.name, options.precision)
         _parameters(config, openvino_backend_parameters(options))
         config.instance_group.add(count=1, kind=KIND_CPU)
     elif options.flavour == "onnxruntime":
@@ -363,10 +372,22 @@ def openvino_backend_parameters(options: RepositoryOptions) -> dict[str, str]:
     }
     if options.intra_op_threads > 0:
         parameters["INFERENCE_NUM_THREADS"] = str(options.intra_op_threads)
-    if options.precision == "bf16":
-        # The backend's only precision switch: inference_precision(bf16) when YES.
+    # The backend's only precision switch: inference_precision(bf16) when YES. int8 computes
+    # what it does not quantize in bf16 where the building machine's CPU has it.
+    native_bf16 = bf16_unsupported_reason() is None
+    if options.precision == "bf16" or (options.precision == "int8" and native_bf16):
         parameters["HINT_BF16"] = "YES"
     return parameters
+
+
+def openvino_model_file(component: str, precision: str) -> str:
+    """The file an openvino flavour's component reads: the int8 IR of a quantized
+    component at int8, the plain ONNX export otherwise."""
+    return (
+        IR_FILE
+        if precision == "int8" and component in QUANTIZED_COMPONENTS
+        else OPENVINO_MODEL_FILE
+    )
 
 
 def edit_instance_kind(flavour: str) -> int:

@@ -244,6 +244,9 @@ def test_auto_picks_bf16_openvino_only_where_the_cpu_computes_bf16(monkeypatch) 
         ("auto", "auto"): (("python-openvino", "bf16"), ("python-onnxruntime", "fp32")),
         ("auto", "fp32"): (("python-onnxruntime", "fp32"), ("python-onnxruntime", "fp32")),
         ("auto", "bf16"): (("python-openvino", "bf16"), ("python-openvino", "bf16")),
+        # int8 is only ever asked for: auto never picks it.
+        ("auto", "int8"): (("python-openvino", "int8"), ("python-openvino", "int8")),
+        ("openvino", "int8"): (("openvino", "int8"), ("openvino", "int8")),
         ("python-openvino", "auto"): (("python-openvino", "bf16"), ("python-openvino", "fp32")),
         ("python-onnxruntime", "auto"): (
             ("python-onnxruntime", "fp32"),
@@ -297,8 +300,16 @@ def test_unknown_flavour_is_refused(tiny_export: Path, tmp_path: Path) -> None:
             {"flavour": "python-onnxruntime", "precision": "bf16"},
             "precision=bf16 with flavour=python-onnxruntime: only the openvino",
         ),
-        ({"flavour": "openvino", "precision": "fp16"}, "the openvino flavours take fp32 or bf16"),
-        ({"precision": "int8"}, "precision='int8': allowed one of auto, fp32, bf16, fp16"),
+        (
+            {"flavour": "openvino", "precision": "fp16"},
+            "the openvino flavours take fp32, bf16 or int8",
+        ),
+        (
+            {"flavour": "tensorrt", "precision": "int8"},
+            r"precision=int8 with flavour=tensorrt: only the openvino flavours "
+            r"\(python-openvino, openvino\) compute in int8",
+        ),
+        ({"precision": "int4"}, "precision='int4': allowed one of auto, fp32, bf16, fp16, int8"),
         ({"flavour": "python-openvino", "openvino_streams": 0}, "openvino_streams=0"),
     ],
 )

@@ -10,6 +10,7 @@ from edit_pipeline.openvino_component import OpenVinoComponent
 from edit_pipeline.runtime_status import InstanceStatus
 from edit_pipeline.triton.component_model import ComponentModel, with_shallow_pass
 from edit_pipeline.triton.triton_io import config_parameters
+from export.onnx_export import MODEL_FILE
 
 
 class TritonPythonModel(ComponentModel):
@@ -18,16 +19,17 @@ class TritonPythonModel(ComponentModel):
         self.model_name = args["model_name"]
         version_dir = Path(args["model_repository"]) / args["model_version"]
 
-        def load(folder: Path) -> OpenVinoComponent:
+        # The shallow pass of a UNet (never quantized) is its ONNX export.
+        def load(folder: Path, model_file: str = MODEL_FILE) -> OpenVinoComponent:
             return OpenVinoComponent(
-                folder / parameters["model_file"],
+                folder / model_file,
                 precision=parameters["precision"],
                 threads=int(parameters["threads"]),
                 streams=int(parameters["streams"]),
                 release_activations=parameters.get("release_activations", "0") == "1",
             )
 
-        full = load(version_dir)
+        full = load(version_dir, parameters["model_file"])
         if full.fallback_reason:
             pb_utils.Logger.log_warn(
                 f"{self.model_name}: bf16 asked for, but {full.fallback_reason}: computing in fp32"

@@ -1,0 +1,378 @@
+"""Quantizes an export's UNets to int8 for the openvino flavours, calibrated on the checkpoint.
+
+    python -m export.int8 EXPORT_DIR [--subset-size N]
+
+The checkpoint's own diffusers pipelines (the folders the export's manifest names) edit
+scikit-image sample photos with the project's instructions; every UNet call's inputs are
+captured, as the UNet receives them at every step. NNCF's post-training quantization
+(model type transformer, SmoothQuant on the matrix products) then calibrates each UNet,
+read by OpenVINO from the plain ONNX export, on those inputs. The quantized IR is written
+beside the export with what it was calibrated on:
+
+    EXPORT_DIR/int8/calibration.json          settings, versions, source and IR digests
+    EXPORT_DIR/int8/<unet>/model.xml, .bin    one OpenVINO IR per UNet
+
+Only the UNets are quantized, and in them neither the first and last convolutions nor
+the timestep embedding: the UNets are the edit's time (docs/flavours.md, "int8"); the
+text encoder and the VAE stay the fp32 ONNX export. Nothing is downloaded. Building twice
+from the same export gives byte-identical IR (tests/test_int8.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from export.checkpoint import PIX2PIX, inspect_folder
+from export.components import UNET_FOR_PIPELINE, ComponentSpec
+from export.onnx_export import MODEL_FILE, file_sha256, load_manifest
+
+INT8_DIR = "int8"
+CALIBRATION_FILE = "calibration.json"
+IR_FILE = "model.xml"
+IR_WEIGHTS_FILE = "model.bin"
+# 1: the first layout above.
+CALIBRATION_FORMAT = 1
+# The components quantized: the UNets, called every step.
+QUANTIZED_COMPONENTS = tuple(UNET_FOR_PIPELINE.values())
+# The UNet inputs a captured call fills (the export's UNet wrapper's arguments).
+UNET_INPUTS = ("sample", "timestep", "encoder_hidden_states")
+
+# Colour photos scikit-image ships that the toy model trained on (training/toy/photos.py);
+# the held-out ones (astronaut, coffee), on which the fidelity gate measures, stay unseen.
+CALIBRATION_PHOTOS = (
+    "chelsea",
+    "rocket",
+    "immunohistochemistry",
+    "hubble_deep_field",
+    "retina",
+    "colorwheel",
+)
+# The toy's learned instructions (tests/test_toy.py: CHECKS) and the ones the tests and
+# the demo send.
+CALIBRATION_PROMPTS = (
+    "make it black and white",
+    "invert the colors",
+    "make it brighter",
+    "make it red",
+    "make it green",
+    "make it blue",
+    "blur it",
+    "make it snowy",
+    "turn it into a watercolor painting",
+    "turn him into a snowman",
+)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What the UNets are calibrated on, and how NNCF quantizes them."""
+
+    photos: tuple[str, ...] = CALIBRATION_PHOTOS
+    prompts: tuple[str, ...] = CALIBRATION_PROMPTS
+    steps: int = 20
+    # Edit i uses seed + i, photo i and prompt i (each list cycled).
+    seed: int = 0
+    # UNet calls per UNet: six edits of 20 steps. OpenVINO's InstructPix2Pix notebook takes
+    # about 300; on a 2-core CPU that alone is minutes at the small preset's size.
+    subset_size: int = 120
+    # 0: the side the checkpoint's UNet was trained at (its sample size x the VAE factor).
+    image_side: int = 0
+    guidance_scale: float = 7.5
+    image_guidance_scale: float = 1.5
+    # img2img's strength (the served temperature's default).
+    strength: float = 0.8
+    # SmoothQuant's alpha for the matrix products (NNCF's default for transformers);
+    # convolutions are not smoothed (-1).
+    smooth_quant_matmul: float = 0.95
+    smooth_quant_convolution: float = -1.0
+    model_type: str = "transformer"
+    # Symmetric quantization (NNCF's default); "mixed" measured the same on the toy.
+    preset: str = "performance"
+    # Left in floating point: the first and last convolutions (the latents in, the noise
+    # out) and the timestep embedding. Quantized, the toy model's black and white kept
+    # 37% of its effect on the astronaut; with these left out, 96% (docs/flavours.md).
+    float_scopes: tuple[str, ...] = (".*conv_in.*", ".*conv_out.*", ".*time_embedding.*")
+    # The fast bias correction: the pipeline NNCF runs by default.
+    fast_bias_correction: bool = True
+
+    def for_export(self, manifest: dict[str, Any]) -> Calibration:
+        """These settings with the image side made concrete for the export's checkpoint."""
+        dims = manifest["dimensions"]
+        side = self.image_side or dims["unet_sample_size"] * dims["vae_scale_factor"]
+        return replace(self, image_side=side)
+
+    def to_json(self) -> dict[str, Any]:
+        return json.loads(json.dumps(asdict(self)))
+
+
+def quantization_versions() -> dict[str, str]:
+    """The libraries whose versions decide the quantized weights."""
+    return {name: version(name) for name in ("nncf", "openvino", "torch", "diffusers")}
+
+
+def int8_dir(export_dir: Path) -> Path:
+    return Path(export_dir) / INT8_DIR
+
+
+def ir_path(export_dir: Path, component: str) -> Path:
+    """The quantized IR of one component of the export."""
+    return int8_dir(export_dir) / component / IR_FILE
+
+
+def _photo(name: str, side: int) -> Any:
+    from PIL import Image, ImageOps
+    from skimage import data
+
+    image = Image.fromarray(getattr(data, name)()).convert("RGB")
+    return ImageOps.fit(image, (side, side), Image.Resampling.LANCZOS)
+
+
+def capture_unet_inputs(
+    folder: Path, spec: ComponentSpec, calibration: Calibration
+) -> list[dict[str, np.ndarray]]:
+    """`subset_size` UNet feeds (the spec's input names and dtypes), captured from the
+    diffusers pipeline of `folder` editing the calibration photos, step by step."""
+    import torch
+
+    from export.checkpoint import load_pipeline
+
+    names = [tensor.name for tensor in spec.inputs]
+    if tuple(names) != UNET_INPUTS:
+        raise ValueError(f"{spec.name}: inputs {names}; int8 calibration fills {UNET_INPUTS}")
+    pipeline_folder = inspect_folder(folder)
+    pipeline = load_pipeline(pipeline_folder)
+    pipeline.set_progress_bar_config(disable=True)
+    feeds: list[dict[str, np.ndarray]] = []
+
+    def record(_module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        sample, timestep = args[0], args[1]
+        embeds = kwargs["encoder_hidden_states"] if len(args) < 3 else args[2]
+        batch = sample.shape[0]
+        feeds.append(
+            {
+                "sample": sample.detach().numpy().astype(np.float32),
+                "timestep": np.full(batch, float(timestep), dtype=np.float32),
+                "encoder_hidden_states": embeds.detach().numpy().astype(np.float32),
+            }
+        )
+
+    handle = pipeline.unet.register_forward_pre_hook(record, with_kwargs=True)
+    settings: dict[str, Any] = {
+        "num_inference_steps": calibration.steps,
+        "guidance_scale": calibration.guidance_scale,
+    }
+    if pipeline_folder.pipeline == PIX2PIX:
+        settings["image_guidance_scale"] = calibration.image_guidance_scale
+    else:
+        settings["strength"] = calibration.strength
+    try:
+        with torch.inference_mode():
+            edit = 0
+            while len(feeds) < calibration.subset_size:
+                photo = calibration.photos[edit % len(calibration.photos)]
+                prompt = calibration.prompts[edit % len(calibration.prompts)]
+                generator = torch.Generator("cpu").manual_seed(calibration.seed + edit)
+                pipeline(
+                    prompt,
+                    image=_photo(photo, calibration.image_side),
+                    generator=generator,
+                    **settings,
+                )
+                edit += 1
+    finally:
+        handle.remove()
+    return feeds[: calibration.subset_size]
+
+
+def quantize_component(
+    onnx_path: Path, feeds: list[dict[str, np.ndarray]], calibration: Calibration
+) -> Any:
+    """The OpenVINO model of `onnx_path`, quantized by NNCF on `feeds`."""
+    import nncf
+    import openvino as ov
+    from nncf.quantization.advanced_parameters import (
+        AdvancedQuantizationParameters,
+        AdvancedSmoothQuantParameters,
+    )
+
+    model = ov.Core().read_model(str(onnx_path))
+    return nncf.quantize(
+        model,
+        nncf.Dataset(feeds),
+        preset=nncf.QuantizationPreset(calibration.preset),
+        model_type=nncf.ModelType(calibration.model_type),
+        subset_size=len(feeds),
+        fast_bias_correction=calibration.fast_bias_correction,
+        ignored_scope=nncf.IgnoredScope(patterns=list(calibration.float_scopes), validate=False),
+        advanced_parameters=AdvancedQuantizationParameters(
+            smooth_quant_alphas=AdvancedSmoothQuantParameters(
+                convolution=calibration.smooth_quant_convolution,
+                matmul=calibration.smooth_quant_matmul,
+            )
+        ),
+    )
+
+
+def name_by_position(model: Any) -> None:
+    """OpenVINO names the operations nobody named after a process-wide counter
+    (`Constant_506545`, different in each build, and copied by its transformations):
+    named by their place in the graph instead, two builds write byte-identical IR."""
+    for index, op in enumerate(model.get_ordered_ops()):
+        if re.fullmatch(rf"{op.get_type_name()}(_\d+)+", op.get_friendly_name()):
+            op.set_friendly_name(f"{op.get_type_name()}_{index}")
+
+
+def _source_files(manifest: dict[str, Any], component: str) -> dict[str, str]:
+    """The export's files of a component by path, with their digests (the manifest's)."""
+    files = manifest["components"][component]["files"]
+    return {path: entry["sha256"] for path, entry in files.items()}
+
+
+def _quantized_components(manifest: dict[str, Any]) -> dict[str, Path]:
+    """Each UNet of the export with the diffusers folder it was exported from."""
+    return {
+        entry["unet"]: Path(entry["source"])
+        for entry in manifest["pipelines"].values()
+        if entry["unet"] in QUANTIZED_COMPONENTS
+    }
+
+
+def build_int8(export_dir: Path, calibration: Calibration | None = None) -> dict[str, Any]:
+    """Quantizes every UNet of the export; writes the IR and calibration.json, returns it."""
+    import openvino as ov
+
+    started = time.perf_counter()
+    export_dir = Path(export_dir)
+    manifest = load_manifest(export_dir)
+    if manifest["precision"] != "fp32" or manifest.get("optimized"):
+        fused = " with onnxruntime's fusions" if manifest.get("optimized") else ""
+        raise ValueError(
+            f"{export_dir}: a {manifest['precision']} export{fused}; int8 is quantized from "
+            "the plain fp32 one"
+        )
+    calibration = (calibration or Calibration()).for_export(manifest)
+    output = int8_dir(export_dir)
+    (output / CALIBRATION_FILE).unlink(missing_ok=True)
+    components: dict[str, Any] = {}
+    for name, folder in _quantized_components(manifest).items():
+        tick = time.perf_counter()
+        spec = ComponentSpec.from_json(manifest["components"][name]["spec"])
+        feeds = capture_unet_inputs(folder, spec, calibration)
+        capture_s = time.perf_counter() - tick
+        tick = time.perf_counter()
+        quantized = quantize_component(export_dir / name / MODEL_FILE, feeds, calibration)
+        name_by_position(quantized)
+        target = ir_path(export_dir, name)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        written = (target, target.with_name(IR_WEIGHTS_FILE))
+        with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+            # fp32 for what stays floating point: the fp16 compression would lose precision
+            # the fp32 components keep.
+            ov.save_model(quantized, str(Path(scratch) / IR_FILE), compress_to_fp16=False)
+            # New files, not rewritten ones: repositories hold hard links to the old ones.
+            for path in written:
+                os.replace(Path(scratch) / path.name, path)
+                path.chmod(0o644)  # readable by a server running as another user
+        components[name] = {
+            "source": _source_files(manifest, name),
+            "files": {path.name: file_sha256(path) for path in written},
+            "bytes": sum(path.stat().st_size for path in written),
+            "samples": len(feeds),
+            "capture_seconds": round(capture_s, 1),
+            "quantize_seconds": round(time.perf_counter() - tick, 1),
+        }
+        print(
+            f"int8 {name:<13} {components[name]['bytes'] / 1e6:8.1f} MB  "
+            f"({len(feeds)} calibration calls: {capture_s:.0f} s captured, "
+            f"{components[name]['quantize_seconds']:.0f} s quantized)",
+            flush=True,
+        )
+    record = {
+        "format": CALIBRATION_FORMAT,
+        "calibration": calibration.to_json(),
+        "versions": quantization_versions(),
+        "components": components,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    (output / CALIBRATION_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def _record(export_dir: Path) -> dict[str, Any] | None:
+    path = int8_dir(export_dir) / CALIBRATION_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def int8_matches_export(export_dir: Path) -> bool:
+    """Whether the export holds int8 IR of every UNet, quantized from its current files
+    (whatever the calibration settings)."""
+    record = _record(export_dir)
+    if record is None or record.get("format") != CALIBRATION_FORMAT:
+        return False
+    manifest = load_manifest(export_dir)
+    components = record["components"]
+    return set(components) == set(_quantized_components(manifest)) and all(
+        entry["source"] == _source_files(manifest, name)
+        and all((ir_path(export_dir, name).parent / file).is_file() for file in entry["files"])
+        for name, entry in components.items()
+    )
+
+
+def int8_is_current(export_dir: Path, calibration: Calibration | None = None) -> bool:
+    """Whether the export's int8 IR matches it (int8_matches_export) and was calibrated
+    with these settings and today's library versions."""
+    if not int8_matches_export(export_dir):
+        return False
+    record = _record(export_dir) or {}
+    wanted = (calibration or Calibration()).for_export(load_manifest(export_dir))
+    return (
+        record["calibration"] == wanted.to_json() and record["versions"] == quantization_versions()
+    )
+
+
+def ensure_int8(export_dir: Path, calibration: Calibration | None = None) -> dict[str, Any]:
+    """The calibration record of a current int8 build (see int8_is_current), building it
+    first when there is none."""
+    if int8_is_current(export_dir, calibration):
+        print(f"int8 up to date: {int8_dir(export_dir)}", flush=True)
+        return json.loads((int8_dir(export_dir) / CALIBRATION_FILE).read_text())
+    print(f"quantizing the UNets of {export_dir} to int8 (NNCF) ...", flush=True)
+    return build_int8(export_dir, calibration)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("export_dir", type=Path, help="folder written by export.onnx_export")
+    parser.add_argument(
+        "--subset-size",
+        type=int,
+        default=Calibration.subset_size,
+        help="calibration UNet calls per UNet (default: %(default)s)",
+    )
+    args = parser.parse_args(argv)
+    if args.subset_size < 1:
+        print(f"error: subset_size={args.subset_size}: allowed >= 1", file=sys.stderr)
+        return 2
+    try:
+        record = build_int8(args.export_dir, Calibration(subset_size=args.subset_size))
+    except (FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"int8 IR and {CALIBRATION_FILE} in {int8_dir(args.export_dir)} ({record['seconds']} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,224 @@
+"""The int8 precision: UNets quantized by NNCF (export/int8.py), served by the openvino
+flavours.
+
+Real NNCF and OpenVINO on the tiny preset, calibrated on a few short edits (the settings
+are what the build records; the default calibration's 120 UNet calls take a minute at
+tiny size): the build is reproducible byte for byte, skipped when current, refused where
+it cannot serve, and an edit through a real tritonserver of the python-openvino flavour
+computes with the quantized UNets. The fidelity gate is tests/test_int8_fidelity.py (slow).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from edit_pipeline.preprocess import decode_image
+from export.int8 import (
+    CALIBRATION_FILE,
+    CALIBRATION_PROMPTS,
+    IR_FILE,
+    IR_WEIGHTS_FILE,
+    QUANTIZED_COMPONENTS,
+    Calibration,
+    build_int8,
+    ensure_int8,
+    int8_dir,
+    int8_is_current,
+    ir_path,
+)
+from export.onnx_export import MANIFEST, MODEL_FILE
+from model_repository.builder import build_repository
+from model_repository.configs import FLAVOURS, OPENVINO_FLAVOURS, RepositoryOptions
+from tests.serving import edit, photo, png_bytes
+from tests.test_openvino import psnr
+from tests.test_parity import CASES, PROMPT, SEED, reference_image
+from tests.test_toy import CHECKS
+from training.toy.photos import HELD_OUT_PHOTOS, TRAINING_PHOTOS
+
+# A few short edits at the tiny preset's smallest useful size: what the tests can afford.
+TEST_CALIBRATION = Calibration(subset_size=8, steps=4, image_side=64)
+# Served int8 against diffusers' fp32 on the tiny preset's random weights (6 steps, 64x64):
+# far from bit-equal, still the same image (measured: see the summary).
+MIN_SERVED_PSNR_DB = 20.0
+
+
+@pytest.fixture(scope="module")
+def tiny_int8(tiny_export: Path) -> dict:
+    """The tiny export with its UNets quantized (TEST_CALIBRATION); the calibration record."""
+    return build_int8(tiny_export, TEST_CALIBRATION)
+
+
+def test_calibration_is_the_projects_own_and_recorded(tiny_int8: dict, tiny_export: Path) -> None:
+    # The toy's learned instructions calibrate it; the photos its fidelity gate measures
+    # on do not.
+    assert set(CHECKS) <= set(CALIBRATION_PROMPTS)
+    assert set(Calibration().photos) <= set(TRAINING_PHOTOS)
+    assert not set(Calibration().photos) & set(HELD_OUT_PHOTOS)
+    record = json.loads((int8_dir(tiny_export) / CALIBRATION_FILE).read_text())
+    assert record == tiny_int8
+    settings = record["calibration"]
+    assert settings["subset_size"] == 8 and settings["steps"] == 4 and settings["seed"] == 0
+    assert settings["smooth_quant_matmul"] == 0.95 and settings["model_type"] == "transformer"
+    assert settings["photos"] and settings["prompts"]
+    assert set(record["versions"]) >= {"nncf", "openvino"}
+    manifest = json.loads((tiny_export / MANIFEST).read_text())
+    for name in QUANTIZED_COMPONENTS:
+        entry = record["components"][name]
+        assert entry["samples"] == 8
+        source = f"{name}/{MODEL_FILE}"
+        assert entry["source"][source] == manifest["components"][name]["files"][source]["sha256"]
+
+
+def test_the_unets_compute_in_int8(tiny_int8: dict, tiny_export: Path) -> None:
+    import openvino as ov
+
+    for name in QUANTIZED_COMPONENTS:
+        model = ov.Core().read_model(str(ir_path(tiny_export, name)))
+        types = {op.get_type_name() for op in model.get_ops()}
+        weights = [
+            op
+            for op in model.get_ops()
+            if op.get_type_name() == "Constant" and op.get_element_type() == ov.Type.i8
+        ]
+        assert "FakeQuantize" in types, name
+        assert len(weights) > 10, f"{name}: {len(weights)} int8 weight tensors"
+
+
+def test_the_build_is_reproducible(tiny_int8: dict, tiny_export: Path) -> None:
+    first = {
+        name: [
+            (ir_path(tiny_export, name).parent / f).read_bytes() for f in (IR_FILE, IR_WEIGHTS_FILE)
+        ]
+        for name in QUANTIZED_COMPONENTS
+    }
+    again = build_int8(tiny_export, TEST_CALIBRATION)
+    for name in QUANTIZED_COMPONENTS:
+        assert again["components"][name]["files"] == tiny_int8["components"][name]["files"]
+        for file, before in zip((IR_FILE, IR_WEIGHTS_FILE), first[name], strict=True):
+            assert (ir_path(tiny_export, name).parent / file).read_bytes() == before, file
+
+
+def test_a_current_build_is_kept_and_a_changed_setting_rebuilds(
+    tiny_int8: dict, tiny_export: Path
+) -> None:
+    assert int8_is_current(tiny_export, TEST_CALIBRATION)
+    assert not int8_is_current(tiny_export, replace(TEST_CALIBRATION, subset_size=9))
+    assert not int8_is_current(tiny_export, replace(TEST_CALIBRATION, smooth_quant_matmul=0.5))
+    # What the chain builds: the default calibration.
+    assert not int8_is_current(tiny_export)
+    weights = ir_path(tiny_export, QUANTIZED_COMPONENTS[0]).with_name(IR_WEIGHTS_FILE)
+    written = weights.stat().st_mtime_ns
+    kept = ensure_int8(tiny_export, TEST_CALIBRATION)
+    assert kept == json.loads((int8_dir(tiny_export) / CALIBRATION_FILE).read_text())
+    assert weights.stat().st_mtime_ns == written
+
+
+@pytest.mark.parametrize("flavour", [f for f in FLAVOURS if f not in OPENVINO_FLAVOURS])
+def test_int8_outside_the_openvino_flavours_is_refused(flavour: str) -> None:
+    with pytest.raises(ValueError) as refused:
+        RepositoryOptions(flavour=flavour, precision="int8").check()
+    message = str(refused.value)
+    assert message == (
+        f"precision=int8 with flavour={flavour}: only the openvino flavours "
+        "(python-openvino, openvino) compute in int8"
+    )
+
+
+def test_an_export_without_int8_is_refused(tiny_export: Path, tmp_path: Path) -> None:
+    """The same export's files, without its int8 folder."""
+    export = tmp_path / "export"
+    export.mkdir()
+    for entry in tiny_export.iterdir():
+        if entry.name != int8_dir(tiny_export).name:
+            (export / entry.name).symlink_to(entry)
+    options = RepositoryOptions(flavour="python-openvino", precision="int8")
+    with pytest.raises(
+        ValueError, match=r"no int8 UNets quantized from this export; .*export\.int8"
+    ):
+        build_repository(export, tmp_path / "repository", options)
+
+
+def test_an_int8_build_of_another_export_is_refused(
+    tiny_int8: dict, tiny_export: Path, tmp_path: Path
+) -> None:
+    """The int8 folder copied beside an export whose UNet files differ."""
+    export = tmp_path / "export"
+    shutil.copytree(tiny_export, export, symlinks=True)
+    manifest = json.loads((export / MANIFEST).read_text())
+    files = manifest["components"][QUANTIZED_COMPONENTS[0]]["files"]
+    next(iter(files.values()))["sha256"] = "0" * 64
+    (export / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="no int8 UNets quantized from this export"):
+        build_repository(
+            export, tmp_path / "repository", RepositoryOptions(flavour="openvino", precision="int8")
+        )
+
+
+def _config(repository: Path, model: str) -> mc.ModelConfig:
+    return text_format.Parse((repository / model / "config.pbtxt").read_text(), mc.ModelConfig())
+
+
+def test_both_openvino_flavours_read_the_int8_unets(
+    tiny_int8: dict, tiny_export: Path, tmp_path: Path
+) -> None:
+    for flavour in OPENVINO_FLAVOURS:
+        repository = tmp_path / flavour
+        build_repository(
+            tiny_export, repository, RepositoryOptions(flavour=flavour, precision="int8")
+        )
+        for name in ("text_encoder", "vae_decoder", *QUANTIZED_COMPONENTS):
+            config = _config(repository, name)
+            expected = IR_FILE if name in QUANTIZED_COMPONENTS else MODEL_FILE
+            if flavour == "openvino":
+                assert config.default_model_filename == expected
+            else:
+                assert config.parameters["model_file"].string_value == expected
+                assert config.parameters["precision"].string_value == "int8"
+            assert (repository / name / "1" / expected).is_file()
+        served = repository / QUANTIZED_COMPONENTS[0] / "1" / IR_WEIGHTS_FILE
+        assert served.samefile(
+            ir_path(tiny_export, QUANTIZED_COMPONENTS[0]).with_name(IR_WEIGHTS_FILE)
+        )
+
+
+@pytest.fixture(scope="module")
+def int8_client(tiny_int8: dict, tiny_repository_with, start_server):
+    """A real tritonserver of the tiny preset in python-openvino int8, unary edits only."""
+    repository = tiny_repository_with(
+        flavour="python-openvino", precision="int8", streaming_models=False, edit_instances=1
+    )
+    client = grpcclient.InferenceServerClient(start_server(repository).grpc_url)
+    yield client
+    client.close()
+
+
+SERVED_CASES = [c for c in CASES if c.name in ("pix2pix-euler_a-guided", "img2img-temperature-0.5")]
+
+
+@pytest.mark.parametrize("case", SERVED_CASES, ids=lambda case: case.name)
+def test_a_served_int8_edit(int8_client, reference_pipelines, summary, case) -> None:
+    encoded = png_bytes(photo(*case.size))
+    request = {"image": encoded, "prompt": PROMPT, "num_inference_steps": case.steps, "seed": SEED}
+    served = edit(int8_client, case.model, **request, **case.arguments).pixels
+    expected = reference_image(reference_pipelines[case.model], case, decode_image(encoded))
+    quality = psnr(served, expected)
+    summary(
+        "served int8 (python-openvino) vs diffusers fp32, tiny preset",
+        f"{case.name:<26} PSNR {quality:5.1f} dB  max |difference| "
+        f"{np.abs(served.astype(np.int16) - expected.astype(np.int16)).max()}",
+    )
+    assert served.shape == expected.shape
+    # Quantized: not the fp32 image (which equals diffusers' within 2 grey levels) ...
+    assert np.abs(served.astype(np.int16) - expected.astype(np.int16)).max() > 2
+    # ... but close to it.
+    assert quality >= MIN_SERVED_PSNR_DB
+    assert np.array_equal(edit(int8_client, case.model, **request, **case.arguments).pixels, served)
