@@ -222,3 +222,20 @@ def test_a_served_int8_edit(int8_client, reference_pipelines, summary, case) -> 
     # ... but close to it.
     assert quality >= MIN_SERVED_PSNR_DB
     assert np.array_equal(edit(int8_client, case.model, **request, **case.arguments).pixels, served)
+
+
+def test_int8_with_reused_unet_work_is_served(int8_client, summary) -> None:
+    """The fast setting: the int8 UNet's full passes, its ONNX shallow pass between
+    (python-openvino hosts both in the UNet's model)."""
+    request = {"image": png_bytes(photo(96, 64)), "prompt": PROMPT, "seed": SEED}
+    every_step = edit(int8_client, "instruct_pix2pix", **request, num_inference_steps=9)
+    reused = edit(
+        int8_client, "instruct_pix2pix", **request, num_inference_steps=9, cache_interval=3
+    )
+    quality = psnr(reused.pixels, every_step.pixels)
+    summary(
+        "served int8 (python-openvino) with reused UNet work, tiny preset",
+        f"cache_interval 3 against 1: PSNR {quality:5.1f} dB",
+    )
+    assert reused.png != every_step.png
+    assert quality >= MIN_SERVED_PSNR_DB
