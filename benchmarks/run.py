@@ -132,8 +132,7 @@ def serve_others(
     for variant in config.served_variants():
         url = stack.enter_context(serving(build(variant, build_dir, variant.name).repository, None))
         warm_up(url, variant, image)
-        options = variant.options
-        system = ServedEdit(url, variant, options.flavour, options.precision)
+        system = ServedEdit(url, variant)
         systems[system.name] = system
     return systems
 

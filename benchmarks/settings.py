@@ -42,6 +42,9 @@ class BenchConfig:
     temperature: float = option(1.0, "temperature (img2img: strength)")
     seed: int = option(1234, "the seed every system uses")
     preview_every: int = option(5, "streamed edits: a latent preview every N steps")
+    cache_interval: int = option(
+        1, "reused UNet work: a full UNet pass every N steps, shallow ones between (1: off)"
+    )
     concurrency: tuple[int, ...] = option((1, 2, 4), "perf_analyzer's concurrency levels")
     rounds: int = option(5, "interleaved rounds of every system")
     requests_per_round: int = option(
@@ -50,7 +53,7 @@ class BenchConfig:
     served: tuple[str, ...] = option(
         (),
         "other served configurations timed in the same rounds (client, c=1), as "
-        "FLAVOUR:PRECISION (python flavours), e.g. python-openvino:fp32",
+        "FLAVOUR:PRECISION[:CACHE_INTERVAL] (python flavours), e.g. python-openvino:int8:3",
     )
     options: RepositoryOptions = field(default_factory=RepositoryOptions)
 
@@ -67,29 +70,40 @@ class BenchConfig:
         self.options.check()
         # What `make serve` would run on this machine, so results name a real flavour.
         object.__setattr__(self, "options", self.options.for_this_machine())
-        for entry in self.served:
-            flavour, _, precision = entry.partition(":")
-            if flavour not in PYTHON_FLAVOURS or not precision:
-                raise ValueError(
-                    f"served={entry!r}: allowed FLAVOUR:PRECISION with a flavour of "
-                    f"{', '.join(PYTHON_FLAVOURS)} (the wheel's tritonserver serves those)"
-                )
         for variant in self.served_variants():
             variant.options.check()
 
     def served_variants(self) -> list[BenchConfig]:
-        """This run's request with each other served configuration's options."""
+        """This run's request with each other served configuration's options (and cache
+        interval)."""
         variants = []
         for entry in self.served:
-            flavour, _, precision = entry.partition(":")
+            flavour, precision, *interval = entry.split(":")
+            if flavour not in PYTHON_FLAVOURS or not precision or len(interval) > 1:
+                raise ValueError(
+                    f"served={entry!r}: allowed FLAVOUR:PRECISION[:CACHE_INTERVAL] with a "
+                    f"flavour of {', '.join(PYTHON_FLAVOURS)} (the wheel's tritonserver "
+                    "serves those)"
+                )
+            if interval and not interval[0].isdigit():
+                raise ValueError(f"served={entry!r}: CACHE_INTERVAL is a whole number")
             options = replace(self.options, flavour=flavour, precision=precision)
-            variants.append(replace(self, options=options, served=()))
+            cache_interval = int(interval[0]) if interval else self.cache_interval
+            variants.append(
+                replace(self, options=options, served=(), cache_interval=cache_interval)
+            )
         return variants
 
     @property
     def name(self) -> str:
         """What is served, as a folder name: preset, flavour and precision."""
         return f"{self.preset}-{self.options.flavour}-{self.options.precision}"
+
+    @property
+    def served_name(self) -> str:
+        """The served system's name in results: flavour, precision, reused UNet work."""
+        reuse = f"_reuse{self.cache_interval}" if self.cache_interval > 1 else ""
+        return f"triton_{self.options.flavour}_{self.options.precision}{reuse}"
 
     @property
     def guided(self) -> bool:
@@ -120,6 +134,8 @@ class BenchConfig:
             values["image_guidance_scale"] = self.image_guidance_scale
         if self.scheduler is not None:
             values["scheduler"] = self.scheduler
+        if self.cache_interval > 1:
+            values["cache_interval"] = self.cache_interval
         return values
 
     def to_json(self) -> dict[str, Any]:

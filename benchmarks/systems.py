@@ -175,8 +175,8 @@ def pixel_difference(a: bytes, b: bytes) -> tuple[float, float]:
 class ServedEdit:
     """Another served configuration, timed through the client like the in-process ones."""
 
-    def __init__(self, url: str, config: BenchConfig, flavour: str, precision: str) -> None:
-        self.name = f"triton_{flavour}_{precision}"
+    def __init__(self, url: str, config: BenchConfig) -> None:
+        self.name = config.served_name
         self.config = config
         self.client = EditClient(url, timeout_s=900)
 

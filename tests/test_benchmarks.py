@@ -584,3 +584,14 @@ def test_the_footprint_measures_every_process_and_the_admission_on_the_tiny_pres
     assert diffusers["load_s"] > 0 and diffusers["pss_after_edits"] > 0
     markdown = (tmp_path / "results" / "tiny.md").read_text()
     assert "## Edits sent at once (admission)" in markdown and "| budget |" in markdown
+
+
+def test_a_served_variant_may_reuse_unet_work() -> None:
+    config = BenchConfig(served=("python-onnxruntime:fp32:3", "python-onnxruntime:fp32"))
+    reused, plain = config.served_variants()
+    assert reused.request()["cache_interval"] == 3 and "cache_interval" not in plain.request()
+    assert reused.served_name == "triton_python-onnxruntime_fp32_reuse3"
+    assert plain.served_name == "triton_python-onnxruntime_fp32"
+    for bad in ("python-onnxruntime:fp32:three", "python-onnxruntime:fp32:3:4"):
+        with pytest.raises(ValueError, match="CACHE_INTERVAL"):
+            BenchConfig(served=(bad,))

@@ -29,6 +29,7 @@ LABELS = {
     "temperature": "Temperature",
     "seed": "Seed",
     "scheduler": "Scheduler",
+    "cache_interval": "Fast: full UNet pass every N steps",
     "preview_every": "Preview every N steps",
     "model": "Model",
 }
