@@ -1,0 +1,150 @@
+"""The reused-UNet-work fidelity gate: what `cache_interval` costs, printed after the run.
+
+- Small preset (random weights of the real architectures, fresh in a temporary build
+  folder): a real tritonserver (python-onnxruntime fp32), the same edit at 256x256 and 20
+  steps for both pipelines and three schedulers at intervals 1, 2, 3 and 5; the PSNR of
+  each against interval 1.
+- The toy InstructPix2Pix (models/toy): each learned instruction's effect size on the
+  held-out photos at interval 3, in fp32 and in the fast setting (int8 + interval 3),
+  against diffusers' fp32 pipeline; both keep at least 90%.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+
+from edit_pipeline.preprocess import decode_image
+from model_repository.chain import Source, prepare_in_child
+from model_repository.configs import RepositoryOptions
+from serving.tritonserver import TritonServer
+from tests.conftest import TEST_OPTIONS
+from tests.serving import edit, png_bytes
+from tests.test_int8_fidelity import MIN_EFFECT_SHARE, toy_pipeline  # noqa: F401 (fixture)
+from tests.test_openvino import psnr
+from tests.test_openvino_fidelity import PIPELINES, SCHEDULERS, request_for
+from tests.test_toy import (
+    CHECKS,
+    GUIDANCE_SCALE,
+    IMAGE_GUIDANCE_SCALE,
+    PHOTOS,
+    SEED,
+    STEPS,
+    TOY_FOLDER,
+    reference_edit,
+)
+
+pytestmark = pytest.mark.slow
+
+INTERVALS = (2, 3, 5)
+# Interval against interval 1 on the small preset's random weights: a floor under the
+# measured values (docs/flavours.md); random weights amplify any change of the UNet's
+# output more than trained ones do.
+MIN_PSNR_DB = 25.0
+
+
+@pytest.fixture(scope="module")
+def served_images(tmp_path_factory) -> dict[tuple[str, str, int], np.ndarray]:
+    """Every edit's image by (pipeline, scheduler, cache interval)."""
+    options = RepositoryOptions(
+        flavour="python-onnxruntime", precision="fp32", streaming_models=False
+    )
+    built = prepare_in_child(Source(preset="small"), options, tmp_path_factory.mktemp("build"))
+    images = {}
+    with TritonServer(
+        built.repository, log_file=tmp_path_factory.mktemp("logs") / "tritonserver.log"
+    ) as server:
+        server.wait_ready(timeout_s=600)
+        client = grpcclient.InferenceServerClient(server.grpc_url)
+        for pipeline in PIPELINES:
+            for scheduler in SCHEDULERS:
+                for interval in (1, *INTERVALS):
+                    request = request_for(pipeline, scheduler) | {"cache_interval": interval}
+                    images[(pipeline, scheduler, interval)] = edit(
+                        client, pipeline, **request
+                    ).pixels
+        client.close()
+    return images
+
+
+@pytest.mark.parametrize("interval", INTERVALS)
+@pytest.mark.parametrize("pipeline, scheduler", [(p, s) for p in PIPELINES for s in SCHEDULERS])
+def test_reused_work_stays_close_to_every_step(
+    served_images, summary, pipeline: str, scheduler: str, interval: int
+) -> None:
+    reused, full = (served_images[(pipeline, scheduler, k)] for k in (interval, 1))
+    quality = psnr(reused, full)
+    difference = np.abs(reused.astype(np.int16) - full.astype(np.int16))
+    summary(
+        "reused UNet work against interval 1 (python-onnxruntime fp32, small preset, "
+        "256x256, 20 steps)",
+        f"{pipeline:<17} {scheduler:<9} interval {interval}  PSNR {quality:5.1f} dB  "
+        f"max {difference.max():3d}  mean {difference.mean():.3f}",
+    )
+    assert quality >= MIN_PSNR_DB
+
+
+# --------------------------------------------------------------------------- toy
+
+SETTINGS = {"fp32": "python-onnxruntime", "int8": "python-openvino"}
+
+
+@pytest.fixture(scope="module", params=list(SETTINGS))
+def toy_client(request, tmp_path_factory) -> Any:
+    """A real tritonserver serving the toy model at one precision (built by the chain)."""
+    options = RepositoryOptions(
+        **{
+            **TEST_OPTIONS,
+            "flavour": SETTINGS[request.param],
+            "precision": request.param,
+            "pipelines": ("instruct_pix2pix",),
+            "streaming_models": False,
+            "edit_instances": 1,
+        }
+    )
+    built = prepare_in_child(Source(model=TOY_FOLDER), options, tmp_path_factory.mktemp("build"))
+    with TritonServer(
+        built.repository, log_file=tmp_path_factory.mktemp("logs") / "t.log"
+    ) as server:
+        server.wait_ready(timeout_s=300)
+        client = grpcclient.InferenceServerClient(server.grpc_url)
+        yield request.param, client
+        client.close()
+
+
+@pytest.mark.parametrize("prompt", list(CHECKS))
+def test_reused_work_keeps_the_toys_learned_edits(
+    toy_client: Any,
+    toy_pipeline: Any,  # noqa: F811 (the fixture)
+    summary: Callable[[str, str], None],
+    prompt: str,
+) -> None:
+    precision, client = toy_client
+    check = CHECKS[prompt]
+    for name, photo in PHOTOS.items():
+        encoded = png_bytes(photo)
+        source = np.asarray(photo)
+        served = edit(
+            client,
+            "instruct_pix2pix",
+            image=encoded,
+            prompt=prompt,
+            num_inference_steps=STEPS,
+            seed=SEED,
+            guidance_scale=GUIDANCE_SCALE,
+            image_guidance_scale=IMAGE_GUIDANCE_SCALE,
+            cache_interval=3,
+        ).pixels
+        fp32 = check.measure(source, reference_edit(toy_pipeline, decode_image(encoded), prompt))
+        reused = check.measure(source, served)
+        summary(
+            "toy model: cache_interval 3 served against diffusers fp32, held-out photos "
+            "(share >= 0.9)",
+            f"{precision:<5} {prompt:<24} {name:<9} {check.effect:<32} fp32 {fp32:+.3f}  "
+            f"served {reused:+.3f}  share {reused / fp32:.2f}",
+        )
+        assert reused >= MIN_EFFECT_SHARE * fp32, f"{prompt} on {name}: {reused:.3f} vs {fp32:.3f}"
