@@ -19,23 +19,17 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from edit_pipeline.preprocess import decode_image
 from model_repository.chain import Source, prepare_in_child
 from model_repository.configs import RepositoryOptions
 from serving.tritonserver import TritonServer
 from tests.conftest import TEST_OPTIONS
-from tests.serving import edit, png_bytes
+from tests.serving import edit
 from tests.test_openvino import psnr
 from tests.test_openvino_fidelity import ILL_CONDITIONED, PIPELINES, SCHEDULERS, request_for
 from tests.test_toy import (
     CHECKS,
-    GUIDANCE_SCALE,
-    IMAGE_GUIDANCE_SCALE,
-    PHOTOS,
-    SEED,
-    STEPS,
     TOY_FOLDER,
-    reference_edit,
+    served_and_reference_effects,
 )
 
 pytestmark = pytest.mark.slow
@@ -127,25 +121,12 @@ def test_int8_keeps_the_toys_learned_edits(
     summary: Callable[[str, str], None],
     prompt: str,
 ) -> None:
-    check = CHECKS[prompt]
-    for name, photo in PHOTOS.items():
-        encoded = png_bytes(photo)
-        source = np.asarray(photo)
-        served = edit(
-            toy_int8_client,
-            "instruct_pix2pix",
-            image=encoded,
-            prompt=prompt,
-            num_inference_steps=STEPS,
-            seed=SEED,
-            guidance_scale=GUIDANCE_SCALE,
-            image_guidance_scale=IMAGE_GUIDANCE_SCALE,
-        ).pixels
-        fp32 = check.measure(source, reference_edit(toy_pipeline, decode_image(encoded), prompt))
-        int8 = check.measure(source, served)
+    for name, effect, fp32, int8 in served_and_reference_effects(
+        toy_int8_client, toy_pipeline, prompt
+    ):
         summary(
             "toy model: int8 served against diffusers fp32, held-out photos (share >= 0.9)",
-            f"{prompt:<24} {name:<9} {check.effect:<32} fp32 {fp32:+.3f}  int8 {int8:+.3f}  "
+            f"{prompt:<24} {name:<9} {effect:<32} fp32 {fp32:+.3f}  int8 {int8:+.3f}  "
             f"share {int8 / fp32:.2f}",
         )
         assert int8 >= MIN_EFFECT_SHARE * fp32, f"{prompt} on {name}: {int8:.3f} vs {fp32:.3f}"

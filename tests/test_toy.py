@@ -147,6 +147,34 @@ def reference_edit(
     return edit_with_pipeline(pipeline, photo, prompt, STEPS, SEED, **settings)
 
 
+def served_and_reference_effects(
+    client: Any, toy_pipeline: Any, prompt: str, **inputs: Any
+) -> list[tuple[str, str, float, float]]:
+    """For each held-out photo: (name, what is measured, the effect of diffusers' fp32
+    edit, the effect of the served edit with these extra inputs)."""
+    check = CHECKS[prompt]
+    rows = []
+    for name, photo in PHOTOS.items():
+        encoded = png_bytes(photo)
+        served = edit(
+            client,
+            "instruct_pix2pix",
+            image=encoded,
+            prompt=prompt,
+            num_inference_steps=STEPS,
+            seed=SEED,
+            guidance_scale=GUIDANCE_SCALE,
+            image_guidance_scale=IMAGE_GUIDANCE_SCALE,
+            **inputs,
+        ).pixels
+        source = np.asarray(photo)
+        reference = reference_edit(toy_pipeline, decode_image(encoded), prompt)
+        rows.append(
+            (name, check.effect, check.measure(source, reference), check.measure(source, served))
+        )
+    return rows
+
+
 def test_folder_loads_like_any_checkpoint(toy_pipeline: Any) -> None:
     folder = inspect_folder(TOY_FOLDER)
     assert folder.pipeline == PIX2PIX

@@ -18,24 +18,18 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from edit_pipeline.preprocess import decode_image
 from model_repository.chain import Source, prepare_in_child
 from model_repository.configs import RepositoryOptions
 from serving.tritonserver import TritonServer
 from tests.conftest import TEST_OPTIONS
-from tests.serving import edit, png_bytes
+from tests.serving import edit
 from tests.test_int8_fidelity import MIN_EFFECT_SHARE, toy_pipeline  # noqa: F401 (fixture)
 from tests.test_openvino import psnr
 from tests.test_openvino_fidelity import PIPELINES, SCHEDULERS, request_for
 from tests.test_toy import (
     CHECKS,
-    GUIDANCE_SCALE,
-    IMAGE_GUIDANCE_SCALE,
-    PHOTOS,
-    SEED,
-    STEPS,
     TOY_FOLDER,
-    reference_edit,
+    served_and_reference_effects,
 )
 
 pytestmark = pytest.mark.slow
@@ -124,27 +118,13 @@ def test_reused_work_keeps_the_toys_learned_edits(
     prompt: str,
 ) -> None:
     precision, client = toy_client
-    check = CHECKS[prompt]
-    for name, photo in PHOTOS.items():
-        encoded = png_bytes(photo)
-        source = np.asarray(photo)
-        served = edit(
-            client,
-            "instruct_pix2pix",
-            image=encoded,
-            prompt=prompt,
-            num_inference_steps=STEPS,
-            seed=SEED,
-            guidance_scale=GUIDANCE_SCALE,
-            image_guidance_scale=IMAGE_GUIDANCE_SCALE,
-            cache_interval=3,
-        ).pixels
-        fp32 = check.measure(source, reference_edit(toy_pipeline, decode_image(encoded), prompt))
-        reused = check.measure(source, served)
+    for name, effect, fp32, reused in served_and_reference_effects(
+        client, toy_pipeline, prompt, cache_interval=3
+    ):
         summary(
             "toy model: cache_interval 3 served against diffusers fp32, held-out photos "
             "(share >= 0.9)",
-            f"{precision:<5} {prompt:<24} {name:<9} {check.effect:<32} fp32 {fp32:+.3f}  "
+            f"{precision:<5} {prompt:<24} {name:<9} {effect:<32} fp32 {fp32:+.3f}  "
             f"served {reused:+.3f}  share {reused / fp32:.2f}",
         )
         assert reused >= MIN_EFFECT_SHARE * fp32, f"{prompt} on {name}: {reused:.3f} vs {fp32:.3f}"
