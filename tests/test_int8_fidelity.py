@@ -22,7 +22,6 @@ import tritonclient.grpc as grpcclient
 from model_repository.chain import Source, prepare_in_child
 from model_repository.configs import RepositoryOptions
 from serving.tritonserver import TritonServer
-from tests.conftest import TEST_OPTIONS
 from tests.serving import edit
 from tests.test_openvino import psnr
 from tests.test_openvino_fidelity import ILL_CONDITIONED, PIPELINES, SCHEDULERS, request_for
@@ -30,6 +29,7 @@ from tests.test_toy import (
     CHECKS,
     TOY_FOLDER,
     served_and_reference_effects,
+    toy_server_client,
 )
 
 pytestmark = pytest.mark.slow
@@ -87,24 +87,8 @@ def test_int8_images_match_fp32_ones(served_images, summary, pipeline: str, sche
 @pytest.fixture(scope="module")
 def toy_int8_client(tmp_path_factory) -> Any:
     """A real tritonserver serving the toy model's int8 repository (built by the chain)."""
-    options = RepositoryOptions(
-        **{
-            **TEST_OPTIONS,
-            "flavour": "python-openvino",
-            "precision": "int8",
-            "pipelines": ("instruct_pix2pix",),
-            "streaming_models": False,
-            "edit_instances": 1,
-        }
-    )
-    built = prepare_in_child(Source(model=TOY_FOLDER), options, tmp_path_factory.mktemp("build"))
-    with TritonServer(
-        built.repository, log_file=tmp_path_factory.mktemp("logs") / "t.log"
-    ) as server:
-        server.wait_ready(timeout_s=300)
-        client = grpcclient.InferenceServerClient(server.grpc_url)
+    with toy_server_client(tmp_path_factory, "python-openvino", "int8") as client:
         yield client
-        client.close()
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ or unconditioned edit does; the README of the model folder lists the measured va
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -145,6 +146,39 @@ def reference_edit(
     settings = {"guidance_scale": GUIDANCE_SCALE, "image_guidance_scale": IMAGE_GUIDANCE_SCALE}
     settings.update(overrides)
     return edit_with_pipeline(pipeline, photo, prompt, STEPS, SEED, **settings)
+
+
+@contextmanager
+def toy_server_client(
+    tmp_path_factory: pytest.TempPathFactory, flavour: str, precision: str
+) -> Iterator[Any]:
+    """A gRPC client of a real tritonserver serving the toy model's instruct_pix2pix
+    (built by the chain) in this flavour and precision, unary edits only."""
+    import tritonclient.grpc as grpcclient
+
+    from model_repository.chain import Source, prepare_in_child
+    from model_repository.configs import RepositoryOptions
+    from serving.tritonserver import TritonServer
+
+    options = RepositoryOptions(
+        **{
+            **TEST_OPTIONS,
+            "flavour": flavour,
+            "precision": precision,
+            "pipelines": ("instruct_pix2pix",),
+            "streaming_models": False,
+            "edit_instances": 1,
+        }
+    )
+    built = prepare_in_child(Source(model=TOY_FOLDER), options, tmp_path_factory.mktemp("build"))
+    log = tmp_path_factory.mktemp("logs") / "tritonserver.log"
+    with TritonServer(built.repository, log_file=log) as server:
+        server.wait_ready(timeout_s=300)
+        client = grpcclient.InferenceServerClient(server.grpc_url)
+        try:
+            yield client
+        finally:
+            client.close()
 
 
 def served_and_reference_effects(

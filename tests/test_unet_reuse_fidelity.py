@@ -22,15 +22,14 @@ import tritonclient.grpc as grpcclient
 from model_repository.chain import Source, prepare_in_child
 from model_repository.configs import RepositoryOptions
 from serving.tritonserver import TritonServer
-from tests.conftest import TEST_OPTIONS
 from tests.serving import edit
 from tests.test_int8_fidelity import MIN_EFFECT_SHARE, toy_pipeline  # noqa: F401 (fixture)
 from tests.test_openvino import psnr
 from tests.test_openvino_fidelity import PIPELINES, SCHEDULERS, request_for
 from tests.test_toy import (
     CHECKS,
-    TOY_FOLDER,
     served_and_reference_effects,
+    toy_server_client,
 )
 
 pytestmark = pytest.mark.slow
@@ -93,24 +92,8 @@ TOY_INTERVAL = 2
 @pytest.fixture(scope="module", params=list(SETTINGS))
 def toy_client(request, tmp_path_factory) -> Any:
     """A real tritonserver serving the toy model at one precision (built by the chain)."""
-    options = RepositoryOptions(
-        **{
-            **TEST_OPTIONS,
-            "flavour": SETTINGS[request.param],
-            "precision": request.param,
-            "pipelines": ("instruct_pix2pix",),
-            "streaming_models": False,
-            "edit_instances": 1,
-        }
-    )
-    built = prepare_in_child(Source(model=TOY_FOLDER), options, tmp_path_factory.mktemp("build"))
-    with TritonServer(
-        built.repository, log_file=tmp_path_factory.mktemp("logs") / "t.log"
-    ) as server:
-        server.wait_ready(timeout_s=300)
-        client = grpcclient.InferenceServerClient(server.grpc_url)
+    with toy_server_client(tmp_path_factory, SETTINGS[request.param], request.param) as client:
         yield request.param, client
-        client.close()
 
 
 @pytest.mark.parametrize("prompt", list(CHECKS))
