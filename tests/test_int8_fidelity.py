@@ -24,7 +24,7 @@ from model_repository.configs import RepositoryOptions
 from serving.tritonserver import TritonServer
 from tests.serving import edit
 from tests.test_openvino import psnr
-from tests.test_openvino_fidelity import ILL_CONDITIONED, PIPELINES, SCHEDULERS, request_for
+from tests.test_openvino_fidelity import GATE_CASES, PIPELINES, SCHEDULERS, request_for
 from tests.test_toy import (
     CHECKS,
     TOY_FOLDER,
@@ -61,14 +61,7 @@ def served_images(tmp_path_factory) -> dict[tuple[str, str, str], np.ndarray]:
     return images
 
 
-@pytest.mark.parametrize(
-    "pipeline, scheduler",
-    [
-        pytest.param(p, s, marks=ILL_CONDITIONED if (p, s) == ("instruct_pix2pix", "ddim") else ())
-        for p in PIPELINES
-        for s in SCHEDULERS
-    ],
-)
+@pytest.mark.parametrize("pipeline, scheduler", GATE_CASES)
 def test_int8_images_match_fp32_ones(served_images, summary, pipeline: str, scheduler: str) -> None:
     int8, fp32 = (served_images[(pipeline, scheduler, p)] for p in ("int8", "fp32"))
     quality = psnr(int8, fp32)
