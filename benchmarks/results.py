@@ -19,10 +19,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from benchmarks.fidelity import Agreement
 from benchmarks.perf_analyzer import Level
 from benchmarks.rounds import RoundLoads
 from benchmarks.server_stats import StageRow
-from benchmarks.systems import PreviewCost
+from benchmarks.systems import DEEPCACHE_PREFIX, PreviewCost
 
 RESULTS_DIR = Path(__file__).parent / "results"
 LABELS = {
@@ -51,6 +52,11 @@ GOALS = {
     },
 }
 PREVIEW_SHARE_MAX = 0.03
+# The speed switches' goals, against diffusers fp32 eager when Triton serves fp32 without
+# reused UNet work (the fidelity reference): the fastest served system within
+# DEFAULT_QUALITY_DB of it, and each served int8 with reused UNet work (the fast switch).
+DEFAULT_QUALITY_DB = 40.0
+SPEED_GOALS = {"default quality": 0.30, "fast": 0.15}
 
 
 @dataclass(frozen=True)
@@ -136,7 +142,9 @@ class Results:
     baselines: dict[str, Timing] = field(default_factory=dict)
     ratios: dict[str, Ratio] = field(default_factory=dict)
     targets: list[Target] = field(default_factory=list)
-    agreement: dict[str, tuple[float, float]] = field(default_factory=dict)
+    agreement: dict[str, Agreement] = field(default_factory=dict)
+    # Each system's latency over diffusers fp32 eager's, paired by round ("triton": c=1).
+    against_diffusers: dict[str, Ratio] = field(default_factory=dict)
     preview: PreviewCost | None = None
     loads: RoundLoads = field(default_factory=RoundLoads)
     ablation: list[AblationResult] = field(default_factory=list)
@@ -157,6 +165,44 @@ class Results:
         if self.preview is not None:
             share, limit = self.preview.share, PREVIEW_SHARE_MAX
             self.targets.append(Target("latent preview / UNet step", share, limit, share <= limit))
+        self.targets += self._speed_targets()
+
+    def psnr_db(self, name: str) -> float:
+        """A system's PSNR against Triton's edit of the same request (Triton: inf)."""
+        agreement = self.agreement.get(f"Triton vs {name}")
+        return math.inf if name == "triton" else agreement.psnr_db if agreement else math.nan
+
+    def _speed_targets(self) -> list[Target]:
+        reference = (self.config["options"]["precision"], self.config["cache_interval"])
+        if reference != ("fp32", 1) or "triton" not in self.against_diffusers:
+            return []
+        served = {
+            name: ratio.value
+            for name, ratio in self.against_diffusers.items()
+            if name == "triton" or name.startswith("triton_")
+        }
+        faithful = [
+            value for name, value in served.items() if self.psnr_db(name) >= DEFAULT_QUALITY_DB
+        ]
+        limit = SPEED_GOALS["default quality"]
+        targets = [
+            Target(
+                f"default quality (fastest served within {DEFAULT_QUALITY_DB:.0f} dB of served "
+                "fp32) / diffusers fp32 eager",
+                min(faithful),
+                limit,
+                min(faithful) <= limit,
+            )
+        ]
+        limit = SPEED_GOALS["fast"]
+        for name, value in served.items():
+            if "int8" in name and "_reuse" in name:
+                targets.append(
+                    Target(
+                        f"fast ({label(name)}) / diffusers fp32 eager", value, limit, value <= limit
+                    )
+                )
+        return targets
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2) + "\n"
@@ -235,8 +281,13 @@ def _ms(value: float) -> str:
 
 def label(name: str) -> str:
     """A system's row label; another served configuration is named by flavour and precision."""
+    if name in LABELS:
+        return LABELS[name]
+    if name.startswith(DEEPCACHE_PREFIX):
+        interval = name.removeprefix(DEEPCACHE_PREFIX)
+        return f"diffusers eager PyTorch with DeepCache's helper, interval {interval}"
     served = name.removeprefix("triton_").replace("_", " ")
-    return LABELS.get(name, f"Triton {served} (client library, c=1)")
+    return f"Triton {served} (client library, c=1)"
 
 
 def latency_rows(results: Results) -> list[list[str]]:
@@ -288,6 +339,17 @@ def _sections(results: Results) -> dict[str, list[str]]:
             "system | median | mean | spread | Triton / this, paired", latency_rows(results)
         ),
         "Targets": [f"- {t.line()}" for t in results.targets] or ["- (not measured)"],
+        "Speed switches: time against diffusers fp32 eager, fidelity to Triton": _table(
+            "system | time / diffusers fp32 eager, paired (rounds) | PSNR against Triton (dB)",
+            [
+                [
+                    label(name),
+                    f"{ratio.value:.3f} ({', '.join(f'{r:.3f}' for r in ratio.per_round)})",
+                    f"{results.psnr_db(name):.1f}",
+                ]
+                for name, ratio in results.against_diffusers.items()
+            ],
+        ),
         "Throughput and latency against concurrency": _table(
             "concurrency | edits (rounds) | edits/s | p50 ms | p90 ms | p99 ms | mean ms",
             _rows(results.levels, *level.split(" | ")),
@@ -342,8 +404,9 @@ def markdown(results: Results, plot_name: str) -> str:
             f"({p.unet_step_ms:.0f} ms) in the bare loop."
         )
     notes += [
-        f"Same output, {pair}: max {mx:.0f}, mean {mean:.4f} grey levels."
-        for pair, (mx, mean) in results.agreement.items()
+        f"Same request, {pair}: max {a.max_difference:.0f}, mean {a.mean_difference:.4f} grey "
+        f"levels, PSNR {a.psnr_db:.1f} dB."
+        for pair, a in results.agreement.items()
     ]
     for heading, table in _sections(results).items():
         lines += ["", f"## {heading}", "", *table]

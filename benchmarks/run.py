@@ -24,6 +24,7 @@ from pathlib import Path
 
 from benchmarks import results as report
 from benchmarks.ablation import measure_ablation
+from benchmarks.fidelity import Agreement
 from benchmarks.perf_analyzer import (
     Level,
     PerfAnalyzer,
@@ -39,7 +40,7 @@ from benchmarks.rounds import DISTURBED_LOAD, RoundLoads, undisturbed_rounds
 from benchmarks.server_stats import ModelCounters, combine, settled_snapshot, stage_rows, window
 from benchmarks.serving import build, log, serving, warm_up
 from benchmarks.settings import BenchConfig
-from benchmarks.systems import BareLoop, Baseline, ServedEdit, load_baselines, pixel_difference
+from benchmarks.systems import DIFFUSERS_FP32, BareLoop, Baseline, ServedEdit, load_baselines
 from model_repository.arguments import add_arguments, from_arguments
 from model_repository.configs import PYTHON_FLAVOURS, RepositoryOptions
 from pix2pix_client.contract import stream_model
@@ -194,7 +195,7 @@ def run(config: BenchConfig, args: argparse.Namespace) -> report.Results | None:
             for name in baselines
         },
         agreement={
-            f"Triton vs {name}": pixel_difference(triton_png, png) for name, png in outputs.items()
+            f"Triton vs {name}": Agreement.of(triton_png, png) for name, png in outputs.items()
         },
         preview=preview,
         loads=loads,
@@ -210,6 +211,14 @@ def run(config: BenchConfig, args: argparse.Namespace) -> report.Results | None:
             )
         streams = [r.streaming.latencies_ms for r in rounds]
         results.ratios["streaming"] = report.Ratio.paired(streams, triton)
+        if (reference := DIFFUSERS_FP32) in baselines:
+            # Every system against diffusers fp32 eager: what each speed switch buys.
+            diffusers = [r.baseline_ms[reference] for r in rounds]
+            results.against_diffusers["triton"] = report.Ratio.paired(triton, diffusers)
+            for name in baselines:
+                if name != reference:
+                    runs = [r.baseline_ms[name] for r in rounds]
+                    results.against_diffusers[name] = report.Ratio.paired(runs, diffusers)
     results.evaluate_targets()
     return results
 

@@ -45,6 +45,9 @@ class BenchConfig:
     cache_interval: int = option(
         1, "reused UNet work: a full UNet pass every N steps, shallow ones between (1: off)"
     )
+    deepcache_interval: int = option(
+        3, "diffusers with the DeepCache package's helper at this cache interval (1: not run)"
+    )
     concurrency: tuple[int, ...] = option((1, 2, 4), "perf_analyzer's concurrency levels")
     rounds: int = option(5, "interleaved rounds of every system")
     requests_per_round: int = option(
@@ -67,6 +70,8 @@ class BenchConfig:
                 f"rounds={self.rounds}, requests_per_round={self.requests_per_round}: "
                 "allowed at least 1 each"
             )
+        if self.deepcache_interval < 1:
+            raise ValueError(f"deepcache_interval={self.deepcache_interval}: allowed at least 1")
         self.options.check()
         # What `make serve` would run on this machine, so results name a real flavour.
         object.__setattr__(self, "options", self.options.for_this_machine())

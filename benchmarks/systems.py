@@ -1,7 +1,8 @@
 """The systems Triton is measured against, run in this process on the same request.
 
 - `DiffusersEager`: diffusers' StableDiffusionInstructPix2PixPipeline (or Img2Img) in
-  eager PyTorch, loaded once, in fp32 and on a CPU also in bf16: what users run today.
+  eager PyTorch, loaded once, in fp32 and on a CPU also in bf16: what users run today;
+  and in fp32 with the DeepCache package's helper, the published way to reuse UNet work.
 - `BareLoop`: the served pipeline code (edit_pipeline/pipeline.py) on the same ONNX
   files in onnxruntime sessions (or OpenVINO compiled models, for the openvino flavours)
   built as the served models build theirs, with plain function calls instead of Triton:
@@ -15,7 +16,6 @@ system does the same work: decode and resize, tokenize, encode, denoise, decode,
 
 from __future__ import annotations
 
-import io
 import json
 import statistics
 import time
@@ -24,9 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image
 
 from benchmarks.bare_loop import InProcessComponents
 from benchmarks.settings import BenchConfig
@@ -47,6 +45,8 @@ from pix2pix_client import EditClient
 from pix2pix_client.contract import INSTRUCT_PIX2PIX
 
 PIPELINE_FOLDER = {INSTRUCT_PIX2PIX: PIX2PIX_FOLDER, "img2img": IMG2IMG_FOLDER}
+DIFFUSERS_FP32 = "diffusers_eager"
+DEEPCACHE_PREFIX = f"{DIFFUSERS_FP32}_deepcache"
 Baseline = Callable[[bytes], bytes]
 
 
@@ -55,15 +55,21 @@ class ProviderUnavailable(RuntimeError):
 
 
 class DiffusersEager:
-    """diffusers' reference pipeline in eager PyTorch, loaded once."""
+    """diffusers' reference pipeline in eager PyTorch, loaded once; with `cache_interval`
+    above 1, DeepCache's `DeepCacheSDHelper` wraps its UNet (a full pass every N steps)."""
 
     def __init__(
-        self, preset_root: Path, config: BenchConfig, device: str = "cpu", dtype: Any = None
+        self,
+        preset_root: Path,
+        config: BenchConfig,
+        device: str = "cpu",
+        dtype: Any = None,
+        cache_interval: int = 1,
     ) -> None:
         if config.pipeline == INSTRUCT_PIX2PIX and config.temperature != 1.0:
             raise ValueError("diffusers has no temperature below 1.0 for InstructPix2Pix")
         dtype = dtype or (torch.float16 if config.options.precision == "fp16" else torch.float32)
-        self.name = "diffusers_eager_bf16" if dtype == torch.bfloat16 else "diffusers_eager"
+        self.name = f"{DIFFUSERS_FP32}_bf16" if dtype == torch.bfloat16 else DIFFUSERS_FP32
         self.config = config
         folder = inspect_folder(preset_root / PIPELINE_FOLDER[config.pipeline])
         self.pipeline = load_pipeline(folder, dtype).to(device)
@@ -71,6 +77,14 @@ class DiffusersEager:
             self.pipeline.scheduler = make_scheduler(
                 config.scheduler, dict(self.pipeline.scheduler.config)
             )
+        if cache_interval > 1:
+            from DeepCache import DeepCacheSDHelper
+
+            # Branch 0, uniform: the package's defaults, as its README runs SD 1.5.
+            helper = DeepCacheSDHelper(pipe=self.pipeline)
+            helper.set_params(cache_interval=cache_interval, cache_branch_id=0)
+            helper.enable()
+            self.name = f"{DEEPCACHE_PREFIX}{cache_interval}"
 
     def __call__(self, image: bytes) -> bytes:
         request = self.config.request()
@@ -162,16 +176,6 @@ class PreviewCost:
         return self.preview_ms / self.unet_step_ms
 
 
-def pixel_difference(a: bytes, b: bytes) -> tuple[float, float]:
-    """Max and mean absolute difference of two PNGs' uint8 pixels (NaN: other sizes)."""
-    first = np.asarray(Image.open(io.BytesIO(a)).convert("RGB"), dtype=np.int16)
-    second = np.asarray(Image.open(io.BytesIO(b)).convert("RGB"), dtype=np.int16)
-    if first.shape != second.shape:
-        return float("nan"), float("nan")
-    difference = np.abs(first - second)
-    return float(difference.max()), float(difference.mean())
-
-
 class ServedEdit:
     """Another served configuration, timed through the client like the in-process ones."""
 
@@ -200,6 +204,12 @@ def load_baselines(config: BenchConfig, built: BuiltModel, notes: list[str]) -> 
         systems.append(DiffusersEager(built.weights, config, device))
         if not gpu:
             systems.append(DiffusersEager(built.weights, config, device, torch.bfloat16))
+        if config.deepcache_interval > 1:
+            systems.append(
+                DiffusersEager(
+                    built.weights, config, device, cache_interval=config.deepcache_interval
+                )
+            )
     except ValueError as error:
         notes.append(f"The diffusers baseline was skipped: {error}.")
     return {system.name: system for system in systems}  # type: ignore[attr-defined]

@@ -12,6 +12,7 @@ import csv
 import dataclasses
 import io
 import json
+import math
 import struct
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from PIL import Image
 
 from benchmarks import results as report
 from benchmarks.ablation import paired_change
+from benchmarks.fidelity import Agreement
 from benchmarks.perf_analyzer import (
     Level,
     Profiled,
@@ -286,7 +288,7 @@ def _results() -> report.Results:
             "bare_onnxruntime": report.Timing((4900.0, 4950.0, 4800.0)),
             "diffusers_eager": report.Timing((8000.0, 8100.0, 8200.0)),
         },
-        agreement={"Triton vs bare_onnxruntime": (0.0, 0.0)},
+        agreement={"Triton vs bare_onnxruntime": Agreement(0.0, 0.0, math.inf)},
         preview=PreviewCost(preview_ms=2.0, unet_step_ms=280.0),
         ablation=[
             paired_change(
@@ -367,6 +369,44 @@ def test_targets_are_met_or_fall_short_with_their_numbers() -> None:
     short = {t.name: t for t in results.targets}
     assert not short["Triton / diffusers eager"].met and not short["edits/s at c=2 over c=1"].met
     assert short["Triton / diffusers eager"].line().endswith("falls short")
+
+
+DEFAULT_QUALITY_TARGET = (
+    "default quality (fastest served within 40 dB of served fp32) / diffusers fp32 eager"
+)
+
+
+def test_speed_switches_are_held_to_their_goals_against_diffusers_fp32() -> None:
+    """The fastest served system within 40 dB of served fp32 <= 0.30x diffusers fp32; each
+    int8 with reused UNet work (the fast switch) <= 0.15x, whatever its PSNR."""
+    results = _results()
+    fast = "triton_python-openvino_int8_reuse3"
+    results.agreement |= {
+        "Triton vs triton_python-openvino_int8": Agreement(9.0, 0.5, 41.0),
+        f"Triton vs {fast}": Agreement(40.0, 2.0, 30.0),
+    }
+    results.against_diffusers = {
+        "triton": report.Ratio.paired([[5000.0]], [[8000.0]]),
+        "triton_python-openvino_int8": report.Ratio.paired([[2000.0]], [[8000.0]]),
+        fast: report.Ratio.paired([[1000.0]], [[8000.0]]),
+        "diffusers_eager_deepcache3": report.Ratio.paired([[400.0]], [[8000.0]]),
+    }
+    results.evaluate_targets()
+    lines = {t.name: t.line() for t in results.targets}
+    # int8 is within 40 dB and the fastest such; the faster fast switch is not; diffusers
+    # with DeepCache is not a served system.
+    assert lines[DEFAULT_QUALITY_TARGET].endswith(": 0.250 (limit 0.3) -> met")
+    fast_line = f"fast ({report.label(fast)}) / diffusers fp32 eager"
+    assert lines[fast_line].endswith(": 0.125 (limit 0.15) -> met")
+    results.agreement["Triton vs triton_python-openvino_int8"] = Agreement(20.0, 1.0, 39.9)
+    results.evaluate_targets()
+    lines = {t.name: t.line() for t in results.targets}
+    assert lines[DEFAULT_QUALITY_TARGET].endswith(": 0.625 (limit 0.3) -> falls short")
+    # Served bf16 or reused work is no fidelity reference: the goals are left out.
+    results.config["cache_interval"] = 3
+    results.evaluate_targets()
+    assert DEFAULT_QUALITY_TARGET not in {t.name for t in results.targets}
+    assert "PSNR against Triton (dB)" in report.markdown(results, "plot.png")
 
 
 def test_targets_apply_only_to_the_cpu_goal_configuration() -> None:
@@ -520,10 +560,20 @@ def test_the_harness_runs_end_to_end_on_the_tiny_preset(
         "Triton vs bare_onnxruntime",
         "Triton vs diffusers_eager",
         "Triton vs diffusers_eager_bf16",
+        "Triton vs diffusers_eager_deepcache3",
     }
-    assert agreement["Triton vs bare_onnxruntime"][0] <= 2
-    assert agreement["Triton vs diffusers_eager"][0] <= 2
-    assert agreement["Triton vs diffusers_eager_bf16"][1] <= 4
+    assert agreement["Triton vs bare_onnxruntime"]["max_difference"] <= 2
+    assert agreement["Triton vs diffusers_eager"]["max_difference"] <= 2
+    assert agreement["Triton vs diffusers_eager_bf16"]["mean_difference"] <= 4
+    # DeepCache's helper (interval 3: a full pass, then two reusing it) moves the picture.
+    assert agreement["Triton vs diffusers_eager_deepcache3"]["max_difference"] > 2
+    assert 10 < agreement["Triton vs diffusers_eager_deepcache3"]["psnr_db"] < math.inf
+    assert set(results["against_diffusers"]) == {
+        "triton",
+        "bare_onnxruntime",
+        "diffusers_eager_bf16",
+        "diffusers_eager_deepcache3",
+    }
     assert results["preview"]["preview_ms"] > 0
     assert not results["targets_apply"]
     assert {t["name"] for t in results["targets"]} == {
@@ -532,11 +582,13 @@ def test_the_harness_runs_end_to_end_on_the_tiny_preset(
         "streaming / whole edit, end to end",
         "edits/s at c=2 over c=1",
         "latent preview / UNet step",
+        DEFAULT_QUALITY_TARGET,
     }
     assert results["config"]["options"]["onnxruntime_fusions"] is False
 
     markdown = (tmp_path / "results" / "tiny.md").read_text()
     assert "informative only" in markdown and "## Per stage" in markdown
+    assert "| diffusers eager PyTorch with DeepCache's helper, interval 3 | " in markdown
     assert (tmp_path / "results" / "tiny.png").read_bytes()[:4] == b"\x89PNG"
     printed = capsys.readouterr().out
     assert "edits/s at c=2 over c=1" in printed

@@ -21,6 +21,7 @@ import tritonclient.grpc as grpcclient
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
+from benchmarks.fidelity import psnr
 from edit_pipeline.preprocess import decode_image
 from export.int8 import (
     CALIBRATION_FILE,
@@ -39,7 +40,6 @@ from export.onnx_export import MANIFEST, MODEL_FILE
 from model_repository.builder import build_repository
 from model_repository.configs import FLAVOURS, OPENVINO_FLAVOURS, RepositoryOptions
 from tests.serving import edit, photo, png_bytes
-from tests.test_openvino import psnr
 from tests.test_parity import CASES, PROMPT, SEED, reference_image
 from tests.test_toy import CHECKS
 from training.toy.photos import HELD_OUT_PHOTOS, TRAINING_PHOTOS

@@ -19,11 +19,11 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
+from benchmarks.fidelity import psnr
 from model_repository.chain import Source, prepare_in_child
 from model_repository.configs import RepositoryOptions
 from serving.tritonserver import TritonServer
 from tests.serving import edit
-from tests.test_openvino import psnr
 from tests.test_openvino_fidelity import GATE_CASES, PIPELINES, SCHEDULERS, request_for
 from tests.test_toy import (
     CHECKS,

@@ -7,12 +7,12 @@ capabilities standing in for a CPU without native bf16 (this one has it).
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from benchmarks.fidelity import psnr
 from benchmarks.settings import BenchConfig
 from benchmarks.systems import BareLoop
 from edit_pipeline import openvino_component
@@ -41,12 +41,6 @@ BF16_CASES = [
 native_bf16 = pytest.mark.skipif(
     bf16_unsupported_reason() is not None, reason="this CPU has no native bf16"
 )
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """Peak signal-to-noise ratio of two uint8 images, in dB (inf: identical)."""
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return math.inf if mse == 0 else 10 * math.log10(255**2 / mse)
 
 
 def unet_inputs(batch: int = 3) -> dict[str, np.ndarray]:

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
+from benchmarks.fidelity import psnr
 from edit_pipeline.openvino_component import bf16_unsupported_reason
 from model_repository.chain import Source, prepare_in_child
 from model_repository.configs import RepositoryOptions
 from serving.tritonserver import TritonServer
 from tests.serving import edit, photo, png_bytes
-from tests.test_openvino import psnr
 
 pytestmark = [
     pytest.mark.slow,

@@ -18,13 +18,13 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from benchmarks.fidelity import psnr
 from edit_pipeline.sampler import ReusedUNet, Sampler, SamplerInputs
 from export import unet_reuse
 from export.components import DEEP_FEATURES, shallow_unet
 from export.presets import IMG2IMG_FOLDER, PIX2PIX_FOLDER
 from pix2pix_client.contract import INSTRUCT_PIX2PIX
 from tests.serving import edit, photo, png_bytes
-from tests.test_openvino import psnr
 
 TOY_UNET = Path(__file__).resolve().parents[1] / "models" / "toy" / "instruct-pix2pix" / "unet"
 
