@@ -126,14 +126,22 @@ def measure_rounds(
 
 
 def serve_others(
-    config: BenchConfig, build_dir: Path, image: bytes, stack: contextlib.ExitStack
+    config: BenchConfig,
+    build_dir: Path,
+    image: bytes,
+    stack: contextlib.ExitStack,
+    running: dict[str, str],
 ) -> dict[str, Baseline]:
-    """A server per other served configuration (`--served`), warmed up, as a system."""
+    """Each other served configuration (`--served`) as a system. Configurations that
+    differ only in the cache interval, a request input, share a server: `running` maps
+    what is served (`BenchConfig.name`) to its URL and gains the servers started here."""
     systems: dict[str, Baseline] = {}
     for variant in config.served_variants():
-        url = stack.enter_context(serving(build(variant, build_dir, variant.name).repository, None))
-        warm_up(url, variant, image)
-        system = ServedEdit(url, variant)
+        if variant.name not in running:
+            repository = build(variant, build_dir, variant.name).repository
+            running[variant.name] = stack.enter_context(serving(repository, None))
+            warm_up(running[variant.name], variant, image)
+        system = ServedEdit(running[variant.name], variant)
         systems[system.name] = system
     return systems
 
@@ -165,10 +173,10 @@ def run(config: BenchConfig, args: argparse.Namespace) -> report.Results | None:
     preview = loops[0].preview_cost(image) if loops else None
     loads = RoundLoads()
     with contextlib.ExitStack() as stack:
-        baselines |= serve_others(config, args.build_dir, image, stack)
-        outputs = {name: system(image) for name, system in baselines.items()}  # their warm-up
         url = stack.enter_context(serving(built.repository, args.url))
         triton_png = warm_up(url, config, image)
+        baselines |= serve_others(config, args.build_dir, image, stack, {config.name: url})
+        outputs = {name: system(image) for name, system in baselines.items()}  # their warm-up
         rounds = measure_rounds(config, url, perf, inputs, baselines, image, loads)
     if loads.discarded:
         notes.append(
