@@ -6,7 +6,10 @@ For each served configuration (`make serve`'s, and the FLAVOUR:PRECISION ones of
 
 - `serve --repository` of a repository built beforehand, started as an operator starts
   it: the seconds until it is ready, and the PSS of its whole process tree, process by
-  process (the serving parent, tritonserver, each model instance);
+  process (the serving parent, tritonserver, each model instance). Its files (the
+  repository and the export it links) are read once first, as diffusers' folder is
+  before its load: both start with their weights in the page cache, as on a restart,
+  not with whatever the build before happened to leave there;
 - EDITS edits at MEMORY_STEPS steps (every served pipeline in turn), then TIMED edits at
   STEPS steps: their latency, the tree's PSS after them and its peak while they ran
   (sampled); then CONCURRENT edits sent at once, each pipeline in turn: how many completed
@@ -120,8 +123,12 @@ class PeakSampler:
         self._thread.join()
 
 
+def repository_record(repository: Path) -> dict[str, Any]:
+    return json.loads((repository / REPOSITORY_RECORD).read_text())
+
+
 def served_pipelines(repository: Path) -> list[str]:
-    return json.loads((repository / REPOSITORY_RECORD).read_text())["pipelines"]
+    return repository_record(repository)["pipelines"]
 
 
 def served_weight_bytes(repository: Path, precision: str) -> int:
@@ -238,10 +245,25 @@ def run_concurrent(
     return {outcome: outcomes.count(outcome) for outcome in ("completed", "refused", "failed")}
 
 
+def read_through(*folders: Path) -> int:
+    """Reads every file under `folders` (symbolic links followed) once: the page cache
+    then holds them, as after a first start. Returns the bytes read."""
+    total = 0
+    for folder in folders:
+        for root, _, files in os.walk(folder, followlinks=True):
+            for name in files:
+                with open(Path(root) / name, "rb") as file:
+                    while chunk := file.read(1 << 24):
+                        total += len(chunk)
+    return total
+
+
 def measure_served(
     name: str, config: BenchConfig, repository: Path, args: argparse.Namespace, image: bytes
 ) -> ServedFootprint:
     log(f"{name}: serving {repository}")
+    export = Path(repository_record(repository)["export"])
+    log(f"  read {read_through(repository, export) / GB:.1f} GB of its files first")
     log_file = args.build_dir / "bench" / "footprint" / f"{name}.log"
     log_file.parent.mkdir(parents=True, exist_ok=True)
     with serving(["--repository", str(repository)], log_file) as (process, url):
@@ -250,7 +272,9 @@ def measure_served(
         log(f"  ready in {ready_s:.1f} s, PSS {sum(at_ready.values()) / GB:.2f} GB")
         with PeakSampler(process.pid) as sampler:
             # Every pipeline served, as a server's clients would: each UNet has worked.
-            every = [replace(config, pipeline=p) for p in served_pipelines(repository)]
+            every = [
+                replace(config, pipeline=p) for p in repository_record(repository)["pipelines"]
+            ]
             run_edits(url, every, image, args.edits, args.memory_steps)
             timed = run_edits(url, [config], image, args.timed_edits, config.steps)
         after = tree_pss(process.pid)
@@ -305,6 +329,7 @@ def diffusers_footprint(
     from benchmarks.systems import DiffusersEager
 
     edits, memory_steps, timed = plan
+    read_through(Path(weights))
     started = time.perf_counter()
     pipeline = DiffusersEager(Path(weights), config, dtype=getattr(torch, dtype))
     load_s = time.perf_counter() - started
@@ -368,7 +393,8 @@ def markdown(footprint: Footprint) -> str:
         f"{config['steps']} steps ({config['pipeline']})",
         "",
         f"Machine: {footprint.machine['cpu']}, {footprint.machine['logical_cores']} cores, "
-        f"{footprint.machine['ram_gib']} GiB. Each system started alone; "
+        f"{footprint.machine['ram_gib']} GiB. Each system started alone, its files read "
+        "once before (page cache warm, as on a restart); "
         f"{footprint.edits} edits at {footprint.memory_steps} steps, then the timed ones. "
         "PSS: the whole process tree, from /proc/PID/smaps_rollup.",
         "",
