@@ -156,9 +156,11 @@ api: setup
 		$(if $(API_HOST),--host $(API_HOST)) $(if $(API_PORT),--port $(API_PORT)))
 
 # Benchmarks Triton (perf_analyzer concurrency sweep over gRPC, per-stage statistics)
-# against diffusers eager PyTorch (fp32 and bf16) and a bare loop (onnxruntime, or OpenVINO
-# for the openvino flavours) on the same weights and request; SERVED= names other served
-# configurations timed in the same rounds. Writes benchmarks/results/<date>-<machine>.
+# against diffusers eager PyTorch (fp32; bf16 where the CPU computes it; with DeepCache's
+# helper at interval 3) and a bare loop (onnxruntime, or OpenVINO for the openvino
+# flavours) on the same weights and request; SERVED= names other served configurations
+# timed in the same rounds, FLAVOUR:PRECISION[:CACHE_INTERVAL] (the fast switch:
+# python-openvino:int8:3). Writes benchmarks/results/<date>-<machine>.
 # {md,json,png}. The preset defaults to small here (PRESET=tiny for a quick check). bf16:
 # FLAVOUR=python-openvino PRECISION=bf16 SERVED="python-openvino:fp32 python-onnxruntime:fp32".
 # GPU: FLAVOUR=tensorrt PRECISION=fp16 BENCH_FLAGS="--url HOST:8001" against the NGC
