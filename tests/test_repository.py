@@ -20,8 +20,10 @@ from export.components import (
 from export.onnx_export import load_manifest
 from model_repository.builder import build_repository
 from model_repository.configs import (
+    AUTO,
     FLAVOURS,
     MAX_DERIVED_EDIT_INSTANCES,
+    OPENVINO_FLAVOURS,
     PYTHON_FLAVOURS,
     READINESS_MODEL,
     RepositoryOptions,
@@ -51,7 +53,11 @@ def repository(request, tiny_export: Path, tmp_path_factory) -> tuple[str, Path]
     root = tmp_path_factory.mktemp(flavour)
     engines = _fake_engines(tiny_export, root / "engines") if flavour == "tensorrt" else None
     output = root / "repository"
-    build_repository(tiny_export, output, RepositoryOptions(flavour=flavour), engines)
+    # fp32 in the openvino flavours whatever this CPU computes (auto is bf16 where it has
+    # native bf16); bf16 is built by its own test below.
+    precision = "fp32" if flavour in OPENVINO_FLAVOURS else AUTO
+    options = RepositoryOptions(flavour=flavour, precision=precision)
+    build_repository(tiny_export, output, options, engines)
     return flavour, output
 
 
