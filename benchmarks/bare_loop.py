@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -16,22 +15,18 @@ from edit_pipeline.batching import Runnable
 
 class InProcessComponents:
     """The four component calls of an edit (the pipeline's Components) on the exported
-    ONNX files in this process. `make` opens one file: an OnnxComponent, or an
+    files in this process. `make` opens one component by name: an OnnxComponent, or an
     OpenVinoComponent on the CPU."""
 
     def __init__(
         self,
-        export_dir: Path,
         calls: dict[str, dict[str, Any]],
-        make: Callable[[Path], Runnable],
+        make: Callable[[str], Runnable],
         device: str = "cpu",
     ) -> None:
         self.calls = calls
         self.device = device
-        self.sessions = {
-            role: make(Path(export_dir) / call["component"] / "model.onnx")
-            for role, call in calls.items()
-        }
+        self.sessions = {role: make(call["component"]) for role, call in calls.items()}
         self.unet_seconds: list[float] = []
 
     def _run(self, role: str, *values: np.ndarray) -> list[np.ndarray]:

@@ -133,9 +133,7 @@ def served_pipelines(repository: Path) -> list[str]:
 
 def served_weight_bytes(repository: Path, precision: str) -> int:
     """The bytes of the components' weights at the precision they compute in."""
-    return sum(
-        weight_bytes(folder.parent, precision) for folder in repository.glob("*/1/model.onnx")
-    )
+    return sum(weight_bytes(folder, precision) for folder in repository.glob("*/1"))
 
 
 # --------------------------------------------------------------------------- served

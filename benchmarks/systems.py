@@ -38,7 +38,11 @@ from edit_pipeline.sampler import make_scheduler
 from export.checkpoint import inspect_folder, load_pipeline
 from export.onnx_export import load_manifest
 from export.presets import IMG2IMG_FOLDER, PIX2PIX_FOLDER
-from model_repository.builder import pipeline_settings
+from model_repository.builder import (
+    pipeline_settings,
+    prepare_openvino_export,
+    served_model_file,
+)
 from model_repository.chain import BuiltModel
 from model_repository.configs import OPENVINO_FLAVOURS
 from pix2pix_client import EditClient
@@ -117,8 +121,11 @@ class BareLoop:
         settings = pipeline_settings(manifest, config.pipeline, options)
         openvino = options.flavour in OPENVINO_FLAVOURS
         self.name = f"bare_openvino_{options.precision}" if openvino else "bare_onnxruntime"
+        if openvino:
+            prepare_openvino_export(export_dir, options)
 
-        def session(path: Path) -> Runnable:
+        def session(component: str) -> Runnable:
+            path = served_model_file(export_dir, component, options)
             if openvino:
                 return OpenVinoComponent(
                     path, options.precision, options.intra_op_threads, options.openvino_streams
@@ -130,12 +137,12 @@ class BareLoop:
         # With the CUDA provider the loop's tensors stay on the GPU, as in the served edit
         # model. What the session got, not what was asked: onnxruntime falls back to the
         # CPU, with a warning only, when the CUDA provider cannot load.
-        unet = session(export_dir / settings.components["unet"]["model"] / "model.onnx")
+        unet = session(settings.components["unet"]["model"])
         on_gpu = not openvino and "CUDAExecutionProvider" in unet.session.get_providers()
         if "CUDAExecutionProvider" in providers and not on_gpu:
             raise ProviderUnavailable("onnxruntime could not load its CUDA provider")
         device = "cuda" if on_gpu else "cpu"
-        self.components = InProcessComponents(export_dir, settings.components, session, device)
+        self.components = InProcessComponents(settings.components, session, device)
         self.pipeline = EditPipeline(
             settings,
             json.loads((export_dir / manifest["schedulers"][config.pipeline]).read_text()),

@@ -22,10 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import re
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from importlib.metadata import version
@@ -36,12 +33,11 @@ import numpy as np
 
 from export.checkpoint import PIX2PIX, inspect_folder
 from export.components import UNET_FOR_PIPELINE, ComponentSpec
-from export.onnx_export import MODEL_FILE, file_sha256, load_manifest
+from export.onnx_export import MODEL_FILE, load_manifest
+from export.openvino_ir import IR_FILE, plain_export_manifest, save_ir, source_files
 
 INT8_DIR = "int8"
 CALIBRATION_FILE = "calibration.json"
-IR_FILE = "model.xml"
-IR_WEIGHTS_FILE = "model.bin"
 # 1: the first layout above.
 CALIBRATION_FORMAT = 1
 # The components quantized: the UNets, called every step.
@@ -225,21 +221,6 @@ def quantize_component(
     )
 
 
-def name_by_position(model: Any) -> None:
-    """OpenVINO names the operations nobody named after a process-wide counter
-    (`Constant_506545`, different in each build, and copied by its transformations):
-    named by their place in the graph instead, two builds write byte-identical IR."""
-    for index, op in enumerate(model.get_ordered_ops()):
-        if re.fullmatch(rf"{op.get_type_name()}(_\d+)+", op.get_friendly_name()):
-            op.set_friendly_name(f"{op.get_type_name()}_{index}")
-
-
-def _source_files(manifest: dict[str, Any], component: str) -> dict[str, str]:
-    """The export's files of a component by path, with their digests (the manifest's)."""
-    files = manifest["components"][component]["files"]
-    return {path: entry["sha256"] for path, entry in files.items()}
-
-
 def _quantized_components(manifest: dict[str, Any]) -> dict[str, Path]:
     """Each UNet of the export with the diffusers folder it was exported from."""
     return {
@@ -251,17 +232,9 @@ def _quantized_components(manifest: dict[str, Any]) -> dict[str, Path]:
 
 def build_int8(export_dir: Path, calibration: Calibration | None = None) -> dict[str, Any]:
     """Quantizes every UNet of the export; writes the IR and calibration.json, returns it."""
-    import openvino as ov
-
     started = time.perf_counter()
     export_dir = Path(export_dir)
-    manifest = load_manifest(export_dir)
-    if manifest["precision"] != "fp32" or manifest.get("optimized"):
-        fused = " with onnxruntime's fusions" if manifest.get("optimized") else ""
-        raise ValueError(
-            f"{export_dir}: a {manifest['precision']} export{fused}; int8 is quantized from "
-            "the plain fp32 one"
-        )
+    manifest = plain_export_manifest(export_dir, "int8 is quantized")
     calibration = (calibration or Calibration()).for_export(manifest)
     output = int8_dir(export_dir)
     (output / CALIBRATION_FILE).unlink(missing_ok=True)
@@ -273,22 +246,11 @@ def build_int8(export_dir: Path, calibration: Calibration | None = None) -> dict
         capture_s = time.perf_counter() - tick
         tick = time.perf_counter()
         quantized = quantize_component(export_dir / name / MODEL_FILE, feeds, calibration)
-        name_by_position(quantized)
-        target = ir_path(export_dir, name)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        written = (target, target.with_name(IR_WEIGHTS_FILE))
-        with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
-            # fp32 for what stays floating point: the fp16 compression would lose precision
-            # the fp32 components keep.
-            ov.save_model(quantized, str(Path(scratch) / IR_FILE), compress_to_fp16=False)
-            # New files, not rewritten ones: repositories hold hard links to the old ones.
-            for path in written:
-                os.replace(Path(scratch) / path.name, path)
-                path.chmod(0o644)  # readable by a server running as another user
+        # fp32 for what stays floating point: the fp16 compression would lose precision
+        # the fp32 components keep.
         components[name] = {
-            "source": _source_files(manifest, name),
-            "files": {path.name: file_sha256(path) for path in written},
-            "bytes": sum(path.stat().st_size for path in written),
+            "source": source_files(manifest, name),
+            **save_ir(quantized, ir_path(export_dir, name), compress_to_fp16=False),
             "samples": len(feeds),
             "capture_seconds": round(capture_s, 1),
             "quantize_seconds": round(time.perf_counter() - tick, 1),
@@ -324,7 +286,7 @@ def int8_matches_export(export_dir: Path) -> bool:
     manifest = load_manifest(export_dir)
     components = record["components"]
     return set(components) == set(_quantized_components(manifest)) and all(
-        entry["source"] == _source_files(manifest, name)
+        entry["source"] == source_files(manifest, name)
         and all((ir_path(export_dir, name).parent / file).is_file() for file in entry["files"])
         for name, entry in components.items()
     )

@@ -5,10 +5,11 @@
         [--precision fp32|bf16|fp16|int8] [--engines DIR] [--help: every option]
 
 The configs come from model_repository/configs.py; this module lays out the folders:
-each component's model file (ONNX, TensorRT engine, or at int8 the quantized UNets'
-OpenVINO IR that export.int8 wrote beside the export), and each edit model's version
-folder with its model.py, tokenizer, scheduler config and `pipeline.json` (the component
-models and tensor names it calls, taken from the specs).
+each component's model file (ONNX, TensorRT engine, or in the openvino flavours the IR
+written beside the export: at bf16 every component's with fp16-stored weights, converted
+here when missing (export/openvino_ir.py), at int8 the UNets export.int8 quantized), and
+each edit model's version folder with its model.py, tokenizer, scheduler config and
+`pipeline.json` (the component models and tensor names it calls, taken from the specs).
 """
 
 from __future__ import annotations
@@ -42,8 +43,9 @@ from export.components import (
     VAE_ENCODER,
     ComponentSpec,
 )
-from export.int8 import IR_FILE, IR_WEIGHTS_FILE, int8_dir, int8_matches_export
+from export.int8 import int8_dir, int8_matches_export
 from export.onnx_export import EXTERNAL_DATA_FILE, MODEL_FILE, load_manifest
+from export.openvino_ir import IR_FILE, IR_WEIGHTS_FILE, ensure_fp16_weights, fp16_weights_dir
 from model_repository.arguments import add_arguments, from_arguments
 from model_repository.configs import (
     OPENVINO_FLAVOURS,
@@ -62,7 +64,7 @@ from model_repository.record import write_record
 
 # The Python backend models' model.py files, copied into the repository.
 TRITON_MODELS = Path(edit_pipeline.triton.__file__).parent
-# The files a component's model may be: the ONNX export, or OpenVINO IR (int8).
+# The files a component's model may be: the ONNX export, or OpenVINO IR (bf16, int8).
 MODEL_FILES = (MODEL_FILE, EXTERNAL_DATA_FILE, IR_FILE, IR_WEIGHTS_FILE)
 # The model.py of each Python flavour's component models.
 COMPONENT_TEMPLATES = {
@@ -164,12 +166,14 @@ def _engine_files(engines_dir: Path) -> dict[str, Path]:
     return {name: engines_dir / entry["engine"] for name, entry in record["components"].items()}
 
 
-def _check_openvino_export(
-    export_dir: Path, manifest: dict[str, Any], options: RepositoryOptions
-) -> None:
-    """OpenVINO reads the plain ONNX export, in fp32, computes bf16 only where the CPU
-    does, and int8 from the IR export.int8 made of this export: raises ValueError with
-    one line otherwise."""
+def prepare_openvino_export(export_dir: Path, options: RepositoryOptions) -> None:
+    """What the openvino flavours serve at `options`' precision, ready in the export.
+
+    OpenVINO reads the plain fp32 export, computes bf16 only where the CPU does, and int8
+    from the IR export.int8 made of this export: raises ValueError with one line
+    otherwise. At bf16 the IR with fp16-stored weights is converted when not current.
+    """
+    manifest = load_manifest(export_dir)
     if manifest.get("optimized"):
         raise ValueError(
             f"{export_dir}: this export has onnxruntime's fusions (export --optimize), which "
@@ -187,22 +191,34 @@ def _check_openvino_export(
             f"`python -m export.int8 {export_dir}` (make int8), or let serve, demo or "
             "bench build them (--precision int8)"
         )
+    if options.precision == "bf16":
+        ensure_fp16_weights(export_dir)
 
 
 def served_folder(export_dir: Path, component: str, options: RepositoryOptions) -> Path:
-    """The folder of the files a component is served from: its ONNX export, or at int8 in
-    an openvino flavour, a quantized component's IR."""
-    int8 = openvino_model_file(component, options.precision) != OPENVINO_MODEL_FILE
-    if int8 and options.flavour in OPENVINO_FLAVOURS:
-        return int8_dir(export_dir) / component
-    return export_dir / component
+    """The folder of the files a component is served from: its ONNX export, or in an
+    openvino flavour its IR (openvino_model_file)."""
+    if options.flavour not in OPENVINO_FLAVOURS:
+        return export_dir / component
+    if openvino_model_file(component, options.precision) == OPENVINO_MODEL_FILE:
+        return export_dir / component
+    ir_dir = fp16_weights_dir if options.precision == "bf16" else int8_dir
+    return ir_dir(export_dir) / component
+
+
+def served_model_file(export_dir: Path, component: str, options: RepositoryOptions) -> Path:
+    """The file a component is served from, in its served_folder."""
+    openvino = options.flavour in OPENVINO_FLAVOURS
+    name = openvino_model_file(component, options.precision) if openvino else MODEL_FILE
+    return served_folder(export_dir, component, options) / name
 
 
 def weight_bytes(folder: Path, precision: str) -> int:
     """Bytes of the weights of the component whose files are in `folder`, as it computes:
-    the files' size, halved for bf16 (computed from the fp32 export)."""
+    the files' size, halved for an fp32 ONNX export computed in bf16."""
     stored = sum((folder / file).stat().st_size for file in MODEL_FILES if (folder / file).exists())
-    return stored // 2 if precision == "bf16" else stored
+    from_fp32 = precision == "bf16" and (folder / MODEL_FILE).exists()
+    return stored // 2 if from_fp32 else stored
 
 
 def with_edit_instances(
@@ -245,7 +261,7 @@ def build_repository(
     if options.flavour == "tensorrt" and not engines:
         raise FileNotFoundError("the tensorrt flavour needs --engines (export.tensorrt_engines)")
     if options.flavour in OPENVINO_FLAVOURS:
-        _check_openvino_export(export_dir, manifest, options)
+        prepare_openvino_export(export_dir, options)
 
     pipelines = options.pipelines or tuple(manifest["pipelines"])
     missing = [p for p in pipelines if p not in manifest["pipelines"]]

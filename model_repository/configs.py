@@ -23,7 +23,8 @@ from tritonclient.grpc import model_config_pb2 as mc
 from edit_pipeline.openvino_component import bf16_unsupported_reason
 from edit_pipeline.preprocess import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE, ImageLimits
 from export.components import MIN_IMAGE_SIDE, UNET_FOR_PIPELINE, ComponentSpec, TensorSpec
-from export.int8 import IR_FILE, QUANTIZED_COMPONENTS
+from export.int8 import QUANTIZED_COMPONENTS
+from export.openvino_ir import IR_FILE
 from model_repository.arguments import option
 from pix2pix_client.contract import (
     OUTPUTS,
@@ -52,8 +53,8 @@ OPENVINO_PRECISIONS = ("bf16", "int8")
 # A flavour or precision chosen for this machine when the repository is built.
 AUTO = "auto"
 READINESS_MODEL = "readiness"
-# The file both openvino flavours read: the plain ONNX export, as it is (int8: the
-# quantized components' IR instead, openvino_model_file).
+# The file both openvino flavours read: the plain ONNX export, as it is (bf16: IR with
+# fp16-stored weights, int8: the quantized components' IR; openvino_model_file).
 OPENVINO_MODEL_FILE = "model.onnx"
 # The rate limiter's resource: held by a component model instance while it computes.
 CPU_RESOURCE = "cpu_cores"
@@ -381,13 +382,11 @@ def openvino_backend_parameters(options: RepositoryOptions) -> dict[str, str]:
 
 
 def openvino_model_file(component: str, precision: str) -> str:
-    """The file an openvino flavour's component reads: the int8 IR of a quantized
-    component at int8, the plain ONNX export otherwise."""
-    return (
-        IR_FILE
-        if precision == "int8" and component in QUANTIZED_COMPONENTS
-        else OPENVINO_MODEL_FILE
-    )
+    """The file an openvino flavour's component reads: IR at bf16 (its weights stored in
+    fp16, export/openvino_ir.py) and for a quantized component at int8, the plain ONNX
+    export otherwise."""
+    quantized = precision == "int8" and component in QUANTIZED_COMPONENTS
+    return IR_FILE if precision == "bf16" or quantized else OPENVINO_MODEL_FILE
 
 
 def edit_instance_kind(flavour: str) -> int:

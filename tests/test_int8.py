@@ -26,8 +26,6 @@ from edit_pipeline.preprocess import decode_image
 from export.int8 import (
     CALIBRATION_FILE,
     CALIBRATION_PROMPTS,
-    IR_FILE,
-    IR_WEIGHTS_FILE,
     QUANTIZED_COMPONENTS,
     Calibration,
     build_int8,
@@ -37,6 +35,7 @@ from export.int8 import (
     ir_path,
 )
 from export.onnx_export import MANIFEST, MODEL_FILE
+from export.openvino_ir import IR_FILE, IR_WEIGHTS_FILE
 from model_repository.builder import build_repository
 from model_repository.configs import FLAVOURS, OPENVINO_FLAVOURS, RepositoryOptions
 from tests.serving import edit, photo, png_bytes

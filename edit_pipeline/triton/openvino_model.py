@@ -11,6 +11,7 @@ from edit_pipeline.runtime_status import InstanceStatus
 from edit_pipeline.triton.component_model import ComponentModel, with_shallow_pass
 from edit_pipeline.triton.triton_io import config_parameters
 from export.onnx_export import MODEL_FILE
+from export.openvino_ir import IR_FILE
 
 
 class TritonPythonModel(ComponentModel):
@@ -19,8 +20,10 @@ class TritonPythonModel(ComponentModel):
         self.model_name = args["model_name"]
         version_dir = Path(args["model_repository"]) / args["model_version"]
 
-        # The shallow pass of a UNet (never quantized) is its ONNX export.
-        def load(folder: Path, model_file: str = MODEL_FILE) -> OpenVinoComponent:
+        # The shallow pass of a UNet: IR at bf16, its ONNX export at int8 (never quantized).
+        def load(folder: Path, model_file: str | None = None) -> OpenVinoComponent:
+            if model_file is None:
+                model_file = IR_FILE if (folder / IR_FILE).is_file() else MODEL_FILE
             return OpenVinoComponent(
                 folder / model_file,
                 precision=parameters["precision"],

@@ -1,0 +1,171 @@
+"""OpenVINO IR written beside an export: how both kinds are saved, and the fp16-stored
+weights that the openvino flavours serve at bf16.
+
+    python -m export.openvino_ir EXPORT_DIR
+
+OpenVINO reading the ONNX export keeps its fp32 weights in memory beside the bf16 copies
+the CPU computes with. From IR whose weights are stored in fp16 (OpenVINO's
+compress_to_fp16) it maps the weights file instead and holds only the bf16 copies: at
+the sd15 size a UNet holds 3.9 GB after a 512x512 call instead of 6.0, at the same speed
+(benchmarks/README.md, "Memory at real size"). fp16 keeps more mantissa than the bf16
+the CPU computes in; the weights it cannot hold (beyond fp16's range) OpenVINO leaves in
+fp32. Every component of the export is converted, in seconds, by the repository builder
+when the bf16 repository is built (model_repository/builder.py), or by this command:
+
+    EXPORT_DIR/fp16_weights/record.json         versions, source and IR digests
+    EXPORT_DIR/fp16_weights/<component>/model.xml, .bin
+
+The int8 UNets (export/int8.py) are IR too, saved the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+from export.onnx_export import MODEL_FILE, file_sha256, load_manifest
+
+IR_FILE = "model.xml"
+IR_WEIGHTS_FILE = "model.bin"
+FP16_WEIGHTS_DIR = "fp16_weights"
+RECORD_FILE = "record.json"
+# 1: the layout above.
+RECORD_FORMAT = 1
+
+
+def name_by_position(model: Any) -> None:
+    """OpenVINO names the operations nobody named after a process-wide counter
+    (`Constant_506545`, different in each build, and copied by its transformations):
+    named by their place in the graph instead, two builds write byte-identical IR."""
+    for index, op in enumerate(model.get_ordered_ops()):
+        if re.fullmatch(rf"{op.get_type_name()}(_\d+)+", op.get_friendly_name()):
+            op.set_friendly_name(f"{op.get_type_name()}_{index}")
+
+
+def save_ir(model: Any, target: Path, compress_to_fp16: bool) -> dict[str, Any]:
+    """Writes `model` as IR at `target` (model.xml, and model.bin beside it); returns the
+    two files' digests by name ("files") and their size ("bytes")."""
+    import openvino as ov
+
+    name_by_position(model)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    written = (target, target.with_name(IR_WEIGHTS_FILE))
+    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+        ov.save_model(model, str(Path(scratch) / target.name), compress_to_fp16=compress_to_fp16)
+        # New files, not rewritten ones: repositories hold hard links to the old ones.
+        for path in written:
+            os.replace(Path(scratch) / path.name, path)
+            path.chmod(0o644)  # readable by a server running as another user
+    return {
+        "files": {path.name: file_sha256(path) for path in written},
+        "bytes": sum(path.stat().st_size for path in written),
+    }
+
+
+def plain_export_manifest(export_dir: Path, made: str) -> dict[str, Any]:
+    """The manifest of the plain fp32 export (no onnxruntime fusions) at `export_dir`, the
+    one IR is made from; raises ValueError naming what is `made` otherwise."""
+    manifest = load_manifest(export_dir)
+    if manifest["precision"] != "fp32" or manifest.get("optimized"):
+        fused = " with onnxruntime's fusions" if manifest.get("optimized") else ""
+        raise ValueError(
+            f"{export_dir}: a {manifest['precision']} export{fused}; {made} from the plain fp32 one"
+        )
+    return manifest
+
+
+def source_files(manifest: dict[str, Any], component: str) -> dict[str, str]:
+    """The export's files of a component by path, with their digests (the manifest's)."""
+    files = manifest["components"][component]["files"]
+    return {path: entry["sha256"] for path, entry in files.items()}
+
+
+def fp16_weights_dir(export_dir: Path) -> Path:
+    return Path(export_dir) / FP16_WEIGHTS_DIR
+
+
+def _record(export_dir: Path) -> dict[str, Any] | None:
+    path = fp16_weights_dir(export_dir) / RECORD_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def fp16_weights_are_current(export_dir: Path) -> bool:
+    """Whether the export holds fp16-weight IR of every component, converted from its
+    current files by today's OpenVINO."""
+    record = _record(export_dir)
+    if record is None or record.get("format") != RECORD_FORMAT:
+        return False
+    if record.get("openvino") != version("openvino"):
+        return False
+    manifest = load_manifest(export_dir)
+    components = record["components"]
+    return set(components) == set(manifest["components"]) and all(
+        entry["source"] == source_files(manifest, name)
+        and all((fp16_weights_dir(export_dir) / name / file).is_file() for file in entry["files"])
+        for name, entry in components.items()
+    )
+
+
+def build_fp16_weights(export_dir: Path) -> dict[str, Any]:
+    """Converts every component of the plain fp32 export to IR with fp16-stored weights;
+    writes them and record.json, returns the record."""
+    import openvino as ov
+
+    started = time.perf_counter()
+    export_dir = Path(export_dir)
+    manifest = plain_export_manifest(export_dir, "fp16-stored weights are converted")
+    output = fp16_weights_dir(export_dir)
+    (output / RECORD_FILE).unlink(missing_ok=True)
+    components: dict[str, Any] = {}
+    core = ov.Core()
+    for name in manifest["components"]:
+        model = core.read_model(str(export_dir / name / MODEL_FILE))
+        components[name] = {
+            "source": source_files(manifest, name),
+            **save_ir(model, output / name / IR_FILE, compress_to_fp16=True),
+        }
+        del model
+    record = {
+        "format": RECORD_FORMAT,
+        "openvino": version("openvino"),
+        "components": components,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    (output / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    total = sum(entry["bytes"] for entry in components.values())
+    print(
+        f"fp16-stored weights of {len(components)} components: {total / 1e9:.2f} GB "
+        f"in {output} ({record['seconds']} s)",
+        flush=True,
+    )
+    return record
+
+
+def ensure_fp16_weights(export_dir: Path) -> None:
+    """Converts the export's components (build_fp16_weights) unless they are current."""
+    if not fp16_weights_are_current(export_dir):
+        build_fp16_weights(export_dir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("export_dir", type=Path, help="folder written by export.onnx_export")
+    args = parser.parse_args(argv)
+    try:
+        build_fp16_weights(args.export_dir)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
