@@ -13,7 +13,9 @@ logs why (one built on another machine).
 Requests that arrive together (Triton's dynamic batcher) and share a shape run as one
 call, as in the onnxruntime flavour (edit_pipeline/batching.py). A component called once
 per edit (the encoders, the VAE) gives its working memory back after each call
-(`release_activations`, OpenVINO's `release_memory`); the UNet keeps its own.
+(`release_activations`, OpenVINO's `release_memory`); the UNet keeps its own. A component
+read from IR gives back the pages of its mapped weights file once a call of a new shape
+has packed them (edit_pipeline/mapped_files.py).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from edit_pipeline.batching import model_feed, run_merged
+from edit_pipeline.mapped_files import release_mapped_pages
 
 # What OpenVINO computes in, by the project's name: OpenVINO's name of it.
 INFERENCE_PRECISIONS = {"fp32": "f32", "bf16": "bf16"}
@@ -138,6 +141,10 @@ class OpenVinoComponent:
         self.compiled = core.compile_model(model, "CPU", properties)
         self._request = self.compiled.create_infer_request()
         self.release_activations = release_activations
+        # IR's weights file, which OpenVINO maps and packs from on a shape's first call.
+        ir = self.model_path.suffix == ".xml"
+        self._mapped_weights = self.model_path.with_suffix(".bin") if ir else None
+        self._shapes_packed: set[tuple[tuple[int, ...], ...]] = set()
 
     @property
     def inference_precision(self) -> str:
@@ -160,6 +167,10 @@ class OpenVinoComponent:
         results = {name: outputs[name] for name in self.output_names}
         if self.release_activations:
             self.compiled.release_memory()
+        shapes = tuple(array.shape for array in feed.values())
+        if self._mapped_weights is not None and shapes not in self._shapes_packed:
+            self._shapes_packed.add(shapes)
+            release_mapped_pages(self._mapped_weights)
         return results
 
     def run_merged(self, requests: Sequence[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:

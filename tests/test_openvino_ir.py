@@ -4,12 +4,14 @@
 Converted when a bf16 repository is built and kept while current, converted again when
 the export changes; served by both openvino flavours; computing in bf16 what the ONNX
 export's fp32 weights compute, within bf16's own rounding; and a real tritonserver edits
-with them, reused UNet work (the shallow pass's IR) included.
+with them, reused UNet work (the shallow pass's IR) included. A component read from IR
+gives back its mapped weights file's pages (edit_pipeline/mapped_files.py).
 """
 
 from __future__ import annotations
 
 import json
+import mmap
 import shutil
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from benchmarks.fidelity import psnr
+from edit_pipeline.mapped_files import mapped_ranges, release_mapped_pages
 from edit_pipeline.openvino_component import OpenVinoComponent, bf16_unsupported_reason
 from edit_pipeline.preprocess import decode_image
 from export.onnx_export import MANIFEST, MODEL_FILE, load_manifest
@@ -27,6 +30,7 @@ from export.openvino_ir import (
     IR_FILE,
     IR_WEIGHTS_FILE,
     RECORD_FILE,
+    ensure_fp16_weights,
     fp16_weights_are_current,
     fp16_weights_dir,
 )
@@ -164,3 +168,51 @@ def test_a_served_bf16_edit_with_fp16_stored_weights(
     assert reused.pixels.shape == served.shape
     assert reused.png != result.png
     assert psnr(reused.pixels, served) >= 20.0
+
+
+def _resident_bytes(path: Path) -> int:
+    """Bytes of `path` resident in this process's mappings of it (/proc/self/smaps)."""
+    target, resident, inside = str(path.resolve()), 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        if "-" in line.split(maxsplit=1)[0]:  # a mapping's header line
+            inside = line.endswith(target)
+        elif inside and line.startswith("Rss:"):
+            resident += int(line.split()[1]) * 1024
+    return resident
+
+
+def test_mapped_pages_are_given_back_and_read_again(tmp_path: Path) -> None:
+    data = np.random.default_rng(0).integers(0, 255, 4 << 20, dtype=np.uint8).tobytes()
+    path = tmp_path / "weights.bin"
+    path.write_bytes(data)
+    with path.open("rb") as file, mmap.mmap(file.fileno(), 0, prot=mmap.PROT_READ) as mapped:
+        assert mapped[:] == data  # every page touched
+        assert _resident_bytes(path) >= len(data)
+        assert release_mapped_pages(path) >= len(data)
+        assert _resident_bytes(path) == 0
+        assert mapped[:] == data
+
+
+def test_a_writable_mapping_is_left_alone(tmp_path: Path) -> None:
+    path = tmp_path / "scratch.bin"
+    path.write_bytes(bytes(1 << 20))
+    with path.open("r+b") as file, mmap.mmap(file.fileno(), 0) as mapped:
+        mapped[:4] = b"kept"
+        assert mapped_ranges(path) == []
+        assert release_mapped_pages(path) == 0
+        assert mapped[:4] == b"kept"
+
+
+def test_a_component_from_ir_keeps_none_of_its_weights_file(tiny_export: Path) -> None:
+    """After a call has packed the weights, the mapped file's pages are given back and the
+    next calls compute the same."""
+    ensure_fp16_weights(tiny_export)
+    ir = fp16_weights_dir(tiny_export) / UNET / IR_FILE
+    component = OpenVinoComponent(ir, "bf16", threads=1)
+    first = component.run(unet_inputs())["noise_pred"]
+    weights = ir.with_name(IR_WEIGHTS_FILE)
+    assert mapped_ranges(weights)
+    assert _resident_bytes(weights) == 0
+    assert np.array_equal(component.run(unet_inputs())["noise_pred"], first)
+    component.run(unet_inputs(batch=2))
+    assert _resident_bytes(weights) == 0
