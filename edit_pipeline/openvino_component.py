@@ -1,11 +1,10 @@
 """An exported component run by OpenVINO inside a Python backend model.
 
-Used by the `python-openvino` flavour. OpenVINO compiles for the CPU the plain ONNX export
-(the onnxruntime fusions' contrib ops are no ONNX it reads) in fp32, or in bf16 the IR
-with fp16-stored weights converted from it (export/openvino_ir.py); at int8 the UNets'
-quantized IR (export/int8.py) computes its quantized operations in int8 and, like the
-components not quantized, the rest in bf16 where the CPU computes it natively, fp32
-elsewhere.
+Used by the `python-openvino` flavour. OpenVINO compiles the plain ONNX export (the
+onnxruntime fusions' contrib ops are no ONNX it reads) for the CPU, in fp32 or in bf16;
+at int8 the UNets' quantized IR (export/int8.py) computes its quantized operations in
+int8 and, like the components not quantized, the rest in bf16 where the CPU computes it
+natively, fp32 elsewhere.
 bf16 halves the work of the convolutions and matrix products on CPUs that compute it
 natively (AVX512_BF16, AMX); elsewhere it buys no speed, so building a bf16 repository
 there is refused with one line, and a bf16 repository loaded there computes in fp32 and
@@ -14,8 +13,7 @@ logs why (one built on another machine).
 Requests that arrive together (Triton's dynamic batcher) and share a shape run as one
 call, as in the onnxruntime flavour (edit_pipeline/batching.py). A component called once
 per edit (the encoders, the VAE) gives its working memory back after each call
-(`release_activations`, OpenVINO's `release_memory`); the UNet keeps its own between the
-steps of an edit and gives it back once idle (`release_when_idle_s`). A component
+(`release_activations`, OpenVINO's `release_memory`); the UNet keeps its own. A component
 read from IR gives back the pages of its mapped weights file once a call of a new shape
 has packed them (edit_pipeline/mapped_files.py).
 """
@@ -23,7 +21,6 @@ has packed them (edit_pipeline/mapped_files.py).
 from __future__ import annotations
 
 import functools
-import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -122,7 +119,6 @@ class OpenVinoComponent:
         threads: int = 0,
         streams: int = 1,
         release_activations: bool = False,
-        release_when_idle_s: float = 0.0,
     ) -> None:
         import openvino as ov
 
@@ -145,11 +141,6 @@ class OpenVinoComponent:
         self.compiled = core.compile_model(model, "CPU", properties)
         self._request = self.compiled.create_infer_request()
         self.release_activations = release_activations
-        # Working memory kept between calls (a UNet's steps) and given back once no call
-        # has come for this long (0: kept).
-        self.release_when_idle_s = release_when_idle_s
-        self._idle_timer: threading.Timer | None = None
-        self._lock = threading.Lock()
         # IR's weights file, which OpenVINO maps and packs from on a shape's first call.
         ir = self.model_path.suffix == ".xml"
         self._mapped_weights = self.model_path.with_suffix(".bin") if ir else None
@@ -163,16 +154,8 @@ class OpenVinoComponent:
 
     def close(self) -> None:
         """Releases the compiled model and its infer request."""
-        with self._lock:
-            if self._idle_timer is not None:
-                self._idle_timer.cancel()
-            self._request = None
-            self.compiled = None
-
-    def _release_idle(self) -> None:
-        with self._lock:
-            if self.compiled is not None:
-                self.compiled.release_memory()
+        self._request = None
+        self.compiled = None
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One call: named inputs -> named outputs (arrays of their own)."""
@@ -180,17 +163,10 @@ class OpenVinoComponent:
             name: np.ascontiguousarray(array)
             for name, array in model_feed(inputs, self.input_names, self.input_ranks).items()
         }
-        with self._lock:
-            if self._idle_timer is not None:
-                self._idle_timer.cancel()
-            outputs = self._request.infer(feed, share_inputs=True, share_outputs=False)
-            results = {name: outputs[name] for name in self.output_names}
-            if self.release_activations:
-                self.compiled.release_memory()
-            elif self.release_when_idle_s > 0:
-                self._idle_timer = threading.Timer(self.release_when_idle_s, self._release_idle)
-                self._idle_timer.daemon = True
-                self._idle_timer.start()
+        outputs = self._request.infer(feed, share_inputs=True, share_outputs=False)
+        results = {name: outputs[name] for name in self.output_names}
+        if self.release_activations:
+            self.compiled.release_memory()
         shapes = tuple(array.shape for array in feed.values())
         if self._mapped_weights is not None and shapes not in self._shapes_packed:
             self._shapes_packed.add(shapes)

@@ -39,8 +39,7 @@ KIND_CPU = mc.ModelInstanceGroup.KIND_CPU
 KIND_GPU = mc.ModelInstanceGroup.KIND_GPU
 
 FLAVOURS = ("python-onnxruntime", "onnxruntime", "tensorrt", "python-openvino", "openvino")
-# The flavours whose components OpenVINO runs: they read the plain ONNX export, or IR
-# made from it (openvino_model_file).
+# The flavours whose components OpenVINO runs: they read the plain ONNX export only.
 OPENVINO_FLAVOURS = ("python-openvino", "openvino")
 # The flavours whose components are Python backend models (the wheel's tritonserver).
 PYTHON_FLAVOURS = ("python-onnxruntime", "python-openvino")
@@ -57,10 +56,6 @@ READINESS_MODEL = "readiness"
 # The file both openvino flavours read: the plain ONNX export, as it is (bf16: IR with
 # fp16-stored weights, int8: the quantized components' IR; openvino_model_file).
 OPENVINO_MODEL_FILE = "model.onnx"
-# A python-openvino UNet's calls come milliseconds apart within an edit; after this long
-# without one, the edit is over and it gives its working memory back (at the SD 1.5 size,
-# 512x512: 0.4-0.6 GB).
-UNET_IDLE_RELEASE_S = 1.0
 # The rate limiter's resource: held by a component model instance while it computes.
 CPU_RESOURCE = "cpu_cores"
 
@@ -139,8 +134,7 @@ class RepositoryOptions:
         # A UNet is called every step: it keeps its working memory for the next one.
         True,
         "python flavours: the components called once per edit (text encoder, VAE) give "
-        "their working memory back after each call; python-openvino's UNets theirs after "
-        f"{UNET_IDLE_RELEASE_S:g} s without a call",
+        "their working memory back after each call",
     )
     onnxruntime_fusions: bool = option(
         True, "onnxruntime flavours: serve the export with onnxruntime's fusions (faster)"
@@ -345,9 +339,6 @@ def component_config(
                 "threads": options.intra_op_threads,
                 "streams": options.openvino_streams,
                 "release_activations": int(options.release_activations and not is_unet),
-                "release_when_idle_s": UNET_IDLE_RELEASE_S
-                if options.release_activations and is_unet
-                else 0,
             },
         )
     elif options.flavour == "openvino":

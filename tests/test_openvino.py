@@ -7,7 +7,6 @@ capabilities standing in for a CPU without native bf16 (this one has it).
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -192,31 +191,3 @@ def test_bf16_edits_stay_close_to_diffusers(
     )
     assert difference.max() <= BF16_MAX_ABS_DIFFERENCE
     assert quality >= BF16_MIN_PSNR_DB
-
-
-def _anonymous_mb() -> float:
-    """This process's anonymous memory (MB): working memory, not mapped files."""
-    for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
-        if line.startswith("Anonymous:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no Anonymous line in smaps_rollup")
-
-
-def test_a_unet_gives_its_working_memory_back_once_idle(tiny_export: Path) -> None:
-    """What the python-openvino UNets do (release_when_idle_s): their working memory
-    stays between calls that come close together and goes back once none has come for
-    the interval; the next call allocates again and computes the same."""
-    model = tiny_export / "unet_pix2pix" / "model.onnx"
-    component = OpenVinoComponent(model, "fp32", threads=1, release_when_idle_s=1.0)
-    inputs = unet_inputs()
-    # 96x96 latents: working memory of tens of MB, even at the tiny preset's width.
-    inputs["sample"] = np.random.default_rng(1).standard_normal((3, 8, 96, 96), np.float32)
-    first = component.run(inputs)["noise_pred"]
-    busy = _anonymous_mb()
-    time.sleep(0.05)
-    assert _anonymous_mb() > busy - 5  # not yet idle for a second: kept
-    time.sleep(1.6)
-    idle = _anonymous_mb()
-    assert busy - idle > 20
-    np.testing.assert_array_equal(component.run(inputs)["noise_pred"], first)
-    component.close()

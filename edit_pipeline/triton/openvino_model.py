@@ -30,7 +30,6 @@ class TritonPythonModel(ComponentModel):
                 threads=int(parameters["threads"]),
                 streams=int(parameters["streams"]),
                 release_activations=parameters.get("release_activations", "0") == "1",
-                release_when_idle_s=float(parameters.get("release_when_idle_s", "0")),
             )
 
         full = load(version_dir, parameters["model_file"])
