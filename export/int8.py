@@ -234,7 +234,7 @@ def build_int8(export_dir: Path, calibration: Calibration | None = None) -> dict
     """Quantizes every UNet of the export; writes the IR and calibration.json, returns it."""
     started = time.perf_counter()
     export_dir = Path(export_dir)
-    manifest = plain_export_manifest(export_dir, "int8 is quantized")
+    manifest = plain_export_manifest(export_dir, "int8 quantization")
     calibration = (calibration or Calibration()).for_export(manifest)
     output = int8_dir(export_dir)
     (output / CALIBRATION_FILE).unlink(missing_ok=True)

@@ -15,6 +15,9 @@ when the bf16 repository is built (model_repository/builder.py), or by this comm
     EXPORT_DIR/fp16_weights/record.json         versions, source and IR digests
     EXPORT_DIR/fp16_weights/<component>/model.xml, .bin
 
+An export on a read-only volume is converted into the user's cache instead
+(fp16_weights_dir); the int8 UNets are built into the export only.
+
 The int8 UNets (export/int8.py) are IR too, saved the same way.
 """
 
@@ -31,7 +34,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from export.onnx_export import MODEL_FILE, file_sha256, load_manifest
+from export.onnx_export import MANIFEST, MODEL_FILE, file_sha256, load_manifest
 
 IR_FILE = "model.xml"
 IR_WEIGHTS_FILE = "model.bin"
@@ -70,14 +73,20 @@ def save_ir(model: Any, target: Path, compress_to_fp16: bool) -> dict[str, Any]:
     }
 
 
-def plain_export_manifest(export_dir: Path, made: str) -> dict[str, Any]:
+def plain_export_manifest(export_dir: Path, needed_by: str) -> dict[str, Any]:
     """The manifest of the plain fp32 export (no onnxruntime fusions) at `export_dir`, the
-    one IR is made from; raises ValueError naming what is `made` otherwise."""
+    one OpenVINO reads and IR is made from; raises ValueError saying what `needed_by`
+    needs otherwise."""
     manifest = load_manifest(export_dir)
-    if manifest["precision"] != "fp32" or manifest.get("optimized"):
-        fused = " with onnxruntime's fusions" if manifest.get("optimized") else ""
+    if manifest.get("optimized"):
         raise ValueError(
-            f"{export_dir}: a {manifest['precision']} export{fused}; {made} from the plain fp32 one"
+            f"{export_dir}: this export has onnxruntime's fusions (export --optimize), which "
+            f"OpenVINO cannot read; {needed_by} needs the plain export"
+        )
+    if manifest["precision"] != "fp32":
+        raise ValueError(
+            f"{export_dir}: a {manifest['precision']} export; {needed_by} needs the fp32 one "
+            "(bf16 is chosen with precision, not exported)"
         )
     return manifest
 
@@ -89,29 +98,37 @@ def source_files(manifest: dict[str, Any], component: str) -> dict[str, str]:
 
 
 def fp16_weights_dir(export_dir: Path) -> Path:
-    return Path(export_dir) / FP16_WEIGHTS_DIR
+    """Where the export's fp16-stored weights are: beside it, or when the export is
+    read-only (a mounted volume) and holds none current, in the user's cache under the
+    export manifest's digest (`$XDG_CACHE_HOME`, else ~/.cache: pix2pix/fp16_weights/)."""
+    export_dir = Path(export_dir)
+    beside = export_dir / FP16_WEIGHTS_DIR
+    if os.access(export_dir, os.W_OK) or _holds_current(export_dir, beside):
+        return beside
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "pix2pix" / FP16_WEIGHTS_DIR / file_sha256(export_dir / MANIFEST)[:16]
 
 
-def _record(export_dir: Path) -> dict[str, Any] | None:
-    path = fp16_weights_dir(export_dir) / RECORD_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def fp16_weights_are_current(export_dir: Path) -> bool:
-    """Whether the export holds fp16-weight IR of every component, converted from its
-    current files by today's OpenVINO."""
-    record = _record(export_dir)
-    if record is None or record.get("format") != RECORD_FORMAT:
+def _holds_current(export_dir: Path, folder: Path) -> bool:
+    record_path = folder / RECORD_FILE
+    if not record_path.is_file():
         return False
-    if record.get("openvino") != version("openvino"):
+    record = json.loads(record_path.read_text())
+    if record.get("format") != RECORD_FORMAT or record.get("openvino") != version("openvino"):
         return False
     manifest = load_manifest(export_dir)
     components = record["components"]
     return set(components) == set(manifest["components"]) and all(
         entry["source"] == source_files(manifest, name)
-        and all((fp16_weights_dir(export_dir) / name / file).is_file() for file in entry["files"])
+        and all((folder / name / file).is_file() for file in entry["files"])
         for name, entry in components.items()
     )
+
+
+def fp16_weights_are_current(export_dir: Path) -> bool:
+    """Whether fp16-weight IR of every component of the export, converted from its current
+    files by today's OpenVINO, is where fp16_weights_dir says."""
+    return _holds_current(export_dir, fp16_weights_dir(export_dir))
 
 
 def build_fp16_weights(export_dir: Path) -> dict[str, Any]:
@@ -121,8 +138,9 @@ def build_fp16_weights(export_dir: Path) -> dict[str, Any]:
 
     started = time.perf_counter()
     export_dir = Path(export_dir)
-    manifest = plain_export_manifest(export_dir, "fp16-stored weights are converted")
+    manifest = plain_export_manifest(export_dir, "the fp16-stored weights' conversion")
     output = fp16_weights_dir(export_dir)
+    output.mkdir(parents=True, exist_ok=True)
     (output / RECORD_FILE).unlink(missing_ok=True)
     components: dict[str, Any] = {}
     core = ov.Core()
@@ -150,9 +168,18 @@ def build_fp16_weights(export_dir: Path) -> dict[str, Any]:
 
 
 def ensure_fp16_weights(export_dir: Path) -> None:
-    """Converts the export's components (build_fp16_weights) unless they are current."""
-    if not fp16_weights_are_current(export_dir):
+    """Converts the export's components (build_fp16_weights) unless they are current;
+    raises ValueError naming the folder when it cannot be written."""
+    if fp16_weights_are_current(export_dir):
+        return
+    try:
         build_fp16_weights(export_dir)
+    except OSError as error:
+        raise ValueError(
+            f"{export_dir}: cannot write its fp16-stored weights to "
+            f"{fp16_weights_dir(export_dir)} ({error.strerror}); point XDG_CACHE_HOME at a "
+            "writable folder, or serve precision fp32"
+        ) from error
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -45,7 +45,13 @@ from export.components import (
 )
 from export.int8 import int8_dir, int8_matches_export
 from export.onnx_export import EXTERNAL_DATA_FILE, MODEL_FILE, load_manifest
-from export.openvino_ir import IR_FILE, IR_WEIGHTS_FILE, ensure_fp16_weights, fp16_weights_dir
+from export.openvino_ir import (
+    IR_FILE,
+    IR_WEIGHTS_FILE,
+    ensure_fp16_weights,
+    fp16_weights_dir,
+    plain_export_manifest,
+)
 from model_repository.arguments import add_arguments, from_arguments
 from model_repository.configs import (
     OPENVINO_FLAVOURS,
@@ -173,17 +179,7 @@ def prepare_openvino_export(export_dir: Path, options: RepositoryOptions) -> Non
     from the IR export.int8 made of this export: raises ValueError with one line
     otherwise. At bf16 the IR with fp16-stored weights is converted when not current.
     """
-    manifest = load_manifest(export_dir)
-    if manifest.get("optimized"):
-        raise ValueError(
-            f"{export_dir}: this export has onnxruntime's fusions (export --optimize), which "
-            f"OpenVINO cannot read; the {options.flavour} flavour needs the plain export"
-        )
-    if manifest["precision"] != "fp32":
-        raise ValueError(
-            f"{export_dir}: a {manifest['precision']} export; the {options.flavour} flavour "
-            "needs the fp32 one (bf16 is chosen with precision, not exported)"
-        )
+    plain_export_manifest(export_dir, f"the {options.flavour} flavour")
     check_precision(options.precision)
     if options.precision == "int8" and not int8_matches_export(export_dir):
         raise ValueError(

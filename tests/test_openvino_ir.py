@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import json
 import mmap
+import os
 import shutil
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +30,7 @@ from edit_pipeline.openvino_component import OpenVinoComponent, bf16_unsupported
 from edit_pipeline.preprocess import decode_image
 from export.onnx_export import MANIFEST, MODEL_FILE, load_manifest
 from export.openvino_ir import (
+    FP16_WEIGHTS_DIR,
     IR_FILE,
     IR_WEIGHTS_FILE,
     RECORD_FILE,
@@ -134,6 +138,50 @@ def test_fp16_stored_weights_compute_in_bf16_what_fp32_ones_do(
     assert bf16_rounding > 0
     assert np.abs(from_fp16 - fp32).max() <= 1.5 * bf16_rounding
     assert np.abs(from_fp16 - from_fp32).max() <= 1.5 * bf16_rounding
+
+
+@pytest.fixture
+def read_only_export(tiny_export: Path, tmp_path: Path) -> Iterator[Path]:
+    """A copy of the tiny export, without its conversion, on a read-only folder: a read-only
+    bind mount as root (as a volume mounted read-only), its write bits cleared otherwise."""
+    source = tmp_path / "export"
+    shutil.copytree(tiny_export, source, ignore=shutil.ignore_patterns(FP16_WEIGHTS_DIR))
+    if os.geteuid() != 0:
+        for path in (source, *source.rglob("*")):
+            path.chmod(path.stat().st_mode & ~0o222)
+        yield source
+        return
+    mounted = tmp_path / "mounted"
+    mounted.mkdir()
+    mount = ["mount", "--bind", "-o", "ro", str(source), str(mounted)]
+    if subprocess.run(mount, capture_output=True).returncode != 0:
+        pytest.skip("no read-only folder here: root, and bind mounts are not allowed")
+    try:
+        yield mounted
+    finally:
+        subprocess.run(["umount", str(mounted)], check=True)
+
+
+def test_a_read_only_export_is_converted_into_the_cache(
+    read_only_export: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert not os.access(read_only_export, os.W_OK)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    converted = fp16_weights_dir(read_only_export)
+    assert converted.parent == tmp_path / "cache" / "pix2pix" / FP16_WEIGHTS_DIR
+    options = RepositoryOptions(flavour="python-openvino", precision="bf16", intra_op_threads=1)
+    build_repository(read_only_export, tmp_path / "repository", options)
+    assert fp16_weights_are_current(read_only_export)
+    served = tmp_path / "repository" / UNET / "1" / IR_FILE
+    assert served.read_bytes() == (converted / UNET / IR_FILE).read_bytes()
+    written = (converted / UNET / IR_WEIGHTS_FILE).stat().st_mtime_ns
+    build_repository(read_only_export, tmp_path / "again", options)
+    assert (converted / UNET / IR_WEIGHTS_FILE).stat().st_mtime_ns == written
+
+    # Nowhere to write: one line naming the folder and the ways out.
+    monkeypatch.setenv("XDG_CACHE_HOME", str(read_only_export / "cache"))
+    with pytest.raises(ValueError, match=r"cannot write its fp16-stored weights to .*XDG_CACHE"):
+        build_repository(read_only_export, tmp_path / "nowhere", options)
 
 
 @pytest.fixture(scope="module")
