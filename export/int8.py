@@ -34,7 +34,14 @@ import numpy as np
 from export.checkpoint import PIX2PIX, inspect_folder
 from export.components import UNET_FOR_PIPELINE, ComponentSpec
 from export.onnx_export import MODEL_FILE, load_manifest
-from export.openvino_ir import IR_FILE, plain_export_manifest, save_ir, source_files
+from export.openvino_ir import (
+    IR_FILE,
+    derived_dir,
+    plain_export_manifest,
+    save_ir,
+    source_files,
+    unwritable,
+)
 
 INT8_DIR = "int8"
 CALIBRATION_FILE = "calibration.json"
@@ -119,7 +126,8 @@ def quantization_versions() -> dict[str, str]:
 
 
 def int8_dir(export_dir: Path) -> Path:
-    return Path(export_dir) / INT8_DIR
+    """Where the export's int8 IR is (derived_dir)."""
+    return derived_dir(export_dir, INT8_DIR, lambda folder: _matches(export_dir, folder))
 
 
 def ir_path(export_dir: Path, component: str) -> Path:
@@ -237,6 +245,7 @@ def build_int8(export_dir: Path, calibration: Calibration | None = None) -> dict
     manifest = plain_export_manifest(export_dir, "int8 quantization")
     calibration = (calibration or Calibration()).for_export(manifest)
     output = int8_dir(export_dir)
+    output.mkdir(parents=True, exist_ok=True)
     (output / CALIBRATION_FILE).unlink(missing_ok=True)
     components: dict[str, Any] = {}
     for name, folder in _quantized_components(manifest).items():
@@ -272,24 +281,28 @@ def build_int8(export_dir: Path, calibration: Calibration | None = None) -> dict
     return record
 
 
-def _record(export_dir: Path) -> dict[str, Any] | None:
-    path = int8_dir(export_dir) / CALIBRATION_FILE
+def _record(folder: Path) -> dict[str, Any] | None:
+    path = folder / CALIBRATION_FILE
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def int8_matches_export(export_dir: Path) -> bool:
-    """Whether the export holds int8 IR of every UNet, quantized from its current files
-    (whatever the calibration settings)."""
-    record = _record(export_dir)
+def _matches(export_dir: Path, folder: Path) -> bool:
+    record = _record(folder)
     if record is None or record.get("format") != CALIBRATION_FORMAT:
         return False
     manifest = load_manifest(export_dir)
     components = record["components"]
     return set(components) == set(_quantized_components(manifest)) and all(
         entry["source"] == source_files(manifest, name)
-        and all((ir_path(export_dir, name).parent / file).is_file() for file in entry["files"])
+        and all((folder / name / file).is_file() for file in entry["files"])
         for name, entry in components.items()
     )
+
+
+def int8_matches_export(export_dir: Path) -> bool:
+    """Whether the export holds int8 IR of every UNet, quantized from its current files
+    (whatever the calibration settings)."""
+    return _matches(export_dir, int8_dir(export_dir))
 
 
 def int8_is_current(export_dir: Path, calibration: Calibration | None = None) -> bool:
@@ -297,7 +310,7 @@ def int8_is_current(export_dir: Path, calibration: Calibration | None = None) ->
     with these settings and today's library versions."""
     if not int8_matches_export(export_dir):
         return False
-    record = _record(export_dir) or {}
+    record = _record(int8_dir(export_dir)) or {}
     wanted = (calibration or Calibration()).for_export(load_manifest(export_dir))
     return (
         record["calibration"] == wanted.to_json() and record["versions"] == quantization_versions()
@@ -311,7 +324,10 @@ def ensure_int8(export_dir: Path, calibration: Calibration | None = None) -> dic
         print(f"int8 up to date: {int8_dir(export_dir)}", flush=True)
         return json.loads((int8_dir(export_dir) / CALIBRATION_FILE).read_text())
     print(f"quantizing the UNets of {export_dir} to int8 (NNCF) ...", flush=True)
-    return build_int8(export_dir, calibration)
+    try:
+        return build_int8(export_dir, calibration)
+    except OSError as error:
+        raise unwritable(export_dir, int8_dir(export_dir), "int8 UNets", error) from error
 
 
 def main(argv: list[str] | None = None) -> int:

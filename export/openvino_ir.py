@@ -15,8 +15,8 @@ when the bf16 repository is built (model_repository/builder.py), or by this comm
     EXPORT_DIR/fp16_weights/record.json         versions, source and IR digests
     EXPORT_DIR/fp16_weights/<component>/model.xml, .bin
 
-An export on a read-only volume is converted into the user's cache instead
-(fp16_weights_dir); the int8 UNets are built into the export only.
+An export on a read-only volume is converted into the user's cache instead (derived_dir),
+and so are its int8 UNets.
 
 The int8 UNets (export/int8.py) are IR too, saved the same way.
 """
@@ -30,6 +30,7 @@ import re
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -97,16 +98,32 @@ def source_files(manifest: dict[str, Any], component: str) -> dict[str, str]:
     return {path: entry["sha256"] for path, entry in files.items()}
 
 
-def fp16_weights_dir(export_dir: Path) -> Path:
-    """Where the export's fp16-stored weights are: beside it, or when the export is
-    read-only (a mounted volume) and holds none current, in the user's cache under the
-    export manifest's digest (`$XDG_CACHE_HOME`, else ~/.cache: pix2pix/fp16_weights/)."""
+def derived_dir(export_dir: Path, name: str, holds_current: Callable[[Path], bool]) -> Path:
+    """Where a folder made from an export (fp16_weights, int8) is: beside the export, or
+    when the export is read-only (a mounted volume) and `holds_current` is false of the one
+    beside it, in the user's cache under the export manifest's digest (`$XDG_CACHE_HOME`,
+    else ~/.cache: pix2pix/<name>/<digest>)."""
     export_dir = Path(export_dir)
-    beside = export_dir / FP16_WEIGHTS_DIR
-    if os.access(export_dir, os.W_OK) or _holds_current(export_dir, beside):
+    beside = export_dir / name
+    if os.access(export_dir, os.W_OK) or holds_current(beside):
         return beside
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "pix2pix" / FP16_WEIGHTS_DIR / file_sha256(export_dir / MANIFEST)[:16]
+    return cache / "pix2pix" / name / file_sha256(export_dir / MANIFEST)[:16]
+
+
+def unwritable(export_dir: Path, folder: Path, made: str, error: OSError) -> ValueError:
+    """The one-line error of a folder made from an export that cannot be written."""
+    return ValueError(
+        f"{export_dir}: cannot write its {made} to {folder} ({error.strerror}); point "
+        "XDG_CACHE_HOME at a writable folder, or serve another precision"
+    )
+
+
+def fp16_weights_dir(export_dir: Path) -> Path:
+    """Where the export's fp16-stored weights are (derived_dir)."""
+    return derived_dir(
+        export_dir, FP16_WEIGHTS_DIR, lambda folder: _holds_current(export_dir, folder)
+    )
 
 
 def _holds_current(export_dir: Path, folder: Path) -> bool:
@@ -175,10 +192,8 @@ def ensure_fp16_weights(export_dir: Path) -> None:
     try:
         build_fp16_weights(export_dir)
     except OSError as error:
-        raise ValueError(
-            f"{export_dir}: cannot write its fp16-stored weights to "
-            f"{fp16_weights_dir(export_dir)} ({error.strerror}); point XDG_CACHE_HOME at a "
-            "writable folder, or serve precision fp32"
+        raise unwritable(
+            export_dir, fp16_weights_dir(export_dir), "fp16-stored weights", error
         ) from error
 
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+import shutil
+import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -161,3 +164,32 @@ def start_server(tmp_path_factory: pytest.TempPathFactory):
     yield start
     for server in started:
         server.stop()
+
+
+@pytest.fixture
+def read_only_copy(tmp_path: Path) -> Iterator[Callable[..., Path]]:
+    """Makes a copy of a folder, less the names in `leave_out`, that cannot be written: a
+    read-only bind mount as root (a volume mounted read-only), write bits cleared otherwise;
+    skips the test where root may not mount."""
+    made: list[Path] = []
+    mounts: list[Path] = []
+
+    def make(source: Path, leave_out: tuple[str, ...] = ()) -> Path:
+        copy = tmp_path / f"{source.name}-copy{len(made)}"
+        made.append(copy)
+        shutil.copytree(source, copy, ignore=shutil.ignore_patterns(*leave_out))
+        if os.geteuid() != 0:
+            for path in (copy, *copy.rglob("*")):
+                path.chmod(path.stat().st_mode & ~0o222)
+            return copy
+        mounted = copy.with_name(f"{copy.name}-read-only")
+        mounted.mkdir()
+        mount = ["mount", "--bind", "-o", "ro", str(copy), str(mounted)]
+        if subprocess.run(mount, capture_output=True).returncode != 0:
+            pytest.skip("no read-only folder here: root, and bind mounts are not allowed")
+        mounts.append(mounted)
+        return mounted
+
+    yield make
+    for mounted in mounts:
+        subprocess.run(["umount", str(mounted)], check=True)

@@ -146,6 +146,21 @@ def test_an_export_without_int8_is_refused(tiny_export: Path, tmp_path: Path) ->
         build_repository(export, tmp_path / "repository", options)
 
 
+def test_a_read_only_export_keeps_its_int8_or_builds_it_into_the_cache(
+    tiny_int8: dict, tiny_export: Path, read_only_copy, tmp_path: Path, monkeypatch
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    with_int8 = read_only_copy(tiny_export)
+    assert int8_dir(with_int8) == with_int8 / int8_dir(tiny_export).name
+    assert int8_is_current(with_int8, TEST_CALIBRATION)
+
+    without = read_only_copy(tiny_export, leave_out=(int8_dir(tiny_export).name,))
+    assert int8_dir(without).is_relative_to(tmp_path / "cache" / "pix2pix")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(without / "cache"))
+    with pytest.raises(ValueError, match=r"cannot write its int8 UNets to .*XDG_CACHE_HOME"):
+        ensure_int8(without, TEST_CALIBRATION)
+
+
 def test_an_int8_build_of_another_export_is_refused(
     tiny_int8: dict, tiny_export: Path, tmp_path: Path
 ) -> None:

@@ -14,8 +14,6 @@ import json
 import mmap
 import os
 import shutil
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -141,25 +139,9 @@ def test_fp16_stored_weights_compute_in_bf16_what_fp32_ones_do(
 
 
 @pytest.fixture
-def read_only_export(tiny_export: Path, tmp_path: Path) -> Iterator[Path]:
-    """A copy of the tiny export, without its conversion, on a read-only folder: a read-only
-    bind mount as root (as a volume mounted read-only), its write bits cleared otherwise."""
-    source = tmp_path / "export"
-    shutil.copytree(tiny_export, source, ignore=shutil.ignore_patterns(FP16_WEIGHTS_DIR))
-    if os.geteuid() != 0:
-        for path in (source, *source.rglob("*")):
-            path.chmod(path.stat().st_mode & ~0o222)
-        yield source
-        return
-    mounted = tmp_path / "mounted"
-    mounted.mkdir()
-    mount = ["mount", "--bind", "-o", "ro", str(source), str(mounted)]
-    if subprocess.run(mount, capture_output=True).returncode != 0:
-        pytest.skip("no read-only folder here: root, and bind mounts are not allowed")
-    try:
-        yield mounted
-    finally:
-        subprocess.run(["umount", str(mounted)], check=True)
+def read_only_export(tiny_export: Path, read_only_copy) -> Path:
+    """The tiny export without its conversion, on a read-only folder."""
+    return read_only_copy(tiny_export, leave_out=(FP16_WEIGHTS_DIR,))
 
 
 def test_a_read_only_export_is_converted_into_the_cache(
