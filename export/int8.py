@@ -7,7 +7,8 @@ scikit-image sample photos with the project's instructions; every UNet call's in
 captured, as the UNet receives them at every step. NNCF's post-training quantization
 (model type transformer, SmoothQuant on the matrix products) then calibrates each UNet,
 read by OpenVINO from the plain ONNX export, on those inputs. The quantized IR is written
-beside the export with what it was calibrated on:
+beside the export (in the user's cache when the export is read-only:
+export/openvino_ir.py, derived_dir) with what it was calibrated on:
 
     EXPORT_DIR/int8/calibration.json          settings, versions, source and IR digests
     EXPORT_DIR/int8/<unet>/model.xml, .bin    one OpenVINO IR per UNet
@@ -36,11 +37,12 @@ from export.components import UNET_FOR_PIPELINE, ComponentSpec
 from export.onnx_export import MODEL_FILE, load_manifest
 from export.openvino_ir import (
     IR_FILE,
+    build_dir,
     derived_dir,
     plain_export_manifest,
     save_ir,
     source_files,
-    unwritable,
+    writing,
 )
 
 INT8_DIR = "int8"
@@ -244,40 +246,41 @@ def build_int8(export_dir: Path, calibration: Calibration | None = None) -> dict
     export_dir = Path(export_dir)
     manifest = plain_export_manifest(export_dir, "int8 quantization")
     calibration = (calibration or Calibration()).for_export(manifest)
-    output = int8_dir(export_dir)
-    output.mkdir(parents=True, exist_ok=True)
-    (output / CALIBRATION_FILE).unlink(missing_ok=True)
+    output = build_dir(export_dir, INT8_DIR)
     components: dict[str, Any] = {}
-    for name, folder in _quantized_components(manifest).items():
-        tick = time.perf_counter()
-        spec = ComponentSpec.from_json(manifest["components"][name]["spec"])
-        feeds = capture_unet_inputs(folder, spec, calibration)
-        capture_s = time.perf_counter() - tick
-        tick = time.perf_counter()
-        quantized = quantize_component(export_dir / name / MODEL_FILE, feeds, calibration)
-        # fp32 for what stays floating point: the fp16 compression would lose precision
-        # the fp32 components keep.
-        components[name] = {
-            "source": source_files(manifest, name),
-            **save_ir(quantized, ir_path(export_dir, name), compress_to_fp16=False),
-            "samples": len(feeds),
-            "capture_seconds": round(capture_s, 1),
-            "quantize_seconds": round(time.perf_counter() - tick, 1),
+    with writing(export_dir, output, "int8 UNets"):
+        output.mkdir(parents=True, exist_ok=True)
+        (output / CALIBRATION_FILE).unlink(missing_ok=True)
+        for name, folder in _quantized_components(manifest).items():
+            tick = time.perf_counter()
+            spec = ComponentSpec.from_json(manifest["components"][name]["spec"])
+            feeds = capture_unet_inputs(folder, spec, calibration)
+            capture_s = time.perf_counter() - tick
+            tick = time.perf_counter()
+            quantized = quantize_component(export_dir / name / MODEL_FILE, feeds, calibration)
+            # fp32 for what stays floating point: the fp16 compression would lose precision
+            # the fp32 components keep.
+            components[name] = {
+                "source": source_files(manifest, name),
+                **save_ir(quantized, output / name / IR_FILE, compress_to_fp16=False),
+                "samples": len(feeds),
+                "capture_seconds": round(capture_s, 1),
+                "quantize_seconds": round(time.perf_counter() - tick, 1),
+            }
+            print(
+                f"int8 {name:<13} {components[name]['bytes'] / 1e6:8.1f} MB  "
+                f"({len(feeds)} calibration calls: {capture_s:.0f} s captured, "
+                f"{components[name]['quantize_seconds']:.0f} s quantized)",
+                flush=True,
+            )
+        record = {
+            "format": CALIBRATION_FORMAT,
+            "calibration": calibration.to_json(),
+            "versions": quantization_versions(),
+            "components": components,
+            "seconds": round(time.perf_counter() - started, 1),
         }
-        print(
-            f"int8 {name:<13} {components[name]['bytes'] / 1e6:8.1f} MB  "
-            f"({len(feeds)} calibration calls: {capture_s:.0f} s captured, "
-            f"{components[name]['quantize_seconds']:.0f} s quantized)",
-            flush=True,
-        )
-    record = {
-        "format": CALIBRATION_FORMAT,
-        "calibration": calibration.to_json(),
-        "versions": quantization_versions(),
-        "components": components,
-        "seconds": round(time.perf_counter() - started, 1),
-    }
-    (output / CALIBRATION_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        (output / CALIBRATION_FILE).write_text(json.dumps(record, indent=2) + "\n")
     return record
 
 
@@ -324,10 +327,7 @@ def ensure_int8(export_dir: Path, calibration: Calibration | None = None) -> dic
         print(f"int8 up to date: {int8_dir(export_dir)}", flush=True)
         return json.loads((int8_dir(export_dir) / CALIBRATION_FILE).read_text())
     print(f"quantizing the UNets of {export_dir} to int8 (NNCF) ...", flush=True)
-    try:
-        return build_int8(export_dir, calibration)
-    except OSError as error:
-        raise unwritable(export_dir, int8_dir(export_dir), "int8 UNets", error) from error
+    return build_int8(export_dir, calibration)
 
 
 def main(argv: list[str] | None = None) -> int:

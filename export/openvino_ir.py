@@ -1,5 +1,5 @@
-"""OpenVINO IR written beside an export: how both kinds are saved, and the fp16-stored
-weights that the openvino flavours serve at bf16.
+"""OpenVINO IR made from an export: where and how both kinds are saved, and the
+fp16-stored weights that the openvino flavours serve at bf16.
 
     python -m export.openvino_ir EXPORT_DIR
 
@@ -15,22 +15,22 @@ when the bf16 repository is built (model_repository/builder.py), or by this comm
     EXPORT_DIR/fp16_weights/record.json         versions, source and IR digests
     EXPORT_DIR/fp16_weights/<component>/model.xml, .bin
 
-An export on a read-only volume is converted into the user's cache instead (derived_dir),
-and so are its int8 UNets.
-
-The int8 UNets (export/int8.py) are IR too, saved the same way.
+The int8 UNets (export/int8.py) are IR too, saved the same way. An export on a read-only
+volume gets both in the user's cache instead (derived_dir).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import re
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,8 @@ FP16_WEIGHTS_DIR = "fp16_weights"
 RECORD_FILE = "record.json"
 # 1: the layout above.
 RECORD_FORMAT = 1
+# What a folder that cannot be written fails with (writing).
+WRITE_ERRORS = {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT}
 
 
 def name_by_position(model: Any) -> None:
@@ -86,8 +88,7 @@ def plain_export_manifest(export_dir: Path, needed_by: str) -> dict[str, Any]:
         )
     if manifest["precision"] != "fp32":
         raise ValueError(
-            f"{export_dir}: a {manifest['precision']} export; {needed_by} needs the fp32 one "
-            "(bf16 is chosen with precision, not exported)"
+            f"{export_dir}: a {manifest['precision']} export; {needed_by} needs the fp32 one"
         )
     return manifest
 
@@ -98,25 +99,49 @@ def source_files(manifest: dict[str, Any], component: str) -> dict[str, str]:
     return {path: entry["sha256"] for path, entry in files.items()}
 
 
+def _cache_dir(export_dir: Path, name: str) -> Path:
+    configured = os.environ.get("XDG_CACHE_HOME", "")
+    root = Path(configured) if os.path.isabs(configured) else Path.home() / ".cache"
+    return root / "pix2pix" / name / file_sha256(export_dir / MANIFEST)[:16]
+
+
 def derived_dir(export_dir: Path, name: str, holds_current: Callable[[Path], bool]) -> Path:
     """Where a folder made from an export (fp16_weights, int8) is: beside the export, or
-    when the export is read-only (a mounted volume) and `holds_current` is false of the one
-    beside it, in the user's cache under the export manifest's digest (`$XDG_CACHE_HOME`,
-    else ~/.cache: pix2pix/<name>/<digest>)."""
+    when the export is read-only (a mounted volume), in the user's cache under the export
+    manifest's digest (`$XDG_CACHE_HOME`, else ~/.cache: pix2pix/<name>/<digest>), unless
+    only the one beside it `holds_current`."""
     export_dir = Path(export_dir)
     beside = export_dir / name
-    if os.access(export_dir, os.W_OK) or holds_current(beside):
+    if os.access(export_dir, os.W_OK) or not (export_dir / MANIFEST).is_file():
         return beside
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "pix2pix" / name / file_sha256(export_dir / MANIFEST)[:16]
+    cache = _cache_dir(export_dir, name)
+    return beside if holds_current(beside) and not holds_current(cache) else cache
 
 
-def unwritable(export_dir: Path, folder: Path, made: str, error: OSError) -> ValueError:
-    """The one-line error of a folder made from an export that cannot be written."""
-    return ValueError(
-        f"{export_dir}: cannot write its {made} to {folder} ({error.strerror}); point "
-        "XDG_CACHE_HOME at a writable folder, or serve another precision"
-    )
+def build_dir(export_dir: Path, name: str) -> Path:
+    """Where a new build of such a folder is written: beside the export, or in the cache
+    when the export is read-only (derived_dir)."""
+    return derived_dir(export_dir, name, lambda _: False)
+
+
+@contextmanager
+def writing(export_dir: Path, folder: Path, made: str) -> Iterator[None]:
+    """Turns a failure to write `folder` (read-only, no permission, no room) into a
+    one-line ValueError saying what to do."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno not in WRITE_ERRORS:
+            raise
+        way_out = (
+            "make room there or make it writable"
+            if folder.parent == Path(export_dir)
+            else "point XDG_CACHE_HOME at a writable folder with room"
+        )
+        raise ValueError(
+            f"{export_dir}: cannot write its {made} to {folder} ({error.strerror or error}); "
+            f"{way_out}, or serve another precision"
+        ) from error
 
 
 def fp16_weights_dir(export_dir: Path) -> Path:
@@ -156,25 +181,26 @@ def build_fp16_weights(export_dir: Path) -> dict[str, Any]:
     started = time.perf_counter()
     export_dir = Path(export_dir)
     manifest = plain_export_manifest(export_dir, "the fp16-stored weights' conversion")
-    output = fp16_weights_dir(export_dir)
-    output.mkdir(parents=True, exist_ok=True)
-    (output / RECORD_FILE).unlink(missing_ok=True)
+    output = build_dir(export_dir, FP16_WEIGHTS_DIR)
     components: dict[str, Any] = {}
     core = ov.Core()
-    for name in manifest["components"]:
-        model = core.read_model(str(export_dir / name / MODEL_FILE))
-        components[name] = {
-            "source": source_files(manifest, name),
-            **save_ir(model, output / name / IR_FILE, compress_to_fp16=True),
+    with writing(export_dir, output, "fp16-stored weights"):
+        output.mkdir(parents=True, exist_ok=True)
+        (output / RECORD_FILE).unlink(missing_ok=True)
+        for name in manifest["components"]:
+            model = core.read_model(str(export_dir / name / MODEL_FILE))
+            components[name] = {
+                "source": source_files(manifest, name),
+                **save_ir(model, output / name / IR_FILE, compress_to_fp16=True),
+            }
+            del model
+        record = {
+            "format": RECORD_FORMAT,
+            "openvino": version("openvino"),
+            "components": components,
+            "seconds": round(time.perf_counter() - started, 1),
         }
-        del model
-    record = {
-        "format": RECORD_FORMAT,
-        "openvino": version("openvino"),
-        "components": components,
-        "seconds": round(time.perf_counter() - started, 1),
-    }
-    (output / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        (output / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
     total = sum(entry["bytes"] for entry in components.values())
     print(
         f"fp16-stored weights of {len(components)} components: {total / 1e9:.2f} GB "
@@ -185,16 +211,9 @@ def build_fp16_weights(export_dir: Path) -> dict[str, Any]:
 
 
 def ensure_fp16_weights(export_dir: Path) -> None:
-    """Converts the export's components (build_fp16_weights) unless they are current;
-    raises ValueError naming the folder when it cannot be written."""
-    if fp16_weights_are_current(export_dir):
-        return
-    try:
+    """Converts the export's components (build_fp16_weights) unless they are current."""
+    if not fp16_weights_are_current(export_dir):
         build_fp16_weights(export_dir)
-    except OSError as error:
-        raise unwritable(
-            export_dir, fp16_weights_dir(export_dir), "fp16-stored weights", error
-        ) from error
 
 
 def main(argv: list[str] | None = None) -> int:

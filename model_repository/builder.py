@@ -6,10 +6,11 @@
 
 The configs come from model_repository/configs.py; this module lays out the folders:
 each component's model file (ONNX, TensorRT engine, or in the openvino flavours the IR
-written beside the export: at bf16 every component's with fp16-stored weights, converted
-here when missing (export/openvino_ir.py), at int8 the UNets export.int8 quantized), and
-each edit model's version folder with its model.py, tokenizer, scheduler config and
-`pipeline.json` (the component models and tensor names it calls, taken from the specs).
+written beside the export, or in the user's cache when it is read-only: at bf16 every
+component's with fp16-stored weights, converted here when missing
+(export/openvino_ir.py), at int8 the UNets export.int8 quantized), and each edit model's
+version folder with its model.py, tokenizer, scheduler config and `pipeline.json` (the
+component models and tensor names it calls, taken from the specs).
 """
 
 from __future__ import annotations
@@ -173,7 +174,7 @@ def _engine_files(engines_dir: Path) -> dict[str, Path]:
 
 
 def prepare_openvino_export(export_dir: Path, options: RepositoryOptions) -> None:
-    """What the openvino flavours serve at `options`' precision, ready in the export.
+    """What the openvino flavours serve at `options`' precision, made from the export.
 
     OpenVINO reads the plain fp32 export, computes bf16 only where the CPU does, and int8
     from the IR export.int8 made of this export: raises ValueError with one line

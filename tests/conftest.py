@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -167,17 +167,20 @@ def start_server(tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture
-def read_only_copy(tmp_path: Path) -> Iterator[Callable[..., Path]]:
-    """Makes a copy of a folder, less the names in `leave_out`, that cannot be written: a
-    read-only bind mount as root (a volume mounted read-only), write bits cleared otherwise;
-    skips the test where root may not mount."""
+def read_only_copy(tmp_path: Path, request: pytest.FixtureRequest) -> Callable[..., Path]:
+    """Makes a copy of a folder, less the names in `leave_out` and changed by `change`,
+    that cannot be written: a read-only bind mount as root (a volume mounted read-only),
+    write bits cleared otherwise; skips the test where root may not mount."""
     made: list[Path] = []
-    mounts: list[Path] = []
 
-    def make(source: Path, leave_out: tuple[str, ...] = ()) -> Path:
+    def make(
+        source: Path, leave_out: tuple[str, ...] = (), change: Callable[[Path], None] | None = None
+    ) -> Path:
         copy = tmp_path / f"{source.name}-copy{len(made)}"
         made.append(copy)
         shutil.copytree(source, copy, ignore=shutil.ignore_patterns(*leave_out))
+        if change is not None:
+            change(copy)
         if os.geteuid() != 0:
             for path in (copy, *copy.rglob("*")):
                 path.chmod(path.stat().st_mode & ~0o222)
@@ -187,9 +190,8 @@ def read_only_copy(tmp_path: Path) -> Iterator[Callable[..., Path]]:
         mount = ["mount", "--bind", "-o", "ro", str(copy), str(mounted)]
         if subprocess.run(mount, capture_output=True).returncode != 0:
             pytest.skip("no read-only folder here: root, and bind mounts are not allowed")
-        mounts.append(mounted)
+        # Lazily: unmounted even while something still holds a file open in it.
+        request.addfinalizer(lambda: subprocess.run(["umount", "-l", str(mounted)]))
         return mounted
 
-    yield make
-    for mounted in mounts:
-        subprocess.run(["umount", str(mounted)], check=True)
+    return make

@@ -154,8 +154,20 @@ def test_a_read_only_export_keeps_its_int8_or_builds_it_into_the_cache(
     assert int8_dir(with_int8) == with_int8 / int8_dir(tiny_export).name
     assert int8_is_current(with_int8, TEST_CALIBRATION)
 
+    # Another calibration asked for: built into the cache, and read from there after.
+    other = replace(TEST_CALIBRATION, seed=1)
+    record = ensure_int8(with_int8, other)
+    assert record["calibration"]["seed"] == 1
+    assert int8_dir(with_int8).is_relative_to(tmp_path / "cache" / "pix2pix")
+    assert int8_is_current(with_int8, other)
+    options = RepositoryOptions(flavour="python-openvino", precision="int8")
+    build_repository(with_int8, tmp_path / "repository", options)
+    name = QUANTIZED_COMPONENTS[0]
+    served = tmp_path / "repository" / name / "1" / IR_WEIGHTS_FILE
+    assert served.read_bytes() == (int8_dir(with_int8) / name / IR_WEIGHTS_FILE).read_bytes()
+
+    # Nowhere to write: one line naming the folder and the way out.
     without = read_only_copy(tiny_export, leave_out=(int8_dir(tiny_export).name,))
-    assert int8_dir(without).is_relative_to(tmp_path / "cache" / "pix2pix")
     monkeypatch.setenv("XDG_CACHE_HOME", str(without / "cache"))
     with pytest.raises(ValueError, match=r"cannot write its int8 UNets to .*XDG_CACHE_HOME"):
         ensure_int8(without, TEST_CALIBRATION)

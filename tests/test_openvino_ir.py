@@ -138,32 +138,57 @@ def test_fp16_stored_weights_compute_in_bf16_what_fp32_ones_do(
     assert np.abs(from_fp16 - from_fp32).max() <= 1.5 * bf16_rounding
 
 
-@pytest.fixture
-def read_only_export(tiny_export: Path, read_only_copy) -> Path:
-    """The tiny export without its conversion, on a read-only folder."""
-    return read_only_copy(tiny_export, leave_out=(FP16_WEIGHTS_DIR,))
+def _outdated(export: Path) -> None:
+    """As if converted by another OpenVINO."""
+    record_file = export / FP16_WEIGHTS_DIR / RECORD_FILE
+    record_file.write_text(json.dumps(json.loads(record_file.read_text()) | {"openvino": "0"}))
 
 
+@pytest.mark.parametrize("beside", ["none", "outdated"])
 def test_a_read_only_export_is_converted_into_the_cache(
-    read_only_export: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    bf16_repositories, tiny_export: Path, read_only_copy, tmp_path: Path, monkeypatch, beside: str
 ) -> None:
-    assert not os.access(read_only_export, os.W_OK)
+    if beside == "none":
+        export = read_only_copy(tiny_export, leave_out=(FP16_WEIGHTS_DIR,))
+    else:
+        export = read_only_copy(tiny_export, change=_outdated)
+    assert not os.access(export, os.W_OK)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    converted = fp16_weights_dir(read_only_export)
+    assert not fp16_weights_are_current(export)
+    converted = fp16_weights_dir(export)
     assert converted.parent == tmp_path / "cache" / "pix2pix" / FP16_WEIGHTS_DIR
     options = RepositoryOptions(flavour="python-openvino", precision="bf16", intra_op_threads=1)
-    build_repository(read_only_export, tmp_path / "repository", options)
-    assert fp16_weights_are_current(read_only_export)
+    build_repository(export, tmp_path / "repository", options)
+    assert fp16_weights_dir(export) == converted and fp16_weights_are_current(export)
     served = tmp_path / "repository" / UNET / "1" / IR_FILE
     assert served.read_bytes() == (converted / UNET / IR_FILE).read_bytes()
     written = (converted / UNET / IR_WEIGHTS_FILE).stat().st_mtime_ns
-    build_repository(read_only_export, tmp_path / "again", options)
+    build_repository(export, tmp_path / "again", options)
     assert (converted / UNET / IR_WEIGHTS_FILE).stat().st_mtime_ns == written
 
-    # Nowhere to write: one line naming the folder and the ways out.
-    monkeypatch.setenv("XDG_CACHE_HOME", str(read_only_export / "cache"))
-    with pytest.raises(ValueError, match=r"cannot write its fp16-stored weights to .*XDG_CACHE"):
-        build_repository(read_only_export, tmp_path / "nowhere", options)
+
+def test_a_read_only_export_with_a_current_conversion_is_served_from_it(
+    bf16_repositories, tiny_export: Path, read_only_copy, tmp_path: Path, monkeypatch
+) -> None:
+    export = read_only_copy(tiny_export)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert fp16_weights_dir(export) == export / FP16_WEIGHTS_DIR
+    build_repository(export, tmp_path / "repository", RepositoryOptions(precision="bf16"))
+    assert not (tmp_path / "cache").exists()
+
+
+def test_nowhere_to_write_the_conversion_is_one_line(
+    tiny_export: Path, read_only_copy, tmp_path: Path, monkeypatch
+) -> None:
+    export = read_only_copy(tiny_export, leave_out=(FP16_WEIGHTS_DIR,))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(export / "cache"))
+    with pytest.raises(ValueError) as refused:
+        build_repository(export, tmp_path / "repository", RepositoryOptions(precision="bf16"))
+    message = str(refused.value)
+    assert "\n" not in message
+    assert f"cannot write its fp16-stored weights to {export / 'cache'}" in message
+    assert "Read-only file system" in message or "Permission denied" in message
+    assert "point XDG_CACHE_HOME at a writable folder" in message
 
 
 @pytest.fixture(scope="module")
