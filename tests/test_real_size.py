@@ -69,7 +69,10 @@ def _diffusers_edit(weights: str, config: BenchConfig, image: bytes) -> bytes:
     return DiffusersEager(Path(weights), config)(image)
 
 
-def test_a_512_edit_equals_diffusers_and_the_tree_stays_in_its_budget(sd15_server) -> None:
+SECTION = "sd15 at 512, python-onnxruntime fp32, served by `serve --repository`"
+
+
+def test_a_512_edit_equals_diffusers_and_the_tree_stays_in_its_budget(sd15_server, summary) -> None:
     pid, url, repository = sd15_server
     config = BenchConfig(preset=PRESET, size=SIZE, steps=2, options=FP32)
     image = photo_png(SIZE)
@@ -81,21 +84,24 @@ def test_a_512_edit_equals_diffusers_and_the_tree_stays_in_its_budget(sd15_serve
     with multiprocessing.get_context("spawn").Pool(1) as pool:
         expected = pool.apply(_diffusers_edit, (str(weights), config, image))
     difference = np.abs(_pixels(served) - _pixels(expected))
+    summary(SECTION, f"served vs diffusers fp32: max {difference.max()} grey levels (gate 2)")
     assert difference.max() <= 2, f"max difference {difference.max()} grey levels"
 
     every = [replace(config, pipeline=p) for p in served_pipelines(repository)]
     run_edits(url, every, image, edits=10, steps=2)
     pss = sum(tree_pss(pid).values())
     budget = WEIGHT_FACTOR * served_weight_bytes(repository, "fp32") + ALLOWANCE_BYTES
+    summary(SECTION, f"PSS after 10 edits: {pss / 1e9:.2f} GB (budget {budget / 1e9:.2f})")
     assert pss <= budget, f"PSS {pss / 1e9:.2f} GB over the budget {budget / 1e9:.2f} GB"
 
 
-def test_four_edits_at_once_complete_or_are_refused_never_killed(sd15_server) -> None:
+def test_four_edits_at_once_complete_or_are_refused_never_killed(sd15_server, summary) -> None:
     _, url, repository = sd15_server
     config = BenchConfig(preset=PRESET, size=SIZE, steps=2, options=FP32)
     image = photo_png(SIZE)
     every = [replace(config, pipeline=p) for p in served_pipelines(repository)]
     outcomes = run_concurrent(url, every, image, edits=4, steps=2)
+    summary(SECTION, f"4 edits sent at once: {outcomes}")
     assert outcomes["failed"] == 0, outcomes
     assert outcomes["completed"] + outcomes["refused"] == 4
     # Nothing was killed: the server takes the next edit.
