@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     timings = Timings()
     try:
         built = prepare_in_child(Source.from_arguments(args), RepositoryOptions(), args.build_dir)
-    except (UnsupportedCheckpointError, FileNotFoundError, ValueError, RuntimeError) as error:
+    except (UnsupportedCheckpointError, OSError, ValueError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 

@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         if str(log_file) != "-":
             log_file.parent.mkdir(parents=True, exist_ok=True)
         server = make_server(args, repository, log_file)
-    except (UnsupportedCheckpointError, FileNotFoundError, ValueError, RuntimeError) as error:
+    except (UnsupportedCheckpointError, OSError, ValueError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from model_repository.chain import PRESET_MARKER, BuiltModel
-from serving import demo
+from serving import demo, serve
 
 TIMED_STEPS = ("build", "export", "repository", "server start", "edit", "server stop", "total")
 
@@ -75,6 +75,18 @@ def test_demo_reports_a_missing_model_folder(
     code = demo.main(["--model", str(tmp_path / "absent"), "--build-dir", str(tmp_path)])
     assert code == 2
     assert "no such folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [demo.main, serve.main], ids=["demo", "serve"])
+def test_a_read_only_build_folder_is_one_line(
+    command, read_only_copy, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "build").mkdir()
+    build_dir = read_only_copy(tmp_path / "build")
+    assert command(["--preset", "tiny", "--build-dir", str(build_dir)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: ") and "\n" not in error
+    assert "Read-only file system" in error or "Permission denied" in error
 
 
 def test_random_weights_are_recognised_by_the_preset_marker(tmp_path: Path) -> None:
