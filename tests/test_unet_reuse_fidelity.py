@@ -25,7 +25,7 @@ from model_repository.configs import RepositoryOptions
 from serving.tritonserver import TritonServer
 from tests.serving import edit
 from tests.test_int8_fidelity import MIN_EFFECT_SHARE, toy_pipeline  # noqa: F401 (fixture)
-from tests.test_openvino_fidelity import PIPELINES, SCHEDULERS, request_for
+from tests.test_openvino_fidelity import GATE_CASES, PIPELINES, SCHEDULERS, request_for
 from tests.test_toy import (
     CHECKS,
     served_and_reference_effects,
@@ -66,7 +66,9 @@ def served_images(tmp_path_factory) -> dict[tuple[str, str, int], np.ndarray]:
 
 
 @pytest.mark.parametrize("interval", INTERVALS)
-@pytest.mark.parametrize("pipeline, scheduler", [(p, s) for p in PIPELINES for s in SCHEDULERS])
+# The bf16 and int8 gates' cases: DDIM InstructPix2Pix marked, as sensitive to reused work
+# (13.4-13.6 dB at every interval, 2026-12-03) as to 1% noise on the UNet's output.
+@pytest.mark.parametrize("pipeline, scheduler", GATE_CASES)
 def test_reused_work_stays_close_to_every_step(
     served_images, summary, pipeline: str, scheduler: str, interval: int
 ) -> None:
