@@ -132,11 +132,6 @@ def int8_dir(export_dir: Path) -> Path:
     return derived_dir(export_dir, INT8_DIR, lambda folder: _matches(export_dir, folder))
 
 
-def ir_path(export_dir: Path, component: str) -> Path:
-    """The quantized IR of one component of the export."""
-    return int8_dir(export_dir) / component / IR_FILE
-
-
 def _photo(name: str, side: int) -> Any:
     from PIL import Image, ImageOps
     from skimage import data

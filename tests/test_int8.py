@@ -32,7 +32,6 @@ from export.int8 import (
     ensure_int8,
     int8_dir,
     int8_is_current,
-    ir_path,
 )
 from export.onnx_export import MANIFEST, MODEL_FILE
 from export.openvino_ir import IR_FILE, IR_WEIGHTS_FILE
@@ -81,7 +80,7 @@ def test_the_unets_compute_in_int8(tiny_int8: dict, tiny_export: Path) -> None:
     import openvino as ov
 
     for name in QUANTIZED_COMPONENTS:
-        model = ov.Core().read_model(str(ir_path(tiny_export, name)))
+        model = ov.Core().read_model(str(int8_dir(tiny_export) / name / IR_FILE))
         types = {op.get_type_name() for op in model.get_ops()}
         weights = [
             op
@@ -94,16 +93,14 @@ def test_the_unets_compute_in_int8(tiny_int8: dict, tiny_export: Path) -> None:
 
 def test_the_build_is_reproducible(tiny_int8: dict, tiny_export: Path) -> None:
     first = {
-        name: [
-            (ir_path(tiny_export, name).parent / f).read_bytes() for f in (IR_FILE, IR_WEIGHTS_FILE)
-        ]
+        name: [(int8_dir(tiny_export) / name / f).read_bytes() for f in (IR_FILE, IR_WEIGHTS_FILE)]
         for name in QUANTIZED_COMPONENTS
     }
     again = build_int8(tiny_export, TEST_CALIBRATION)
     for name in QUANTIZED_COMPONENTS:
         assert again["components"][name]["files"] == tiny_int8["components"][name]["files"]
         for file, before in zip((IR_FILE, IR_WEIGHTS_FILE), first[name], strict=True):
-            assert (ir_path(tiny_export, name).parent / file).read_bytes() == before, file
+            assert (int8_dir(tiny_export) / name / file).read_bytes() == before, file
 
 
 def test_a_current_build_is_kept_and_a_changed_setting_rebuilds(
@@ -114,7 +111,7 @@ def test_a_current_build_is_kept_and_a_changed_setting_rebuilds(
     assert not int8_is_current(tiny_export, replace(TEST_CALIBRATION, smooth_quant_matmul=0.5))
     # What the chain builds: the default calibration.
     assert not int8_is_current(tiny_export)
-    weights = ir_path(tiny_export, QUANTIZED_COMPONENTS[0]).with_name(IR_WEIGHTS_FILE)
+    weights = int8_dir(tiny_export) / QUANTIZED_COMPONENTS[0] / IR_WEIGHTS_FILE
     written = weights.stat().st_mtime_ns
     kept = ensure_int8(tiny_export, TEST_CALIBRATION)
     assert kept == json.loads((int8_dir(tiny_export) / CALIBRATION_FILE).read_text())
@@ -211,9 +208,7 @@ def test_both_openvino_flavours_read_the_int8_unets(
                 assert config.parameters["precision"].string_value == "int8"
             assert (repository / name / "1" / expected).is_file()
         served = repository / QUANTIZED_COMPONENTS[0] / "1" / IR_WEIGHTS_FILE
-        assert served.samefile(
-            ir_path(tiny_export, QUANTIZED_COMPONENTS[0]).with_name(IR_WEIGHTS_FILE)
-        )
+        assert served.samefile(int8_dir(tiny_export) / QUANTIZED_COMPONENTS[0] / IR_WEIGHTS_FILE)
 
 
 @pytest.fixture(scope="module")
