@@ -1,10 +1,11 @@
 """An exported component run by OpenVINO inside a Python backend model.
 
-Used by the `python-openvino` flavour. OpenVINO compiles the plain ONNX export (the
-onnxruntime fusions' contrib ops are no ONNX it reads) for the CPU, in fp32 or in bf16;
-at int8 the UNets' quantized IR (export/int8.py) computes its quantized operations in
-int8 and, like the components not quantized, the rest in bf16 where the CPU computes it
-natively, fp32 elsewhere.
+Used by the `python-openvino` flavour. OpenVINO compiles for the CPU the plain ONNX export
+(the onnxruntime fusions' contrib ops are no ONNX it reads) in fp32, or in bf16 the IR
+with fp16-stored weights converted from it (export/openvino_ir.py); at int8 the UNets'
+quantized IR (export/int8.py) computes its quantized operations in int8 and, like the
+components not quantized, the rest in bf16 where the CPU computes it natively, fp32
+elsewhere.
 bf16 halves the work of the convolutions and matrix products on CPUs that compute it
 natively (AVX512_BF16, AMX); elsewhere it buys no speed, so building a bf16 repository
 there is refused with one line, and a bf16 repository loaded there computes in fp32 and

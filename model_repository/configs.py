@@ -39,7 +39,8 @@ KIND_CPU = mc.ModelInstanceGroup.KIND_CPU
 KIND_GPU = mc.ModelInstanceGroup.KIND_GPU
 
 FLAVOURS = ("python-onnxruntime", "onnxruntime", "tensorrt", "python-openvino", "openvino")
-# The flavours whose components OpenVINO runs: they read the plain ONNX export only.
+# The flavours whose components OpenVINO runs: they read the plain ONNX export, or IR
+# made from it (openvino_model_file).
 OPENVINO_FLAVOURS = ("python-openvino", "openvino")
 # The flavours whose components are Python backend models (the wheel's tritonserver).
 PYTHON_FLAVOURS = ("python-onnxruntime", "python-openvino")

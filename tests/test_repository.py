@@ -96,7 +96,7 @@ def test_every_config_parses_as_model_config(repository) -> None:
             assert config.platform == "onnxruntime_onnx"
             assert (root / name / "1" / "model.onnx").is_file()
         elif flavour == "openvino":
-            # The NGC container's OpenVINO backend reads the plain ONNX file itself.
+            # The NGC container's OpenVINO backend reads the plain ONNX file itself (fp32).
             assert config.backend == "openvino" and config.default_model_filename == "model.onnx"
             assert (root / name / "1" / "model.onnx").is_file()
             assert config.instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
