@@ -39,7 +39,9 @@ from export.openvino_ir import (
     IR_FILE,
     build_dir,
     derived_dir,
+    made_from,
     plain_export_manifest,
+    read_record,
     save_ir,
     source_files,
     writing,
@@ -279,22 +281,12 @@ def build_int8(export_dir: Path, calibration: Calibration | None = None) -> dict
     return record
 
 
-def _record(folder: Path) -> dict[str, Any] | None:
-    path = folder / CALIBRATION_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
 def _matches(export_dir: Path, folder: Path) -> bool:
-    record = _record(folder)
+    record = read_record(folder / CALIBRATION_FILE)
     if record is None or record.get("format") != CALIBRATION_FORMAT:
         return False
     manifest = load_manifest(export_dir)
-    components = record["components"]
-    return set(components) == set(_quantized_components(manifest)) and all(
-        entry["source"] == source_files(manifest, name)
-        and all((folder / name / file).is_file() for file in entry["files"])
-        for name, entry in components.items()
-    )
+    return made_from(manifest, folder, record, _quantized_components(manifest))
 
 
 def int8_matches_export(export_dir: Path) -> bool:
@@ -306,9 +298,10 @@ def int8_matches_export(export_dir: Path) -> bool:
 def int8_is_current(export_dir: Path, calibration: Calibration | None = None) -> bool:
     """Whether the export's int8 IR matches it (int8_matches_export) and was calibrated
     with these settings and today's library versions."""
-    if not int8_matches_export(export_dir):
+    folder = int8_dir(export_dir)
+    if not _matches(export_dir, folder):
         return False
-    record = _record(int8_dir(export_dir)) or {}
+    record = read_record(folder / CALIBRATION_FILE) or {}
     wanted = (calibration or Calibration()).for_export(load_manifest(export_dir))
     return (
         record["calibration"] == wanted.to_json() and record["versions"] == quantization_versions()

@@ -151,20 +151,30 @@ def fp16_weights_dir(export_dir: Path) -> Path:
     )
 
 
-def _holds_current(export_dir: Path, folder: Path) -> bool:
-    record_path = folder / RECORD_FILE
-    if not record_path.is_file():
-        return False
-    record = json.loads(record_path.read_text())
-    if record.get("format") != RECORD_FORMAT or record.get("openvino") != version("openvino"):
-        return False
-    manifest = load_manifest(export_dir)
+def read_record(path: Path) -> dict[str, Any] | None:
+    """The JSON record of a folder made from an export; None where there is none."""
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def made_from(manifest: dict[str, Any], folder: Path, record: dict[str, Any], made: Any) -> bool:
+    """Whether `record` lists IR of exactly the components `made`, each converted from the
+    export's current files (the manifest's digests), and all its files are in `folder`."""
     components = record["components"]
-    return set(components) == set(manifest["components"]) and all(
+    return set(components) == set(made) and all(
         entry["source"] == source_files(manifest, name)
         and all((folder / name / file).is_file() for file in entry["files"])
         for name, entry in components.items()
     )
+
+
+def _holds_current(export_dir: Path, folder: Path) -> bool:
+    record = read_record(folder / RECORD_FILE)
+    if record is None or record.get("format") != RECORD_FORMAT:
+        return False
+    if record.get("openvino") != version("openvino"):
+        return False
+    manifest = load_manifest(export_dir)
+    return made_from(manifest, folder, record, manifest["components"])
 
 
 def fp16_weights_are_current(export_dir: Path) -> bool:
