@@ -6,6 +6,7 @@ inherit tritonserver's environment) holds:
     draining                 present once shutdown began: edit models refuse new edits
     instances/<instance>.<pid>  per model instance process: since when it is busy, and its
                              longest call
+    forwarded/<token>/       a forwarded edit: who runs it, whether its caller left
 
 Each instance file is three float64 values written in place: `busy_since` (wall-clock
 seconds of the call's start or its last step, 0 when idle), `longest_call_s` (the longest
@@ -18,6 +19,7 @@ the NGC container run by hand) every function here does nothing.
 from __future__ import annotations
 
 import os
+import shutil
 import struct
 import time
 from collections.abc import Iterator
@@ -28,6 +30,12 @@ from pathlib import Path
 RUNTIME_DIR_VARIABLE = "IMAGE_EDIT_RUNTIME_DIR"
 DRAINING_MARKER = "draining"
 INSTANCES_DIR = "instances"
+FORWARDED_DIR = "forwarded"
+HEX_DIGITS = "0123456789abcdef"
+# The streaming models' input that only a forwarding unary model sends: the token under
+# which it marks the edit cancelled; and the output a forwarded edit fails with.
+CANCEL_TOKEN_INPUT = "cancel_token"
+FAILURE_OUTPUT = "failure"
 _RECORD = struct.Struct("<ddd")
 
 
@@ -45,6 +53,53 @@ def draining(directory: Path | None = None) -> bool:
 
 def mark_draining(directory: Path) -> None:
     (directory / DRAINING_MARKER).touch()
+
+
+@dataclass(frozen=True)
+class ForwardedEdit:
+    """What a forwarding unary model (forward_model.py) and the edit model running its
+    edit tell each other, in forwarded/<token>: `runner` holds the edit model's process
+    id once the edit runs, `cancelled` appears once the unary caller has gone."""
+
+    folder: Path
+
+    @classmethod
+    def of(cls, token: str, directory: Path | None = None) -> ForwardedEdit | None:
+        """None without a supervisor, or for a token that is not the 16 hex digits a
+        forwarding model makes."""
+        directory = directory or runtime_dir()
+        if directory is None or len(token) != 16 or any(c not in HEX_DIGITS for c in token):
+            return None
+        return cls(directory / FORWARDED_DIR / token)
+
+    def run_by(self, pid: int) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / "runner").write_text(str(pid))
+
+    def runner(self) -> int | None:
+        try:
+            return int((self.folder / "runner").read_text())
+        except (OSError, ValueError):
+            return None
+
+    def cancel(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / "cancelled").touch()
+
+    def cancelled(self) -> bool:
+        return (self.folder / "cancelled").exists()
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def process_ended(pid: int) -> bool:
+    """Whether a process has exited (gone, or a zombie its parent has not reaped)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat[stat.rindex(")") + 2] in "ZX"
 
 
 class InstanceStatus:

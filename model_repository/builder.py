@@ -229,10 +229,12 @@ def with_edit_instances(
         for name in components
     }
     unet = max(sizes[UNET_FOR_PIPELINE[p]] for p in pipelines)
-    edit_models = len(pipelines) * (2 if options.streaming_models else 1)
+    # Where streaming models are served, the unary models forward to them and hold no
+    # pipeline: one model per pipeline runs edits.
+    edit_models = len(pipelines)
     instances = derived_edit_instances(options, sum(sizes.values()), unet, edit_models)
     print(
-        f"edit instances: {instances} per edit model ({edit_models} edit models; from the "
+        f"edit instances: {instances} per edit model ({edit_models} running edits; from the "
         f"cores, the memory and {sum(sizes.values()) / 1e9:.2f} GB of weights)",
         flush=True,
     )
@@ -299,16 +301,16 @@ def build_repository(
 
     for pipeline in pipelines:
         settings = pipeline_settings(manifest, pipeline, options)
-        for streaming in (False, True) if options.streaming_models else (False,):
-            config = edit_config(pipeline, options, streaming)
-            version_dir = _write_model(output, config, "edit_model")
-            (version_dir / SETTINGS_FILE).write_text(
-                json.dumps(settings.to_json(), indent=2) + "\n"
-            )
-            shutil.copytree(export_dir / manifest["tokenizer"], version_dir / TOKENIZER_DIR)
-            shutil.copyfile(
-                export_dir / manifest["schedulers"][pipeline], version_dir / SCHEDULER_FILE
-            )
+        # The model that runs the pipeline: the streaming one where it is served.
+        config = edit_config(pipeline, options, streaming=options.streaming_models)
+        version_dir = _write_model(output, config, "edit_model")
+        (version_dir / SETTINGS_FILE).write_text(json.dumps(settings.to_json(), indent=2) + "\n")
+        shutil.copytree(export_dir / manifest["tokenizer"], version_dir / TOKENIZER_DIR)
+        shutil.copyfile(export_dir / manifest["schedulers"][pipeline], version_dir / SCHEDULER_FILE)
+        written.append(config.name)
+        if options.streaming_models:
+            config = edit_config(pipeline, options, forwards=True)
+            _write_model(output, config, "forward_model")
             written.append(config.name)
     _write_model(output, readiness_config(), "readiness_model")
     written.append(READINESS_MODEL)

@@ -22,6 +22,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from edit_pipeline.openvino_component import bf16_unsupported_reason
 from edit_pipeline.preprocess import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE, ImageLimits
+from edit_pipeline.runtime_status import CANCEL_TOKEN_INPUT, FAILURE_OUTPUT
 from export.components import MIN_IMAGE_SIDE, UNET_FOR_PIPELINE, ComponentSpec, TensorSpec
 from export.int8 import QUANTIZED_COMPONENTS
 from export.openvino_ir import IR_FILE
@@ -84,7 +85,11 @@ class RepositoryOptions:
     pipelines: tuple[str, ...] = option(
         (), "the pipelines served (none given: every one the export has)", choices=PIPELINES
     )
-    streaming_models: bool = option(True, "serve each pipeline's streaming model too")
+    streaming_models: bool = option(
+        True,
+        "serve each pipeline's streaming model too; it then runs the unary model's edits "
+        "as well (one edit process per pipeline)",
+    )
     max_image_side: int = option(DEFAULT_MAX_SIDE, "longer side images are resized to")
     max_image_pixels: int = option(DEFAULT_MAX_PIXELS, "decoded pixels allowed at most")
     edit_instances: int = option(
@@ -400,11 +405,15 @@ def edit_instance_kind(flavour: str) -> int:
     return {"tensorrt": KIND_GPU, "onnxruntime": KIND_AUTO}.get(flavour, KIND_CPU)
 
 
-def edit_config(pipeline: str, options: RepositoryOptions, streaming: bool = False) -> Any:
+def edit_config(
+    pipeline: str, options: RepositoryOptions, streaming: bool = False, forwards: bool = False
+) -> Any:
     """A model clients call: the contract's inputs and outputs, one edit per instance.
 
     The streaming model is the same model made decoupled: it answers with a response per
-    denoising step before the result, over gRPC streams only.
+    denoising step before the result, over gRPC streams only. A unary model that
+    `forwards` runs its edits in the streaming model (forward_model.py): it computes
+    nothing, so it runs on the CPU whatever the flavour.
     """
     name = stream_model(pipeline) if streaming else pipeline
     config = mc.ModelConfig(name=name, backend="python", max_batch_size=0)
@@ -416,9 +425,12 @@ def edit_config(pipeline: str, options: RepositoryOptions, streaming: bool = Fal
         _scalar(config.output.add(), output, wire_type, optional=False)
     if streaming:
         config.model_transaction_policy.decoupled = True
-    config.instance_group.add(
-        count=options.edit_instances, kind=edit_instance_kind(options.flavour)
-    )
+        _scalar(config.input.add(), CANCEL_TOKEN_INPUT, "BYTES", optional=True)
+        _scalar(config.output.add(), FAILURE_OUTPUT, "BYTES", optional=False)
+    if forwards:
+        _parameters(config, {"streaming_model": stream_model(pipeline)})
+    kind = KIND_CPU if forwards else edit_instance_kind(options.flavour)
+    config.instance_group.add(count=options.edit_instances, kind=kind)
     # Edits beyond the running ones wait here, up to a bound; past it Triton refuses them
     # at once with UNAVAILABLE instead of queueing without end.
     policy = config.dynamic_batching.default_queue_policy

@@ -167,6 +167,46 @@ def test_a_killed_model_process_is_replaced(
     assert all(p.pid != victim.pid for p in processes_of(server, model))
 
 
+@pytest.fixture(scope="module")
+def forwarding_server(
+    start_server: Callable[..., TritonServer], tiny_repository: Path
+) -> TritonServer:
+    """A server with streaming models: its unary models forward to them."""
+    return start_server(tiny_repository)
+
+
+@pytest.mark.parametrize("model", ["instruct_pix2pix_stream", "instruct_pix2pix"])
+def test_a_forwarded_edit_fails_retryably_when_either_process_dies(
+    forwarding_server: TritonServer, image: bytes, model: str, summary
+) -> None:
+    """A unary edit runs in the streaming model's process, forwarded by the unary
+    model's: kill -9 either mid-edit and the caller gets a retryable error (or its image),
+    never a wait without end, and edits succeed again."""
+    server = forwarding_server
+    assert server.supervisor is not None
+    recoveries = len(server.supervisor.recoveries)
+    with ThreadPoolExecutor(1) as pool:
+        in_flight: Future[bytes] = pool.submit(_edit, server.grpc_url, image, 150)
+        time.sleep(0.3)
+        reports = read_reports(server.runtime_dir)
+        victim = next(
+            p for p in processes_of(server, model) if p.pid in reports and reports[p.pid].busy_since
+        )
+        killed_at = time.monotonic()
+        os.kill(victim.pid, signal.SIGKILL)
+        try:
+            outcome = f"returned its image ({len(in_flight.result(timeout=GIVE_UP_S))} bytes)"
+        except ServerUnavailable as error:
+            outcome = f"failed, retryable: {error}"
+    recovered_s = _succeeds_again(server.grpc_url, image, killed_at)
+    _replaced(server, model, recoveries)
+    summary(
+        "recovery after kill -9 mid-edit",
+        f"forwarded edit, {model}: edits succeed {recovered_s:.1f} s after the kill; the "
+        f"edit in flight {outcome[:90]}",
+    )
+
+
 def test_a_stopped_process_is_taken_as_hung_and_replaced(
     server: TritonServer, image: bytes, summary
 ) -> None:

@@ -10,6 +10,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from edit_pipeline.openvino_component import bf16_unsupported_reason
+from edit_pipeline.runtime_status import CANCEL_TOKEN_INPUT, FAILURE_OUTPUT
 from export.components import (
     COMPONENTS,
     DEEP_FEATURES,
@@ -155,13 +156,17 @@ def test_edit_models_take_the_contract(repository, streaming: bool) -> None:
         assert config.model_transaction_policy.decoupled == streaming
         parameters = parameters_for(pipeline, streaming)
         assert ("preview_every" in {p.name for p in parameters}) == streaming
-        assert [i.name for i in config.input] == [p.name for p in parameters]
+        # The streaming model also takes the token its forwarding unary model sends.
+        internal = [CANCEL_TOKEN_INPUT] if streaming else []
+        assert [i.name for i in config.input] == [p.name for p in parameters] + internal
         assert all(i.optional and list(i.dims) == [1] for i in config.input)
-        for tensor, parameter in zip(config.input, parameters, strict=True):
+        for tensor, parameter in zip(config.input, parameters, strict=False):
             wire = "STRING" if parameter.wire_type == "BYTES" else parameter.wire_type
             assert mc.DataType.Name(tensor.data_type) == f"TYPE_{wire}"
-        outputs = STREAM_OUTPUTS if streaming else OUTPUTS
-        assert [o.name for o in config.output] == [name for name, _, _ in outputs]
+        outputs = [name for name, _, _ in (STREAM_OUTPUTS if streaming else OUTPUTS)]
+        # ...and fails a forwarded edit with an output of its own.
+        internal = [FAILURE_OUTPUT] if streaming else []
+        assert [o.name for o in config.output] == outputs + internal
 
 
 def test_edit_models_call_components_by_the_names_of_the_specs(
@@ -173,7 +178,7 @@ def test_edit_models_call_components_by_the_names_of_the_specs(
     configs = _configs(root)
     specs = load_manifest(tiny_export)["components"]
     for pipeline in PIPELINES:
-        settings = json.loads((root / pipeline / "1" / "pipeline.json").read_text())
+        settings = json.loads((root / stream_model(pipeline) / "1" / "pipeline.json").read_text())
         assert settings["pipeline"] == pipeline
         assert settings["components"]["unet"]["model"] == UNET_FOR_PIPELINE[pipeline]
         shallow = settings["components"]["unet_shallow"]
@@ -193,8 +198,8 @@ def test_edit_models_hold_a_bounded_number_of_edits(repository) -> None:
     # Derived when not given, and recorded as derived.
     assert RepositoryOptions().edit_instances == 0
     assert 1 <= recorded["edit_instances"] <= MAX_DERIVED_EDIT_INSTANCES
-    for pipeline in PIPELINES:
-        config = _configs(root)[pipeline]
+    for name in (*PIPELINES, *map(stream_model, PIPELINES)):
+        config = _configs(root)[name]
         assert sum(group.count for group in config.instance_group) == recorded["edit_instances"]
         policy = config.dynamic_batching.default_queue_policy
         assert policy.max_queue_size == recorded["max_edits"] - recorded["edit_instances"]
@@ -271,11 +276,17 @@ def test_auto_picks_bf16_openvino_only_where_the_cpu_computes_bf16(monkeypatch) 
 
 
 def test_edit_models_carry_their_assets_and_stay_thin(repository) -> None:
+    """The streaming model runs the pipeline and carries its assets; the unary model
+    forwards to it and carries none."""
     _, root = repository
+    configs = _configs(root)
     for pipeline in PIPELINES:
-        folder = root / pipeline / "1"
+        folder = root / stream_model(pipeline) / "1"
         assert (folder / "tokenizer" / "tokenizer_config.json").is_file()
         assert (folder / "scheduler_config.json").is_file()
+        assert [p.name for p in (root / pipeline / "1").iterdir()] == ["model.py"]
+        parameters = configs[pipeline].parameters
+        assert parameters["streaming_model"].string_value == stream_model(pipeline)
     for model_file in root.glob("*/1/model.py"):
         assert len(model_file.read_text().splitlines()) < 150, model_file
 
@@ -287,7 +298,8 @@ def test_tensorrt_flavour_needs_engines(tiny_export: Path, tmp_path: Path) -> No
 
 def test_tensorrt_flavour_rejects_images_outside_the_engine_profile(repository) -> None:
     flavour, root = repository
-    limits = json.loads((root / "instruct_pix2pix" / "1" / "pipeline.json").read_text())["limits"]
+    settings = root / stream_model("instruct_pix2pix") / "1" / "pipeline.json"
+    limits = json.loads(settings.read_text())["limits"]
     assert limits["min_side"] == (256 if flavour == "tensorrt" else 8)
     assert limits["side_multiple"] == 8
 
@@ -351,9 +363,11 @@ def test_edit_models_run_next_to_their_unet(repository) -> None:
         "tensorrt": mc.ModelInstanceGroup.KIND_GPU,
     }[flavour]
     for pipeline in PIPELINES:
-        edit = configs[pipeline]
+        edit = configs[stream_model(pipeline)]
         unet = configs[UNET_FOR_PIPELINE[pipeline]]
         assert edit.instance_group[0].kind == expected
+        # The unary model forwards to it and computes nothing.
+        assert configs[pipeline].instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
         assert unet.instance_group[0].kind in (expected, mc.ModelInstanceGroup.KIND_CPU)
         assert unet.instance_group[0].kind == expected
         assert edit.parameters["FORCE_CPU_ONLY_INPUT_TENSORS"].string_value == "no"

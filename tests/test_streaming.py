@@ -31,6 +31,7 @@ from pix2pix_client import (
     Progress,
     contract,
 )
+from serving.procfs import model_processes, pss_bytes
 from serving.tritonserver import TritonServer
 from tests.serving import execution_counts, photo, png_bytes
 
@@ -53,6 +54,29 @@ CASES = [
     ("img2img", "dpmpp_2m", (64, 64)),
     ("img2img", "pndm", (48, 72)),
 ]
+
+
+def test_the_unary_models_forward_to_the_streaming_ones_and_import_no_torch(
+    tiny_server: TritonServer, url: str
+) -> None:
+    """One process per pipeline runs edits: a unary edit is run by the streaming model
+    (its statistics count it), and the unary model's processes map no torch library and
+    hold a fraction of an edit model's memory."""
+    stream = contract.stream_model(contract.INSTRUCT_PIX2PIX)
+    before, _ = execution_counts(tiny_server, stream)
+    with EditClient(url) as client:
+        client.edit(png_bytes(photo(40, 32)), PROMPT, num_inference_steps=2, seed=5)
+    after, _ = execution_counts(tiny_server, stream)
+    assert after == before + 1
+    stubs = model_processes(tiny_server.process.pid)
+    for pipeline in contract.PIPELINES:
+        unary = [p for p in stubs if p.model == pipeline]
+        edit = [p for p in stubs if p.model == contract.stream_model(pipeline)]
+        assert unary and edit
+        for stub in unary:
+            assert "libtorch" not in Path(f"/proc/{stub.pid}/maps").read_text()
+        assert all("libtorch" in Path(f"/proc/{p.pid}/maps").read_text() for p in edit)
+        assert max(map(pss_bytes, (p.pid for p in unary))) * 4 < min(pss_bytes(p.pid) for p in edit)
 
 
 @pytest.mark.parametrize(("model", "scheduler", "size"), CASES)

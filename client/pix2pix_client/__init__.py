@@ -10,19 +10,27 @@
 values.
 """
 
-from pix2pix_client import contract
-from pix2pix_client.aio import AsyncEditClient
-from pix2pix_client.client import EditClient
-from pix2pix_client.errors import (
-    AccessDenied,
-    DeadlineExceeded,
-    EditError,
-    InvalidArgument,
-    ModelNotFound,
-    ServerError,
-    ServerUnavailable,
-)
-from pix2pix_client.request import EditResult, Progress
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# What `from pix2pix_client import X` finds, by module. Imported on first use, so that
+# the server's model processes, which read only `contract`, do not load gRPC and the
+# client's image code with it.
+_EXPORTS = {
+    "AsyncEditClient": "aio",
+    "EditClient": "client",
+    "AccessDenied": "errors",
+    "DeadlineExceeded": "errors",
+    "EditError": "errors",
+    "InvalidArgument": "errors",
+    "ModelNotFound": "errors",
+    "ServerError": "errors",
+    "ServerUnavailable": "errors",
+    "EditResult": "request",
+    "Progress": "request",
+}
 
 __all__ = [
     "AccessDenied",
@@ -39,3 +47,11 @@ __all__ = [
     "contract",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name == "contract":
+        return importlib.import_module("pix2pix_client.contract")
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"pix2pix_client.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'pix2pix_client' has no attribute {name!r}")

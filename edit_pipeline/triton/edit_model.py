@@ -1,19 +1,10 @@
-"""Triton model: one edit from request to PNG, the model clients call.
+"""Triton model: one edit from request to PNG, the model that runs a pipeline.
 
-The pipeline itself is plain Python (edit_pipeline/pipeline.py); this file turns
-Triton requests into its inputs and its outputs into responses, and reaches the exported
-components through BLS (edit_pipeline/triton/bls.py). Each instance runs one edit at
-a time inside `execute`: when its process dies, the Python backend answers the edit in
-flight with an error instead of leaving the caller waiting, and Triton's queue policy
-bounds how many edits wait.
-
-The same file serves the streaming model (decoupled in its config): it sends a response
-after every denoising step (the step, the number of steps, the seed, and on preview
-steps a latent preview), then the result with the final flag.
-
-After every denoising step the edit checks whether its caller is still there
-(`request.is_cancelled()`: a cancelled call or stream, a passed deadline, a closed
-connection) and stops if not, so abandoned work ends within one UNet step.
+This file turns Triton requests into the inputs of edit_pipeline/pipeline.py and its
+outputs into responses; components are reached through BLS (bls.py). An instance runs one
+edit at a time; if its process dies, the Python backend fails the edit in flight. It is
+the streaming model (a response per step, previews, then the result), which also runs
+the unary model's edits (forward_model.py), or without streaming models the unary model.
 """
 
 from __future__ import annotations
@@ -32,7 +23,15 @@ from edit_pipeline.pipeline import EditOutput, EditPipeline, PreparedEdit
 from edit_pipeline.runtime_status import InstanceStatus, draining
 from edit_pipeline.sampler import instance_device
 from edit_pipeline.triton.bls import TritonComponents
-from edit_pipeline.triton.triton_io import Cancelled, Unavailable, as_numpy, error_response
+from edit_pipeline.triton.triton_io import (
+    Cancelled,
+    Unavailable,
+    as_numpy,
+    error_response,
+    forwarded_failure,
+    forwarding_token,
+    watch_caller,
+)
 from pix2pix_client.contract import (
     OUTPUT_IMAGE,
     OUTPUT_NUM_STEPS,
@@ -107,7 +106,8 @@ class TritonPythonModel:
         try:
             response = self._result(self._edit(request, progress))
         except Exception as error:
-            response = error_response(error, self.model_name)
+            failed = forwarded_failure if forwarding_token(request) else error_response
+            response = failed(error, self.model_name)
         sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
     @staticmethod
@@ -128,17 +128,18 @@ class TritonPythonModel:
             if tensor is not None:
                 values[name] = as_numpy(tensor).reshape(-1)[0]
         prepared = self.pipeline.prepare(values, self.streaming)
+        cancelled = watch_caller(request)
 
         def on_step(index: int, steps: int, latents: torch.Tensor) -> None:
             self.status.busy()
-            if request.is_cancelled():
+            if cancelled():
                 raise Cancelled(f"the edit was cancelled by its caller after step {index + 1}")
             if progress is not None:
                 progress(prepared, index + 1, steps, latents)
 
         self.status.busy()
-        try:
-            if request.is_cancelled():
+        try:  # stops at the first step after its caller left
+            if cancelled():
                 raise Cancelled("the edit was cancelled by its caller before it started")
             return self.pipeline.run(prepared, on_step=on_step)
         finally:

@@ -10,13 +10,16 @@ traceback goes to the server log only.
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import traceback
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from edit_pipeline.runtime_status import CANCEL_TOKEN_INPUT, FAILURE_OUTPUT, ForwardedEdit
 from pix2pix_client.contract import InvalidArgumentError
 
 
@@ -33,6 +36,31 @@ def as_numpy(tensor: Any) -> np.ndarray:
     from torch.utils.dlpack import from_dlpack
 
     return from_dlpack(tensor.to_dlpack()).cpu().numpy()
+
+
+def forwarding_token(request: Any) -> str | None:
+    """The token a forwarding unary model sent with this edit; None for an edit a client
+    sent itself."""
+    tensor = pb_utils.get_input_tensor_by_name(request, CANCEL_TOKEN_INPUT)
+    if tensor is None:
+        return None
+    return bytes(as_numpy(tensor).reshape(-1)[0]).decode("ascii", "replace")
+
+
+def watch_caller(request: Any) -> Callable[[], bool]:
+    """Whether the caller of an edit has gone away (cancelled, past its deadline,
+    disconnected), as a function to call at every step. For an edit a unary model
+    forwarded, that model's mark is read too, and it learns which process runs the edit
+    (its only way to know the edit died with that process)."""
+    token = forwarding_token(request)
+    forwarded = ForwardedEdit.of(token) if token else None
+    if forwarded is not None:
+        forwarded.run_by(os.getpid())
+
+    def gone() -> bool:
+        return request.is_cancelled() or bool(forwarded and forwarded.cancelled())
+
+    return gone
 
 
 class Refusal(Exception):
@@ -65,36 +93,64 @@ _DOWN_SIGNS = (
 )
 
 
-def raise_for_component(model: str, error: Any) -> None:
-    """Raises the right exception for an error a BLS call to a component returned."""
+def _first_line(message: str) -> str:
+    return message.strip().splitlines()[0] if message.strip() else "no message"
+
+
+def raise_if_down(model: str, error: Any) -> None:
+    """Raises Unavailable when a BLS call's error says the model called is down (its
+    process died or hung, it is reloading, the server is stopping)."""
     message = error.message()
-    first_line = message.strip().splitlines()[0] if message.strip() else "no message"
-    if error.code() == pb_utils.TritonError.CANCELLED:
-        raise Cancelled(f"{model}: the request was cancelled")
     if error.code() in (pb_utils.TritonError.UNAVAILABLE, pb_utils.TritonError.NOT_FOUND) or any(
         sign in message.lower() for sign in _DOWN_SIGNS
     ):
-        raise Unavailable(f"{model} is restarting or unavailable, retry: {first_line}")
-    raise RuntimeError(f"{model} failed: {first_line}")
+        raise Unavailable(f"{model} is restarting or unavailable, retry: {_first_line(message)}")
 
 
-def error_response(error: Exception, model: str) -> Any:
-    """The response for a failed request: the right code and a one-line message."""
+def raise_for_component(model: str, error: Any) -> None:
+    """Raises the right exception for an error a BLS call to a component returned."""
+    if error.code() == pb_utils.TritonError.CANCELLED:
+        raise Cancelled(f"{model}: the request was cancelled")
+    raise_if_down(model, error)
+    raise RuntimeError(f"{model} failed: {_first_line(error.message())}")
+
+
+def _code_and_message(error: Exception, model: str) -> tuple[str, str]:
     if isinstance(error, InvalidArgumentError):
-        return pb_utils.InferenceResponse(
-            error=pb_utils.TritonError(str(error), pb_utils.TritonError.INVALID_ARG)
-        )
+        return "INVALID_ARG", str(error)
     if isinstance(error, Refusal):
-        code = getattr(pb_utils.TritonError, error.code)
-        return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error), code))
+        return error.code, str(error)
     incident = secrets.token_hex(4)
     pb_utils.Logger.log_error(
         f"{model}: internal error {incident}:\n{''.join(traceback.format_exception(error))}"
     )
+    return "INTERNAL", (
+        f"{model} failed: internal error {incident} ({type(error).__name__}); "
+        "the server log has the details"
+    )
+
+
+def error_response(error: Exception, model: str) -> Any:
+    """The response for a failed request: the right code and a one-line message."""
+    code, message = _code_and_message(error, model)
     return pb_utils.InferenceResponse(
-        error=pb_utils.TritonError(
-            f"{model} failed: internal error {incident} ({type(error).__name__}); "
-            "the server log has the details",
-            pb_utils.TritonError.INTERNAL,
-        )
+        error=pb_utils.TritonError(message, getattr(pb_utils.TritonError, code))
+    )
+
+
+def forwarded_failure(error: Exception, model: str) -> Any:
+    """The response for a failed edit a unary model forwarded: the code's name and the
+    message as an output. Triton 2.51's BLS hands a decoupled model's error codes back as
+    INTERNAL, and an error response sent after the forwarding model's own caller left
+    never reaches it."""
+    code, message = _code_and_message(error, model)
+    failure = np.array([f"{code} {message}".encode()], dtype=np.object_)
+    return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(FAILURE_OUTPUT, failure)])
+
+
+def forwarded_error_response(failure: Any) -> Any:
+    """This model's answer for the failure a forwarded edit sent (`forwarded_failure`)."""
+    code, _, message = bytes(as_numpy(failure).reshape(-1)[0]).decode().partition(" ")
+    return pb_utils.InferenceResponse(
+        error=pb_utils.TritonError(message, getattr(pb_utils.TritonError, code))
     )
