@@ -72,9 +72,14 @@ class ForwardedEdit:
             return None
         return cls(directory / FORWARDED_DIR / token)
 
-    def run_by(self, pid: int) -> None:
+    def open(self) -> None:
+        """The forwarding model, before it sends the edit."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        (self.folder / "runner").write_text(str(pid))
+
+    def run_by(self, pid: int) -> None:
+        """The edit model, as it starts the edit (not for a token nobody opened)."""
+        if self.folder.is_dir():
+            (self.folder / "runner").write_text(str(pid))
 
     def runner(self) -> int | None:
         try:
@@ -83,7 +88,6 @@ class ForwardedEdit:
             return None
 
     def cancel(self) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
         (self.folder / "cancelled").touch()
 
     def cancelled(self) -> bool:

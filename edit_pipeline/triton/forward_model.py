@@ -115,6 +115,7 @@ def _watched(request: Any, edit: ForwardedEdit | None) -> Iterator[None]:
     if edit is None:
         yield
         return
+    edit.open()
     done = threading.Event()
 
     def watch() -> None:
