@@ -234,7 +234,7 @@ def with_edit_instances(
     edit_models = len(pipelines)
     instances = derived_edit_instances(options, sum(sizes.values()), unet, edit_models)
     print(
-        f"edit instances: {instances} per edit model ({edit_models} running edits; from the "
+        f"edit instances: {instances} per edit model ({edit_models} edit models; from the "
         f"cores, the memory and {sum(sizes.values()) / 1e9:.2f} GB of weights)",
         flush=True,
     )

@@ -40,8 +40,8 @@ from edit_pipeline.triton.triton_io import (
     Unavailable,
     config_parameters,
     error_response,
+    first_line,
     forwarded_error_response,
-    raise_if_down,
 )
 
 # How often a forwarded edit's caller and the process running it are checked: well within
@@ -90,8 +90,10 @@ class TritonPythonModel:
                 raise Unavailable(message) from None
             for response in responses:
                 if response.has_error():
-                    raise_if_down(self.target, response.error())
-                    return pb_utils.InferenceResponse(error=response.error())
+                    # Triton's own error (the edit model fails with an output): the edit
+                    # could not run there now (full queue, process died, reloading).
+                    reason = first_line(response.error().message())
+                    raise Unavailable(f"{self.target} could not take the edit, retry: {reason}")
                 failure = pb_utils.get_output_tensor_by_name(response, FAILURE_OUTPUT)
                 if failure is not None:
                     return forwarded_error_response(failure)

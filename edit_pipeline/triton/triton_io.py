@@ -93,26 +93,20 @@ _DOWN_SIGNS = (
 )
 
 
-def _first_line(message: str) -> str:
+def first_line(message: str) -> str:
     return message.strip().splitlines()[0] if message.strip() else "no message"
-
-
-def raise_if_down(model: str, error: Any) -> None:
-    """Raises Unavailable when a BLS call's error says the model called is down (its
-    process died or hung, it is reloading, the server is stopping)."""
-    message = error.message()
-    if error.code() in (pb_utils.TritonError.UNAVAILABLE, pb_utils.TritonError.NOT_FOUND) or any(
-        sign in message.lower() for sign in _DOWN_SIGNS
-    ):
-        raise Unavailable(f"{model} is restarting or unavailable, retry: {_first_line(message)}")
 
 
 def raise_for_component(model: str, error: Any) -> None:
     """Raises the right exception for an error a BLS call to a component returned."""
+    message = error.message()
     if error.code() == pb_utils.TritonError.CANCELLED:
         raise Cancelled(f"{model}: the request was cancelled")
-    raise_if_down(model, error)
-    raise RuntimeError(f"{model} failed: {_first_line(error.message())}")
+    if error.code() in (pb_utils.TritonError.UNAVAILABLE, pb_utils.TritonError.NOT_FOUND) or any(
+        sign in message.lower() for sign in _DOWN_SIGNS
+    ):
+        raise Unavailable(f"{model} is restarting or unavailable, retry: {first_line(message)}")
+    raise RuntimeError(f"{model} failed: {first_line(message)}")
 
 
 def _code_and_message(error: Exception, model: str) -> tuple[str, str]:
