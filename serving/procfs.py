@@ -16,6 +16,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+# Whether a process has ended: no such process, or a zombie not reaped yet (the model
+# processes check the same of each other).
+from edit_pipeline.runtime_status import process_ended as gone
+
 STUB_NAME = "triton_python_backend_stub"
 SHARED_MEMORY = Path("/dev/shm")
 # A region is orphaned when no process maps it and it is older than this (a new one is
@@ -60,11 +64,6 @@ def pss_bytes(pid: int) -> int:
         if line.startswith("Pss:"):
             return int(line.split()[1]) * 1024
     return 0
-
-
-def gone(pid: int) -> bool:
-    """Whether a process has ended: no such process, or a zombie not reaped yet."""
-    return state(pid) in GONE
 
 
 def exited_unreaped(pid: int) -> bool:
