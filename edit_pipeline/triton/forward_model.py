@@ -45,8 +45,8 @@ from edit_pipeline.triton.triton_io import (
 )
 
 # How often a forwarded edit's caller and the process running it are checked: well within
-# one UNet step.
-WATCH_EVERY_S = 0.05
+# one UNet step (a check is a round trip to tritonserver, tens of microseconds).
+WATCH_EVERY_S = 0.01
 
 
 class TritonPythonModel:
