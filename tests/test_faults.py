@@ -127,6 +127,24 @@ def _replaced(server: TritonServer, model: str, since: int) -> None:
         time.sleep(0.1)
 
 
+def _killed_mid_edit(
+    server: TritonServer, image: bytes, victim_of: Callable[[], ModelProcess]
+) -> tuple[ModelProcess, float, str]:
+    """SIGKILL to `victim_of()`, chosen 0.3 s into a long edit: the victim, when it was
+    killed, and what the edit in flight got (its image or a retryable error)."""
+    with ThreadPoolExecutor(1) as pool:
+        in_flight: Future[bytes] = pool.submit(_edit, server.grpc_url, image, 150)
+        time.sleep(0.3)
+        victim = victim_of()
+        killed_at = time.monotonic()
+        os.kill(victim.pid, signal.SIGKILL)
+        try:
+            outcome = f"returned its image ({len(in_flight.result(timeout=GIVE_UP_S))} bytes)"
+        except ServerUnavailable as error:
+            outcome = f"failed, retryable: {error}"
+    return victim, killed_at, outcome
+
+
 KINDS = {
     "edit model": "instruct_pix2pix",
     "text encoder": "text_encoder",
@@ -142,17 +160,8 @@ def test_a_killed_model_process_is_replaced(
     model = KINDS[kind]
     assert server.supervisor is not None
     recoveries = len(server.supervisor.recoveries)
-    with ThreadPoolExecutor(1) as pool:
-        in_flight: Future[bytes] = pool.submit(_edit, server.grpc_url, image, 150)
-        time.sleep(0.3)
-        victim = _in_loop(server, model)
-        killed_at = time.monotonic()
-        watch = ReadinessWatch(server)
-        os.kill(victim.pid, signal.SIGKILL)
-        try:
-            outcome = f"returned its image ({len(in_flight.result())} bytes)"
-        except ServerUnavailable as error:
-            outcome = f"failed, retryable: {error}"
+    watch = ReadinessWatch(server)
+    victim, killed_at, outcome = _killed_mid_edit(server, image, lambda: _in_loop(server, model))
     recovered_s = _succeeds_again(server.grpc_url, image, killed_at)
     _replaced(server, model, recoveries)
     watch.stop()
@@ -185,19 +194,14 @@ def test_a_forwarded_edit_fails_retryably_when_either_process_dies(
     server = forwarding_server
     assert server.supervisor is not None
     recoveries = len(server.supervisor.recoveries)
-    with ThreadPoolExecutor(1) as pool:
-        in_flight: Future[bytes] = pool.submit(_edit, server.grpc_url, image, 150)
-        time.sleep(0.3)
+
+    def busy() -> ModelProcess:
         reports = read_reports(server.runtime_dir)
-        victim = next(
+        return next(
             p for p in processes_of(server, model) if p.pid in reports and reports[p.pid].busy_since
         )
-        killed_at = time.monotonic()
-        os.kill(victim.pid, signal.SIGKILL)
-        try:
-            outcome = f"returned its image ({len(in_flight.result(timeout=GIVE_UP_S))} bytes)"
-        except ServerUnavailable as error:
-            outcome = f"failed, retryable: {error}"
+
+    _, killed_at, outcome = _killed_mid_edit(server, image, busy)
     recovered_s = _succeeds_again(server.grpc_url, image, killed_at)
     _replaced(server, model, recoveries)
     summary(
