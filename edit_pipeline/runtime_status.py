@@ -13,14 +13,19 @@ seconds of the call's start or its last step, 0 when idle), `longest_call_s` (th
 call that completed) and `waiting` (1 while the call waits for another model: an edit's
 BLS call to a component). The supervisor reads them to tell a stuck call from a long one
 and to know when no edit is in flight. Without the variable (a plain tritonserver, as in
-the NGC container run by hand) every function here does nothing.
+the NGC container run by hand) every function here does nothing, but forwarded edits:
+their folders are then in a folder of the temporary directory that only this user may
+enter, named by tritonserver's process id (every model process is its child), and the
+last forwarding model to unload removes it (`forget_forwarded_edits`).
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import stat
 import struct
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -55,6 +60,34 @@ def mark_draining(directory: Path) -> None:
     (directory / DRAINING_MARKER).touch()
 
 
+def forwarded_edits_dir(directory: Path | None = None) -> Path | None:
+    """Where the forwarded edits' folders are: in the supervisor's runtime directory, or
+    without one in this user's folder for this tritonserver (None when that folder is
+    someone else's: the temporary directory is shared)."""
+    directory = directory or runtime_dir()
+    if directory is not None:
+        return directory / FORWARDED_DIR
+    shared = Path(tempfile.gettempdir()) / f"image-edit-{os.getuid()}-{os.getppid()}"
+    try:
+        shared.mkdir(mode=0o700, exist_ok=True)
+        status = shared.lstat()
+    except OSError:
+        return None
+    private = stat.S_ISDIR(status.st_mode) and not status.st_mode & 0o077
+    return shared / FORWARDED_DIR if private and status.st_uid == os.getuid() else None
+
+
+def forget_forwarded_edits() -> None:
+    """A forwarding model unloads: without a supervisor, the last one removes the folder
+    forwarded_edits_dir made (emptied by its edits; one still in use stays)."""
+    if runtime_dir() is None and (folder := forwarded_edits_dir()) is not None:
+        for empty in (folder, folder.parent):
+            try:
+                empty.rmdir()
+            except OSError:
+                return
+
+
 @dataclass(frozen=True)
 class ForwardedEdit:
     """What a forwarding unary model (forward_model.py) and the edit model running its
@@ -65,12 +98,12 @@ class ForwardedEdit:
 
     @classmethod
     def of(cls, token: str, directory: Path | None = None) -> ForwardedEdit | None:
-        """None without a supervisor, or for a token that is not the 16 hex digits a
-        forwarding model makes."""
-        directory = directory or runtime_dir()
-        if directory is None or len(token) != 16 or any(c not in HEX_DIGITS for c in token):
+        """None for a token that is not the 16 hex digits a forwarding model makes, or
+        where there is no folder for it (forwarded_edits_dir)."""
+        if len(token) != 16 or any(c not in HEX_DIGITS for c in token):
             return None
-        return cls(directory / FORWARDED_DIR / token)
+        folder = forwarded_edits_dir(directory)
+        return None if folder is None else cls(folder / token)
 
     def open(self) -> None:
         """The forwarding model, before it sends the edit."""

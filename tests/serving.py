@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import io
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,6 +16,13 @@ import tritonclient.grpc as grpcclient
 from PIL import Image
 
 from pix2pix_client.request import contract_input
+from serving.procfs import shared_memory_prefix
+from serving.tritonserver import (
+    DIE_WITH_PARENT,
+    TritonServer,
+    prepare_backend_directory,
+    server_environment,
+)
 
 
 def photo(width: int = 64, height: int = 64) -> Image.Image:
@@ -60,3 +71,39 @@ def execution_counts(server: Any, model: str) -> tuple[int, int]:
         client.close()
     requests = stats.get("inference_stats", {}).get("success", {}).get("count", 0)
     return int(requests), int(stats.get("execution_count", 0))
+
+
+@contextmanager
+def plain_tritonserver(
+    repository: Path, scratch: Path
+) -> Iterator[tuple[TritonServer, subprocess.Popen[bytes]]]:
+    """tritonserver started by hand on a repository, as in the NGC container: no
+    supervisor, so the models have no runtime directory. The TritonServer, never started,
+    names its addresses and admin key. SIGTERM on leaving."""
+    server = TritonServer(repository)
+    command = server.command(shared_memory_prefix())
+    backends = prepare_backend_directory(scratch / "backends")
+    if backends is not None:
+        command.append(f"--backend-directory={backends}")
+    log = scratch / "tritonserver.log"
+    with log.open("wb") as output:
+        process = subprocess.Popen(
+            [*DIE_WITH_PARENT, *command],
+            env=server_environment(),
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 300
+        while not server.is_ready():
+            assert process.poll() is None and time.monotonic() < deadline, repository_log(log)
+            time.sleep(0.25)
+        yield server, process
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

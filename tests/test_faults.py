@@ -349,16 +349,24 @@ def _wait_served(process: subprocess.Popen[bytes], http_url: str) -> None:
         time.sleep(0.2)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+@pytest.mark.parametrize(
+    ("signum", "streaming_models"),
+    [(signal.SIGTERM, False), (signal.SIGINT, False), (signal.SIGTERM, True)],
+    ids=["SIGTERM", "Ctrl-C", "SIGTERM-forwarded"],
+)
 def test_sigterm_drains_edits_in_flight(
     tiny_repository_with: Callable[..., Path],
     tmp_path: Path,
     image: bytes,
     signum: int,
+    streaming_models: bool,
     summary,
 ) -> None:
+    """With streaming models served, the unary edit in flight runs in the streaming
+    model's process, forwarded by the unary model's: the drain waits for both."""
     # Two edits at once: one in flight while the next is refused.
-    repository = tiny_repository_with(**{**LEAN, "edit_instances": 2})
+    options = {**LEAN, "edit_instances": 2, "streaming_models": streaming_models}
+    repository = tiny_repository_with(**options)
     process, grpc_url, http_url = _serve(repository, tmp_path / "serve.log")
     try:
         _wait_served(process, http_url)
@@ -377,8 +385,9 @@ def test_sigterm_drains_edits_in_flight(
         code = process.wait(timeout=90)
         summary(
             "graceful drain",
-            f"{signal.Signals(signum).name}: the edit in flight returned its image, a new one "
-            f"got UNAVAILABLE, exit {code} after {time.monotonic() - signalled:.1f} s",
+            f"{signal.Signals(signum).name}{' (forwarded)' if streaming_models else ''}: the "
+            f"edit in flight returned its image, a new one got UNAVAILABLE, exit {code} after "
+            f"{time.monotonic() - signalled:.1f} s",
         )
         assert code == 0
     finally:

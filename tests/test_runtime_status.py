@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import os
 import secrets
+import stat
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,8 @@ from edit_pipeline.runtime_status import (
     FORWARDED_DIR,
     RUNTIME_DIR_VARIABLE,
     ForwardedEdit,
+    forget_forwarded_edits,
+    forwarded_edits_dir,
     process_ended,
 )
 
@@ -43,9 +47,38 @@ def test_a_token_a_forwarding_model_did_not_make_names_no_folder(
     assert ForwardedEdit.of(token, tmp_path) is None
 
 
-def test_without_a_supervisor_there_is_no_forwarded_edit(monkeypatch) -> None:
+def test_without_a_supervisor_forwarded_edits_are_in_a_private_folder_per_server(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A plain tritonserver: the folder is this user's alone, named by the parent process
+    (tritonserver, for its model processes), and goes with the last forwarding model."""
     monkeypatch.delenv(RUNTIME_DIR_VARIABLE, raising=False)
-    assert ForwardedEdit.of(secrets.token_hex(8)) is None
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    edit = ForwardedEdit.of(secrets.token_hex(8))
+    assert edit is not None
+    server_folder = tmp_path / f"image-edit-{os.getuid()}-{os.getppid()}"
+    assert edit.folder.parent == server_folder / FORWARDED_DIR
+    assert stat.S_IMODE(server_folder.stat().st_mode) == 0o700
+    edit.open()
+    forget_forwarded_edits()
+    assert edit.folder.is_dir()  # an edit in flight keeps it
+    edit.remove()
+    forget_forwarded_edits()
+    assert not server_folder.exists()
+
+
+def test_a_shared_folder_others_may_enter_is_not_used(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.delenv(RUNTIME_DIR_VARIABLE, raising=False)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    planted = tmp_path / f"image-edit-{os.getuid()}-{os.getppid()}"
+    planted.mkdir(mode=0o777)
+    planted.chmod(0o777)
+    assert forwarded_edits_dir() is None and ForwardedEdit.of(secrets.token_hex(8)) is None
+    planted.rmdir()
+    planted.symlink_to(tmp_path)
+    assert forwarded_edits_dir() is None
 
 
 def test_process_ended_tells_a_live_process_from_an_exited_one() -> None:

@@ -13,6 +13,7 @@ import signal
 import struct
 import subprocess
 import sys
+import tempfile
 import termios
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +26,7 @@ from PIL import Image
 
 from pix2pix_client import (
     AsyncEditClient,
+    DeadlineExceeded,
     EditClient,
     EditResult,
     InvalidArgument,
@@ -33,7 +35,7 @@ from pix2pix_client import (
 )
 from serving.procfs import model_processes, pss_bytes
 from serving.tritonserver import TritonServer
-from tests.serving import execution_counts, photo, png_bytes
+from tests.serving import execution_counts, photo, plain_tritonserver, png_bytes
 
 PROMPT = "make it snowy"
 
@@ -180,6 +182,31 @@ def test_cancelling_the_async_task_cancels_the_servers_work(
     stopped_at = _unet_executions(tiny_server)
     time.sleep(1.0)
     assert _unet_executions(tiny_server) - stopped_at <= 1
+
+
+def test_under_a_plain_tritonserver_a_forwarded_edit_stops_when_its_caller_leaves(
+    tiny_repository_with, tmp_path: Path, summary
+) -> None:
+    """tritonserver run by hand on the repository (no supervisor, no runtime directory):
+    a unary edit whose caller gives up stops in the streaming model's process that runs
+    it, and the folder the two models shared goes when the server stops."""
+    repository = tiny_repository_with(pipelines=("instruct_pix2pix",), edit_instances=1)
+    with plain_tritonserver(repository, tmp_path) as (server, process):
+        shared = Path(tempfile.gettempdir()) / f"image-edit-{os.getuid()}-{process.pid}"
+        client = EditClient(server.grpc_url, retries=0, timeout_s=2.0)
+        with client, pytest.raises(DeadlineExceeded):
+            client.edit(png_bytes(photo(256, 256)), PROMPT, num_inference_steps=300)
+        time.sleep(0.3)
+        stopped_at = _unet_executions(server)
+        time.sleep(1.5)
+        growth = _unet_executions(server) - stopped_at
+        left_over = list(shared.glob("forwarded/*"))
+    summary(
+        "plain tritonserver",
+        f"a forwarded 300-step edit abandoned at 2 s: UNet executions 0.3-1.8 s later: {growth}",
+    )
+    assert growth <= 1 and left_over == []
+    assert not shared.exists()
 
 
 def test_on_progress_gets_every_step(url: str) -> None:

@@ -7,12 +7,12 @@ diffusers and holds an edit's working memory, instead of one per model; this one
 NumPy and the Python backend's utilities only.
 
 Triton 2.51's BLS cannot cancel a call it made, and does not end it when the process
-running it dies. So the two models share a folder per edit in the supervisor's runtime
-directory (`runtime_status.ForwardedEdit`): this model marks the edit cancelled when its
-caller goes away (a cancelled call, a passed deadline, a closed connection), and the
-edit model stops at its next step as for its own caller; the edit model names its
-process, and this model ends itself if that process dies (`_watched`). Without a
-supervisor there is no such folder: a forwarded edit whose caller left runs to its end.
+running it dies. So the two models share a folder per edit (`runtime_status.ForwardedEdit`,
+in the supervisor's runtime directory, or under a plain tritonserver in a private folder
+of the temporary directory): this model marks the edit cancelled when its caller goes
+away (a cancelled call, a passed deadline, a closed connection), and the edit model stops
+at its next step as for its own caller; the edit model names its process, and this model
+ends itself if that process dies (`_watched`).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from edit_pipeline.runtime_status import (
     FAILURE_OUTPUT,
     ForwardedEdit,
     InstanceStatus,
+    forget_forwarded_edits,
     process_ended,
 )
 from edit_pipeline.triton.triton_io import (
@@ -58,6 +59,9 @@ class TritonPythonModel:
 
     def execute(self, requests: list) -> list:
         return [self._forward(request) for request in requests]
+
+    def finalize(self) -> None:
+        forget_forwarded_edits()
 
     def _forward(self, request: Any) -> Any:
         token = secrets.token_hex(8)
