@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -391,19 +392,22 @@ def test_an_edit_served_from_s3_equals_the_edit_served_from_the_local_folder(
 
 
 def _queue_counters(replica: ServeProcess) -> tuple[float, float]:
-    """(queue microseconds, successful requests) of the edit models, summed, as the
-    prometheus-adapter rule of deploy/k8s reads them."""
+    """(queue microseconds, edits completed) as the prometheus-adapter rule of deploy/k8s
+    reads them: the queue time of every edit model; the streaming models' successful
+    requests where they are served (every edit runs there), the unary models' otherwise."""
     url = f"http://127.0.0.1:{replica.metrics_port}/metrics"
     with urllib.request.urlopen(url, timeout=5) as response:
         text = response.read().decode()
-    queue = success = 0.0
+    queue = 0.0
+    success: dict[bool, float] = {}
     for line in text.splitlines():
-        edit_model = 'model="instruct_pix2pix"' in line or 'model="img2img"' in line
-        if edit_model and line.startswith("nv_inference_queue_duration_us{"):
+        model = re.search(r'model="((?:instruct_pix2pix|img2img)(_stream)?)"', line)
+        if model and line.startswith("nv_inference_queue_duration_us{"):
             queue += float(line.rsplit(" ", 1)[1])
-        elif edit_model and line.startswith("nv_inference_request_success{"):
-            success += float(line.rsplit(" ", 1)[1])
-    return queue, success
+        elif model and line.startswith("nv_inference_request_success{"):
+            streaming = model.group(2) is not None
+            success[streaming] = success.get(streaming, 0.0) + float(line.rsplit(" ", 1)[1])
+    return queue, success.get(True, success.get(False, 0.0))
 
 
 def _run_edits(url: str, image: bytes, count: int) -> float:
