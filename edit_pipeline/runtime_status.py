@@ -15,8 +15,8 @@ BLS call to a component). The supervisor reads them to tell a stuck call from a 
 and to know when no edit is in flight. Without the variable (a plain tritonserver, as in
 the NGC container run by hand) every function here does nothing, but forwarded edits:
 their folders are then in a folder of the temporary directory that only this user may
-enter, named by tritonserver's process id (every model process is its child), and the
-last forwarding model to unload removes it (`forget_forwarded_edits`).
+enter, named by tritonserver's process id (every model process is its child), removed
+as the forwarding models unload (`forget_forwarded_edits`).
 """
 
 from __future__ import annotations
@@ -78,8 +78,9 @@ def forwarded_edits_dir(directory: Path | None = None) -> Path | None:
 
 
 def forget_forwarded_edits() -> None:
-    """A forwarding model unloads: without a supervisor, the last one removes the folder
-    forwarded_edits_dir made (emptied by its edits; one still in use stays)."""
+    """A forwarding model unloads: without a supervisor, it removes the folder that
+    forwarded_edits_dir made when no edit is forwarded now (another forwarding model's
+    next edit makes it again)."""
     if runtime_dir() is None and (folder := forwarded_edits_dir()) is not None:
         for empty in (folder, folder.parent):
             try:

@@ -51,7 +51,8 @@ def test_without_a_supervisor_forwarded_edits_are_in_a_private_folder_per_server
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """A plain tritonserver: the folder is this user's alone, named by the parent process
-    (tritonserver, for its model processes), and goes with the last forwarding model."""
+    (tritonserver, for its model processes), removed by a forwarding model that unloads
+    while no edit is forwarded."""
     monkeypatch.delenv(RUNTIME_DIR_VARIABLE, raising=False)
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     edit = ForwardedEdit.of(secrets.token_hex(8))
