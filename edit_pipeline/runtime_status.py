@@ -92,8 +92,9 @@ def forget_forwarded_edits() -> None:
 @dataclass(frozen=True)
 class ForwardedEdit:
     """What a forwarding unary model (forward_model.py) and the edit model running its
-    edit tell each other, in forwarded/<token>: `runner` holds the edit model's process
-    id once the edit runs, `cancelled` appears once the unary caller has gone."""
+    edit tell each other, in forwarded/<token>: `caller` holds the forwarding model's
+    process id, `runner` the edit model's once the edit runs, `cancelled` appears once the
+    unary caller has gone. Each model ends its own process if the other's dies."""
 
     folder: Path
 
@@ -106,18 +107,28 @@ class ForwardedEdit:
         folder = forwarded_edits_dir(directory)
         return None if folder is None else cls(folder / token)
 
-    def open(self) -> None:
-        """The forwarding model, before it sends the edit."""
+    def open(self, pid: int) -> None:
+        """The forwarding model, with its process id, before it sends the edit."""
         self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / "caller").write_text(str(pid))
 
-    def run_by(self, pid: int) -> None:
-        """The edit model, as it starts the edit (not for a token nobody opened)."""
-        if self.folder.is_dir():
-            (self.folder / "runner").write_text(str(pid))
+    def run_by(self, pid: int) -> bool:
+        """The edit model, as it starts the edit: False (and nothing written) for a token
+        nobody opened."""
+        if not self.folder.is_dir():
+            return False
+        (self.folder / "runner").write_text(str(pid))
+        return True
+
+    def caller(self) -> int | None:
+        return self._pid("caller")
 
     def runner(self) -> int | None:
+        return self._pid("runner")
+
+    def _pid(self, name: str) -> int | None:
         try:
-            return int((self.folder / "runner").read_text())
+            return int((self.folder / name).read_text())
         except (OSError, ValueError):
             return None
 

@@ -184,26 +184,36 @@ def forwarding_server(
     return start_server(tiny_repository)
 
 
-@pytest.mark.parametrize("model", ["instruct_pix2pix_stream", "instruct_pix2pix"])
+# The unary model that forwards an edit and the streaming model that runs it.
+FORWARDING_PAIR = ("instruct_pix2pix", "instruct_pix2pix_stream")
+
+
+@pytest.mark.parametrize("model", FORWARDING_PAIR)
 def test_a_forwarded_edit_fails_retryably_when_either_process_dies(
     forwarding_server: TritonServer, image: bytes, model: str, summary
 ) -> None:
     """A unary edit runs in the streaming model's process, forwarded by the unary
     model's: kill -9 either mid-edit and the caller gets a retryable error (or its image),
-    never a wait without end, and edits succeed again."""
+    never a wait without end; the other process ends too (a response to a BLS caller that
+    died would wait for ever, and so would the server's stop), both are replaced, and
+    edits succeed again."""
     server = forwarding_server
     assert server.supervisor is not None
     recoveries = len(server.supervisor.recoveries)
+    pair: dict[str, ModelProcess] = {}
 
     def busy() -> ModelProcess:
         reports = read_reports(server.runtime_dir)
-        return next(
-            p for p in processes_of(server, model) if p.pid in reports and reports[p.pid].busy_since
-        )
+        for name in FORWARDING_PAIR:
+            running = [p for p in processes_of(server, name) if p.pid in reports]
+            pair[name] = next(p for p in running if reports[p.pid].busy_since)
+        return pair[model]
 
     _, killed_at, outcome = _killed_mid_edit(server, image, busy)
     recovered_s = _succeeds_again(server.grpc_url, image, killed_at)
-    _replaced(server, model, recoveries)
+    for name, process in pair.items():
+        _replaced(server, name, recoveries)
+        assert gone(process.pid), f"{name} ({process.pid}) outlived the other process"
     summary(
         "recovery after kill -9 mid-edit",
         f"forwarded edit, {model}: edits succeed {recovered_s:.1f} s after the kill; the "

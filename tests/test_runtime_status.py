@@ -28,10 +28,11 @@ def test_a_forwarded_edit_is_opened_run_cancelled_and_removed(tmp_path: Path) ->
     forwarding, running = ForwardedEdit.of(token, tmp_path), ForwardedEdit.of(token, tmp_path)
     assert forwarding is not None and running is not None
     # The edit model names its process only for an edit a forwarding model opened.
-    running.run_by(os.getpid())
+    assert not running.run_by(os.getpid())
     assert forwarding.runner() is None and not (tmp_path / FORWARDED_DIR).exists()
-    forwarding.open()
-    running.run_by(os.getpid())
+    forwarding.open(os.getppid())
+    assert running.caller() == os.getppid()
+    assert running.run_by(os.getpid())
     assert forwarding.runner() == os.getpid()
     assert not running.cancelled()
     forwarding.cancel()
@@ -60,7 +61,7 @@ def test_without_a_supervisor_forwarded_edits_are_in_a_private_folder_per_server
     server_folder = tmp_path / f"image-edit-{os.getuid()}-{os.getppid()}"
     assert edit.folder.parent == server_folder / FORWARDED_DIR
     assert stat.S_IMODE(server_folder.stat().st_mode) == 0o700
-    edit.open()
+    edit.open(os.getpid())
     forget_forwarded_edits()
     assert edit.folder.is_dir()  # an edit in flight keeps it
     edit.remove()

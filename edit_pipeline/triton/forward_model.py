@@ -6,13 +6,14 @@ the edit's failure with its code. So each pipeline has one process that imports 
 diffusers and holds an edit's working memory, instead of one per model; this one imports
 NumPy and the Python backend's utilities only.
 
-Triton 2.51's BLS cannot cancel a call it made, and does not end it when the process
-running it dies. So the two models share a folder per edit (`runtime_status.ForwardedEdit`,
-in the supervisor's runtime directory, or under a plain tritonserver in a private folder
-of the temporary directory): this model marks the edit cancelled when its caller goes
-away (a cancelled call, a passed deadline, a closed connection), and the edit model stops
-at its next step as for its own caller; the edit model names its process, and this model
-ends itself if that process dies (`_watched`).
+Triton 2.51's BLS cannot cancel a call it made, does not end it when the process running
+it dies, and a response sent to a caller whose process died waits for ever. So the two
+models share a folder per edit (`runtime_status.ForwardedEdit`, in the supervisor's
+runtime directory, or under a plain tritonserver in a private folder of the temporary
+directory): this model marks the edit cancelled when its caller goes away (a cancelled
+call, a passed deadline, a closed connection), and the edit model stops at its next step
+as for its own caller; each model names its process there, and ends its own if the
+other's dies (`_watched` here, `triton_io.watch_caller` there).
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import signal
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -38,16 +38,14 @@ from edit_pipeline.runtime_status import (
     process_ended,
 )
 from edit_pipeline.triton.triton_io import (
+    WATCH_EVERY_S,
     Unavailable,
     config_parameters,
+    end_this_process,
     error_response,
     first_line,
     forwarded_error_response,
 )
-
-# How often a forwarded edit's caller and the process running it are checked: well within
-# one UNet step (a check is a round trip to tritonserver, tens of microseconds).
-WATCH_EVERY_S = 0.01
 
 
 class TritonPythonModel:
@@ -121,7 +119,7 @@ def _watched(request: Any, edit: ForwardedEdit | None) -> Iterator[None]:
     if edit is None:
         yield
         return
-    edit.open()
+    edit.open(os.getpid())
     done = threading.Event()
 
     def watch() -> None:
@@ -130,10 +128,7 @@ def _watched(request: Any, edit: ForwardedEdit | None) -> Iterator[None]:
                 edit.cancel()
             runner = edit.runner()
             if runner is not None and process_ended(runner) and not done.is_set():
-                pb_utils.Logger.log_error(
-                    f"the process running a forwarded edit ({runner}) died: this one exits"
-                )
-                os.kill(os.getpid(), signal.SIGKILL)
+                end_this_process(f"the process running a forwarded edit ({runner}) died")
 
     watcher = threading.Thread(target=watch, name="forwarded-edit-watch", daemon=True)
     watcher.start()

@@ -12,6 +12,9 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import signal
+import threading
+import time
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -19,8 +22,18 @@ from typing import Any
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from edit_pipeline.runtime_status import CANCEL_TOKEN_INPUT, FAILURE_OUTPUT, ForwardedEdit
+from edit_pipeline.runtime_status import (
+    CANCEL_TOKEN_INPUT,
+    FAILURE_OUTPUT,
+    ForwardedEdit,
+    process_ended,
+)
 from pix2pix_client.contract import InvalidArgumentError
+
+# How often the two processes of a forwarded edit check on each other and on the unary
+# caller: well within one UNet step (a check reads a file or asks tritonserver, tens of
+# microseconds).
+WATCH_EVERY_S = 0.01
 
 
 def config_parameters(args: dict[str, str]) -> dict[str, str]:
@@ -51,16 +64,42 @@ def watch_caller(request: Any) -> Callable[[], bool]:
     """Whether the caller of an edit has gone away (cancelled, past its deadline,
     disconnected), as a function to call at every step. For an edit a unary model
     forwarded, that model's mark is read too, and it learns which process runs the edit
-    (its only way to know the edit died with that process)."""
+    (its only way to know the edit died with that process); and this process ends if the
+    forwarding model's dies first (_end_with_caller)."""
     token = forwarding_token(request)
     forwarded = ForwardedEdit.of(token) if token else None
-    if forwarded is not None:
-        forwarded.run_by(os.getpid())
+    if forwarded is not None and forwarded.run_by(os.getpid()):
+        _end_with_caller(forwarded)
 
     def gone() -> bool:
         return request.is_cancelled() or bool(forwarded and forwarded.cancelled())
 
     return gone
+
+
+def _end_with_caller(edit: ForwardedEdit) -> None:
+    """Ends this process if the forwarding model's process dies while its edit is here:
+    in Triton 2.51 a response sent to a BLS caller that died waits for ever, the final one
+    too, so this instance would hold the edit and never serve again (and the server's
+    stop would wait its whole exit timeout). The supervisor replaces the process like any
+    dead one. The watch ends when the forwarding model removes the edit's folder."""
+
+    def watch() -> None:
+        while edit.folder.is_dir():
+            caller = edit.caller()
+            if caller is not None and process_ended(caller):
+                edit.remove()
+                end_this_process(f"the process that forwarded this edit ({caller}) died")
+            time.sleep(WATCH_EVERY_S)
+
+    threading.Thread(target=watch, name="forwarding-caller-watch", daemon=True).start()
+
+
+def end_this_process(reason: str) -> None:
+    """For a model process that can never answer again: the Python backend fails what it
+    was running as retryable, and the supervisor starts the model again."""
+    pb_utils.Logger.log_error(f"{reason}: this process exits")
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 class Refusal(Exception):
