@@ -13,7 +13,7 @@ runtime directory, or under a plain tritonserver in a private folder of the temp
 directory): this model marks the edit cancelled when its caller goes away (a cancelled
 call, a passed deadline, a closed connection), and the edit model stops at its next step
 as for its own caller; each model names its process there, and ends its own if the
-other's dies (`_watched` here, `triton_io.watch_caller` there).
+other's dies (`triton_io.end_with_partner`).
 """
 
 from __future__ import annotations
@@ -35,13 +35,11 @@ from edit_pipeline.runtime_status import (
     ForwardedEdit,
     InstanceStatus,
     forget_forwarded_edits,
-    process_ended,
 )
 from edit_pipeline.triton.triton_io import (
-    WATCH_EVERY_S,
     Unavailable,
     config_parameters,
-    end_this_process,
+    end_with_partner,
     error_response,
     first_line,
     forwarded_error_response,
@@ -122,16 +120,17 @@ def _watched(request: Any, edit: ForwardedEdit | None) -> Iterator[None]:
     edit.open(os.getpid())
     done = threading.Event()
 
-    def watch() -> None:
-        while not done.wait(WATCH_EVERY_S):
-            if request.is_cancelled() and not edit.cancelled():
-                edit.cancel()
-            runner = edit.runner()
-            if runner is not None and process_ended(runner) and not done.is_set():
-                end_this_process(f"the process running a forwarded edit ({runner}) died")
+    def mark_cancelled() -> None:
+        if request.is_cancelled() and not edit.cancelled():
+            edit.cancel()
 
-    watcher = threading.Thread(target=watch, name="forwarded-edit-watch", daemon=True)
-    watcher.start()
+    watcher = end_with_partner(
+        edit,
+        edit.runner,
+        "the process running a forwarded edit",
+        watching=lambda: not done.is_set(),
+        each_round=mark_cancelled,
+    )
     try:
         yield
     finally:

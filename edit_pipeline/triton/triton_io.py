@@ -65,11 +65,17 @@ def watch_caller(request: Any) -> Callable[[], bool]:
     disconnected), as a function to call at every step. For an edit a unary model
     forwarded, that model's mark is read too, and it learns which process runs the edit
     (its only way to know the edit died with that process); and this process ends if the
-    forwarding model's dies first (_end_with_caller)."""
+    forwarding model's dies first."""
     token = forwarding_token(request)
     forwarded = ForwardedEdit.of(token) if token else None
     if forwarded is not None and forwarded.run_by(os.getpid()):
-        _end_with_caller(forwarded)
+        # The forwarding model removes the folder once it has the last response.
+        end_with_partner(
+            forwarded,
+            forwarded.caller,
+            "the process that forwarded this edit",
+            watching=forwarded.folder.is_dir,
+        )
 
     def gone() -> bool:
         return request.is_cancelled() or bool(forwarded and forwarded.cancelled())
@@ -77,22 +83,31 @@ def watch_caller(request: Any) -> Callable[[], bool]:
     return gone
 
 
-def _end_with_caller(edit: ForwardedEdit) -> None:
-    """Ends this process if the forwarding model's process dies while its edit is here:
-    in Triton 2.51 a response sent to a BLS caller that died waits for ever, the final one
-    too, so this instance would hold the edit and never serve again (and the server's
-    stop would wait its whole exit timeout). The supervisor replaces the process like any
-    dead one. The watch ends when the forwarding model removes the edit's folder."""
+def end_with_partner(
+    edit: ForwardedEdit,
+    partner: Callable[[], int | None],
+    role: str,
+    watching: Callable[[], bool],
+    each_round: Callable[[], None] = lambda: None,
+) -> threading.Thread:
+    """Starts a thread that ends this process if the other process of a forwarded edit
+    (its `role`, whose pid `partner` reads) dies while `watching()`. Triton 2.51 never
+    ends a BLS call whose callee died, and a response sent to a caller that died waits for
+    ever: either way this process could never answer again. The edit's folder goes with
+    it (the dead side cannot remove it). `each_round` runs at every check."""
 
     def watch() -> None:
-        while edit.folder.is_dir():
-            caller = edit.caller()
-            if caller is not None and process_ended(caller):
+        while watching():
+            each_round()
+            pid = partner()
+            if pid is not None and process_ended(pid) and watching():
                 edit.remove()
-                end_this_process(f"the process that forwarded this edit ({caller}) died")
+                end_this_process(f"{role} ({pid}) died")
             time.sleep(WATCH_EVERY_S)
 
-    threading.Thread(target=watch, name="forwarding-caller-watch", daemon=True).start()
+    watcher = threading.Thread(target=watch, name="forwarded-edit-watch", daemon=True)
+    watcher.start()
+    return watcher
 
 
 def end_this_process(reason: str) -> None:
