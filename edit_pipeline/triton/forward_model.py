@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -118,21 +117,15 @@ def _watched(request: Any, edit: ForwardedEdit | None) -> Iterator[None]:
         yield
         return
     edit.open(os.getpid())
-    done = threading.Event()
 
     def mark_cancelled() -> None:
         if request.is_cancelled() and not edit.cancelled():
             edit.cancel()
 
-    watcher = end_with_partner(
-        edit,
-        edit.runner,
-        "the process running a forwarded edit",
-        watching=lambda: not done.is_set(),
-        each_round=mark_cancelled,
+    stop_watching = end_with_partner(
+        edit, edit.runner, "the process running a forwarded edit", each_round=mark_cancelled
     )
     try:
         yield
     finally:
-        done.set()
-        watcher.join()
+        stop_watching()

@@ -14,7 +14,6 @@ import os
 import secrets
 import signal
 import threading
-import time
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -87,27 +86,33 @@ def end_with_partner(
     edit: ForwardedEdit,
     partner: Callable[[], int | None],
     role: str,
-    watching: Callable[[], bool],
+    watching: Callable[[], bool] = lambda: True,
     each_round: Callable[[], None] = lambda: None,
-) -> threading.Thread:
+) -> Callable[[], None]:
     """Starts a thread that ends this process if the other process of a forwarded edit
-    (its `role`, whose pid `partner` reads) dies while `watching()`. Triton 2.51 never
-    ends a BLS call whose callee died, and a response sent to a caller that died waits for
-    ever: either way this process could never answer again. The edit's folder goes with
-    it (the dead side cannot remove it). `each_round` runs at every check."""
+    (its `role`, whose pid `partner` reads) dies while `watching()`, until the returned
+    stop() is called. Triton 2.51 never ends a BLS call whose callee died, and a response
+    sent to a caller that died waits for ever: either way this process could never answer
+    again. The edit's folder goes with it (the dead side cannot remove it). `each_round`
+    runs at every check."""
+    done = threading.Event()
 
     def watch() -> None:
-        while watching():
+        while not done.wait(WATCH_EVERY_S) and watching():
             each_round()
             pid = partner()
-            if pid is not None and process_ended(pid) and watching():
+            if pid is not None and process_ended(pid) and not done.is_set() and watching():
                 edit.remove()
                 end_this_process(f"{role} ({pid}) died")
-            time.sleep(WATCH_EVERY_S)
 
     watcher = threading.Thread(target=watch, name="forwarded-edit-watch", daemon=True)
     watcher.start()
-    return watcher
+
+    def stop() -> None:
+        done.set()
+        watcher.join()
+
+    return stop
 
 
 def end_this_process(reason: str) -> None:
