@@ -8,15 +8,17 @@ inherit tritonserver's environment) holds:
                              longest call
     forwarded/<token>/       a forwarded edit: who runs it, whether its caller left
 
-Each instance file is three float64 values written in place: `busy_since` (wall-clock
+Each instance file is four float64 values written in place: `busy_since` (wall-clock
 seconds of the call's start or its last step, 0 when idle), `longest_call_s` (the longest
-call that completed) and `waiting` (1 while the call waits for another model: an edit's
-BLS call to a component). The supervisor reads them to tell a stuck call from a long one
-and to know when no edit is in flight. Without the variable (a plain tritonserver, as in
-the NGC container run by hand) every function here does nothing, but forwarded edits:
-their folders are then in a folder of the temporary directory that only this user may
-enter, named by tritonserver's process id (every model process is its child), removed
-as the forwarding models unload (`forget_forwarded_edits`).
+call that completed), `waiting` (1 while the call waits for another model: an edit's
+BLS call to a component) and `unloading` (1 once tritonserver asked the instance to
+unload). The supervisor reads them to tell a stuck call from a long one, to know when no
+edit is in flight, and at a stop, whether tritonserver still unloads anything. Without
+the variable (a plain tritonserver, as in the NGC container run by hand) every function
+here does nothing, but forwarded edits: their folders are then in a folder of the
+temporary directory that only this user may enter, named by tritonserver's process id
+(every model process is its child), removed as the forwarding models unload
+(`forget_forwarded_edits`).
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ HEX_DIGITS = "0123456789abcdef"
 # which it marks the edit cancelled; and the output a forwarded edit fails with.
 CANCEL_TOKEN_INPUT = "cancel_token"
 FAILURE_OUTPUT = "failure"
-_RECORD = struct.Struct("<ddd")
+_RECORD = struct.Struct("<dddd")
 
 
 def runtime_dir() -> Path | None:
@@ -160,6 +162,7 @@ class InstanceStatus:
         self._busy_since = 0.0
         self._longest_s = 0.0
         self._waiting = False
+        self._unloading = False
         if directory is not None:
             # Keyed by process too: a reloaded instance has the old one's name while the
             # old process may still finish an edit.
@@ -193,13 +196,18 @@ class InstanceStatus:
         self._write()
 
     def close(self) -> None:
+        """The instance unloads: the first thing its model's finalize does."""
+        self._unloading = True
+        self._write()
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
 
     def _write(self) -> None:
         if self._fd is not None:
-            record = _RECORD.pack(self._busy_since, self._longest_s, float(self._waiting))
+            record = _RECORD.pack(
+                self._busy_since, self._longest_s, float(self._waiting), float(self._unloading)
+            )
             os.pwrite(self._fd, record, 0)
 
 
@@ -212,6 +220,7 @@ class InstanceReport:
     busy_since: float
     longest_call_s: float
     waiting: bool
+    unloading: bool
 
     def busy_for(self, now: float) -> float:
         return now - self.busy_since if self.busy_since else 0.0
@@ -227,8 +236,10 @@ def read_reports(directory: Path) -> dict[int, InstanceReport]:
         instance, _, pid = path.name.rpartition(".")
         data = path.read_bytes()[: _RECORD.size]
         if pid.isdigit() and len(data) == _RECORD.size:
-            busy_since, longest, waiting = _RECORD.unpack(data)
-            reports[int(pid)] = InstanceReport(instance, int(pid), busy_since, longest, waiting > 0)
+            busy_since, longest, waiting, unloading = _RECORD.unpack(data)
+            reports[int(pid)] = InstanceReport(
+                instance, int(pid), busy_since, longest, waiting > 0, unloading > 0
+            )
     return reports
 
 

@@ -66,7 +66,7 @@ RETRY_S = 1.0
 MAX_RETRY_S = 30.0
 # Times a tritonserver killed by a signal before it ever served is started again.
 STARTUP_CRASHES = 2
-# Seconds tritonserver may take to exit once every model process is gone.
+# Seconds tritonserver may take to exit once no model process of it unloads any more.
 UNLOADED_EXIT_S = 3.0
 # The key of tritonserver's own restarts among the models' retries.
 SERVER = "tritonserver"
@@ -225,24 +225,33 @@ class Supervisor:
     def _wait_for_exit(self, process: subprocess.Popen[bytes], exit_timeout_s: float) -> None:
         """Waits for tritonserver to exit after SIGINT; kills it when it cannot.
 
-        A model whose process died never finishes unloading in Triton 2.51, so shutdown
-        would wait the whole exit timeout for it. After the drain nothing is in flight:
-        once no live model process is left for a while, the rest is that wait, cut short.
+        Triton 2.51 can keep a model live that it will never unload: one whose process
+        died, and, now and then after concurrent streamed and forwarded edits, one whose
+        processes it never asks to unload (a reference to the model it did not release).
+        Shutdown would wait the whole exit timeout for it. After the drain nothing is in
+        flight: once no model process has been in a call or unloading for a while, the
+        rest is that wait, cut short.
         """
         deadline = time.monotonic() + exit_timeout_s + 5
-        unloaded_since: float | None = None
+        settled_since: float | None = None
         while time.monotonic() < deadline:
             try:
                 process.wait(timeout=0.5)
                 return
             except subprocess.TimeoutExpired:
                 pass
-            if procfs.model_processes(process.pid):
-                unloaded_since = None
-            elif unloaded_since is None:
-                unloaded_since = time.monotonic()
-            elif time.monotonic() - unloaded_since > UNLOADED_EXIT_S:
+            if self._unloading(process.pid):
+                settled_since = None
+            elif settled_since is None:
+                settled_since = time.monotonic()
+            elif time.monotonic() - settled_since > UNLOADED_EXIT_S:
                 break
+        left = sorted({stub.model for stub in procfs.model_processes(process.pid)})
+        log.warning(
+            "tritonserver has not exited %s; killing it (model processes left: %s)",
+            "with nothing left unloading" if settled_since else "within its exit timeout",
+            ", ".join(left) or "none",
+        )
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
         process.wait()
@@ -452,6 +461,16 @@ class Supervisor:
     def shm_prefix(self) -> str:
         """The prefix of the shared memory regions of the server running now."""
         return self._shm_prefix
+
+    def _unloading(self, server_pid: int) -> bool:
+        """Whether a model process of the stopping tritonserver is in a call or unloading
+        (or tells neither: a model that keeps no report)."""
+        reports = read_reports(self.runtime_dir)
+        for stub in procfs.model_processes(server_pid):
+            report = reports.get(stub.pid)
+            if report is None or report.busy_since or report.unloading:
+                return True
+        return False
 
     def _edits_in_flight(self) -> bool:
         """Whether any live model process is in a call (an edit, or a component for one)."""

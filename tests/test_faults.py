@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import signal
 import struct
 import subprocess
@@ -25,6 +26,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
 
@@ -32,7 +34,7 @@ from edit_pipeline.runtime_status import INSTANCES_DIR, read_reports
 from pix2pix_client import EditClient, EditError, Progress, ServerUnavailable
 from serving.procfs import ORPHANED_AFTER_S, ModelProcess, gone, model_processes
 from serving.supervisor import SERVER, Watchdog
-from serving.tritonserver import TritonServer, free_port
+from serving.tritonserver import ServerSettings, TritonServer, free_port
 from tests.conftest import LEAN
 from tests.serving import photo, png_bytes
 
@@ -276,8 +278,9 @@ def test_a_long_call_that_computes_is_never_stuck_one_that_computes_nothing_is(
     (victim,) = processes_of(server, "vae_decoder")
     report = server.runtime_dir / INSTANCES_DIR / f"{victim.instance}.{victim.pid}"
     longest = after[victim.instance]
-    # The record of edit_pipeline/runtime_status.py: busy since, longest call, waiting.
-    report.write_bytes(struct.pack("<ddd", time.time() - 60 * longest, longest, 0.0))
+    # The record of edit_pipeline/runtime_status.py: busy since, longest call, waiting,
+    # unloading.
+    report.write_bytes(struct.pack("<dddd", time.time() - 60 * longest, longest, 0.0, 0.0))
     _replaced(server, "vae_decoder", 0)
     assert gone(victim.pid)
 
@@ -442,6 +445,85 @@ def test_a_stop_after_a_previewed_stream_unloads_every_model(
     assert "Non-graceful termination" not in text and "Exit timeout expired" not in text
     models = json.loads((repository / "repository.json").read_text())["models"]
     assert all(f"successfully unloaded '{model}'" in text for model in models)
+
+
+# A decoupled model that keeps every response sender open: tritonserver then holds the
+# model live and never asks its process to unload, the state Triton 2.51 now and then
+# leaves a streaming model in after concurrent streamed and forwarded edits (a reference
+# of its own it did not release; all its threads and the model's processes idle).
+HELD_MODEL = """
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from edit_pipeline.runtime_status import InstanceStatus
+
+OPEN_SENDERS = []
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        self.status = InstanceStatus(args["model_instance_name"])
+
+    def execute(self, requests):
+        for request in requests:
+            sender = request.get_response_sender()
+            out = pb_utils.Tensor("out", np.array([1], dtype=np.int32))
+            sender.send(pb_utils.InferenceResponse(output_tensors=[out]))
+            OPEN_SENDERS.append(sender)
+
+    def finalize(self):
+        self.status.close()
+"""
+HELD_CONFIG = """
+name: "held"
+backend: "python"
+model_transaction_policy { decoupled: true }
+input { name: "in" data_type: TYPE_INT32 dims: [ 1 ] }
+output { name: "out" data_type: TYPE_INT32 dims: [ 1 ] }
+instance_group { count: 1 kind: KIND_CPU }
+"""
+
+
+def test_a_model_tritonserver_never_unloads_does_not_hold_the_stop(tmp_path: Path, summary) -> None:
+    """After the drain nothing is in flight: a model whose processes tritonserver never
+    asks to unload is given up on once nothing else unloads, not waited for until the
+    exit timeout (120 s here); the server and every model process end."""
+    import tritonclient.grpc as triton_grpc
+
+    repository = tmp_path / "repository"
+    (repository / "held" / "1").mkdir(parents=True)
+    (repository / "held" / "config.pbtxt").write_text(HELD_CONFIG)
+    (repository / "held" / "1" / "model.py").write_text(HELD_MODEL)
+    log = tmp_path / "tritonserver.log"
+    settings = ServerSettings.on_free_ports(exit_timeout_s=120)
+    server = TritonServer(repository, settings, log_file=log)
+    server.start()
+    try:
+        server.wait_ready(timeout_s=300)
+        assert server.process is not None
+        tritonserver, stubs = server.process, model_processes(server.process.pid)
+        responses: queue.Queue[object] = queue.Queue()
+        client = triton_grpc.InferenceServerClient(server.grpc_url)
+        client.start_stream(callback=lambda result, error: responses.put(error or result))
+        probe = triton_grpc.InferInput("in", [1], "INT32")
+        probe.set_data_from_numpy(np.array([7], dtype=np.int32))
+        client.async_stream_infer("held", [probe])
+        first = responses.get(timeout=60)
+        assert not isinstance(first, Exception), first
+        client.stop_stream(cancel_requests=True)
+        client.close()
+        started = time.monotonic()
+    finally:
+        server.stop()
+    stop_s = time.monotonic() - started
+    text = log.read_text(errors="replace")
+    summary(
+        "stop with a model tritonserver never unloads",
+        f"stopped in {stop_s:.1f} s against an exit timeout of 120 s",
+    )
+    assert "successfully unloaded 'held'" not in text  # the model really was held
+    assert stop_s < 60
+    assert gone(tritonserver.pid) and all(gone(stub.pid) for stub in stubs)
 
 
 # --------------------------------------------------------------------------- shared memory

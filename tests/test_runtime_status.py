@@ -1,5 +1,6 @@
-"""What a forwarding unary model and the edit model running its edit tell each other
-(edit_pipeline/runtime_status.py: ForwardedEdit, process_ended), without a server."""
+"""What a forwarding unary model and the edit model running its edit tell each other, and
+what a model instance tells the supervisor (edit_pipeline/runtime_status.py:
+ForwardedEdit, process_ended, InstanceStatus), without a server."""
 
 from __future__ import annotations
 
@@ -17,9 +18,11 @@ from edit_pipeline.runtime_status import (
     FORWARDED_DIR,
     RUNTIME_DIR_VARIABLE,
     ForwardedEdit,
+    InstanceStatus,
     forget_forwarded_edits,
     forwarded_edits_dir,
     process_ended,
+    read_reports,
 )
 
 
@@ -91,3 +94,16 @@ def test_process_ended_tells_a_live_process_from_an_exited_one() -> None:
     assert process_ended(child.pid)
     child.wait()
     assert process_ended(child.pid)
+
+
+def test_an_instance_reports_its_calls_and_its_unload(tmp_path: Path) -> None:
+    status = InstanceStatus("unet_pix2pix_0_0", tmp_path)
+    with status.waiting():
+        (report,) = read_reports(tmp_path).values()
+        assert report.waiting and not report.unloading
+    status.idle()
+    status.close()
+    (report,) = read_reports(tmp_path).values()
+    assert (report.instance, report.pid) == ("unet_pix2pix_0_0", os.getpid())
+    assert report.busy_since == 0
+    assert report.unloading and not report.waiting

@@ -64,5 +64,5 @@ class ComponentModel:
         return feed
 
     def finalize(self) -> None:
-        self.component.close()
         self.status.close()
+        self.component.close()

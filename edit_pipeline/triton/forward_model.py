@@ -56,6 +56,7 @@ class TritonPythonModel:
         return [self._forward(request) for request in requests]
 
     def finalize(self) -> None:
+        self.status.close()
         forget_forwarded_edits()
 
     def _forward(self, request: Any) -> Any:
