@@ -449,8 +449,9 @@ def test_a_stop_after_a_previewed_stream_unloads_every_model(
 
 # A decoupled model that keeps every response sender open: tritonserver then holds the
 # model live and never asks its process to unload, the state Triton 2.51 now and then
-# leaves a streaming model in after concurrent streamed and forwarded edits (a reference
-# of its own it did not release; all its threads and the model's processes idle).
+# leaves a streaming model in when a client cancels a stream just as it ends (its gRPC
+# frontend apparently never deletes that stream's request; every thread and model
+# process idle).
 HELD_MODEL = """
 import numpy as np
 import triton_python_backend_utils as pb_utils

@@ -222,6 +222,7 @@ class AsyncEditClient:
             stream_timeout=deadline.remaining(),
             headers={**(self.connection.headers or {}), **STREAM_ERROR_HEADER},
         )
+        answered = False
         try:
             while True:
                 try:
@@ -243,12 +244,16 @@ class AsyncEditClient:
                     attempts=attempts,
                 )
                 self.connection.preferred = index
+                answered = isinstance(event, EditResult) or is_final(result)
                 yield event
-                if isinstance(event, EditResult) or is_final(result):
+                if answered:
                     return
         finally:
             done.set()
-            responses.cancel()
+            if answered:
+                await _ended(responses)
+            else:
+                responses.cancel()
 
     async def _model_ready(self, name: str, timeout_s: float | None) -> bool:
         try:
@@ -290,3 +295,17 @@ class AsyncEditClient:
             return result
         assert error is not None
         raise error from None
+
+
+async def _ended(responses: Any) -> None:
+    """Waits for the end of an answered stream (its request side closed, the server ends
+    it) rather than cancelling it: tritonserver 2.51 now and then keeps a model live for
+    good when a stream is cancelled as it ends. Cancelled only if this wait is."""
+    try:
+        async for _ in responses:
+            pass
+    except grpc.RpcError:
+        pass
+    except asyncio.CancelledError:
+        responses.cancel()
+        raise

@@ -242,6 +242,7 @@ class EditClient:
                 self.connection.urls[index], **self.connection.tls
             )
             received = 0
+            answered = False
             try:
                 triton.start_stream(
                     callback=events_callback(events),
@@ -267,16 +268,19 @@ class EditClient:
                     )
                     received += 1
                     self.connection.preferred = index
+                    answered = isinstance(event, EditResult) or is_final(result)
                     yield event
-                    if isinstance(event, EditResult) or is_final(result):
+                    if answered:
                         return
             except EditError as failure:
                 if received or not failure.retryable:
                     raise
                 error = failure
             finally:
-                # Cancels the server's work when the caller left early.
-                triton.stop_stream(cancel_requests=True)
+                # Cancels the server's work when the caller left early. An answered
+                # stream is closed, not cancelled: tritonserver 2.51 now and then keeps
+                # a model live for good when a stream is cancelled as it ends.
+                triton.stop_stream(cancel_requests=not answered)
                 triton.close()
         assert error is not None
         raise error
