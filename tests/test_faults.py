@@ -207,11 +207,24 @@ def test_a_forwarded_edit_fails_retryably_when_either_process_dies(
     pair: dict[str, ModelProcess] = {}
 
     def busy() -> ModelProcess:
-        reports = read_reports(server.runtime_dir)
-        for name in FORWARDING_PAIR:
-            running = [p for p in processes_of(server, name) if p.pid in reports]
-            pair[name] = next(p for p in running if reports[p.pid].busy_since)
-        return pair[model]
+        """The pair's processes running the edit, once both have begun (a loaded machine
+        may take longer than the 0.3 s _killed_mid_edit waits)."""
+        deadline = time.monotonic() + 30
+        while True:
+            reports = read_reports(server.runtime_dir)
+            running = {
+                name: [
+                    p
+                    for p in processes_of(server, name)
+                    if p.pid in reports and reports[p.pid].busy_since
+                ]
+                for name in FORWARDING_PAIR
+            }
+            if all(running.values()):
+                pair.update({name: found[0] for name, found in running.items()})
+                return pair[model]
+            assert time.monotonic() < deadline, f"the forwarded edit never got busy: {running}"
+            time.sleep(0.05)
 
     _, killed_at, outcome = _killed_mid_edit(server, image, busy)
     recovered_s = _succeeds_again(server.grpc_url, image, killed_at)
