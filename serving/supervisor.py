@@ -228,10 +228,10 @@ class Supervisor:
         Triton 2.51 can keep a model live that it will never unload: one whose process
         died, and now and then a streaming model whose stream a client cancelled just as
         it ended, whose processes it never asks to unload (its gRPC frontend apparently
-        never deletes that stream's request, which holds the model).
-        Shutdown would wait the whole exit timeout for it. After the drain nothing is in
-        flight: once no model process has been in a call or unloading for a while, the
-        rest is that wait, cut short.
+        never deletes that stream's request, which holds the model). Shutdown would wait
+        the whole exit timeout for it. After the drain nothing is in flight: once no model
+        process has been in a call or unloading for a while, the rest is that wait, cut
+        short.
         """
         deadline = time.monotonic() + exit_timeout_s + 5
         settled_since: float | None = None

@@ -95,14 +95,20 @@ def _edit(url: str, image: bytes, steps: int, seed: int = 1) -> bytes:
         return client.edit(image, PROMPT, seed=seed, num_inference_steps=steps).png
 
 
+# The unary model that forwards an edit and the streaming model that runs it.
+FORWARDING_PAIR = ("instruct_pix2pix", "instruct_pix2pix_stream")
+
+
 def _in_loop(server: TritonServer, model: str) -> ModelProcess:
-    """A process of `model`; of the edit model, the one running the edit in flight."""
+    """A process of `model`; of an edit model (forwarding or running the edit), the one
+    busy with the edit in flight, once it has begun (a loaded machine may take longer than
+    the 0.3 s _killed_mid_edit waits)."""
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         reports = read_reports(server.runtime_dir)
         candidates = processes_of(server, model)
         busy = [p for p in candidates if p.pid in reports and reports[p.pid].busy_since]
-        if busy or (model != "instruct_pix2pix" and candidates):
+        if busy or (model not in FORWARDING_PAIR and candidates):
             return (busy or candidates)[0]
         time.sleep(0.05)
     raise AssertionError(f"no {model} process got busy")
@@ -188,10 +194,6 @@ def forwarding_server(
     return start_server(tiny_repository)
 
 
-# The unary model that forwards an edit and the streaming model that runs it.
-FORWARDING_PAIR = ("instruct_pix2pix", "instruct_pix2pix_stream")
-
-
 @pytest.mark.parametrize("model", FORWARDING_PAIR)
 def test_a_forwarded_edit_fails_retryably_when_either_process_dies(
     forwarding_server: TritonServer, image: bytes, model: str, summary
@@ -207,24 +209,8 @@ def test_a_forwarded_edit_fails_retryably_when_either_process_dies(
     pair: dict[str, ModelProcess] = {}
 
     def busy() -> ModelProcess:
-        """The pair's processes running the edit, once both have begun (a loaded machine
-        may take longer than the 0.3 s _killed_mid_edit waits)."""
-        deadline = time.monotonic() + 30
-        while True:
-            reports = read_reports(server.runtime_dir)
-            running = {
-                name: [
-                    p
-                    for p in processes_of(server, name)
-                    if p.pid in reports and reports[p.pid].busy_since
-                ]
-                for name in FORWARDING_PAIR
-            }
-            if all(running.values()):
-                pair.update({name: found[0] for name, found in running.items()})
-                return pair[model]
-            assert time.monotonic() < deadline, f"the forwarded edit never got busy: {running}"
-            time.sleep(0.05)
+        pair.update({name: _in_loop(server, name) for name in FORWARDING_PAIR})
+        return pair[model]
 
     _, killed_at, outcome = _killed_mid_edit(server, image, busy)
     recovered_s = _succeeds_again(server.grpc_url, image, killed_at)

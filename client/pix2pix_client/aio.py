@@ -23,8 +23,8 @@ from pix2pix_client.request import (
     EditResult,
     Progress,
     StreamOptions,
+    answers,
     build_inputs,
-    is_final,
     prepare_request,
     read_event,
     read_result,
@@ -244,7 +244,7 @@ class AsyncEditClient:
                     attempts=attempts,
                 )
                 self.connection.preferred = index
-                answered = isinstance(event, EditResult) or is_final(result)
+                answered = answers(event, result)
                 yield event
                 if answered:
                     return

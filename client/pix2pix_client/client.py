@@ -21,8 +21,8 @@ from pix2pix_client.request import (
     EditResult,
     Progress,
     StreamOptions,
+    answers,
     build_inputs,
-    is_final,
     prepare_request,
     read_event,
     read_result,
@@ -268,7 +268,7 @@ class EditClient:
                     )
                     received += 1
                     self.connection.preferred = index
-                    answered = isinstance(event, EditResult) or is_final(result)
+                    answered = answers(event, result)
                     yield event
                     if answered:
                         return

@@ -205,6 +205,11 @@ def is_final(response: triton_grpc.InferResult) -> bool:
     )
 
 
+def answers(event: Progress | EditResult, response: triton_grpc.InferResult) -> bool:
+    """Whether a stream's event is its answer: the result, or its last response."""
+    return isinstance(event, EditResult) or is_final(response)
+
+
 def read_result(
     response: triton_grpc.InferResult,
     *,
