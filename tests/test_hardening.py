@@ -296,8 +296,10 @@ def test_abandoned_edits_stop_within_one_step(
 
 def test_edits_abandoned_while_queued_never_start(server: TritonServer) -> None:
     """Four edits given up after 1 s: two were running, two waited in the queue. Once
-    the callers are gone no loop goes on: the UNet is called at most once more per
-    running edit (the step in progress)."""
+    the callers are gone no loop goes on and no queued edit starts: the UNet is called at
+    most twice more per running edit (the step in progress, and the next one where the
+    forwarding model's poll marks the edit after that step's check; a queued edit that
+    started would run a step every few tens of milliseconds)."""
     big = png_bytes(photo(256, 256))
 
     def abandoned(seed: int) -> str:
@@ -316,7 +318,7 @@ def test_edits_abandoned_while_queued_never_start(server: TritonServer) -> None:
         assert set(pool.map(abandoned, range(4))) == {"StatusCode.DEADLINE_EXCEEDED"}
     before = _unet_executions(server)
     time.sleep(1.5)
-    assert _unet_executions(server) - before <= 2
+    assert _unet_executions(server) - before <= 2 * 2
 
 
 # --------------------------------------------------------------------------- overload
