@@ -3,8 +3,8 @@
 This file turns Triton requests into the inputs of edit_pipeline/pipeline.py and its
 outputs into responses; components are reached through BLS (bls.py). An instance runs one
 edit at a time; if its process dies, the Python backend fails the edit in flight. It is
-the streaming model (a response per step, previews, then the result), which also runs
-the unary model's edits (forward_model.py), or without streaming models the unary model.
+the streaming model (a response per step, previews, then the result), which also runs the
+unary model's edits (forward_model.py; result only), or without streaming models the unary model.
 """
 
 from __future__ import annotations
@@ -103,11 +103,11 @@ class TritonPythonModel:
                 tensors.append(_tensor(OUTPUT_PREVIEW, preview, np.object_))
             sender.send(pb_utils.InferenceResponse(output_tensors=tensors))
 
+        forwarded = forwarding_token(request) is not None
         try:
-            response = self._result(self._edit(request, progress))
+            response = self._result(self._edit(request, None if forwarded else progress))
         except Exception as error:
-            failed = forwarded_failure if forwarding_token(request) else error_response
-            response = failed(error, self.model_name)
+            response = (forwarded_failure if forwarded else error_response)(error, self.model_name)
         sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
     @staticmethod
