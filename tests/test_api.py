@@ -313,6 +313,8 @@ def test_masks_several_images_and_undecodable_images_are_refused(sdk: Any, pictu
         # The server's own words, from decoding it; a stream is refused with its status too.
         ({"image": _upload(picture[:100])}, "image", "image could not be decoded"),
         ({"image": _upload(picture[:100]), "stream": True}, "image", "image could not be decoded"),
+        # 20000x20000 black pixels in 400 KB: refused from its header, before decoding.
+        ({"image": _upload(png_bytes(Image.new("1", (20000, 20000))))}, "image", "header claims"),
     ]
     for arguments, param, words in cases:
         with pytest.raises(openai.BadRequestError) as refused:

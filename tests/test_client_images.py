@@ -112,6 +112,15 @@ def test_unusable_images_name_the_problem(image, expected: str) -> None:
     assert "allowed" in str(raised.value)
 
 
+def test_a_header_claiming_too_many_pixels_is_refused_before_decoding() -> None:
+    """A PNG of 20000x20000 black pixels compresses to a few hundred kilobytes; Pillow
+    refuses its header (a decompression bomb), and so does the client, naming the image."""
+    with pytest.raises(InvalidArgument) as raised:
+        encode_image(_encoded(Image.new("1", (20000, 20000)), "PNG"))
+    assert raised.value.field == "image"
+    assert "its header claims over" in str(raised.value) and "allowed PNG" in str(raised.value)
+
+
 def test_missing_and_unreadable_paths(tmp_path: Path) -> None:
     with pytest.raises(InvalidArgument, match="does not exist"):
         encode_image(tmp_path / "missing.png")

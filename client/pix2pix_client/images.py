@@ -44,7 +44,7 @@ def decode_image(data: bytes) -> Image.Image:
     try:
         decoded = Image.open(io.BytesIO(data))
         decoded.load()
-    except (UnidentifiedImageError, OSError, ValueError) as error:
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as error:
         raise ServerError(f"the server returned an undecodable image: {error}") from None
     return decoded
 
@@ -73,6 +73,13 @@ def _encoded_bytes(data: bytes, *, source: str) -> bytes:
                 return data
             opened.load()
             return _png_from_pil(opened)
+    except Image.DecompressionBombError:
+        # Pillow refuses such headers before decoding anything (a few bytes can claim
+        # billions of pixels); the server's own pixel limit is far lower.
+        limit = 2 * Image.MAX_IMAGE_PIXELS
+        raise InvalidArgument(
+            "image", f"{source} refused: its header claims over {limit} pixels; allowed {_served()}"
+        ) from None
     except (UnidentifiedImageError, OSError, ValueError) as error:
         detail = (
             "not an image Pillow can read" if isinstance(error, UnidentifiedImageError) else error
