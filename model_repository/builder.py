@@ -28,6 +28,7 @@ from google.protobuf import text_format
 
 import edit_pipeline.triton
 from edit_pipeline.openvino_component import check_precision
+from edit_pipeline.preprocess import ImageLimits
 from edit_pipeline.preview import LatentPreview
 from edit_pipeline.settings import (
     SCHEDULER_FILE,
@@ -80,6 +81,11 @@ COMPONENT_TEMPLATES = {
 }
 
 
+def image_limits(manifest: dict[str, Any], options: RepositoryOptions) -> ImageLimits:
+    """The images edits take: the options' limits, sides a multiple of the VAE's factor."""
+    return options.image_limits(int(manifest["dimensions"]["vae_scale_factor"]))
+
+
 def pipeline_settings(
     manifest: dict[str, Any], pipeline: str, options: RepositoryOptions
 ) -> PipelineSettings:
@@ -91,7 +97,7 @@ def pipeline_settings(
     return PipelineSettings(
         pipeline=pipeline,
         vae_scaling_factor=manifest["pipelines"][pipeline]["vae_scaling_factor"],
-        limits=options.image_limits(int(manifest["dimensions"]["vae_scale_factor"])),
+        limits=image_limits(manifest, options),
         components=component_calls(specs, manifest["pipelines"][pipeline], options.flavour),
         latent_preview=LatentPreview.from_json(manifest["latent_preview"]),
     )
@@ -288,7 +294,9 @@ def build_repository(
         if hosted and name in shallow:
             spec = _hosting_spec(spec, specs[shallow[name]])
         optional = [DEEP_FEATURES] if hosted and name in shallow else []
-        config = component_config(spec, options, optional_inputs=optional)
+        config = component_config(
+            spec, options, image_limits(manifest, options), optional_inputs=optional
+        )
         version_dir = _write_model(output, config, COMPONENT_TEMPLATES.get(options.flavour))
         if options.flavour == "tensorrt":
             _link_or_copy(engines[name], version_dir / "model.plan")

@@ -12,6 +12,7 @@ so field names and tensor names cannot drift from what export, engines and clien
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -309,11 +310,29 @@ def _scalar(message: Any, name: str, wire_type: str, optional: bool) -> None:
         message.optional = True
 
 
+def largest_inputs(spec: ComponentSpec, limits: ImageLimits) -> dict[str, list[int]]:
+    """The largest shape of each input of a component that edits within `limits` send:
+    images at most `max_side` pixels a side floored to a multiple of `side_multiple`, their
+    latents that many times smaller, batches up to the spec's. The components are models
+    any client can call; a larger input (a latent of a 4096-pixel side costs the UNet
+    minutes and, at SD 1.5 size, more memory than the machine has) is refused before it
+    runs."""
+    latent = limits.max_side // limits.side_multiple
+    pixels = latent * limits.side_multiple
+    sides = {"latent_height": latent, "latent_width": latent, "height": pixels, "width": pixels}
+    sizes = {axis: sides.get(axis, bounds.max) for axis, bounds in spec.axes.items()}
+    return {tensor.name: list(tensor.shape_for(sizes)) for tensor in spec.inputs}
+
+
 def component_config(
-    spec: ComponentSpec, options: RepositoryOptions, optional_inputs: Sequence[str] = ()
+    spec: ComponentSpec,
+    options: RepositoryOptions,
+    limits: ImageLimits,
+    optional_inputs: Sequence[str] = (),
 ) -> Any:
     """config.pbtxt of an exported component, for the chosen flavour; `optional_inputs`
-    may be left out of a request."""
+    may be left out of a request; inputs past what edits within `limits` send are refused
+    (largest_inputs) in the Python backend's flavours."""
     # Triton's OpenVINO backend (r24.10) fixes a batching model's batch to max_batch_size
     # and refuses smaller ones (or pads them, computing the padding): with max_batch_size 0
     # the batch stays a dynamic dim of OpenVINO's own, without Triton's dynamic batcher.
@@ -363,6 +382,7 @@ def component_config(
         config.platform = "tensorrt_plan"
         config.instance_group.add(count=1, kind=KIND_GPU)
     if options.flavour in PYTHON_FLAVOURS:
+        _parameters(config, {"largest_inputs": json.dumps(largest_inputs(spec, limits))})
         group = config.instance_group.add(count=1, kind=KIND_CPU)
         if options.cpu_rate_limit:
             group.rate_limiter.resources.add(name=CPU_RESOURCE, count=1, **{"global": True})

@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import psutil
 import pytest
 import tritonclient.grpc as grpcclient
@@ -242,6 +243,51 @@ def test_a_16_mb_prompt_is_refused_before_tokenizing(
     with EditClient(server.grpc_url) as client, pytest.raises(InvalidArgument) as local:
         client.edit(image, "b" * 5000)
     assert local.value.field == "prompt" and local.value.status is None
+
+
+def _component_call(url: str, model: str, shape: tuple[int, ...]) -> None:
+    """Calls a component directly with zeros: its first input of `shape` (batch and
+    spatial sides), the others of the same batch at their sizes from the model's metadata."""
+    client = grpcclient.InferenceServerClient(url)
+    try:
+        metadata = client.get_model_metadata(model, as_json=True)
+        tensors = []
+        for index, entry in enumerate(metadata["inputs"]):
+            if entry["name"] == "deep_features":  # the shallow pass's input, optional
+                continue
+            dims = list(shape) if index == 0 else [shape[0], *map(int, entry["shape"][1:])]
+            tensor = grpcclient.InferInput(entry["name"], dims, entry["datatype"])
+            dtype = np.int32 if entry["datatype"] == "INT32" else np.float32
+            tensor.set_data_from_numpy(np.zeros(dims, dtype))
+            tensors.append(tensor)
+        client.infer(model, tensors, client_timeout=60)
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize(
+    ("model", "largest", "larger"),
+    [
+        ("unet_pix2pix", (3, 8, 64, 64), (3, 8, 64, 65)),
+        ("vae_encoder", (1, 3, 512, 512), (1, 3, 520, 512)),
+        ("vae_decoder", (1, 4, 64, 64), (1, 4, 64, 72)),
+    ],
+)
+def test_components_refuse_inputs_larger_than_an_edit_sends(
+    server: TritonServer, image: bytes, reference: bytes, model: str, largest, larger
+) -> None:
+    """The components are models any client can call. At 512 pixels a side (the tiny
+    repository's limit, latents 8 times smaller) a larger input is refused at once,
+    naming it; a UNet call on a 4096-pixel latent took the tiny UNet 3 minutes, and at
+    SD 1.5 size it needs more memory than the machine has. The largest an edit sends runs."""
+    _component_call(server.grpc_url, model, largest)
+    with pytest.raises(InferenceServerException) as refused:
+        _component_call(server.grpc_url, model, larger)
+    assert refused.value.status() == "StatusCode.INVALID_ARGUMENT"
+    message = refused.value.message()
+    sides = ", ".join(map(str, largest[1:]))  # past the batch, whose limit is the batcher's
+    assert f"has shape {list(larger)}: allowed at most [" in message and f"{sides}]" in message
+    assert edit_png(server.grpc_url, image) == reference
 
 
 # --------------------------------------------------------------------------- abandoned work

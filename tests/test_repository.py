@@ -16,6 +16,7 @@ from export.components import (
     DEEP_FEATURES,
     SHALLOW_SUFFIX,
     UNET_FOR_PIPELINE,
+    ComponentSpec,
     shallow_unet,
 )
 from export.onnx_export import load_manifest
@@ -29,6 +30,7 @@ from model_repository.configs import (
     READINESS_MODEL,
     RepositoryOptions,
     derived_edit_instances,
+    largest_inputs,
 )
 from model_repository.record import REPOSITORY_RECORD
 from pix2pix_client.contract import OUTPUTS, STREAM_OUTPUTS, parameters_for, stream_model
@@ -131,6 +133,9 @@ def test_component_configs_follow_the_specs(repository, tiny_export: Path) -> No
         assert config.max_batch_size == (spec["axes"]["batch"]["max"] if batched else 0)
         assert [i.name for i in config.input] == [t["name"] for t in inputs]
         assert [o.name for o in config.output] == [t["name"] for t in spec["outputs"]]
+        if hosted:  # the inputs' largest shapes, refused past them (test_hardening)
+            largest = json.loads(config.parameters["largest_inputs"].string_value)
+            assert list(largest) == [t["name"] for t in inputs]
         for tensor, declared in zip(config.input, inputs, strict=True):
             dims = [-1 if isinstance(d, str) else d for d in declared["dims"]]
             dims = dims[1:] if batched else dims
@@ -141,6 +146,23 @@ def test_component_configs_follow_the_specs(repository, tiny_export: Path) -> No
     # A [batch] tensor travels as [batch, 1], what the edit models send in every flavour.
     assert list(timestep.dims) == ([1] if batched else [-1, 1]) and timestep.HasField("reshape")
     assert not configs["text_encoder"].HasField("dynamic_batching")
+
+
+def test_the_largest_inputs_are_those_of_the_largest_image(tiny_export: Path) -> None:
+    """At most 300 pixels a side: 296 once floored to the tiny VAE's factor of 8, latents
+    of 37; batches up to the spec's."""
+    specs = {
+        name: ComponentSpec.from_json(entry["spec"])
+        for name, entry in load_manifest(tiny_export)["components"].items()
+    }
+    limits = RepositoryOptions(max_image_side=300).image_limits(8)
+    assert largest_inputs(specs["unet_pix2pix"], limits) == {
+        "sample": [6, 8, 37, 37],
+        "timestep": [6],
+        "encoder_hidden_states": [6, 77, 32],
+    }
+    assert largest_inputs(specs["vae_encoder"], limits) == {"image": [4, 3, 296, 296]}
+    assert largest_inputs(specs["text_encoder"], limits) == {"input_ids": [2, 77]}
 
 
 @pytest.mark.parametrize("streaming", [False, True], ids=["whole", "streaming"])

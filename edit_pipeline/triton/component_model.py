@@ -5,6 +5,7 @@ at unload. The flavours' model.py files differ only in how they load it (`initia
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,8 +14,9 @@ import triton_python_backend_utils as pb_utils
 
 from edit_pipeline.batching import Component
 from edit_pipeline.runtime_status import InstanceStatus
-from edit_pipeline.triton.triton_io import as_numpy, error_response
+from edit_pipeline.triton.triton_io import as_numpy, config_parameters, error_response
 from edit_pipeline.unet_passes import SHALLOW_DIR, UNetPasses
+from pix2pix_client.contract import InvalidArgumentError
 
 
 def with_shallow_pass(
@@ -29,38 +31,71 @@ def with_shallow_pass(
 
 
 class ComponentModel:
-    """Base of a component's TritonPythonModel; `initialize` sets the three fields."""
+    """Base of a component's TritonPythonModel; `initialize` loads the component and
+    hands it to `serve`."""
 
     model_name: str
     component: Component
     status: InstanceStatus
+    # Each input's largest shape (model_repository.configs.largest_inputs).
+    largest: dict[str, tuple[int, ...]]
+
+    def serve(self, args: dict[str, str], component: Component) -> None:
+        self.model_name = args["model_name"]
+        self.component = component
+        self.status = InstanceStatus(args["model_instance_name"])
+        # A repository built before components knew them has none: nothing is refused.
+        largest = json.loads(config_parameters(args).get("largest_inputs", "{}"))
+        self.largest = {name: tuple(shape) for name, shape in largest.items()}
 
     def execute(self, requests: list) -> list:
-        feeds = [self._feed(request) for request in requests]
+        feeds, responses = {}, {}
+        for index, request in enumerate(requests):
+            try:
+                feeds[index] = self._feed(request)
+            except InvalidArgumentError as error:
+                responses[index] = error_response(error, self.model_name)
+        if feeds:
+            responses |= self._run(requests, feeds)
+        return [responses[index] for index in range(len(requests))]
+
+    def _run(self, requests: list, feeds: dict[int, dict[str, Any]]) -> dict[int, Any]:
+        """The responses of the requests whose inputs are `feeds`, run merged."""
         self.status.busy()
         try:
-            results = self.component.run_merged(feeds)
+            results = self.component.run_merged(list(feeds.values()))
         except Exception as error:
-            return [error_response(error, self.model_name) for _ in requests]
+            return {index: error_response(error, self.model_name) for index in feeds}
         finally:
             self.status.idle()
-        return [
-            pb_utils.InferenceResponse(
+        return {
+            index: pb_utils.InferenceResponse(
                 output_tensors=[
                     pb_utils.Tensor(name, outputs[name])
-                    for name in request.requested_output_names()
+                    for name in requests[index].requested_output_names()
                 ]
             )
-            for request, outputs in zip(requests, results, strict=True)
-        ]
+            for index, outputs in zip(feeds, results, strict=True)
+        }
 
     def _feed(self, request: Any) -> dict[str, Any]:
         """The request's inputs by name; an optional one it does not carry is absent."""
         feed = {}
         for name in self.component.input_names:
             tensor = pb_utils.get_input_tensor_by_name(request, name)
-            if tensor is not None:
-                feed[name] = as_numpy(tensor)
+            if tensor is None:
+                continue
+            array = as_numpy(tensor)
+            largest = self.largest.get(name, ())
+            # A [batch] input arrives as [batch, 1]: the leading sides are compared.
+            sides = zip(array.shape, largest, strict=False)
+            if any(side > most for side, most in sides):
+                raise InvalidArgumentError(
+                    name,
+                    f"{name} has shape {list(array.shape)}: allowed at most {list(largest)} "
+                    "(the shapes of the largest image this server edits)",
+                )
+            feed[name] = array
         return feed
 
     def finalize(self) -> None:

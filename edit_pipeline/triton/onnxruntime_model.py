@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from edit_pipeline.onnxruntime_component import OnnxComponent
-from edit_pipeline.runtime_status import InstanceStatus
 from edit_pipeline.triton.component_model import ComponentModel, with_shallow_pass
 from edit_pipeline.triton.triton_io import config_parameters
 
@@ -13,7 +12,6 @@ from edit_pipeline.triton.triton_io import config_parameters
 class TritonPythonModel(ComponentModel):
     def initialize(self, args: dict[str, str]) -> None:
         parameters = config_parameters(args)
-        self.model_name = args["model_name"]
         version_dir = Path(args["model_repository"]) / args["model_version"]
 
         def load(folder: Path) -> OnnxComponent:
@@ -25,5 +23,4 @@ class TritonPythonModel(ComponentModel):
                 release_activations=parameters.get("release_activations", "0") == "1",
             )
 
-        self.component = with_shallow_pass(version_dir, load(version_dir), load)
-        self.status = InstanceStatus(args["model_instance_name"])
+        self.serve(args, with_shallow_pass(version_dir, load(version_dir), load))

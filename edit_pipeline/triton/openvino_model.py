@@ -7,7 +7,6 @@ from pathlib import Path
 import triton_python_backend_utils as pb_utils
 
 from edit_pipeline.openvino_component import OpenVinoComponent
-from edit_pipeline.runtime_status import InstanceStatus
 from edit_pipeline.triton.component_model import ComponentModel, with_shallow_pass
 from edit_pipeline.triton.triton_io import config_parameters
 from export.onnx_export import MODEL_FILE
@@ -17,7 +16,6 @@ from export.openvino_ir import IR_FILE
 class TritonPythonModel(ComponentModel):
     def initialize(self, args: dict[str, str]) -> None:
         parameters = config_parameters(args)
-        self.model_name = args["model_name"]
         version_dir = Path(args["model_repository"]) / args["model_version"]
 
         # The shallow pass of a UNet: IR at bf16, its ONNX export at int8 (never quantized).
@@ -33,9 +31,8 @@ class TritonPythonModel(ComponentModel):
             )
 
         full = load(version_dir, parameters["model_file"])
+        self.serve(args, with_shallow_pass(version_dir, full, load))
         if full.fallback_reason:
             pb_utils.Logger.log_warn(
                 f"{self.model_name}: bf16 asked for, but {full.fallback_reason}: computing in fp32"
             )
-        self.component = with_shallow_pass(version_dir, full, load)
-        self.status = InstanceStatus(args["model_instance_name"])
