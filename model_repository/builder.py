@@ -289,14 +289,13 @@ def build_repository(
         shutil.rmtree(output)
     output.mkdir(parents=True)
     written = []
+    limits = image_limits(manifest, options)
     for name in sorted(served):
         spec = specs[name]
         if hosted and name in shallow:
             spec = _hosting_spec(spec, specs[shallow[name]])
         optional = [DEEP_FEATURES] if hosted and name in shallow else []
-        config = component_config(
-            spec, options, image_limits(manifest, options), optional_inputs=optional
-        )
+        config = component_config(spec, options, limits, optional_inputs=optional)
         version_dir = _write_model(output, config, COMPONENT_TEMPLATES.get(options.flavour))
         if options.flavour == "tensorrt":
             _link_or_copy(engines[name], version_dir / "model.plan")
