@@ -292,9 +292,10 @@ def test_a_dead_or_hung_tritonserver_is_started_again(
     the edit in flight fails as retryable, what is left of the server is killed with its
     model processes (their memory and shared memory freed), and a new server comes up on
     the same ports."""
-    assert server.process is not None
+    assert server.process is not None and server.supervisor is not None
     old = server.process.pid
     stubs = model_processes(old)
+    recoveries = len(server.supervisor.recoveries)
     with ThreadPoolExecutor(1) as pool:
         in_flight: Future[bytes] = pool.submit(_edit, server.grpc_url, image, 150)
         _in_loop(server, "instruct_pix2pix")
@@ -309,14 +310,9 @@ def test_a_dead_or_hung_tritonserver_is_started_again(
         f"{recovered_s:.1f} s later",
     )
     assert server.process.pid != old
+    assert any(r.model == SERVER for r in server.supervisor.recoveries[recoveries:])
     assert stubs and all(gone(stub.pid) for stub in stubs)
     assert not any((Path("/dev/shm") / stub.shm_region).exists() for stub in stubs)
-
-
-def test_every_recovery_was_recorded(server: TritonServer) -> None:
-    assert server.supervisor is not None
-    replaced = {recovery.model for recovery in server.supervisor.recoveries}
-    assert {*KINDS.values(), "vae_encoder", "tritonserver"} <= replaced
 
 
 # --------------------------------------------------------------------------- drain

@@ -117,8 +117,12 @@ def end_with_partner(
 
 def end_this_process(reason: str) -> None:
     """For a model process that can never answer again: the Python backend fails what it
-    was running as retryable, and the supervisor starts the model again."""
-    pb_utils.Logger.log_error(f"{reason}: this process exits")
+    was running as retryable, and the supervisor starts the model again. The reason goes
+    to stderr (tritonserver's log), not through the backend's logger: that hands it to a
+    thread which sends it to tritonserver through shared memory, and a process killed
+    while that thread holds a lock there leaves it held, which aborts tritonserver when
+    it next takes it (Triton 2.51: boost::interprocess::lock_exception)."""
+    os.write(2, f"model process {os.getpid()}: {reason}: this process exits\n".encode())
     os.kill(os.getpid(), signal.SIGKILL)
 
 
