@@ -320,7 +320,7 @@ def largest_inputs(spec: ComponentSpec, limits: ImageLimits) -> dict[str, list[i
     latent = limits.max_side // limits.side_multiple
     pixels = latent * limits.side_multiple
     sides = {"latent_height": latent, "latent_width": latent, "height": pixels, "width": pixels}
-    sizes = {axis: sides.get(axis, bounds.max) for axis, bounds in spec.axes.items()}
+    sizes = spec.sizes("max") | sides  # a tensor's shape reads only its own axes
     return {tensor.name: list(tensor.shape_for(sizes)) for tensor in spec.inputs}
 
 
