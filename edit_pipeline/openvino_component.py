@@ -13,10 +13,11 @@ logs why (one built on another machine).
 
 Requests that arrive together (Triton's dynamic batcher) and share a shape run as one
 call, as in the onnxruntime flavour (edit_pipeline/batching.py). A component called once
-per edit (the encoders, the VAE) gives its working memory back after each call
-(`release_activations`, OpenVINO's `release_memory`); the UNet keeps its own. A component
+per edit (the encoders, the VAE), and a UNet's shallow pass (edit_pipeline/unet_passes.py),
+give their working memory back after each call (`release_activations`: OpenVINO's
+`release_memory`, then the heap's free pages); the full UNet keeps its own. A component
 read from IR gives back the pages of its mapped weights file once a call of a new shape
-has packed them (edit_pipeline/mapped_files.py).
+has packed them (edit_pipeline/page_release.py).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from edit_pipeline.batching import model_feed, run_merged
-from edit_pipeline.mapped_files import release_mapped_pages
+from edit_pipeline.page_release import release_free_heap, release_mapped_pages
 
 # What OpenVINO computes in, by the project's name: OpenVINO's name of it.
 INFERENCE_PRECISIONS = {"fp32": "f32", "bf16": "bf16"}
@@ -168,6 +169,7 @@ class OpenVinoComponent:
         results = {name: outputs[name] for name in self.output_names}
         if self.release_activations:
             self.compiled.release_memory()
+            release_free_heap()
         shapes = tuple(array.shape for array in feed.values())
         if self._mapped_weights is not None and shapes not in self._shapes_packed:
             self._shapes_packed.add(shapes)

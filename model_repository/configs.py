@@ -138,10 +138,14 @@ class RepositoryOptions:
     )
 
     release_activations: bool = option(
-        # A UNet is called every step: it keeps its working memory for the next one.
+        # A UNet is called every step: it keeps its working memory for the next one. Its
+        # shallow pass runs between full ones, which need that memory: in OpenVINO giving
+        # it back costs the pass about 5% (in onnxruntime, on the plain graph, it doubled it:
+        # not done there).
         True,
         "python flavours: the components called once per edit (text encoder, VAE) give "
-        "their working memory back after each call",
+        "their working memory back after each call; python-openvino: so does a UNet's "
+        "shallow pass (cache_interval above 1)",
     )
     onnxruntime_fusions: bool = option(
         True, "onnxruntime flavours: serve the export with onnxruntime's fusions (faster)"
@@ -364,6 +368,7 @@ def component_config(
                 "threads": options.intra_op_threads,
                 "streams": options.openvino_streams,
                 "release_activations": int(options.release_activations and not is_unet),
+                "release_shallow_activations": int(options.release_activations and is_unet),
             },
         )
     elif options.flavour == "openvino":

@@ -5,7 +5,7 @@ Converted when a bf16 repository is built and kept while current, converted agai
 the export changes; served by both openvino flavours; computing in bf16 what the ONNX
 export's fp32 weights compute, within bf16's own rounding; and a real tritonserver edits
 with them, reused UNet work (the shallow pass's IR) included. A component read from IR
-gives back its mapped weights file's pages (edit_pipeline/mapped_files.py).
+gives back its mapped weights file's pages (edit_pipeline/page_release.py).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -23,8 +24,8 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from benchmarks.fidelity import psnr
-from edit_pipeline.mapped_files import mapped_ranges, release_mapped_pages
 from edit_pipeline.openvino_component import OpenVinoComponent, bf16_unsupported_reason
+from edit_pipeline.page_release import mapped_ranges, release_free_heap, release_mapped_pages
 from edit_pipeline.preprocess import decode_image
 from export.onnx_export import MANIFEST, MODEL_FILE, load_manifest
 from export.openvino_ir import (
@@ -256,6 +257,23 @@ def test_a_writable_mapping_is_left_alone(tmp_path: Path) -> None:
         assert mapped_ranges(path) == []
         assert release_mapped_pages(path) == 0
         assert mapped[:4] == b"kept"
+
+
+def _anonymous_resident_bytes() -> int:
+    """Bytes of this process's memory that no file backs, in memory (RssAnon)."""
+    status = Path("/proc/self/status").read_text()
+    return int(re.search(r"^RssAnon:\s+(\d+) kB", status, re.MULTILINE).group(1)) * 1024
+
+
+def test_free_heap_pages_are_given_back() -> None:
+    """Freed blocks between kept ones stay in the process until the heap is trimmed."""
+    blocks = [bytearray(4096) for _ in range(20_000)]  # 80 MB of small allocations
+    kept = blocks[::64]
+    del blocks
+    before = _anonymous_resident_bytes()
+    assert release_free_heap()
+    assert before - _anonymous_resident_bytes() > 40 << 20
+    assert all(len(block) == 4096 for block in kept)
 
 
 def test_a_component_from_ir_keeps_none_of_its_weights_file(tiny_export: Path) -> None:

@@ -95,6 +95,15 @@ def test_every_config_parses_as_model_config(repository) -> None:
             assert config.parameters["precision"].string_value == "fp32"
             assert (root / name / "1" / "model.py").is_file()
             assert (root / name / "1" / "model.onnx").is_file()
+            # Working memory given back after each call: once-per-edit components, and a
+            # UNet's shallow pass, never its full one.
+            is_unet = name in UNET_FOR_PIPELINE.values()
+            released = {
+                "release_activations": not is_unet,
+                "release_shallow_activations": is_unet,
+            }
+            for parameter, value in released.items():
+                assert config.parameters[parameter].string_value == str(int(value)), name
         elif flavour == "onnxruntime":
             assert config.platform == "onnxruntime_onnx"
             assert (root / name / "1" / "model.onnx").is_file()

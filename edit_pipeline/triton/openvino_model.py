@@ -18,20 +18,22 @@ class TritonPythonModel(ComponentModel):
         parameters = config_parameters(args)
         version_dir = Path(args["model_repository"]) / args["model_version"]
 
-        # The shallow pass of a UNet: IR at bf16, its ONNX export at int8 (never quantized).
-        def load(folder: Path, model_file: str | None = None) -> OpenVinoComponent:
-            if model_file is None:
-                model_file = IR_FILE if (folder / IR_FILE).is_file() else MODEL_FILE
+        def load(folder: Path, model_file: str, release_activations: str) -> OpenVinoComponent:
             return OpenVinoComponent(
                 folder / model_file,
                 precision=parameters["precision"],
                 threads=int(parameters["threads"]),
                 streams=int(parameters["streams"]),
-                release_activations=parameters.get("release_activations", "0") == "1",
+                release_activations=parameters.get(release_activations, "0") == "1",
             )
 
-        full = load(version_dir, parameters["model_file"])
-        self.serve(args, with_shallow_pass(version_dir, full, load))
+        # The shallow pass of a UNet: IR at bf16, its ONNX export at int8 (never quantized).
+        def load_shallow(folder: Path) -> OpenVinoComponent:
+            model_file = IR_FILE if (folder / IR_FILE).is_file() else MODEL_FILE
+            return load(folder, model_file, "release_shallow_activations")
+
+        full = load(version_dir, parameters["model_file"], "release_activations")
+        self.serve(args, with_shallow_pass(version_dir, full, load_shallow))
         if full.fallback_reason:
             pb_utils.Logger.log_warn(
                 f"{self.model_name}: bf16 asked for, but {full.fallback_reason}: computing in fp32"
