@@ -15,7 +15,8 @@ export/openvino_ir.py, derived_dir) with what it was calibrated on:
 
 Only the UNets are quantized, and in them neither the first and last convolutions nor
 the timestep embedding: the UNets are the edit's time (docs/flavours.md, "int8"); the
-text encoder and the VAE stay the fp32 ONNX export. Nothing is downloaded. Building twice
+text encoder, the VAE and the shallow passes are served from the IR with fp16-stored
+weights, as at bf16 (export/openvino_ir.py). Nothing is downloaded. Building twice
 from the same export gives byte-identical IR (tests/test_int8.py).
 """
 

@@ -45,7 +45,7 @@ from export.components import (
     VAE_ENCODER,
     ComponentSpec,
 )
-from export.int8 import int8_dir, int8_matches_export
+from export.int8 import QUANTIZED_COMPONENTS, int8_dir, int8_matches_export
 from export.onnx_export import EXTERNAL_DATA_FILE, MODEL_FILE, load_manifest
 from export.openvino_ir import (
     IR_FILE,
@@ -58,6 +58,7 @@ from model_repository.arguments import add_arguments, from_arguments
 from model_repository.configs import (
     OPENVINO_FLAVOURS,
     OPENVINO_MODEL_FILE,
+    OPENVINO_PRECISIONS,
     PYTHON_FLAVOURS,
     READINESS_MODEL,
     RepositoryOptions,
@@ -184,7 +185,8 @@ def prepare_openvino_export(export_dir: Path, options: RepositoryOptions) -> Non
 
     OpenVINO reads the plain fp32 export, computes bf16 only where the CPU does, and int8
     from the IR export.int8 made of this export: raises ValueError with one line
-    otherwise. At bf16 the IR with fp16-stored weights is converted when not current.
+    otherwise. At bf16 and int8 (what it does not quantize) the IR with fp16-stored
+    weights is converted when not current.
     """
     plain_export_manifest(export_dir, f"the {options.flavour} flavour")
     check_precision(options.precision)
@@ -194,7 +196,7 @@ def prepare_openvino_export(export_dir: Path, options: RepositoryOptions) -> Non
             f"`python -m export.int8 {export_dir}` (make int8), or let serve, demo or "
             "bench build them (--precision int8)"
         )
-    if options.precision == "bf16":
+    if options.precision in OPENVINO_PRECISIONS:
         ensure_fp16_weights(export_dir)
 
 
@@ -203,16 +205,16 @@ def served_folder(export_dir: Path, component: str, options: RepositoryOptions) 
     openvino flavour its IR (openvino_model_file)."""
     if options.flavour not in OPENVINO_FLAVOURS:
         return export_dir / component
-    if openvino_model_file(component, options.precision) == OPENVINO_MODEL_FILE:
+    if openvino_model_file(options.precision) == OPENVINO_MODEL_FILE:
         return export_dir / component
-    ir_dir = fp16_weights_dir if options.precision == "bf16" else int8_dir
-    return ir_dir(export_dir) / component
+    quantized = options.precision == "int8" and component in QUANTIZED_COMPONENTS
+    return (int8_dir if quantized else fp16_weights_dir)(export_dir) / component
 
 
 def served_model_file(export_dir: Path, component: str, options: RepositoryOptions) -> Path:
     """The file a component is served from, in its served_folder."""
     openvino = options.flavour in OPENVINO_FLAVOURS
-    name = openvino_model_file(component, options.precision) if openvino else MODEL_FILE
+    name = openvino_model_file(options.precision) if openvino else MODEL_FILE
     return served_folder(export_dir, component, options) / name
 
 

@@ -25,7 +25,6 @@ from edit_pipeline.openvino_component import bf16_unsupported_reason
 from edit_pipeline.preprocess import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE, ImageLimits
 from edit_pipeline.runtime_status import CANCEL_TOKEN_INPUT, FAILURE_OUTPUT
 from export.components import MIN_IMAGE_SIDE, UNET_FOR_PIPELINE, ComponentSpec, TensorSpec
-from export.int8 import QUANTIZED_COMPONENTS
 from export.openvino_ir import IR_FILE
 from model_repository.arguments import option
 from pix2pix_client.contract import (
@@ -56,8 +55,8 @@ OPENVINO_PRECISIONS = ("bf16", "int8")
 # A flavour or precision chosen for this machine when the repository is built.
 AUTO = "auto"
 READINESS_MODEL = "readiness"
-# The file both openvino flavours read: the plain ONNX export, as it is (bf16: IR with
-# fp16-stored weights, int8: the quantized components' IR; openvino_model_file).
+# The file both openvino flavours read at fp32: the plain ONNX export, as it is (bf16 and
+# int8: IR, openvino_model_file).
 OPENVINO_MODEL_FILE = "model.onnx"
 # The rate limiter's resource: held by a component model instance while it computes.
 CPU_RESOURCE = "cpu_cores"
@@ -363,7 +362,7 @@ def component_config(
         _parameters(
             config,
             {
-                "model_file": openvino_model_file(spec.name, options.precision),
+                "model_file": openvino_model_file(options.precision),
                 "precision": options.precision,
                 "threads": options.intra_op_threads,
                 "streams": options.openvino_streams,
@@ -373,7 +372,7 @@ def component_config(
         )
     elif options.flavour == "openvino":
         config.backend = "openvino"
-        config.default_model_filename = openvino_model_file(spec.name, options.precision)
+        config.default_model_filename = openvino_model_file(options.precision)
         _parameters(config, openvino_backend_parameters(options))
         config.instance_group.add(count=1, kind=KIND_CPU)
     elif options.flavour == "onnxruntime":
@@ -412,12 +411,11 @@ def openvino_backend_parameters(options: RepositoryOptions) -> dict[str, str]:
     return parameters
 
 
-def openvino_model_file(component: str, precision: str) -> str:
-    """The file an openvino flavour's component reads: IR at bf16 (its weights stored in
-    fp16, export/openvino_ir.py) and for a quantized component at int8, the plain ONNX
-    export otherwise."""
-    quantized = precision == "int8" and component in QUANTIZED_COMPONENTS
-    return IR_FILE if precision == "bf16" or quantized else OPENVINO_MODEL_FILE
+def openvino_model_file(precision: str) -> str:
+    """The file an openvino flavour's components read: IR at bf16 and int8 (the weights
+    stored in fp16, export/openvino_ir.py; at int8 the UNets quantized, export/int8.py),
+    the plain ONNX export at fp32."""
+    return IR_FILE if precision in OPENVINO_PRECISIONS else OPENVINO_MODEL_FILE
 
 
 def edit_instance_kind(flavour: str) -> int:

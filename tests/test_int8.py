@@ -23,6 +23,8 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from benchmarks.fidelity import psnr
 from edit_pipeline.preprocess import decode_image
+from edit_pipeline.unet_passes import SHALLOW_DIR
+from export.components import shallow_unet
 from export.int8 import (
     CALIBRATION_FILE,
     CALIBRATION_PROMPTS,
@@ -34,7 +36,7 @@ from export.int8 import (
     int8_is_current,
 )
 from export.onnx_export import MANIFEST, MODEL_FILE
-from export.openvino_ir import IR_FILE, IR_WEIGHTS_FILE
+from export.openvino_ir import IR_FILE, IR_WEIGHTS_FILE, fp16_weights_dir
 from model_repository.builder import build_repository
 from model_repository.configs import FLAVOURS, OPENVINO_FLAVOURS, RepositoryOptions
 from tests.serving import edit, photo, png_bytes
@@ -200,15 +202,21 @@ def test_both_openvino_flavours_read_the_int8_unets(
         )
         for name in ("text_encoder", "vae_decoder", *QUANTIZED_COMPONENTS):
             config = _config(repository, name)
-            expected = IR_FILE if name in QUANTIZED_COMPONENTS else MODEL_FILE
             if flavour == "openvino":
-                assert config.default_model_filename == expected
+                assert config.default_model_filename == IR_FILE
             else:
-                assert config.parameters["model_file"].string_value == expected
+                assert config.parameters["model_file"].string_value == IR_FILE
                 assert config.parameters["precision"].string_value == "int8"
-            assert (repository / name / "1" / expected).is_file()
-        served = repository / QUANTIZED_COMPONENTS[0] / "1" / IR_WEIGHTS_FILE
-        assert served.samefile(int8_dir(tiny_export) / QUANTIZED_COMPONENTS[0] / IR_WEIGHTS_FILE)
+            # The UNets quantized; the rest, as at bf16, with its weights stored in fp16.
+            source = int8_dir if name in QUANTIZED_COMPONENTS else fp16_weights_dir
+            served = repository / name / "1" / IR_WEIGHTS_FILE
+            assert served.samefile(source(tiny_export) / name / IR_WEIGHTS_FILE), name
+        if flavour == "python-openvino":
+            unet = QUANTIZED_COMPONENTS[0]
+            shallow = repository / unet / "1" / SHALLOW_DIR / IR_WEIGHTS_FILE
+            assert shallow.samefile(
+                fp16_weights_dir(tiny_export) / shallow_unet(unet) / IR_WEIGHTS_FILE
+            )
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,8 @@ class TritonPythonModel(ComponentModel):
                 release_activations=parameters.get(release_activations, "0") == "1",
             )
 
-        # The shallow pass of a UNet: IR at bf16, its ONNX export at int8 (never quantized).
+        # The shallow pass of a UNet, never quantized: IR with fp16-stored weights at bf16 and
+        # int8 (a repository built before: its ONNX export at int8), the ONNX export at fp32.
         def load_shallow(folder: Path) -> OpenVinoComponent:
             model_file = IR_FILE if (folder / IR_FILE).is_file() else MODEL_FILE
             return load(folder, model_file, "release_shallow_activations")
