@@ -139,8 +139,7 @@ class RepositoryOptions:
     release_activations: bool = option(
         # A UNet is called every step: it keeps its working memory for the next one. Its
         # shallow pass runs between full ones, which need that memory: in OpenVINO giving
-        # it back costs the pass about 5% (in onnxruntime, on the plain graph, it doubled it:
-        # not done there).
+        # it back costs the pass about 5%; in onnxruntime both passes share one arena.
         True,
         "python flavours: the components called once per edit (text encoder, VAE) give "
         "their working memory back after each call; python-openvino: so does a UNet's "
