@@ -74,7 +74,7 @@ def measure_ablation(
                 side: stack.enter_context(serving(b.repository, None)) for side, b in built.items()
             }
             for side, url in urls.items():
-                warm_up(url, sides[side], image)
+                warm_up(url, sides[side], image, built[side].repository)
 
             def one_round(
                 attempt: int, urls: dict[str, str] = urls, built: dict[str, BuiltModel] = built

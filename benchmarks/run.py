@@ -140,7 +140,7 @@ def serve_others(
         if variant.name not in running:
             repository = build(variant, build_dir, variant.name).repository
             running[variant.name] = stack.enter_context(serving(repository, None))
-            warm_up(running[variant.name], variant, image)
+            warm_up(running[variant.name], variant, image, repository)
         system = ServedEdit(running[variant.name], variant)
         systems[system.name] = system
     return systems
@@ -174,7 +174,7 @@ def run(config: BenchConfig, args: argparse.Namespace) -> report.Results | None:
     loads = RoundLoads()
     with contextlib.ExitStack() as stack:
         url = stack.enter_context(serving(built.repository, args.url))
-        triton_png = warm_up(url, config, image)
+        triton_png = warm_up(url, config, image, None if args.url else built.repository)
         baselines |= serve_others(config, args.build_dir, image, stack, {config.name: url})
         outputs = {name: system(image) for name, system in baselines.items()}  # their warm-up
         rounds = measure_rounds(config, url, perf, inputs, baselines, image, loads)
