@@ -339,7 +339,9 @@ def _sections(results: Results) -> dict[str, list[str]]:
             "system | median | mean | spread | Triton / this, paired", latency_rows(results)
         ),
         "Targets": [f"- {t.line()}" for t in results.targets] or ["- (not measured)"],
-        "Speed switches: time against diffusers fp32 eager, fidelity to Triton": _table(
+    }
+    if results.against_diffusers:  # runs without the diffusers baseline have no ratios
+        sections["Speed switches: time against diffusers fp32 eager, fidelity to Triton"] = _table(
             "system | time / diffusers fp32 eager, paired (rounds) | PSNR against Triton (dB)",
             [
                 [
@@ -349,12 +351,11 @@ def _sections(results: Results) -> dict[str, list[str]]:
                 ]
                 for name, ratio in results.against_diffusers.items()
             ],
-        ),
-        "Throughput and latency against concurrency": _table(
-            "concurrency | edits (rounds) | edits/s | p50 ms | p90 ms | p99 ms | mean ms",
-            _rows(results.levels, *level.split(" | ")),
-        ),
-    }
+        )
+    sections["Throughput and latency against concurrency"] = _table(
+        "concurrency | edits (rounds) | edits/s | p50 ms | p90 ms | p99 ms | mean ms",
+        _rows(results.levels, *level.split(" | ")),
+    )
     for concurrency, rows in results.stages.items():
         sections[f"Per stage at concurrency {concurrency} (statistics API, per edit)"] = _table(
             "stage | model | calls | executions | ms / call | ms / edit | queued ms",

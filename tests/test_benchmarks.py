@@ -409,6 +409,9 @@ def test_speed_switches_are_held_to_their_goals_against_diffusers_fp32() -> None
     results.evaluate_targets()
     assert DEFAULT_QUALITY_TARGET not in {t.name for t in results.targets}
     assert "PSNR against Triton (dB)" in report.markdown(results, "plot.png")
+    # A run without the diffusers baseline (--skip-baselines) has no such table to show.
+    results.against_diffusers = {}
+    assert "PSNR against Triton (dB)" not in report.markdown(results, "plot.png")
 
 
 def test_targets_apply_only_to_the_cpu_goal_configuration() -> None:
