@@ -1,7 +1,7 @@
 """One edit from request to PNG: the method the served edit models run, top to bottom.
 
     check inputs -> decode the image -> tokenize -> encode prompts and image -> denoise
-    -> decode latents -> encode PNG
+    -> decode latents -> encode PNG -> give the heap's freed pages back
 
 Plain Python around four component calls (`Components`): the Triton edit models reach
 the exported components through BLS, the bare onnxruntime baseline calls sessions in
@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from edit_pipeline.page_release import release_free_heap
 from edit_pipeline.postprocess import encode_png, tensor_to_image
 from edit_pipeline.preprocess import (
     EditRequest,
@@ -146,7 +147,15 @@ class EditPipeline:
         return self.settings.latent_preview.png(unscaled, (width, height))
 
     def run(self, edit: PreparedEdit, on_step: StepCallback | None = None) -> EditOutput:
-        """Encodes, denoises and decodes one prepared edit."""
+        """Encodes, denoises and decodes one prepared edit, then gives the heap pages its
+        tensors freed back (at SD 1.5 size and 512x512 about 20 MB a process kept)."""
+        try:
+            png = self._edited_png(edit, on_step)
+        finally:  # a failed or cancelled edit's tensors too
+            release_free_heap()
+        return EditOutput(png=png, seed=edit.request.seed)
+
+    def _edited_png(self, edit: PreparedEdit, on_step: StepCallback | None) -> bytes:
         request = edit.request
         input_ids = self.tokenizer([request.prompt, request.negative_prompt])
         embeds = self.components.encode_prompts(input_ids)
@@ -154,5 +163,4 @@ class EditPipeline:
         latent = self.sampler(
             SamplerInputs.for_request(request, embeds, mean, std), on_step=on_step
         )
-        decoded = self.components.decode_latents(latent)
-        return EditOutput(png=encode_png(tensor_to_image(decoded)), seed=request.seed)
+        return encode_png(tensor_to_image(self.components.decode_latents(latent)))

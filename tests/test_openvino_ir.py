@@ -5,7 +5,8 @@ Converted when a bf16 repository is built and kept while current, converted agai
 the export changes; served by both openvino flavours; computing in bf16 what the ONNX
 export's fp32 weights compute, within bf16's own rounding; and a real tritonserver edits
 with them, reused UNet work (the shallow pass's IR) included. A component read from IR
-gives back its mapped weights file's pages (edit_pipeline/page_release.py).
+gives back its mapped weights file's pages, and an edit the heap pages it freed
+(edit_pipeline/page_release.py).
 """
 
 from __future__ import annotations
@@ -19,11 +20,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import tritonclient.grpc as grpcclient
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from benchmarks.fidelity import psnr
+from benchmarks.settings import BenchConfig
+from benchmarks.systems import BareLoop
 from edit_pipeline.openvino_component import OpenVinoComponent, bf16_unsupported_reason
 from edit_pipeline.page_release import mapped_ranges, release_free_heap, release_mapped_pages
 from edit_pipeline.preprocess import decode_image
@@ -274,6 +278,38 @@ def test_free_heap_pages_are_given_back() -> None:
     assert release_free_heap()
     assert before - _anonymous_resident_bytes() > 40 << 20
     assert all(len(block) == 4096 for block in kept)
+
+
+@pytest.mark.parametrize("cancelled", [False, True], ids=["finished", "cancelled"])
+def test_an_edit_gives_back_the_heap_pages_it_freed(tiny_export: Path, cancelled: bool) -> None:
+    """The served pipeline code trims the heap when an edit ends, however it ends: the
+    blocks a component call freed between kept ones leave the process."""
+    options = RepositoryOptions(flavour="python-openvino", intra_op_threads=1)
+    pipeline = BareLoop(tiny_export, BenchConfig(preset="tiny", options=options)).pipeline
+    kept, freed_resident = [], []
+    encode_prompts = pipeline.components.encode_prompts
+
+    def encode_prompts_freeing_blocks(input_ids: np.ndarray) -> torch.Tensor:
+        blocks = [bytearray(4096) for _ in range(20_000)]  # 80 MB of small allocations
+        kept.extend(blocks[::64])
+        del blocks
+        freed_resident.append(_anonymous_resident_bytes())
+        return encode_prompts(input_ids)
+
+    class Cancelled(Exception):
+        """What the edit model raises at a step once the caller has left."""
+
+    def cancel(step: int, steps: int, latents: torch.Tensor) -> None:
+        if cancelled:
+            raise Cancelled
+
+    pipeline.components.encode_prompts = encode_prompts_freeing_blocks
+    prepared = pipeline.prepare({"image": png_bytes(photo(64, 64)), "prompt": PROMPT})
+    try:
+        pipeline.run(prepared, on_step=cancel)
+    except Cancelled:
+        assert cancelled
+    assert freed_resident[0] - _anonymous_resident_bytes() > 40 << 20
 
 
 def test_a_component_from_ir_keeps_none_of_its_weights_file(tiny_export: Path) -> None:
