@@ -49,13 +49,13 @@ from typing import Any
 
 from benchmarks.photo import photo_png
 from benchmarks.results import library_versions, machine_info, machine_slug
+from benchmarks.serving import repository_record
 from benchmarks.settings import BenchConfig
 from edit_pipeline.openvino_component import bf16_unsupported_reason
 from model_repository.arguments import add_arguments, from_arguments
 from model_repository.builder import weight_bytes
 from model_repository.chain import DEFAULT_BUILD_DIR, Source, ensure_preset, prepare_in_child
 from model_repository.configs import PRECISIONS, RepositoryOptions
-from model_repository.record import REPOSITORY_RECORD
 from pix2pix_client import EditClient, EditError, EditResult, ServerUnavailable
 from serving import procfs
 from serving.tritonserver import free_port
@@ -121,10 +121,6 @@ class PeakSampler:
     def __exit__(self, *exc_info: object) -> None:
         self._stop.set()
         self._thread.join()
-
-
-def repository_record(repository: Path) -> dict[str, Any]:
-    return json.loads((repository / REPOSITORY_RECORD).read_text())
 
 
 def served_pipelines(repository: Path) -> list[str]:

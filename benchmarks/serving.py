@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 from benchmarks.settings import BenchConfig, admin_key
 from model_repository.chain import BuiltModel, Source, prepare_in_child
 from model_repository.configs import MAX_DERIVED_EDIT_INSTANCES
-from model_repository.record import read_record
+from model_repository.record import REPOSITORY_RECORD
 from pix2pix_client import EditClient
 
 
@@ -26,6 +28,11 @@ def build(config: BenchConfig, build_dir: Path, name: str) -> BuiltModel:
     repository = build_dir / "bench" / name / "repository"
     source = Source(preset=config.preset)
     return prepare_in_child(source, config.options, build_dir, repository=repository)
+
+
+def repository_record(repository: Path) -> dict[str, Any]:
+    """What a built repository records of itself (model_repository/record.py)."""
+    return json.loads((repository / REPOSITORY_RECORD).read_text())
 
 
 @contextlib.contextmanager
@@ -54,14 +61,12 @@ def warm_up(url: str, config: BenchConfig, image: bytes, repository: Path | None
     of every model has run (the first call of an instance allocates lazily)."""
     options = config.request()
     prompt = options.pop("prompt")
-    # The served repository records the instances it derived; a server at --url may have
-    # up to MAX_DERIVED_EDIT_INSTANCES, and extra edits wait. Edits sent beyond the
-    # instances queue behind each other: at sd15 size on 2 cores, minutes each.
-    record = read_record(str(repository)) if repository is not None else None
-    if record is not None:
-        instances = record["options"]["edit_instances"]
-    else:
+    # Edits sent beyond the instances queue behind each other: at sd15 size on 2 cores,
+    # minutes each. A server at --url derived at most MAX_DERIVED_EDIT_INSTANCES.
+    if repository is None:
         instances = config.options.edit_instances or MAX_DERIVED_EDIT_INSTANCES
+    else:
+        instances = repository_record(repository)["options"]["edit_instances"]
     with EditClient(url, timeout_s=900) as client, ThreadPoolExecutor(instances) as pool:
         for _ in range(2):
             outputs = list(

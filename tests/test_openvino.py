@@ -95,14 +95,11 @@ def test_releasing_working_memory_after_each_call_changes_no_result(tiny_export:
 # Two onnxruntime components of one UNet in a fresh process: the working memory (bytes of
 # anonymous RSS) each one's first call at 48x48 latents added.
 _SECOND_SESSION_GROWTH = """
-import re, sys
+import sys
 from pathlib import Path
 import numpy as np
 from edit_pipeline.onnxruntime_component import OnnxComponent
-
-def anonymous():
-    status = Path("/proc/self/status").read_text()
-    return int(re.search(r"^RssAnon:\\s+(\\d+) kB", status, re.MULTILINE).group(1)) * 1024
+from tests.memory import anonymous_resident_bytes as anonymous
 
 generator = np.random.default_rng(0)
 inputs = {

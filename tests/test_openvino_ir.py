@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import mmap
 import os
-import re
 import shutil
 from pathlib import Path
 
@@ -43,6 +42,7 @@ from export.openvino_ir import (
 )
 from model_repository.builder import build_repository
 from model_repository.configs import OPENVINO_FLAVOURS, RepositoryOptions
+from tests.memory import anonymous_resident_bytes
 from tests.serving import edit, photo, png_bytes
 from tests.test_openvino import BF16_MAX_ABS_DIFFERENCE, BF16_MIN_PSNR_DB, unet_inputs
 from tests.test_parity import CASES, PROMPT, SEED, reference_image
@@ -263,20 +263,14 @@ def test_a_writable_mapping_is_left_alone(tmp_path: Path) -> None:
         assert mapped[:4] == b"kept"
 
 
-def _anonymous_resident_bytes() -> int:
-    """Bytes of this process's memory that no file backs, in memory (RssAnon)."""
-    status = Path("/proc/self/status").read_text()
-    return int(re.search(r"^RssAnon:\s+(\d+) kB", status, re.MULTILINE).group(1)) * 1024
-
-
 def test_free_heap_pages_are_given_back() -> None:
     """Freed blocks between kept ones stay in the process until the heap is trimmed."""
     blocks = [bytearray(4096) for _ in range(20_000)]  # 80 MB of small allocations
     kept = blocks[::64]
     del blocks
-    before = _anonymous_resident_bytes()
+    before = anonymous_resident_bytes()
     assert release_free_heap()
-    assert before - _anonymous_resident_bytes() > 40 << 20
+    assert before - anonymous_resident_bytes() > 40 << 20
     assert all(len(block) == 4096 for block in kept)
 
 
@@ -293,7 +287,7 @@ def test_an_edit_gives_back_the_heap_pages_it_freed(tiny_export: Path, cancelled
         blocks = [bytearray(4096) for _ in range(20_000)]  # 80 MB of small allocations
         kept.extend(blocks[::64])
         del blocks
-        freed_resident.append(_anonymous_resident_bytes())
+        freed_resident.append(anonymous_resident_bytes())
         return encode_prompts(input_ids)
 
     class Cancelled(Exception):
@@ -309,7 +303,7 @@ def test_an_edit_gives_back_the_heap_pages_it_freed(tiny_export: Path, cancelled
         pipeline.run(prepared, on_step=cancel)
     except Cancelled:
         assert cancelled
-    assert freed_resident[0] - _anonymous_resident_bytes() > 40 << 20
+    assert freed_resident[0] - anonymous_resident_bytes() > 40 << 20
 
 
 def test_a_component_from_ir_keeps_none_of_its_weights_file(tiny_export: Path) -> None:
