@@ -12,7 +12,9 @@ For each served configuration (`make serve`'s, and the FLAVOUR:PRECISION ones of
   not with whatever the build before happened to leave there;
 - EDITS edits at MEMORY_STEPS steps (every served pipeline in turn), then TIMED edits at
   STEPS steps: their latency, the tree's PSS after them and its peak while they ran
-  (sampled); then CONCURRENT edits sent at once, each pipeline in turn: how many completed
+  (sampled); in python-openvino, the PSS at rest as well, once the UNets have been idle
+  long enough to give their working memory back (--unet-idle-release-s); then CONCURRENT
+  edits sent at once, each pipeline in turn: how many completed
   and how many were refused at once (UNAVAILABLE), and the peak while they ran;
 - the budget: PSS after the edits against 1.25 x the bytes of the weights the server
   holds (at the precision they compute in) + 1.5 GB.
@@ -67,6 +69,8 @@ ALLOWANCE_BYTES = 1.5 * GB
 # Reading smaps_rollup of a tree of multi-GB processes costs CPU: often enough for a
 # peak of edits that last seconds, rarely enough to leave the edits their cores.
 SAMPLE_S = 2.0
+# Past a UNet's idle release, the time its release and heap trim take.
+REST_MARGIN_S = 5.0
 READY_TIMEOUT_S = 3600.0
 
 
@@ -144,6 +148,9 @@ class ServedFootprint:
     weights_bytes: int
     pss_at_ready: dict[str, int]
     pss_after_edits: dict[str, int]
+    # Once idle long enough for the UNets to give their working memory back; None where
+    # they keep it.
+    pss_at_rest: dict[str, int] | None
     peak_pss: int
     edit_s: list[float]
     stop_s: float
@@ -156,8 +163,10 @@ class ServedFootprint:
     def budget_bytes(self) -> float:
         return WEIGHT_FACTOR * self.weights_bytes + ALLOWANCE_BYTES
 
-    def total(self, when: str) -> int:
-        return sum(getattr(self, f"pss_{when}").values())
+    def total(self, when: str) -> int | None:
+        """The whole tree's PSS at ready, after the edits or at rest (None: not read)."""
+        by_process = getattr(self, f"pss_{when}")
+        return None if by_process is None else sum(by_process.values())
 
 
 @contextlib.contextmanager
@@ -275,6 +284,11 @@ def measure_served(
         log(
             f"  after the edits PSS {sum(after.values()) / GB:.2f} GB, peak {sampler.peak / GB:.2f}"
         )
+        at_rest = None
+        if config.options.flavour == "python-openvino" and config.options.unet_idle_release_s > 0:
+            time.sleep(config.options.unet_idle_release_s + REST_MARGIN_S)
+            at_rest = tree_pss(process.pid)
+            log(f"  at rest PSS {sum(at_rest.values()) / GB:.2f} GB")
         with PeakSampler(process.pid) as concurrent_sampler:
             concurrent = run_concurrent(url, every, image, args.concurrent, args.memory_steps)
         log(f"  {args.concurrent} at once: {concurrent}, peak {concurrent_sampler.peak / GB:.2f}")
@@ -288,6 +302,7 @@ def measure_served(
         weights_bytes=served_weight_bytes(repository, config.options.precision),
         pss_at_ready=at_ready,
         pss_after_edits=after,
+        pss_at_rest=at_rest,
         peak_pss=max(sampler.peak, sum(after.values())),
         edit_s=timed,
         stop_s=stop_s,
@@ -375,8 +390,8 @@ class Footprint:
     diffusers: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
-def _gb(value: float) -> str:
-    return f"{value / GB:.2f}"
+def _gb(value: float | None) -> str:
+    return "-" if value is None else f"{value / GB:.2f}"
 
 
 def markdown(footprint: Footprint) -> str:
@@ -413,19 +428,20 @@ def markdown(footprint: Footprint) -> str:
         "",
         "## Memory (GB)",
         "",
-        "| system | at ready | after the edits | peak | weights | budget | met |",
-        "|---|---|---|---|---|---|---|",
+        "| system | at ready | after the edits | at rest | peak | weights | budget | met |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for served in footprint.served:
         after = served.total("after_edits")
         lines.append(
             f"| {served.name} | {_gb(served.total('at_ready'))} | {_gb(after)} | "
-            f"{_gb(served.peak_pss)} | {_gb(served.weights_bytes)} | "
-            f"{_gb(served.budget_bytes)} | {'yes' if after <= served.budget_bytes else 'no'} |"
+            f"{_gb(served.total('at_rest'))} | {_gb(served.peak_pss)} | "
+            f"{_gb(served.weights_bytes)} | {_gb(served.budget_bytes)} | "
+            f"{'yes' if after <= served.budget_bytes else 'no'} |"
         )
     for dtype, found in footprint.diffusers.items():
         lines.append(
-            f"| diffusers {dtype} | - | {_gb(found['pss_after_edits'])} | "
+            f"| diffusers {dtype} | - | {_gb(found['pss_after_edits'])} | - | "
             f"{_gb(found['peak_rss'])} (RSS) | - | - | - |"
         )
     lines += [
@@ -462,13 +478,15 @@ def markdown(footprint: Footprint) -> str:
             "",
             f"## PSS by process: {served.name} (MB)",
             "",
-            "| process | at ready | after the edits |",
-            "|---|---|---|",
+            "| process | at ready | after the edits | at rest |",
+            "|---|---|---|---|",
         ]
+        at_rest = served.pss_at_rest or {}
         for process in sorted(served.pss_after_edits, key=served.pss_after_edits.__getitem__)[::-1]:
+            rest = f"{at_rest[process] / 1e6:.0f}" if process in at_rest else "-"
             lines.append(
                 f"| {process} | {served.pss_at_ready.get(process, 0) / 1e6:.0f} | "
-                f"{served.pss_after_edits[process] / 1e6:.0f} |"
+                f"{served.pss_after_edits[process] / 1e6:.0f} | {rest} |"
             )
     return "\n".join(lines) + "\n"
 

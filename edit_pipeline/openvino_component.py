@@ -15,7 +15,9 @@ Requests that arrive together (Triton's dynamic batcher) and share a shape run a
 call, as in the onnxruntime flavour (edit_pipeline/batching.py). A component called once
 per edit (the encoders, the VAE), and a UNet's shallow pass (edit_pipeline/unet_passes.py),
 give their working memory back after each call (`release_activations`: OpenVINO's
-`release_memory`, then the heap's free pages); the full UNet keeps its own. A component
+`release_memory`, then the heap's free pages); the full UNet keeps its own for the next
+step, and gives it back once it has been idle a while (`release_after_idle_s`,
+edit_pipeline/idle_release.py). A component
 read from IR gives back the pages of its mapped weights file once a call of a new shape
 has packed them (edit_pipeline/page_release.py).
 """
@@ -30,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from edit_pipeline.batching import model_feed, run_merged
+from edit_pipeline.idle_release import IdleRelease
 from edit_pipeline.page_release import release_free_heap, release_mapped_pages
 
 # What OpenVINO computes in, by the project's name: OpenVINO's name of it.
@@ -121,6 +124,7 @@ class OpenVinoComponent:
         threads: int = 0,
         streams: int = 1,
         release_activations: bool = False,
+        release_after_idle_s: float = 0.0,
     ) -> None:
         import openvino as ov
 
@@ -143,6 +147,7 @@ class OpenVinoComponent:
         self.compiled = core.compile_model(model, "CPU", properties)
         self._request = self.compiled.create_infer_request()
         self.release_activations = release_activations
+        self.idle_release = IdleRelease(self._release_working_memory, release_after_idle_s)
         # IR's weights file, which OpenVINO maps and packs from on a shape's first call.
         ir = self.model_path.suffix == ".xml"
         self._mapped_weights = self.model_path.with_suffix(".bin") if ir else None
@@ -154,8 +159,13 @@ class OpenVinoComponent:
         reported = self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
         return {name: key for key, name in INFERENCE_PRECISIONS.items()}.get(reported, reported)
 
+    def _release_working_memory(self) -> None:
+        self.compiled.release_memory()
+        release_free_heap()
+
     def close(self) -> None:
         """Releases the compiled model and its infer request."""
+        self.idle_release.close()
         self._request = None
         self.compiled = None
 
@@ -165,11 +175,11 @@ class OpenVinoComponent:
             name: np.ascontiguousarray(array)
             for name, array in model_feed(inputs, self.input_names, self.input_ranks).items()
         }
-        outputs = self._request.infer(feed, share_inputs=True, share_outputs=False)
-        results = {name: outputs[name] for name in self.output_names}
-        if self.release_activations:
-            self.compiled.release_memory()
-            release_free_heap()
+        with self.idle_release.calling():
+            outputs = self._request.infer(feed, share_inputs=True, share_outputs=False)
+            results = {name: outputs[name] for name in self.output_names}
+            if self.release_activations:
+                self._release_working_memory()
         shapes = tuple(array.shape for array in feed.values())
         if self._mapped_weights is not None and shapes not in self._shapes_packed:
             self._shapes_packed.add(shapes)

@@ -145,6 +145,13 @@ class RepositoryOptions:
         "their working memory back after each call; python-openvino: so does a UNet's "
         "shallow pass (cache_interval above 1)",
     )
+    unet_idle_release_s: float = option(
+        # Longer than the gap between one edit's steps or between edits in a row (at SD
+        # 1.5 size, 512x512: 0.5 GB per UNet in bf16 that an idle server holds otherwise).
+        10.0,
+        "python-openvino: a UNet that has had no call for this many seconds gives its "
+        "working memory back; 0: it keeps it",
+    )
     onnxruntime_fusions: bool = option(
         True, "onnxruntime flavours: serve the export with onnxruntime's fusions (faster)"
     )
@@ -367,6 +374,7 @@ def component_config(
                 "streams": options.openvino_streams,
                 "release_activations": int(options.release_activations and not is_unet),
                 "release_shallow_activations": int(options.release_activations and is_unet),
+                "release_after_idle_s": options.unet_idle_release_s if is_unet else 0,
             },
         )
     elif options.flavour == "openvino":

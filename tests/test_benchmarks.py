@@ -636,6 +636,8 @@ def test_the_footprint_measures_every_process_and_the_admission_on_the_tiny_pres
         assert f"{model}_0_0" in processes, model
     assert all(value > 0 for value in served["pss_after_edits"].values())
     assert served["peak_pss"] >= sum(served["pss_after_edits"].values())
+    # Only python-openvino's UNets give their working memory back when idle.
+    assert served["pss_at_rest"] is None
     exported = sum(p.stat().st_size for p in tiny_export.glob("*/model.onnx*"))
     assert 0 < served["weights_bytes"] <= exported
     # Three edits sent at once to a server that holds eight: none refused, none failed.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ from edit_pipeline.openvino_component import OpenVinoComponent, bf16_unsupported
 from edit_pipeline.preprocess import decode_image
 from model_repository.builder import build_repository
 from model_repository.configs import RepositoryOptions
+from tests.memory import anonymous_resident_bytes
 from tests.serving import photo, png_bytes
 from tests.test_parity import CASES, PROMPT, SEED, Case, reference_image
 
@@ -90,6 +92,28 @@ def test_releasing_working_memory_after_each_call_changes_no_result(tiny_export:
             np.testing.assert_allclose(
                 component.run(latents)[name], kept[name], atol=1e-4, rtol=1e-4
             )
+
+
+def test_an_idle_unet_gives_its_working_memory_back(tiny_export: Path) -> None:
+    """The full UNet keeps its working memory from one call to the next, and gives it
+    back once it has had no call for `release_after_idle_s`; the next call computes the
+    same."""
+    unet = OpenVinoComponent(
+        tiny_export / "unet_pix2pix" / "model.onnx", "fp32", threads=1, release_after_idle_s=0.3
+    )
+    inputs = unet_inputs()
+    inputs["sample"] = np.random.default_rng(1).standard_normal((3, 8, 48, 48), np.float32)
+    first = unet.run(inputs)["noise_pred"]
+    worked = anonymous_resident_bytes()
+    deadline = time.monotonic() + 10
+    while unet.idle_release.releases == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert unet.idle_release.releases == 1
+    released = anonymous_resident_bytes()
+    # The compiled model's working memory at 48x48 latents, and what compiling left: 53 MB.
+    assert worked - released > 24 << 20
+    np.testing.assert_array_equal(unet.run(inputs)["noise_pred"], first)
+    unet.close()
 
 
 # Two onnxruntime components of one UNet in a fresh process: the working memory (bytes of

@@ -96,14 +96,17 @@ def test_every_config_parses_as_model_config(repository) -> None:
             assert (root / name / "1" / "model.py").is_file()
             assert (root / name / "1" / "model.onnx").is_file()
             # Working memory given back after each call: once-per-edit components, and a
-            # UNet's shallow pass, never its full one.
+            # UNet's shallow pass, never its full one, which gives it back once idle.
             is_unet = name in UNET_FOR_PIPELINE.values()
             released = {
-                "release_activations": not is_unet,
-                "release_shallow_activations": is_unet,
+                "release_activations": str(int(not is_unet)),
+                "release_shallow_activations": str(int(is_unet)),
+                "release_after_idle_s": str(RepositoryOptions().unet_idle_release_s)
+                if is_unet
+                else "0",
             }
             for parameter, value in released.items():
-                assert config.parameters[parameter].string_value == str(int(value)), name
+                assert config.parameters[parameter].string_value == value, name
         elif flavour == "onnxruntime":
             assert config.platform == "onnxruntime_onnx"
             assert (root / name / "1" / "model.onnx").is_file()

@@ -18,13 +18,16 @@ class TritonPythonModel(ComponentModel):
         parameters = config_parameters(args)
         version_dir = Path(args["model_repository"]) / args["model_version"]
 
-        def load(folder: Path, model_file: str, release_activations: str) -> OpenVinoComponent:
+        def load(
+            folder: Path, model_file: str, release_activations: str, after_idle_s: float = 0.0
+        ) -> OpenVinoComponent:
             return OpenVinoComponent(
                 folder / model_file,
                 precision=parameters["precision"],
                 threads=int(parameters["threads"]),
                 streams=int(parameters["streams"]),
                 release_activations=parameters.get(release_activations, "0") == "1",
+                release_after_idle_s=after_idle_s,
             )
 
         # The shallow pass of a UNet, never quantized: IR with fp16-stored weights at bf16 and
@@ -33,7 +36,9 @@ class TritonPythonModel(ComponentModel):
             model_file = IR_FILE if (folder / IR_FILE).is_file() else MODEL_FILE
             return load(folder, model_file, "release_shallow_activations")
 
-        full = load(version_dir, parameters["model_file"], "release_activations")
+        # A repository built before the idle release has no parameter: the UNet keeps it.
+        after_idle_s = float(parameters.get("release_after_idle_s", 0))
+        full = load(version_dir, parameters["model_file"], "release_activations", after_idle_s)
         self.serve(args, with_shallow_pass(version_dir, full, load_shallow))
         if full.fallback_reason:
             pb_utils.Logger.log_warn(
