@@ -436,7 +436,7 @@ def test_throughput_with_one_and_two_replicas(
     for _ in range(3):
         for label, url in (("1 replica", balancer.one_replica_url), ("2 replicas", balancer.url)):
             before = [_queue_counters(r) for r in replicas]
-            figures[label].append(_run_edits(url, image, 16))
+            figures[label].append(_run_edits(url, image, 2 * CONCURRENCY))
             after = [_queue_counters(r) for r in replicas]
             queued = sum(a[0] - b[0] for a, b in zip(after, before, strict=True))
             served = sum(a[1] - b[1] for a, b in zip(after, before, strict=True))
