@@ -17,9 +17,9 @@ per edit (the encoders, the VAE), and a UNet's shallow pass (edit_pipeline/unet_
 give their working memory back after each call (`release_activations`: OpenVINO's
 `release_memory`, then the heap's free pages); the full UNet keeps its own for the next
 step, and gives it back once it has been idle a while (`release_after_idle_s`,
-edit_pipeline/idle_release.py). A component
-read from IR gives back the pages of its mapped weights file once a call of a new shape
-has packed them (edit_pipeline/page_release.py).
+edit_pipeline/idle_release.py). A component read from IR gives back the pages of its
+mapped weights file once a call of a new shape has packed them
+(edit_pipeline/page_release.py).
 """
 
 from __future__ import annotations
