@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +25,7 @@ from model_repository.builder import build_repository
 from model_repository.configs import RepositoryOptions
 from tests.memory import anonymous_resident_bytes
 from tests.serving import photo, png_bytes
+from tests.test_idle_release import wait_for
 from tests.test_parity import CASES, PROMPT, SEED, Case, reference_image
 
 # bf16 keeps 8 bits of mantissa (components a few % off fp32): the tiny preset's random
@@ -105,10 +105,7 @@ def test_an_idle_unet_gives_its_working_memory_back(tiny_export: Path) -> None:
     inputs["sample"] = np.random.default_rng(1).standard_normal((3, 8, 48, 48), np.float32)
     first = unet.run(inputs)["noise_pred"]
     worked = anonymous_resident_bytes()
-    deadline = time.monotonic() + 10
-    while unet.idle_release.releases == 0 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert unet.idle_release.releases == 1
+    assert wait_for(lambda: unet.idle_release.releases == 1)
     released = anonymous_resident_bytes()
     # The compiled model's working memory at 48x48 latents, and what compiling left: 53 MB.
     assert worked - released > 24 << 20
