@@ -27,6 +27,7 @@ from typing import Any
 from google.protobuf import text_format
 
 import edit_pipeline.triton
+from edit_pipeline.cpu_graph import CPU_GRAPH_DIR, MADE_FOR_FILE
 from edit_pipeline.openvino_component import check_precision
 from edit_pipeline.preprocess import ImageLimits
 from edit_pipeline.preview import LatentPreview
@@ -69,6 +70,7 @@ from model_repository.configs import (
     readiness_config,
     server_arguments,
 )
+from model_repository.cpu_graphs import ensure_cpu_graphs
 from model_repository.record import write_record
 
 # The Python backend models' model.py files, copied into the repository.
@@ -269,6 +271,8 @@ def build_repository(
         raise FileNotFoundError("the tensorrt flavour needs --engines (export.tensorrt_engines)")
     if options.flavour in OPENVINO_FLAVOURS:
         prepare_openvino_export(export_dir, options)
+    # Beside each component's graph, python-onnxruntime gets it optimized for this CPU.
+    cpu_graphs = ensure_cpu_graphs(export_dir) if options.flavour == "python-onnxruntime" else None
 
     pipelines = options.pipelines or tuple(manifest["pipelines"])
     missing = [p for p in pipelines if p not in manifest["pipelines"]]
@@ -302,10 +306,15 @@ def build_repository(
         if options.flavour == "tensorrt":
             _link_or_copy(engines[name], version_dir / "model.plan")
         else:
-            _link_model_files(served_folder(export_dir, name, options), version_dir)
+            folders = {name: version_dir}
             if hosted and name in shallow:
-                shallow_source = served_folder(export_dir, shallow[name], options)
-                _link_model_files(shallow_source, version_dir / SHALLOW_DIR)
+                folders[shallow[name]] = version_dir / SHALLOW_DIR
+            for component, folder in folders.items():
+                _link_model_files(served_folder(export_dir, component, options), folder)
+                if cpu_graphs is not None:
+                    _link_model_files(cpu_graphs / component, folder / CPU_GRAPH_DIR)
+                    made_for = cpu_graphs / component / MADE_FOR_FILE
+                    _link_or_copy(made_for, folder / CPU_GRAPH_DIR / MADE_FOR_FILE)
         written.append(name)
 
     for pipeline in pipelines:

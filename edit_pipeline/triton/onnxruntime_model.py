@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from edit_pipeline.cpu_graph import graph_to_load
 from edit_pipeline.onnxruntime_component import OnnxComponent
 from edit_pipeline.triton.component_model import ComponentModel, with_shallow_pass
 from edit_pipeline.triton.triton_io import config_parameters
@@ -16,7 +17,7 @@ class TritonPythonModel(ComponentModel):
 
         def load(folder: Path) -> OnnxComponent:
             return OnnxComponent(
-                folder / "model.onnx",
+                graph_to_load(folder),
                 intra_op_threads=int(parameters["intra_op_threads"]),
                 allow_spinning=parameters.get("allow_spinning", "1") != "0",
                 split_threads=parameters.get("split_threads", "0") == "1",

@@ -1,0 +1,96 @@
+"""onnxruntime's graphs optimized for this CPU and saved (edit_pipeline/cpu_graph.py,
+model_repository/cpu_graphs.py): they compute what the plain graph computes, byte for byte, are
+loaded only on the machine they were made for, and the repository builder saves them
+once per export and machine (into the user's cache when the export is read-only)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from edit_pipeline.cpu_graph import (
+    CPU_GRAPH_DIR,
+    MADE_FOR_FILE,
+    graph_to_load,
+    save_cpu_graph,
+    this_machine,
+)
+from edit_pipeline.onnxruntime_component import OnnxComponent
+from edit_pipeline.unet_passes import SHALLOW_DIR
+from export.onnx_export import MODEL_FILE
+from model_repository.builder import build_repository
+from model_repository.configs import RepositoryOptions
+from model_repository.cpu_graphs import cpu_graphs_dir
+from tests.test_openvino import unet_inputs
+
+NCHWC_DOMAIN = "com.microsoft.nchwc"
+
+
+def domains(model: Path) -> set[str]:
+    graph = onnx.load(str(model), load_external_data=False).graph
+    return {node.domain for node in graph.node}
+
+
+def test_a_saved_graph_computes_what_the_plain_graph_computes(
+    tiny_export: Path, tmp_path: Path
+) -> None:
+    plain = tiny_export / "unet_pix2pix" / MODEL_FILE
+    save_cpu_graph(plain, tmp_path / "unet")
+    saved = tmp_path / "unet" / MODEL_FILE
+    # The convolutions are already in onnxruntime's blocked layout for this CPU.
+    assert NCHWC_DOMAIN in domains(saved) and NCHWC_DOMAIN not in domains(plain)
+    assert json.loads((tmp_path / "unet" / MADE_FOR_FILE).read_text()) == this_machine()
+    inputs = unet_inputs()
+    expected = OnnxComponent(plain, intra_op_threads=1).run(inputs)["noise_pred"]
+    actual = OnnxComponent(saved, intra_op_threads=1).run(inputs)["noise_pred"]
+    np.testing.assert_array_equal(actual, expected)
+
+
+def test_a_graph_made_for_another_machine_is_not_loaded(
+    tiny_export: Path, tmp_path: Path, capfd
+) -> None:
+    version_dir = tmp_path / "1"
+    version_dir.mkdir()
+    (version_dir / MODEL_FILE).write_bytes((tiny_export / "vae_decoder" / MODEL_FILE).read_bytes())
+    assert graph_to_load(version_dir) == version_dir / MODEL_FILE
+    save_cpu_graph(version_dir / MODEL_FILE, version_dir / CPU_GRAPH_DIR)
+    assert graph_to_load(version_dir) == version_dir / CPU_GRAPH_DIR / MODEL_FILE
+    made_for = version_dir / CPU_GRAPH_DIR / MADE_FOR_FILE
+    for other in ({"isa": ["avx2", "fma"]}, {"onnxruntime": "1.0.0"}):
+        made_for.write_text(json.dumps(this_machine() | other))
+        assert graph_to_load(version_dir) == version_dir / MODEL_FILE
+        assert "made for another CPU or onnxruntime" in capfd.readouterr().err
+
+
+def test_the_builder_saves_them_once_and_links_them_beside_each_graph(
+    tiny_export: Path, tmp_path: Path
+) -> None:
+    options = RepositoryOptions(flavour="python-onnxruntime", precision="fp32", edit_instances=1)
+    build_repository(tiny_export, tmp_path / "first", options)
+    graphs = cpu_graphs_dir(tiny_export)
+    assert graphs.parent == tiny_export / "cpu_graphs"
+    record = graphs / "record.json"
+    written = record.stat().st_mtime_ns
+    build_repository(tiny_export, tmp_path / "second", options)
+    assert record.stat().st_mtime_ns == written
+    unet = tmp_path / "second" / "unet_pix2pix" / "1"
+    for folder in (unet, unet / SHALLOW_DIR, tmp_path / "second" / "text_encoder" / "1"):
+        assert graph_to_load(folder) == folder / CPU_GRAPH_DIR / MODEL_FILE
+    saved = unet / CPU_GRAPH_DIR / MODEL_FILE
+    assert saved.stat().st_ino == (graphs / "unet_pix2pix" / MODEL_FILE).stat().st_ino
+
+
+def test_a_read_only_export_gets_them_in_the_cache(
+    tiny_export: Path, tmp_path: Path, read_only_copy, monkeypatch
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    export = read_only_copy(tiny_export, leave_out=("cpu_graphs", "fp16_weights", "int8"))
+    options = RepositoryOptions(flavour="python-onnxruntime", precision="fp32", edit_instances=1)
+    build_repository(export, tmp_path / "repository", options)
+    graphs = cpu_graphs_dir(export)
+    assert graphs.is_relative_to(tmp_path / "cache")
+    unet = tmp_path / "repository" / "unet_img2img" / "1"
+    assert graph_to_load(unet) == unet / CPU_GRAPH_DIR / MODEL_FILE
