@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -23,11 +25,11 @@ from edit_pipeline.cpu_graph import EXTERNAL_DATA_FILE, MADE_FOR_FILE, save_cpu_
 from export.onnx_export import MODEL_FILE, load_manifest
 from export.openvino_ir import (
     RECORD_FILE,
+    WRITE_ERRORS,
     derived_dir,
     made_from,
     read_record,
     source_files,
-    writing,
 )
 
 CPU_GRAPHS_DIR = "cpu_graphs"
@@ -55,28 +57,27 @@ def cpu_graphs_dir(export_dir: Path) -> Path:
 
 def build_cpu_graphs(export_dir: Path) -> dict[str, Any]:
     """Optimizes every component of the export for this CPU; writes them and record.json,
-    returns the record."""
+    returns the record. Raises OSError where the folder cannot be written."""
     started = time.perf_counter()
     export_dir = Path(export_dir)
     manifest = load_manifest(export_dir)
     output = derived_dir(export_dir, _folder_name(), lambda _: False)
     components: dict[str, Any] = {}
-    with writing(export_dir, output, "graphs optimized for this CPU"):
-        output.mkdir(parents=True, exist_ok=True)
-        (output / RECORD_FILE).unlink(missing_ok=True)
-        for name in manifest["components"]:
-            save_cpu_graph(export_dir / name / MODEL_FILE, output / name)
-            files = [MODEL_FILE, EXTERNAL_DATA_FILE, MADE_FOR_FILE]
-            components[name] = {
-                "source": source_files(manifest, name),
-                "files": [file for file in files if (output / name / file).is_file()],
-            }
-        record = {
-            "machine": this_machine(),
-            "components": components,
-            "seconds": round(time.perf_counter() - started, 1),
+    output.mkdir(parents=True, exist_ok=True)
+    (output / RECORD_FILE).unlink(missing_ok=True)
+    for name in manifest["components"]:
+        save_cpu_graph(export_dir / name / MODEL_FILE, output / name)
+        files = [MODEL_FILE, EXTERNAL_DATA_FILE, MADE_FOR_FILE]
+        components[name] = {
+            "source": source_files(manifest, name),
+            "files": [file for file in files if (output / name / file).is_file()],
         }
-        (output / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    record = {
+        "machine": this_machine(),
+        "components": components,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    (output / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
     print(
         f"graphs optimized for this CPU, {len(components)} components, in {output} "
         f"({record['seconds']} s)",
@@ -85,8 +86,23 @@ def build_cpu_graphs(export_dir: Path) -> dict[str, Any]:
     return record
 
 
-def ensure_cpu_graphs(export_dir: Path) -> Path:
-    """The folder of the export's graphs for this machine, saved first unless current."""
+def ensure_cpu_graphs(export_dir: Path) -> Path | None:
+    """The folder of the export's graphs for this machine, saved first unless current;
+    None where they cannot be written (read-only, no room): the models then optimize
+    their graphs as they load."""
     if not _holds_current(export_dir, cpu_graphs_dir(export_dir)):
-        build_cpu_graphs(export_dir)
+        try:
+            build_cpu_graphs(export_dir)
+        except OSError as error:
+            if error.errno not in WRITE_ERRORS:
+                raise
+            output = derived_dir(export_dir, _folder_name(), lambda _: False)
+            shutil.rmtree(output, ignore_errors=True)
+            print(
+                f"graphs optimized for this CPU not saved in {output} "
+                f"({error.strerror or error}): each model optimizes its graph as it loads",
+                file=sys.stderr,
+                flush=True,
+            )
+            return None
     return cpu_graphs_dir(export_dir)

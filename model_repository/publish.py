@@ -31,6 +31,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from edit_pipeline.cpu_graph import CPU_GRAPH_DIR
+
 SCHEME = "s3://"
 # The object metadata key that records a file's sha256 (x-amz-meta-sha256 on the wire).
 DIGEST_METADATA = "sha256"
@@ -147,9 +149,14 @@ def file_sha256(path: Path) -> str:
 
 
 def repository_entries(repository: Path) -> list[RepositoryEntry]:
-    """Every file of the repository, and a marker for every empty folder, sorted by path."""
+    """Every file of the repository, and a marker for every empty folder, sorted by path;
+    not the graphs optimized for the building machine's CPU (CPU_GRAPH_DIR): as many
+    bytes again to download, for a replica that may have another CPU, where optimizing
+    at load costs seconds."""
     entries = []
     for folder, subfolders, files in _walk(repository):
+        if CPU_GRAPH_DIR in subfolders:
+            subfolders.remove(CPU_GRAPH_DIR)
         relative_folder = folder.relative_to(repository).as_posix()
         if not files and not subfolders and folder != repository:
             entries.append(RepositoryEntry(f"{relative_folder}/"))

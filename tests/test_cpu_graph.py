@@ -94,3 +94,16 @@ def test_a_read_only_export_gets_them_in_the_cache(
     assert graphs.is_relative_to(tmp_path / "cache")
     unet = tmp_path / "repository" / "unet_img2img" / "1"
     assert graph_to_load(unet) == unet / CPU_GRAPH_DIR / MODEL_FILE
+
+
+def test_with_nowhere_to_write_them_the_models_optimize_as_they_load(
+    tiny_export: Path, tmp_path: Path, read_only_copy, monkeypatch, capfd
+) -> None:
+    export = read_only_copy(tiny_export, leave_out=("cpu_graphs", "fp16_weights", "int8"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(export / "cache"))
+    options = RepositoryOptions(flavour="python-onnxruntime", precision="fp32", edit_instances=1)
+    build_repository(export, tmp_path / "repository", options)
+    assert "graphs optimized for this CPU not saved" in capfd.readouterr().err
+    unet = tmp_path / "repository" / "unet_img2img" / "1"
+    assert not (unet / CPU_GRAPH_DIR).exists()
+    assert graph_to_load(unet) == unet / MODEL_FILE
