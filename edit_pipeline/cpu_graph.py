@@ -7,19 +7,21 @@ two cores) and it buys about 17% of each call, so it stays on. Saved after the r
 the graph loads in about a second and computes the same. The saved graph holds the
 weights in this CPU's layout: it is loaded only where onnxruntime's version and the
 CPU's architecture and vector extensions are the ones it was made for (`made_for.json`
-beside it), and the component's plain graph is loaded otherwise.
+beside it) and it loads; the component's plain graph is loaded otherwise.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import platform
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from edit_pipeline.onnxruntime_component import session_options
 from edit_pipeline.openvino_component import cpu_flags
@@ -28,6 +30,7 @@ from export.onnx_export import EXTERNAL_DATA_FILE, MODEL_FILE
 MADE_FOR_FILE = "made_for.json"
 # Where a model's version folder holds its component's saved graph.
 CPU_GRAPH_DIR = "cpu_graph"
+Loaded = TypeVar("Loaded")
 # The flags that name vector extensions: what onnxruntime's kernels choose by.
 ISA_FLAG_PREFIXES = ("sse", "ssse", "avx", "amx", "fma", "f16c", "asimd", "sve", "neon")
 
@@ -67,7 +70,12 @@ def save_cpu_graph(model: Path, target: Path) -> None:
             path.chmod(0o644)  # readable by a server running as another user
         scratch.chmod(0o755)
         shutil.rmtree(target, ignore_errors=True)
-        os.replace(scratch, target)
+        try:
+            os.replace(scratch, target)
+        except OSError as error:
+            # Another build saved the same graph there meanwhile: it stays.
+            if error.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -81,17 +89,19 @@ def made_here(folder: Path) -> bool:
     return made_for == this_machine() and (folder / MODEL_FILE).is_file()
 
 
-def graph_to_load(version_dir: Path) -> Path:
-    """The graph a model loads from its version folder: the saved one where it was made
-    for this machine, the component's plain graph otherwise."""
+def load_graph(version_dir: Path, load: Callable[[Path], Loaded]) -> Loaded:
+    """`load` of the graph in a model's version folder: the saved one where it was made
+    for this machine and loads, the component's plain graph otherwise (saying why)."""
     saved = version_dir / CPU_GRAPH_DIR
+    plain = version_dir / MODEL_FILE
     if made_here(saved):
-        return saved / MODEL_FILE
-    if saved.is_dir():
-        print(
-            f"{saved}: made for another CPU or onnxruntime; optimizing "
-            f"{version_dir / MODEL_FILE} at load instead",
-            file=sys.stderr,
-            flush=True,
-        )
-    return version_dir / MODEL_FILE
+        try:
+            return load(saved / MODEL_FILE)
+        except Exception as error:  # a damaged file: the plain graph serves all the same
+            why = f"does not load ({error})"
+    elif saved.is_dir():
+        why = "was made for another CPU or onnxruntime"
+    else:
+        return load(plain)
+    print(f"{saved}: {why}; optimizing {plain} at load instead", file=sys.stderr, flush=True)
+    return load(plain)

@@ -14,13 +14,13 @@ import onnx
 from edit_pipeline.cpu_graph import (
     CPU_GRAPH_DIR,
     MADE_FOR_FILE,
-    graph_to_load,
+    load_graph,
     save_cpu_graph,
     this_machine,
 )
 from edit_pipeline.onnxruntime_component import OnnxComponent
 from edit_pipeline.unet_passes import SHALLOW_DIR
-from export.onnx_export import MODEL_FILE
+from export.onnx_export import EXTERNAL_DATA_FILE, MODEL_FILE
 from model_repository.builder import build_repository
 from model_repository.configs import RepositoryOptions
 from model_repository.cpu_graphs import cpu_graphs_dir
@@ -55,14 +55,37 @@ def test_a_graph_made_for_another_machine_is_not_loaded(
     version_dir = tmp_path / "1"
     version_dir.mkdir()
     (version_dir / MODEL_FILE).write_bytes((tiny_export / "vae_decoder" / MODEL_FILE).read_bytes())
-    assert graph_to_load(version_dir) == version_dir / MODEL_FILE
+    assert load_graph(version_dir, Path) == version_dir / MODEL_FILE
     save_cpu_graph(version_dir / MODEL_FILE, version_dir / CPU_GRAPH_DIR)
-    assert graph_to_load(version_dir) == version_dir / CPU_GRAPH_DIR / MODEL_FILE
+    assert load_graph(version_dir, Path) == version_dir / CPU_GRAPH_DIR / MODEL_FILE
     made_for = version_dir / CPU_GRAPH_DIR / MADE_FOR_FILE
     for other in ({"isa": ["avx2", "fma"]}, {"onnxruntime": "1.0.0"}):
         made_for.write_text(json.dumps(this_machine() | other))
-        assert graph_to_load(version_dir) == version_dir / MODEL_FILE
+        assert load_graph(version_dir, Path) == version_dir / MODEL_FILE
         assert "made for another CPU or onnxruntime" in capfd.readouterr().err
+
+
+def test_a_damaged_saved_graph_leaves_the_plain_one_to_serve(
+    tiny_export: Path, tmp_path: Path, capfd
+) -> None:
+    version_dir = tmp_path / "1"
+    version_dir.mkdir()
+    plain = version_dir / MODEL_FILE
+    plain.write_bytes((tiny_export / "unet_pix2pix" / MODEL_FILE).read_bytes())
+    save_cpu_graph(plain, version_dir / CPU_GRAPH_DIR)
+    weights = version_dir / CPU_GRAPH_DIR / EXTERNAL_DATA_FILE
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+
+    def component(graph: Path) -> OnnxComponent:
+        return OnnxComponent(graph, intra_op_threads=1)
+
+    loaded = load_graph(version_dir, component)
+    assert loaded.model_path == plain
+    assert "does not load" in capfd.readouterr().err
+    inputs = unet_inputs()
+    np.testing.assert_array_equal(
+        loaded.run(inputs)["noise_pred"], component(plain).run(inputs)["noise_pred"]
+    )
 
 
 def test_the_builder_saves_them_once_and_links_them_beside_each_graph(
@@ -78,7 +101,7 @@ def test_the_builder_saves_them_once_and_links_them_beside_each_graph(
     assert record.stat().st_mtime_ns == written
     unet = tmp_path / "second" / "unet_pix2pix" / "1"
     for folder in (unet, unet / SHALLOW_DIR, tmp_path / "second" / "text_encoder" / "1"):
-        assert graph_to_load(folder) == folder / CPU_GRAPH_DIR / MODEL_FILE
+        assert load_graph(folder, Path) == folder / CPU_GRAPH_DIR / MODEL_FILE
     saved = unet / CPU_GRAPH_DIR / MODEL_FILE
     assert saved.stat().st_ino == (graphs / "unet_pix2pix" / MODEL_FILE).stat().st_ino
 
@@ -93,7 +116,7 @@ def test_a_read_only_export_gets_them_in_the_cache(
     graphs = cpu_graphs_dir(export)
     assert graphs.is_relative_to(tmp_path / "cache")
     unet = tmp_path / "repository" / "unet_img2img" / "1"
-    assert graph_to_load(unet) == unet / CPU_GRAPH_DIR / MODEL_FILE
+    assert load_graph(unet, Path) == unet / CPU_GRAPH_DIR / MODEL_FILE
 
 
 def test_with_nowhere_to_write_them_the_models_optimize_as_they_load(
@@ -106,4 +129,4 @@ def test_with_nowhere_to_write_them_the_models_optimize_as_they_load(
     assert "graphs optimized for this CPU not saved" in capfd.readouterr().err
     unet = tmp_path / "repository" / "unet_img2img" / "1"
     assert not (unet / CPU_GRAPH_DIR).exists()
-    assert graph_to_load(unet) == unet / MODEL_FILE
+    assert load_graph(unet, Path) == unet / MODEL_FILE
