@@ -6,7 +6,7 @@ machine type (edit_pipeline/cpu_graph.py says why) for the python-onnxruntime fl
 
 <machine> is a digest of what edit_pipeline.cpu_graph.this_machine reports, so machines
 of several kinds can share an export. The repository builder saves them when they are
-not current, in about a minute at the sd15 size (they take the export's size again on
+not current, in 36 s for the seven sd15 components (they take the export's size again on
 disk). An export on a read-only volume gets them in the user's cache instead
 (export.openvino_ir.derived_dir).
 """
