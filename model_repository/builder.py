@@ -154,11 +154,11 @@ def _link_or_copy(source: Path, target: Path) -> None:
         shutil.copy2(source, target)
 
 
-def _link_model_files(source: Path, target: Path) -> None:
-    """A served component's model files (ONNX and its external data, or IR) into a
-    model's folder."""
+def _link_model_files(source: Path, target: Path, files: tuple[str, ...] = MODEL_FILES) -> None:
+    """A served component's model files (ONNX and its external data, or IR), or `files`,
+    into a model's folder."""
     target.mkdir(parents=True, exist_ok=True)
-    for file in MODEL_FILES:
+    for file in files:
         if (source / file).exists():
             _link_or_copy(source / file, target / file)
 
@@ -312,9 +312,8 @@ def build_repository(
             for component, folder in folders.items():
                 _link_model_files(served_folder(export_dir, component, options), folder)
                 if cpu_graphs is not None:
-                    _link_model_files(cpu_graphs / component, folder / CPU_GRAPH_DIR)
-                    made_for = cpu_graphs / component / MADE_FOR_FILE
-                    _link_or_copy(made_for, folder / CPU_GRAPH_DIR / MADE_FOR_FILE)
+                    saved = (*MODEL_FILES, MADE_FOR_FILE)
+                    _link_model_files(cpu_graphs / component, folder / CPU_GRAPH_DIR, saved)
         written.append(name)
 
     for pipeline in pipelines:

@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from edit_pipeline.cpu_graph import EXTERNAL_DATA_FILE, MADE_FOR_FILE, save_cpu_graph, this_machine
-from export.onnx_export import MODEL_FILE, load_manifest
+from edit_pipeline.cpu_graph import MADE_FOR_FILE, save_cpu_graph, this_machine
+from export.onnx_export import EXTERNAL_DATA_FILE, MODEL_FILE, load_manifest
 from export.openvino_ir import (
     RECORD_FILE,
     WRITE_ERRORS,
@@ -55,13 +55,11 @@ def cpu_graphs_dir(export_dir: Path) -> Path:
     )
 
 
-def build_cpu_graphs(export_dir: Path) -> dict[str, Any]:
-    """Optimizes every component of the export for this CPU; writes them and record.json,
-    returns the record. Raises OSError where the folder cannot be written."""
+def _save(export_dir: Path, output: Path) -> None:
+    """Optimizes every component of the export for this CPU into `output`, and writes
+    record.json last. Raises OSError where the folder cannot be written."""
     started = time.perf_counter()
-    export_dir = Path(export_dir)
     manifest = load_manifest(export_dir)
-    output = derived_dir(export_dir, _folder_name(), lambda _: False)
     components: dict[str, Any] = {}
     output.mkdir(parents=True, exist_ok=True)
     (output / RECORD_FILE).unlink(missing_ok=True)
@@ -72,37 +70,35 @@ def build_cpu_graphs(export_dir: Path) -> dict[str, Any]:
             "source": source_files(manifest, name),
             "files": [file for file in files if (output / name / file).is_file()],
         }
-    record = {
-        "machine": this_machine(),
-        "components": components,
-        "seconds": round(time.perf_counter() - started, 1),
-    }
+    seconds = round(time.perf_counter() - started, 1)
+    record = {"machine": this_machine(), "components": components, "seconds": seconds}
     (output / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
     print(
-        f"graphs optimized for this CPU, {len(components)} components, in {output} "
-        f"({record['seconds']} s)",
+        f"graphs optimized for this CPU, {len(components)} components, in {output} ({seconds} s)",
         flush=True,
     )
-    return record
 
 
 def ensure_cpu_graphs(export_dir: Path) -> Path | None:
     """The folder of the export's graphs for this machine, saved first unless current;
     None where they cannot be written (read-only, no room): the models then optimize
     their graphs as they load."""
-    if not _holds_current(export_dir, cpu_graphs_dir(export_dir)):
-        try:
-            build_cpu_graphs(export_dir)
-        except OSError as error:
-            if error.errno not in WRITE_ERRORS:
-                raise
-            output = derived_dir(export_dir, _folder_name(), lambda _: False)
-            shutil.rmtree(output, ignore_errors=True)
-            print(
-                f"graphs optimized for this CPU not saved in {output} "
-                f"({error.strerror or error}): each model optimizes its graph as it loads",
-                file=sys.stderr,
-                flush=True,
-            )
-            return None
-    return cpu_graphs_dir(export_dir)
+    export_dir = Path(export_dir)
+    current = cpu_graphs_dir(export_dir)
+    if _holds_current(export_dir, current):
+        return current
+    output = derived_dir(export_dir, _folder_name(), lambda _: False)
+    try:
+        _save(export_dir, output)
+    except OSError as error:
+        if error.errno not in WRITE_ERRORS:
+            raise
+        shutil.rmtree(output, ignore_errors=True)
+        print(
+            f"graphs optimized for this CPU not saved in {output} "
+            f"({error.strerror or error}): each model optimizes its graph as it loads",
+            file=sys.stderr,
+            flush=True,
+        )
+        return None
+    return output
