@@ -1,6 +1,6 @@
 """Quantizes an export's UNets to int8 for the openvino flavours, calibrated on the checkpoint.
 
-    python -m export.int8 EXPORT_DIR [--subset-size N]
+    python -m export.int8 EXPORT_DIR [--subset-size N] [--steps N] [--image-side PX]
 
 The checkpoint's own diffusers pipelines (the folders the export's manifest names) edit
 scikit-image sample photos with the project's instructions; every UNet call's inputs are
@@ -56,6 +56,10 @@ CALIBRATION_FORMAT = 1
 QUANTIZED_COMPONENTS = tuple(UNET_FOR_PIPELINE.values())
 # The UNet inputs a captured call fills (the export's UNet wrapper's arguments).
 UNET_INPUTS = ("sample", "timestep", "encoder_hidden_states")
+# The settings that size a calibration run (how many UNet calls, over edits of how many
+# steps, at what side): the builder's choice of time against coverage, which serving keeps
+# (ensure_int8); at sd15's 512x512 the defaults take about an hour on 2 cores.
+SIZING = ("subset_size", "steps", "image_side")
 
 # Colour photos scikit-image ships that the toy model trained on (training/toy/photos.py);
 # the held-out ones (astronaut, coffee), on which the fidelity gate measures, stay unseen.
@@ -120,6 +124,10 @@ class Calibration:
         dims = manifest["dimensions"]
         side = self.image_side or dims["unet_sample_size"] * dims["vae_scale_factor"]
         return replace(self, image_side=side)
+
+    def sized_as(self, recorded: dict[str, Any]) -> Calibration:
+        """These settings with the sizing (SIZING) of a recorded calibration."""
+        return replace(self, **{name: recorded[name] for name in SIZING})
 
     def to_json(self) -> dict[str, Any]:
         return json.loads(json.dumps(asdict(self)))
@@ -296,14 +304,22 @@ def int8_matches_export(export_dir: Path) -> bool:
     return _matches(export_dir, int8_dir(export_dir))
 
 
+def _recorded_sizing(folder: Path) -> Calibration:
+    """The default calibration, sized as the build in `folder` was (when there is one)."""
+    record = read_record(folder / CALIBRATION_FILE)
+    settings = (record or {}).get("calibration")
+    return Calibration().sized_as(settings) if settings else Calibration()
+
+
 def int8_is_current(export_dir: Path, calibration: Calibration | None = None) -> bool:
     """Whether the export's int8 IR matches it (int8_matches_export) and was calibrated
-    with these settings and today's library versions."""
+    with these settings (by default: the project's, sized as the build was) and today's
+    library versions."""
     folder = int8_dir(export_dir)
     if not _matches(export_dir, folder):
         return False
     record = read_record(folder / CALIBRATION_FILE) or {}
-    wanted = (calibration or Calibration()).for_export(load_manifest(export_dir))
+    wanted = (calibration or _recorded_sizing(folder)).for_export(load_manifest(export_dir))
     return (
         record["calibration"] == wanted.to_json() and record["versions"] == quantization_versions()
     )
@@ -311,12 +327,13 @@ def int8_is_current(export_dir: Path, calibration: Calibration | None = None) ->
 
 def ensure_int8(export_dir: Path, calibration: Calibration | None = None) -> dict[str, Any]:
     """The calibration record of a current int8 build (see int8_is_current), building it
-    first when there is none."""
+    first when there is none. Without `calibration`, a rebuild keeps the sizing of the
+    build it replaces (`python -m export.int8 --subset-size ...`)."""
     if int8_is_current(export_dir, calibration):
         print(f"int8 up to date: {int8_dir(export_dir)}", flush=True)
         return json.loads((int8_dir(export_dir) / CALIBRATION_FILE).read_text())
     print(f"quantizing the UNets of {export_dir} to int8 (NNCF) ...", flush=True)
-    return build_int8(export_dir, calibration)
+    return build_int8(export_dir, calibration or _recorded_sizing(int8_dir(export_dir)))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -328,12 +345,42 @@ def main(argv: list[str] | None = None) -> int:
         default=Calibration.subset_size,
         help="calibration UNet calls per UNet (default: %(default)s)",
     )
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=Calibration.steps,
+        help="steps of each calibration edit (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--image-side",
+        type=int,
+        default=Calibration.image_side,
+        help="side of the calibration photos in pixels, a multiple of 8 "
+        "(default: the side the checkpoint was trained at)",
+    )
     args = parser.parse_args(argv)
-    if args.subset_size < 1:
-        print(f"error: subset_size={args.subset_size}: allowed >= 1", file=sys.stderr)
+    problems = [
+        f"{name}={value}: allowed {allowed}"
+        for name, value, ok, allowed in (
+            ("subset_size", args.subset_size, args.subset_size >= 1, ">= 1"),
+            ("steps", args.steps, args.steps >= 1, ">= 1"),
+            (
+                "image_side",
+                args.image_side,
+                args.image_side >= 0 and args.image_side % 8 == 0,
+                "0 (the trained side) or a multiple of 8",
+            ),
+        )
+        if not ok
+    ]
+    if problems:
+        print(f"error: {'; '.join(problems)}", file=sys.stderr)
         return 2
+    calibration = Calibration(
+        subset_size=args.subset_size, steps=args.steps, image_side=args.image_side
+    )
     try:
-        record = build_int8(args.export_dir, Calibration(subset_size=args.subset_size))
+        record = build_int8(args.export_dir, calibration)
     except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -35,6 +35,9 @@ from export.int8 import (
     int8_dir,
     int8_is_current,
 )
+from export.int8 import (
+    main as int8_main,
+)
 from export.onnx_export import MANIFEST, MODEL_FILE
 from export.openvino_ir import IR_FILE, IR_WEIGHTS_FILE, fp16_weights_dir
 from model_repository.builder import build_repository
@@ -99,13 +102,52 @@ def test_a_current_build_is_kept_and_a_changed_setting_rebuilds(
     assert int8_is_current(tiny_export, TEST_CALIBRATION)
     assert not int8_is_current(tiny_export, replace(TEST_CALIBRATION, subset_size=9))
     assert not int8_is_current(tiny_export, replace(TEST_CALIBRATION, smooth_quant_matmul=0.5))
-    # What the chain builds: the default calibration.
-    assert not int8_is_current(tiny_export)
+    # What the chain asks for: the project's settings, sized as the build was (its
+    # subset size, steps and side are the builder's choice of time against coverage).
+    assert int8_is_current(tiny_export)
+    assert not int8_is_current(tiny_export, Calibration())
     weights = int8_dir(tiny_export) / QUANTIZED_COMPONENTS[0] / IR_WEIGHTS_FILE
     written = weights.stat().st_mtime_ns
     kept = ensure_int8(tiny_export, TEST_CALIBRATION)
     assert kept == json.loads((int8_dir(tiny_export) / CALIBRATION_FILE).read_text())
     assert weights.stat().st_mtime_ns == written
+
+
+def test_a_stale_build_is_rebuilt_as_it_was_sized(
+    tiny_int8: dict, tiny_export: Path, tmp_path: Path
+) -> None:
+    """A build by another NNCF (its record says so) is rebuilt by what serving asks for,
+    with the subset size, steps and side the builder chose, not the defaults' hour."""
+    export = tmp_path / "export"
+    shutil.copytree(tiny_export, export, symlinks=True)
+    record_file = int8_dir(export) / CALIBRATION_FILE
+    record = json.loads(record_file.read_text())
+    record["versions"]["nncf"] = "0.0"
+    record_file.write_text(json.dumps(record))
+    assert not int8_is_current(export)
+
+    rebuilt = ensure_int8(export)
+    assert rebuilt["versions"] == tiny_int8["versions"]
+    assert rebuilt["calibration"] == tiny_int8["calibration"]
+    assert int8_is_current(export, TEST_CALIBRATION)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--subset-size", "0"], "subset_size=0: allowed >= 1"),
+        (
+            ["--steps", "0", "--image-side", "100"],
+            "steps=0: allowed >= 1; image_side=100: allowed 0 (the trained side) "
+            "or a multiple of 8",
+        ),
+    ],
+)
+def test_the_command_names_a_bad_setting(
+    arguments: list[str], message: str, tmp_path: Path, capsys
+) -> None:
+    assert int8_main([str(tmp_path), *arguments]) == 2
+    assert capsys.readouterr().err == f"error: {message}\n"
 
 
 @pytest.mark.parametrize("flavour", [f for f in FLAVOURS if f not in OPENVINO_FLAVOURS])
