@@ -272,7 +272,8 @@ def build_repository(
     if options.flavour in OPENVINO_FLAVOURS:
         prepare_openvino_export(export_dir, options)
     # Beside each component's graph, python-onnxruntime gets it optimized for this CPU.
-    cpu_graphs = ensure_cpu_graphs(export_dir) if options.flavour == "python-onnxruntime" else None
+    saves_cpu_graphs = options.flavour == "python-onnxruntime" and options.cpu_graphs
+    cpu_graphs = ensure_cpu_graphs(export_dir) if saves_cpu_graphs else None
 
     pipelines = options.pipelines or tuple(manifest["pipelines"])
     missing = [p for p in pipelines if p not in manifest["pipelines"]]

@@ -6,6 +6,7 @@ once per export and machine (into the user's cache when the export is read-only)
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ from edit_pipeline.unet_passes import SHALLOW_DIR
 from export.onnx_export import EXTERNAL_DATA_FILE, MODEL_FILE
 from model_repository.builder import build_repository
 from model_repository.configs import RepositoryOptions
-from model_repository.cpu_graphs import cpu_graphs_dir
+from model_repository.cpu_graphs import CPU_GRAPHS_DIR, cpu_graphs_dir
 from tests.test_openvino import unet_inputs
 
 NCHWC_DOMAIN = "com.microsoft.nchwc"
@@ -130,3 +131,18 @@ def test_with_nowhere_to_write_them_the_models_optimize_as_they_load(
     unet = tmp_path / "repository" / "unet_img2img" / "1"
     assert not (unet / CPU_GRAPH_DIR).exists()
     assert load_graph(unet, Path) == unet / MODEL_FILE
+
+
+def test_switched_off_nothing_is_saved(tiny_export: Path, tmp_path: Path, capfd) -> None:
+    """--no-cpu-graphs: an operator short of disk serves the plain graphs."""
+    export = tmp_path / "export"
+    shutil.copytree(
+        tiny_export, export, symlinks=True, ignore=shutil.ignore_patterns(CPU_GRAPHS_DIR)
+    )
+    options = RepositoryOptions(
+        flavour="python-onnxruntime", precision="fp32", edit_instances=1, cpu_graphs=False
+    )
+    build_repository(export, tmp_path / "repository", options)
+    assert not (export / CPU_GRAPHS_DIR).exists()
+    assert not list((tmp_path / "repository").glob(f"**/{CPU_GRAPH_DIR}"))
+    assert "graphs optimized for this CPU" not in capfd.readouterr().err
