@@ -6,10 +6,12 @@ For each served configuration (`make serve`'s, and the FLAVOUR:PRECISION ones of
 
 - `serve --repository` of a repository built beforehand, started as an operator starts
   it: the seconds until it is ready, and the PSS of its whole process tree, process by
-  process (the serving parent, tritonserver, each model instance). Its files (the
-  repository and the export it links) are read once first, as diffusers' folder is
-  before its load: both start with their weights in the page cache, as on a restart,
-  not with whatever the build before happened to leave there;
+  process (the serving parent, tritonserver, each model instance). The repository's
+  files (links followed: the export's files it serves) are read once first, as diffusers'
+  folder is before its load: both start with their weights in the page cache, as on a
+  restart, not with whatever the build before happened to leave there. The rest of the
+  export (other precisions, graphs for other machines) is not read: at sd15 it is more
+  than the page cache holds, and reading it would evict what the server reads;
 - EDITS edits at MEMORY_STEPS steps (every served pipeline in turn), then TIMED edits at
   STEPS steps: their latency, the tree's PSS after them and its peak while they ran
   (sampled); in python-openvino, the PSS at rest as well, once the UNets have been idle
@@ -265,8 +267,7 @@ def measure_served(
     name: str, config: BenchConfig, repository: Path, args: argparse.Namespace, image: bytes
 ) -> ServedFootprint:
     log(f"{name}: serving {repository}")
-    export = Path(repository_record(repository)["export"])
-    log(f"  read {read_through(repository, export) / GB:.1f} GB of its files first")
+    log(f"  read {read_through(repository) / GB:.1f} GB of its files first")
     log_file = args.build_dir / "bench" / "footprint" / f"{name}.log"
     log_file.parent.mkdir(parents=True, exist_ok=True)
     with serving(["--repository", str(repository)], log_file) as (process, url):
