@@ -35,9 +35,7 @@ from export.int8 import (
     int8_dir,
     int8_is_current,
 )
-from export.int8 import (
-    main as int8_main,
-)
+from export.int8 import main as int8_main
 from export.onnx_export import MANIFEST, MODEL_FILE
 from export.openvino_ir import IR_FILE, IR_WEIGHTS_FILE, fp16_weights_dir
 from model_repository.builder import build_repository
