@@ -305,36 +305,46 @@ def int8_matches_export(export_dir: Path) -> bool:
     return _matches(export_dir, int8_dir(export_dir))
 
 
-def _recorded_sizing(folder: Path) -> Calibration:
-    """The default calibration, sized as the build in `folder` was (when there is one)."""
-    record = read_record(folder / CALIBRATION_FILE)
+def _wanted(calibration: Calibration | None, record: dict[str, Any] | None) -> Calibration:
+    """`calibration`, or by default the project's, sized as the recorded build was."""
+    if calibration is not None:
+        return calibration
     settings = (record or {}).get("calibration")
     return Calibration().sized_as(settings) if settings else Calibration()
+
+
+def _current_record(
+    export_dir: Path, folder: Path, calibration: Calibration | None
+) -> dict[str, Any] | None:
+    """The record of the int8 build in `folder` where it is current (int8_is_current)."""
+    if not _matches(export_dir, folder):
+        return None
+    record = read_record(folder / CALIBRATION_FILE) or {}
+    wanted = _wanted(calibration, record).for_export(load_manifest(export_dir))
+    current = (
+        record["calibration"] == wanted.to_json() and record["versions"] == quantization_versions()
+    )
+    return record if current else None
 
 
 def int8_is_current(export_dir: Path, calibration: Calibration | None = None) -> bool:
     """Whether the export's int8 IR matches it (int8_matches_export) and was calibrated
     with these settings (by default: the project's, sized as the build was) and today's
     library versions."""
-    folder = int8_dir(export_dir)
-    if not _matches(export_dir, folder):
-        return False
-    record = read_record(folder / CALIBRATION_FILE) or {}
-    wanted = (calibration or _recorded_sizing(folder)).for_export(load_manifest(export_dir))
-    return (
-        record["calibration"] == wanted.to_json() and record["versions"] == quantization_versions()
-    )
+    return _current_record(export_dir, int8_dir(export_dir), calibration) is not None
 
 
 def ensure_int8(export_dir: Path, calibration: Calibration | None = None) -> dict[str, Any]:
     """The calibration record of a current int8 build (see int8_is_current), building it
     first when there is none. Without `calibration`, a rebuild keeps the sizing of the
     build it replaces (`python -m export.int8 --subset-size ...`)."""
-    if int8_is_current(export_dir, calibration):
-        print(f"int8 up to date: {int8_dir(export_dir)}", flush=True)
-        return json.loads((int8_dir(export_dir) / CALIBRATION_FILE).read_text())
+    folder = int8_dir(export_dir)
+    record = _current_record(export_dir, folder, calibration)
+    if record is not None:
+        print(f"int8 up to date: {folder}", flush=True)
+        return record
     print(f"quantizing the UNets of {export_dir} to int8 (NNCF) ...", flush=True)
-    return build_int8(export_dir, calibration or _recorded_sizing(int8_dir(export_dir)))
+    return build_int8(export_dir, _wanted(calibration, read_record(folder / CALIBRATION_FILE)))
 
 
 def main(argv: list[str] | None = None) -> int:
