@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.photo import photo_png
-from benchmarks.results import library_versions, machine_info, machine_slug
+from benchmarks.results import cpu_description, library_versions, machine_info, machine_slug
 from benchmarks.serving import repository_record
 from benchmarks.settings import BenchConfig
 from edit_pipeline.openvino_component import bf16_unsupported_reason
@@ -396,14 +396,14 @@ def _gb(value: float | None) -> str:
 
 
 def markdown(footprint: Footprint) -> str:
-    config = footprint.config
+    config, machine = footprint.config, footprint.machine
     fp32 = footprint.diffusers.get("float32", {})
     lines = [
         f"# Footprint: {config['preset']} preset, {config['size']}x{config['size']}, "
         f"{config['steps']} steps ({config['pipeline']})",
         "",
-        f"Machine: {footprint.machine['cpu']}, {footprint.machine['logical_cores']} cores, "
-        f"{footprint.machine['ram_gib']} GiB. Each system started alone, its files read "
+        f"Machine: {cpu_description(machine)}, {machine['logical_cores']} cores, "
+        f"{machine['ram_gib']} GiB. Each system started alone, its files read "
         "once before (page cache warm, as on a restart); "
         f"{footprint.edits} edits at {footprint.memory_steps} steps, then the timed ones. "
         "PSS: the whole process tree, from /proc/PID/smaps_rollup.",

@@ -24,6 +24,7 @@ from benchmarks.perf_analyzer import Level
 from benchmarks.rounds import RoundLoads
 from benchmarks.server_stats import StageRow
 from benchmarks.systems import DEEPCACHE_PREFIX, PreviewCost
+from edit_pipeline.openvino_component import cpu_fields
 
 RESULTS_DIR = Path(__file__).parent / "results"
 LABELS = {
@@ -211,26 +212,42 @@ class Results:
 # --------------------------------------------------------------------------- machine
 
 
+# What identifies a CPU where its name does not (a virtual machine's "AMD EPYC"): the
+# generation, and the features that decide which precision pays (docs/flavours.md).
+CPU_ID_FIELDS = ("cpu family", "model", "stepping")
+SPEED_FLAGS = ("avx2", "avx512f", "avx_vnni", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+
+
 def machine_info() -> dict[str, Any]:
     import psutil
 
-    cpu = platform.processor() or platform.machine()
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
+    fields = cpu_fields() or {}
+    flags = set(fields.get("flags", "").split())
     gpus = []
     if shutil.which("nvidia-smi"):
         query = ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"]
         gpus = subprocess.run(query, capture_output=True, text=True).stdout.strip().splitlines()
     return {
-        "cpu": cpu,
+        "cpu": fields.get("model name") or platform.processor() or platform.machine(),
+        "cpu_id": ", ".join(f"{key} {fields[key]}" for key in CPU_ID_FIELDS if key in fields),
+        "cpu_features": [flag for flag in SPEED_FLAGS if flag in flags],
         "logical_cores": os.cpu_count(),
         "physical_cores": psutil.cpu_count(logical=False),
         "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
         "gpus": gpus,
         "os": platform.platform(),
     }
+
+
+def cpu_description(machine: dict[str, Any]) -> str:
+    """The CPU's name, with its generation and speed features where recorded: "AMD EPYC
+    (cpu family 25, model 17, stepping 1; avx2 avx512f avx512_vnni avx512_bf16)"."""
+    detail = "; ".join(
+        part
+        for part in (machine.get("cpu_id", ""), " ".join(machine.get("cpu_features", [])))
+        if part
+    )
+    return f"{machine['cpu']} ({detail})" if detail else machine["cpu"]
 
 
 def machine_slug(machine: dict[str, Any]) -> str:
@@ -387,7 +404,7 @@ def markdown(results: Results, plot_name: str) -> str:
         f"Recorded {results.date} with `{results.command}`; what each figure means and how it "
         "is measured: [benchmarks/README.md](../README.md).",
         "",
-        f"Machine: {machine['cpu']}, {machine['logical_cores']} logical / "
+        f"Machine: {cpu_description(machine)}, {machine['logical_cores']} logical / "
         f"{machine['physical_cores']} physical cores, {machine['ram_gib']} GiB, GPU "
         f"{', '.join(machine['gpus']) or 'none'}, {machine['os']}. Versions: "
         + ", ".join(f"{k} {v}" for k, v in results.versions.items())

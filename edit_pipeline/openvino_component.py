@@ -44,17 +44,26 @@ BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 CPUINFO = Path("/proc/cpuinfo")
 
 
-def cpu_flags() -> set[str] | None:
-    """The CPU's feature flags as Linux reports them (CPUINFO); None where there is none."""
+def cpu_fields() -> dict[str, str] | None:
+    """The first processor's fields as Linux reports them (CPUINFO: "model name",
+    "cpu family", "flags", ...); None where there is none."""
     try:
         text = CPUINFO.read_text()
     except OSError:
         return None
+    fields: dict[str, str] = {}
     for line in text.splitlines():
+        if not line.strip() and fields:
+            break
         key, _, value = line.partition(":")
-        if key.strip() == "flags":
-            return set(value.split())
-    return set()
+        fields.setdefault(key.strip(), value.strip())
+    return fields
+
+
+def cpu_flags() -> set[str] | None:
+    """The CPU's feature flags as Linux reports them (CPUINFO); None where there is none."""
+    fields = cpu_fields()
+    return None if fields is None else set(fields.get("flags", "").split())
 
 
 @functools.cache

@@ -41,6 +41,7 @@ from benchmarks.server_stats import (
 )
 from benchmarks.settings import BenchConfig
 from benchmarks.systems import PreviewCost
+from edit_pipeline import openvino_component
 from edit_pipeline.openvino_component import bf16_unsupported_reason
 from model_repository.configs import RepositoryOptions
 from pix2pix_client.contract import IMG2IMG, INSTRUCT_PIX2PIX, PARAMETERS_BY_NAME, parameters_for
@@ -468,6 +469,22 @@ def test_machine_slug_is_a_safe_file_name() -> None:
     assert report.machine_slug(machine) == "amd-epyc-7b13-2c"
     gpu = {"cpu": "x", "logical_cores": 16, "gpus": ["NVIDIA H100 80GB HBM3, 81559 MiB"]}
     assert report.machine_slug(gpu) == "h100-80gb-hbm3"
+
+
+def test_machine_names_the_cpus_generation_and_speed_features(monkeypatch, tmp_path) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(
+        "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\n"
+        "model name\t: AMD EPYC\nstepping\t: 1\nflags\t\t: fpu avx2 avx512f avx512_bf16\n\n"
+        "processor\t: 1\nmodel name\t: another\nflags\t\t: amx_bf16\n"
+    )
+    monkeypatch.setattr(openvino_component, "CPUINFO", cpuinfo)
+    machine = report.machine_info()
+    assert report.cpu_description(machine) == (
+        "AMD EPYC (cpu family 25, model 17, stepping 1; avx2 avx512f avx512_bf16)"
+    )
+    # Results recorded before the CPU's generation was.
+    assert report.cpu_description({"cpu": "AMD EPYC 7B13"}) == "AMD EPYC 7B13"
 
 
 def test_bf16_is_held_to_its_own_goals() -> None:
