@@ -534,6 +534,23 @@ def test_configuration_errors_name_the_setting() -> None:
     assert not BenchConfig(image_guidance_scale=0.5).guided
 
 
+def test_deepcache_shares_the_plain_pipeline_and_leaves_it_plain(tiny_preset: Path) -> None:
+    """DeepCache's helper wraps the fp32 pipeline's UNet for its own edits only: the plain
+    system's edits around them stay the plain pipeline's, on one copy of the weights."""
+    from benchmarks.systems import DiffusersDeepCache, DiffusersEager
+
+    config = BenchConfig(preset="tiny", size=64, steps=3)
+    plain = DiffusersEager(tiny_preset, config)
+    deepcache = DiffusersDeepCache(plain, cache_interval=3)
+    image = photo_png(64)
+    before = plain(image)
+    reused = deepcache(image)
+    assert plain(image) == before
+    assert reused != before  # steps 1 and 2 reused step 0's deep features
+    assert deepcache(image) == reused  # its step count starts again with each edit
+    assert deepcache.eager.pipeline is plain.pipeline
+
+
 # --------------------------------------------------------------------------- end to end
 
 
