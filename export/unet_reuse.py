@@ -24,9 +24,20 @@ from typing import Any
 
 from export.components import ShallowPass
 
+# The blocks whose sub-blocks the shallow pass runs as the block's own forward does: a
+# resnet, then cross-attention to the prompt, attention to the picture itself, or nothing.
+CROSS_ATTENTION_BLOCKS = ("CrossAttnDownBlock2D", "CrossAttnUpBlock2D")
+SELF_ATTENTION_BLOCKS = ("AttnDownBlock2D", "AttnUpBlock2D")
+PLAIN_BLOCKS = ("DownBlock2D", "UpBlock2D")
+SHALLOW_BLOCKS = (*CROSS_ATTENTION_BLOCKS, *SELF_ATTENTION_BLOCKS, *PLAIN_BLOCKS)
+
 
 def _sub_blocks(block: Any) -> int:
     return len(block.resnets)
+
+
+def _kind(block: Any) -> str:
+    return type(block).__name__
 
 
 def reuse_unsupported_reason(unet: Any) -> str | None:
@@ -35,6 +46,9 @@ def reuse_unsupported_reason(unet: Any) -> str | None:
         return "it has a single resolution level (nothing deep to keep)"
     if unet.config.get("class_embed_type") or unet.config.get("addition_embed_type"):
         return "it takes class or added embeddings"
+    for where, block in (("first down", unet.down_blocks[0]), ("last up", unet.up_blocks[-1])):
+        if _kind(block) not in SHALLOW_BLOCKS:
+            return f"its {where} block is a {_kind(block)}, which the shallow pass does not run"
     if _sub_blocks(unet.up_blocks[-1]) != _sub_blocks(unet.down_blocks[0]) + 1:
         return "its last up block does not mirror its first down block"
     return None
@@ -48,7 +62,7 @@ def shallow_pass_inputs(unet: Any) -> ShallowPass:
     return ShallowPass(
         deep_channels=joined - unet.down_blocks[0].resnets[0].out_channels,
         cross_attends=any(
-            getattr(block, "attentions", None) for block in (unet.down_blocks[0], up)
+            _kind(block) in CROSS_ATTENTION_BLOCKS for block in (unet.down_blocks[0], up)
         ),
     )
 
@@ -61,9 +75,11 @@ def _time_embedding(unet: Any, sample: Any, timestep: Any) -> Any:
 
 def _sub_block(block: Any, index: int, hidden: Any, emb: Any, context: Any) -> Any:
     hidden = block.resnets[index](hidden, emb)
-    if getattr(block, "attentions", None):
+    if _kind(block) in CROSS_ATTENTION_BLOCKS:
         attention = block.attentions[index]
         hidden = attention(hidden, encoder_hidden_states=context, return_dict=False)[0]
+    elif _kind(block) in SELF_ATTENTION_BLOCKS:
+        hidden = block.attentions[index](hidden)
     return hidden
 
 

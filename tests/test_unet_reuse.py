@@ -58,6 +58,52 @@ def test_shallow_pass_on_a_full_pass_features_is_that_pass(tiny_preset: Path, wh
     torch.testing.assert_close(shallow, reference, rtol=0, atol=0)
 
 
+def _two_level_unet(down: tuple[str, str], up: tuple[str, str]):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        sample_size=8,
+        block_out_channels=(16, 32),
+        down_block_types=down,
+        up_block_types=up,
+        layers_per_block=1,
+        attention_head_dim=4,
+        cross_attention_dim=16,
+        norm_num_groups=8,
+    ).eval()
+
+
+def test_the_cut_runs_attention_to_the_picture_as_its_block_does() -> None:
+    """A UNet whose outermost blocks attend to the picture itself (AttnDownBlock2D,
+    AttnUpBlock2D) and not to the prompt: its shallow pass runs that attention and takes no
+    prompt embeddings."""
+    unet = _two_level_unet(
+        ("AttnDownBlock2D", "CrossAttnDownBlock2D"), ("CrossAttnUpBlock2D", "AttnUpBlock2D")
+    )
+    assert unet_reuse.reuse_unsupported_reason(unet) is None
+    assert not unet_reuse.shallow_pass_inputs(unet).cross_attends
+    generator = torch.Generator().manual_seed(1)
+    sample = torch.randn(2, 4, 8, 12, generator=generator)
+    timestep = torch.tensor([700.0, 30.0])
+    context = torch.randn(2, 7, 16, generator=generator)
+    with torch.inference_mode():
+        reference = unet(sample, timestep, context, return_dict=False)[0]
+        _, deep = unet_reuse.full_pass(unet, sample, timestep, context)
+        shallow = unet_reuse.shallow_pass(unet, sample, timestep, None, deep)
+    torch.testing.assert_close(shallow, reference, rtol=0, atol=0)
+
+
+def test_blocks_the_shallow_pass_does_not_run_leave_reuse_out() -> None:
+    unet = _two_level_unet(
+        ("ResnetDownsampleBlock2D", "CrossAttnDownBlock2D"),
+        ("CrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
+    )
+    assert unet_reuse.reuse_unsupported_reason(unet) == (
+        "its first down block is a ResnetDownsampleBlock2D, which the shallow pass does not run"
+    )
+
+
 def test_exported_passes_pair_up(tiny_export: Path) -> None:
     """The exported full pass's deep features, through the exported shallow pass, give the
     full pass's prediction (batch 3, odd latent sides never traced)."""
