@@ -61,9 +61,10 @@ def cpu_fields() -> dict[str, str] | None:
 
 
 def cpu_flags() -> set[str] | None:
-    """The CPU's feature flags as Linux reports them (CPUINFO); None where there is none."""
+    """The CPU's feature flags as Linux reports them (CPUINFO: "flags" on x86, "Features"
+    on Arm); None where there is none."""
     fields = cpu_fields()
-    return None if fields is None else set(fields.get("flags", "").split())
+    return None if fields is None else set(fields.get("flags", fields.get("Features", "")).split())
 
 
 @functools.cache

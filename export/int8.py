@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -45,6 +46,7 @@ from export.openvino_ir import (
     read_record,
     save_ir,
     source_files,
+    write_record,
     writing,
 )
 
@@ -132,6 +134,11 @@ class Calibration:
 
     def to_json(self) -> dict[str, Any]:
         return json.loads(json.dumps(asdict(self)))
+
+
+# img2img's calibration edits run steps x strength of their steps (as diffusers rounds
+# them down): at least one.
+MIN_STEPS = math.ceil(1 / Calibration.strength)
 
 
 def quantization_versions() -> dict[str, str]:
@@ -257,7 +264,10 @@ def build_int8(export_dir: Path, calibration: Calibration | None = None) -> dict
     components: dict[str, Any] = {}
     with writing(export_dir, output, "int8 UNets"):
         output.mkdir(parents=True, exist_ok=True)
-        (output / CALIBRATION_FILE).unlink(missing_ok=True)
+        # Until the UNets are saved, a record of none of them: the folder is not current,
+        # and a build cut short is built again as it was sized (ensure_int8).
+        record = {"format": CALIBRATION_FORMAT, "calibration": calibration.to_json()}
+        write_record(output / CALIBRATION_FILE, record | {"components": {}})
         for name, folder in _quantized_components(manifest).items():
             tick = time.perf_counter()
             spec = ComponentSpec.from_json(manifest["components"][name]["spec"])
@@ -280,14 +290,13 @@ def build_int8(export_dir: Path, calibration: Calibration | None = None) -> dict
                 f"{components[name]['quantize_seconds']:.0f} s quantized)",
                 flush=True,
             )
-        record = {
-            "format": CALIBRATION_FORMAT,
-            "calibration": calibration.to_json(),
+            del feeds, quantized  # before the next UNet's pipeline is loaded
+        record |= {
             "versions": quantization_versions(),
             "components": components,
             "seconds": round(time.perf_counter() - started, 1),
         }
-        (output / CALIBRATION_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        write_record(output / CALIBRATION_FILE, record)
     return record
 
 
@@ -374,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{name}={value}: allowed {allowed}"
         for name, value, ok, allowed in (
             ("subset_size", args.subset_size, args.subset_size >= 1, ">= 1"),
-            ("steps", args.steps, args.steps >= 1, ">= 1"),
+            ("steps", args.steps, args.steps >= MIN_STEPS, f">= {MIN_STEPS}"),
             (
                 "image_side",
                 args.image_side,

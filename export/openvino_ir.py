@@ -152,8 +152,21 @@ def fp16_weights_dir(export_dir: Path) -> Path:
 
 
 def read_record(path: Path) -> dict[str, Any] | None:
-    """The JSON record of a folder made from an export; None where there is none."""
-    return json.loads(path.read_text()) if path.is_file() else None
+    """The JSON record of a folder made from an export; None where there is none or it
+    cannot be read whole (then the folder counts as not made, and is made again)."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def write_record(path: Path, record: dict[str, Any]) -> None:
+    """Writes a folder's record whole or not at all: beside it first, then renamed over it,
+    so that a build killed or out of disk leaves no half-written record."""
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(partial, path)
 
 
 def made_from(manifest: dict[str, Any], folder: Path, record: dict[str, Any], made: Any) -> bool:
@@ -210,7 +223,7 @@ def build_fp16_weights(export_dir: Path) -> dict[str, Any]:
             "components": components,
             "seconds": round(time.perf_counter() - started, 1),
         }
-        (output / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        write_record(output / RECORD_FILE, record)
     total = sum(entry["bytes"] for entry in components.values())
     print(
         f"fp16-stored weights of {len(components)} components: {total / 1e9:.2f} GB "

@@ -30,6 +30,7 @@ from export.openvino_ir import (
     made_from,
     read_record,
     source_files,
+    write_record,
 )
 
 CPU_GRAPHS_DIR = "cpu_graphs"
@@ -72,7 +73,7 @@ def _save(export_dir: Path, output: Path) -> None:
         }
     seconds = round(time.perf_counter() - started, 1)
     record = {"machine": this_machine(), "components": components, "seconds": seconds}
-    (output / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    write_record(output / RECORD_FILE, record)
     print(
         f"graphs optimized for this CPU, {len(components)} components, in {output} ({seconds} s)",
         flush=True,
@@ -87,18 +88,24 @@ def ensure_cpu_graphs(export_dir: Path) -> Path | None:
     current = cpu_graphs_dir(export_dir)
     if _holds_current(export_dir, current):
         return current
+    from onnxruntime.capi.onnxruntime_pybind11_state import Fail
+
     output = derived_dir(export_dir, _folder_name(), lambda _: False)
     try:
         _save(export_dir, output)
     except OSError as error:
         if error.errno not in WRITE_ERRORS:
             raise
-        shutil.rmtree(output, ignore_errors=True)
-        print(
-            f"graphs optimized for this CPU not saved in {output} "
-            f"({error.strerror or error}): each model optimizes its graph as it loads",
-            file=sys.stderr,
-            flush=True,
-        )
-        return None
-    return output
+        reason = error.strerror or str(error)
+    except Fail as error:  # onnxruntime's own write of a graph failed (a full disk)
+        reason = str(error)
+    else:
+        return output
+    shutil.rmtree(output, ignore_errors=True)
+    print(
+        f"graphs optimized for this CPU not saved in {output} ({reason}): each model "
+        "optimizes its graph as it loads",
+        file=sys.stderr,
+        flush=True,
+    )
+    return None

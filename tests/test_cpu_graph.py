@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -130,6 +131,33 @@ def test_with_nowhere_to_write_them_the_models_optimize_as_they_load(
     assert "graphs optimized for this CPU not saved" in capfd.readouterr().err
     unet = tmp_path / "repository" / "unet_img2img" / "1"
     assert not (unet / CPU_GRAPH_DIR).exists()
+    assert load_graph(unet, Path) == unet / MODEL_FILE
+
+
+def test_a_full_disk_leaves_them_out_and_takes_back_what_was_saved(
+    tiny_export: Path, tmp_path: Path, monkeypatch, capfd
+) -> None:
+    """onnxruntime writes each saved graph itself; on a full disk (its weights file on
+    /dev/full here) the build says so, removes what it had saved and serves the plain
+    graphs."""
+    export = tmp_path / "export"
+    shutil.copytree(
+        tiny_export, export, symlinks=True, ignore=shutil.ignore_patterns(CPU_GRAPHS_DIR)
+    )
+    made = tempfile.mkdtemp
+
+    def scratch_on_a_full_disk(*args, **kwargs) -> str:
+        folder = made(*args, **kwargs)
+        if CPU_GRAPHS_DIR in Path(folder).parts:
+            (Path(folder) / EXTERNAL_DATA_FILE).symlink_to("/dev/full")
+        return folder
+
+    monkeypatch.setattr(tempfile, "mkdtemp", scratch_on_a_full_disk)
+    options = RepositoryOptions(flavour="python-onnxruntime", precision="fp32", edit_instances=1)
+    build_repository(export, tmp_path / "repository", options)
+    assert "graphs optimized for this CPU not saved" in capfd.readouterr().err
+    assert not list((export / CPU_GRAPHS_DIR).glob("*/*"))
+    unet = tmp_path / "repository" / "unet_img2img" / "1"
     assert load_graph(unet, Path) == unet / MODEL_FILE
 
 

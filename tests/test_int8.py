@@ -24,6 +24,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from benchmarks.fidelity import psnr
 from edit_pipeline.preprocess import decode_image
 from edit_pipeline.unet_passes import SHALLOW_DIR
+from export import int8
 from export.components import shallow_unet
 from export.int8 import (
     CALIBRATION_FILE,
@@ -130,13 +131,46 @@ def test_a_stale_build_is_rebuilt_as_it_was_sized(
     assert int8_is_current(export, TEST_CALIBRATION)
 
 
+@pytest.mark.parametrize("cut_short", ["killed", "damaged record"])
+def test_a_build_cut_short_is_not_served_and_is_built_again_as_sized(
+    tiny_int8: dict, tiny_export: Path, tmp_path: Path, monkeypatch, cut_short: str
+) -> None:
+    """Killed while capturing (its record names no UNet yet), or its record half-written:
+    not current; serving builds it again, sized as the build that was cut short where its
+    record says so."""
+    export = tmp_path / "export"
+    shutil.copytree(tiny_export, export, symlinks=True)
+    record_file = int8_dir(export) / CALIBRATION_FILE
+    if cut_short == "killed":
+
+        def killed(*_: object) -> None:
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(int8, "capture_unet_inputs", killed)
+        with pytest.raises(KeyboardInterrupt):
+            build_int8(export, TEST_CALIBRATION)
+        assert json.loads(record_file.read_text())["components"] == {}
+    else:
+        record_file.write_text(record_file.read_text()[:40])
+    assert not int8_is_current(export)
+    assert not int8_is_current(export, TEST_CALIBRATION)
+
+    built: list[Calibration] = []
+    monkeypatch.setattr(int8, "build_int8", lambda _, calibration: built.append(calibration))
+    ensure_int8(export)
+    expected = TEST_CALIBRATION if cut_short == "killed" else Calibration()
+    sizing = [{name: getattr(c, name) for name in int8.SIZING} for c in (built[0], expected)]
+    assert sizing[0] == sizing[1]
+
+
 @pytest.mark.parametrize(
     ("arguments", "message"),
     [
         (["--subset-size", "0"], "subset_size=0: allowed >= 1"),
         (
-            ["--steps", "0", "--image-side", "100"],
-            "steps=0: allowed >= 1; image_side=100: allowed 0 (the trained side) "
+            # img2img calibrates at strength 0.8: one step of 1 rounds down to none.
+            ["--steps", "1", "--image-side", "100"],
+            "steps=1: allowed >= 2; image_side=100: allowed 0 (the trained side) "
             "or a multiple of 8",
         ),
     ],
