@@ -141,11 +141,11 @@ def toy_pipeline() -> Any:
 
 
 def reference_edit(
-    pipeline: Any, photo: Image.Image, prompt: str, **overrides: float
+    pipeline: Any, photo: Image.Image, prompt: str, steps: int = STEPS, **overrides: float
 ) -> np.ndarray:
     settings = {"guidance_scale": GUIDANCE_SCALE, "image_guidance_scale": IMAGE_GUIDANCE_SCALE}
     settings.update(overrides)
-    return edit_with_pipeline(pipeline, photo, prompt, STEPS, SEED, **settings)
+    return edit_with_pipeline(pipeline, photo, prompt, steps, SEED, **settings)
 
 
 @contextmanager
@@ -182,10 +182,10 @@ def toy_server_client(
 
 
 def served_and_reference_effects(
-    client: Any, toy_pipeline: Any, prompt: str, **inputs: Any
+    client: Any, toy_pipeline: Any, prompt: str, steps: int = STEPS, **inputs: Any
 ) -> list[tuple[str, str, float, float]]:
     """For each held-out photo: (name, what is measured, the effect of diffusers' fp32
-    edit, the effect of the served edit with these extra inputs)."""
+    edit, the effect of the served edit with these extra inputs), both in `steps` steps."""
     check = CHECKS[prompt]
     rows = []
     for name, photo in PHOTOS.items():
@@ -195,14 +195,14 @@ def served_and_reference_effects(
             "instruct_pix2pix",
             image=encoded,
             prompt=prompt,
-            num_inference_steps=STEPS,
+            num_inference_steps=steps,
             seed=SEED,
             guidance_scale=GUIDANCE_SCALE,
             image_guidance_scale=IMAGE_GUIDANCE_SCALE,
             **inputs,
         ).pixels
         source = np.asarray(photo)
-        reference = reference_edit(toy_pipeline, decode_image(encoded), prompt)
+        reference = reference_edit(toy_pipeline, decode_image(encoded), prompt, steps)
         rows.append(
             (name, check.effect, check.measure(source, reference), check.measure(source, served))
         )

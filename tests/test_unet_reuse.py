@@ -11,6 +11,7 @@ at different intervals sent together each get their own result.
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -21,10 +22,12 @@ import torch
 from benchmarks.fidelity import psnr
 from edit_pipeline.sampler import ReusedUNet, Sampler, SamplerInputs
 from export import unet_reuse
-from export.components import DEEP_FEATURES, shallow_unet
+from export.components import DEEP_FEATURES, UNET_FOR_PIPELINE, shallow_unet
+from export.onnx_export import load_manifest
 from export.presets import IMG2IMG_FOLDER, PIX2PIX_FOLDER
 from pix2pix_client.contract import INSTRUCT_PIX2PIX
 from tests.serving import edit, photo, png_bytes
+from tests.variants import VARIANT_SEEDS, build_and_export, draw_variant
 
 TOY_UNET = Path(__file__).resolve().parents[1] / "models" / "toy" / "instruct-pix2pix" / "unet"
 
@@ -92,6 +95,29 @@ def test_the_cut_runs_attention_to_the_picture_as_its_block_does() -> None:
         _, deep = unet_reuse.full_pass(unet, sample, timestep, context)
         shallow = unet_reuse.shallow_pass(unet, sample, timestep, None, deep)
     torch.testing.assert_close(shallow, reference, rtol=0, atol=0)
+
+
+@pytest.mark.slow  # a whole checkpoint built and exported; the cut itself is checked above
+def test_a_checkpoint_attending_to_the_picture_exports_and_validates_both_passes(
+    tmp_path: Path,
+) -> None:
+    """A randomly sized checkpoint of the family whose outermost UNet blocks attend to the
+    picture: the export cuts both UNets, validates every pass against PyTorch, and the
+    exported shallow pass takes no prompt embeddings."""
+    seed = VARIANT_SEEDS[0]
+    preset = draw_variant(seed)
+    down, up = list(preset.unet["down_block_types"]), list(preset.unet["up_block_types"])
+    down[0], up[-1] = "AttnDownBlock2D", "AttnUpBlock2D"
+    unet = preset.unet | {"down_block_types": down, "up_block_types": up}
+    variant = build_and_export(seed, tmp_path, replace(preset, unet=unet))
+    manifest = load_manifest(variant.export_dir)  # refuses a failed validation
+    shallow = [entry["shallow_unet"] for entry in manifest["pipelines"].values()]
+    assert sorted(shallow) == sorted(shallow_unet(name) for name in UNET_FOR_PIPELINE.values())
+    assert {row.component for row in variant.rows} >= set(shallow)
+    assert all(row.passed for row in variant.rows)
+    for name in shallow:
+        inputs = ort.InferenceSession(str(variant.export_dir / name / "model.onnx")).get_inputs()
+        assert [i.name for i in inputs] == ["sample", "timestep", DEEP_FEATURES]
 
 
 def test_blocks_the_shallow_pass_does_not_run_leave_reuse_out() -> None:
