@@ -97,7 +97,6 @@ def test_the_cut_runs_attention_to_the_picture_as_its_block_does() -> None:
     torch.testing.assert_close(shallow, reference, rtol=0, atol=0)
 
 
-@pytest.mark.slow  # a whole checkpoint built and exported; the cut itself is checked above
 def test_a_checkpoint_attending_to_the_picture_exports_and_validates_both_passes(
     tmp_path: Path,
 ) -> None:
