@@ -197,6 +197,14 @@ def test_bf16_needs_both_the_cpu_flags_and_openvino(monkeypatch, tmp_path: Path)
     assert bf16_unsupported_reason(capabilities=["FP32", "BF16"]) is None
 
 
+def test_an_arm_cpus_features_are_its_flags(monkeypatch, tmp_path: Path) -> None:
+    """Arm's cpuinfo names them Features (what a saved CPU graph is made for)."""
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nBogoMIPS\t: 50.00\nFeatures\t: fp asimd sve bf16\n\n")
+    monkeypatch.setattr(openvino_component, "CPUINFO", cpuinfo)
+    assert openvino_component.cpu_flags() == {"fp", "asimd", "sve", "bf16"}
+
+
 def test_a_bf16_repository_served_on_a_cpu_without_it_computes_fp32(
     cpu_without_bf16, tiny_export: Path
 ) -> None:
