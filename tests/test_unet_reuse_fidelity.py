@@ -20,6 +20,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from benchmarks.fidelity import psnr
+from benchmarks.settings import BenchConfig
 from model_repository.chain import Source, prepare_in_child
 from model_repository.configs import RepositoryOptions
 from serving.tritonserver import TritonServer
@@ -87,10 +88,10 @@ def test_reused_work_stays_close_to_every_step(
 # --------------------------------------------------------------------------- toy
 
 SETTINGS = {"fp32": "python-onnxruntime", "int8": "python-openvino"}
-# The benchmark's steps, at which the speed switches are timed (benchmarks/settings.py).
-# The toy learned to edit in 10: there each reused pass counts for twice as much, and at
-# interval 2 black and white keeps 0.45 of its effect on the astronaut (docs/flavours.md).
-TOY_STEPS = 20
+# The benchmark's steps, at which the speed switches are timed. The toy learned to edit in
+# 10: there each reused pass counts for twice as much, and at interval 2 black and white
+# keeps 0.45 of its effect on the astronaut (docs/flavours.md).
+TOY_STEPS = BenchConfig().steps
 TOY_INTERVALS = (2, 3)
 # What reuse loses of the toy's learned edits at TOY_STEPS, in fp32 and int8 alike: at
 # interval 3, black and white on the astronaut (0.45 of its effect, 2026-12-05). Kept
