@@ -250,16 +250,15 @@ def run_concurrent(
     return {outcome: outcomes.count(outcome) for outcome in ("completed", "refused", "failed")}
 
 
-def read_through(*folders: Path) -> int:
-    """Reads every file under `folders` (symbolic links followed) once: the page cache
-    then holds them, as after a first start. Returns the bytes read."""
+def read_through(folder: Path) -> int:
+    """Reads every file under `folder` (symbolic links followed) once: the page cache then
+    holds them, as after a first start. Returns the bytes read."""
     total = 0
-    for folder in folders:
-        for root, _, files in os.walk(folder, followlinks=True):
-            for name in files:
-                with open(Path(root) / name, "rb") as file:
-                    while chunk := file.read(1 << 24):
-                        total += len(chunk)
+    for root, _, files in os.walk(folder, followlinks=True):
+        for name in files:
+            with open(Path(root) / name, "rb") as file:
+                while chunk := file.read(1 << 24):
+                    total += len(chunk)
     return total
 
 

@@ -24,7 +24,7 @@ from benchmarks.perf_analyzer import Level
 from benchmarks.rounds import RoundLoads
 from benchmarks.server_stats import StageRow
 from benchmarks.systems import DEEPCACHE_PREFIX, PreviewCost
-from edit_pipeline.openvino_component import cpu_fields, cpu_flags
+from edit_pipeline.openvino_component import cpu_fields, feature_flags
 
 RESULTS_DIR = Path(__file__).parent / "results"
 LABELS = {
@@ -222,7 +222,7 @@ def machine_info() -> dict[str, Any]:
     import psutil
 
     fields = cpu_fields() or {}
-    flags = cpu_flags() or set()
+    flags = feature_flags(fields)
     gpus = []
     if shutil.which("nvidia-smi"):
         query = ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"]

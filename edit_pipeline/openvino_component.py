@@ -60,11 +60,15 @@ def cpu_fields() -> dict[str, str] | None:
     return fields
 
 
+def feature_flags(fields: dict[str, str]) -> set[str]:
+    """The feature flags among a processor's fields: "flags" on x86, "Features" on Arm."""
+    return set(fields.get("flags", fields.get("Features", "")).split())
+
+
 def cpu_flags() -> set[str] | None:
-    """The CPU's feature flags as Linux reports them (CPUINFO: "flags" on x86, "Features"
-    on Arm); None where there is none."""
+    """The CPU's feature flags as Linux reports them (CPUINFO); None where there is none."""
     fields = cpu_fields()
-    return None if fields is None else set(fields.get("flags", fields.get("Features", "")).split())
+    return None if fields is None else feature_flags(fields)
 
 
 @functools.cache

@@ -300,12 +300,16 @@ def build_int8(export_dir: Path, calibration: Calibration | None = None) -> dict
     return record
 
 
+def _made_from(manifest: dict[str, Any], folder: Path, record: dict[str, Any]) -> bool:
+    """Whether `record` is of a finished build in `folder` from the export's current files."""
+    return record.get("format") == CALIBRATION_FORMAT and made_from(
+        manifest, folder, record, _quantized_components(manifest)
+    )
+
+
 def _matches(export_dir: Path, folder: Path) -> bool:
     record = read_record(folder / CALIBRATION_FILE)
-    if record is None or record.get("format") != CALIBRATION_FORMAT:
-        return False
-    manifest = load_manifest(export_dir)
-    return made_from(manifest, folder, record, _quantized_components(manifest))
+    return record is not None and _made_from(load_manifest(export_dir), folder, record)
 
 
 def int8_matches_export(export_dir: Path) -> bool:
@@ -322,25 +326,26 @@ def _wanted(calibration: Calibration | None, record: dict[str, Any] | None) -> C
     return Calibration().sized_as(settings) if settings else Calibration()
 
 
-def _current_record(
-    export_dir: Path, folder: Path, calibration: Calibration | None
-) -> dict[str, Any] | None:
-    """The record of the int8 build in `folder` where it is current (int8_is_current)."""
-    if not _matches(export_dir, folder):
-        return None
-    record = read_record(folder / CALIBRATION_FILE) or {}
-    wanted = _wanted(calibration, record).for_export(load_manifest(export_dir))
-    current = (
+def _is_current(
+    export_dir: Path, folder: Path, record: dict[str, Any], calibration: Calibration | None
+) -> bool:
+    """Whether `record`, read from `folder`, is of a current build (int8_is_current)."""
+    manifest = load_manifest(export_dir)
+    if not _made_from(manifest, folder, record):
+        return False
+    wanted = _wanted(calibration, record).for_export(manifest)
+    return (
         record["calibration"] == wanted.to_json() and record["versions"] == quantization_versions()
     )
-    return record if current else None
 
 
 def int8_is_current(export_dir: Path, calibration: Calibration | None = None) -> bool:
     """Whether the export's int8 IR matches it (int8_matches_export) and was calibrated
     with these settings (by default: the project's, sized as the build was) and today's
     library versions."""
-    return _current_record(export_dir, int8_dir(export_dir), calibration) is not None
+    folder = int8_dir(export_dir)
+    record = read_record(folder / CALIBRATION_FILE)
+    return record is not None and _is_current(export_dir, folder, record, calibration)
 
 
 def ensure_int8(export_dir: Path, calibration: Calibration | None = None) -> dict[str, Any]:
@@ -348,12 +353,12 @@ def ensure_int8(export_dir: Path, calibration: Calibration | None = None) -> dic
     first when there is none. Without `calibration`, a rebuild keeps the sizing of the
     build it replaces (`python -m export.int8 --subset-size ...`)."""
     folder = int8_dir(export_dir)
-    record = _current_record(export_dir, folder, calibration)
-    if record is not None:
+    record = read_record(folder / CALIBRATION_FILE)
+    if record is not None and _is_current(export_dir, folder, record, calibration):
         print(f"int8 up to date: {folder}", flush=True)
         return record
     print(f"quantizing the UNets of {export_dir} to int8 (NNCF) ...", flush=True)
-    return build_int8(export_dir, _wanted(calibration, read_record(folder / CALIBRATION_FILE)))
+    return build_int8(export_dir, _wanted(calibration, record))
 
 
 def main(argv: list[str] | None = None) -> int:
