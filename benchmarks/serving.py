@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -13,7 +12,7 @@ from typing import Any
 from benchmarks.settings import BenchConfig, admin_key
 from model_repository.chain import BuiltModel, Source, prepare_in_child
 from model_repository.configs import MAX_DERIVED_EDIT_INSTANCES
-from model_repository.record import REPOSITORY_RECORD
+from model_repository.record import REPOSITORY_RECORD, read_record
 from pix2pix_client import EditClient
 
 
@@ -32,7 +31,10 @@ def build(config: BenchConfig, build_dir: Path, name: str) -> BuiltModel:
 
 def repository_record(repository: Path) -> dict[str, Any]:
     """What a built repository records of itself (model_repository/record.py)."""
-    return json.loads((repository / REPOSITORY_RECORD).read_text())
+    record = read_record(str(repository))
+    if record is None:
+        raise FileNotFoundError(f"{repository}: not a built repository (no {REPOSITORY_RECORD})")
+    return record
 
 
 @contextlib.contextmanager

@@ -10,6 +10,7 @@ Kubernetes): `serve --repository` warns when the code that serves it differs.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -21,13 +22,19 @@ CHECKOUT = Path(__file__).resolve().parents[1]
 
 
 def write_record(repository: Path, record: dict[str, Any]) -> None:
-    """Writes repository.json, with the code that builds it under "built_by"."""
+    """Writes repository.json, with the code that builds it under "built_by": beside it
+    first, then renamed over it, so that a build killed or out of disk leaves none half
+    written."""
     text = json.dumps({**record, "built_by": code_version()}, indent=2)
-    (repository / REPOSITORY_RECORD).write_text(text + "\n")
+    partial = repository / f".{REPOSITORY_RECORD}.partial"
+    partial.write_text(text + "\n")
+    os.replace(partial, repository / REPOSITORY_RECORD)
 
 
 def read_record(repository: str) -> dict[str, Any] | None:
-    """The record of a repository (a folder, or s3://...); None where there is none."""
+    """The record of a repository (a folder, or s3://...); None where there is none.
+
+    Raises ValueError naming the record when it is there but not a JSON object."""
     if repository.startswith("s3://"):
         from model_repository.publish import read_text
 
@@ -37,7 +44,20 @@ def read_record(repository: str) -> dict[str, Any] | None:
     else:
         path = Path(repository) / REPOSITORY_RECORD
         text = path.read_text() if path.is_file() else None
-    return None if text is None else json.loads(text)
+    if text is None:
+        return None
+    where = f"{repository.rstrip('/')}/{REPOSITORY_RECORD}"
+    rebuild = (
+        "build the repository again (python -m model_repository.builder, or serve --preset/--model)"
+    )
+    try:
+        record = json.loads(text)
+    except ValueError as error:
+        raise ValueError(f"{where} is damaged ({error}); {rebuild}") from None
+    if not isinstance(record, dict):
+        kind = type(record).__name__
+        raise ValueError(f"{where} is damaged (a JSON {kind}, not an object); {rebuild}")
+    return record
 
 
 def _git(*args: str) -> str | None:

@@ -450,3 +450,26 @@ def test_the_record_says_which_code_built_the_repository(
         assert f"built by commit {'0' * 40}, served by commit {code_version()['commit']}" in warning
     finally:
         (root / "repository.json").write_text(json.dumps(record))
+
+
+@pytest.mark.parametrize(
+    ("text", "damage"),
+    [
+        ("", "Expecting value"),
+        ('{"pipelines": ["instr', "Unterminated string"),
+        ("[]", "a JSON list"),
+    ],
+)
+def test_a_damaged_record_stops_serve_with_one_line_naming_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, damage: str
+) -> None:
+    """A repository.json cut short (a copy interrupted, a full disk) or replaced stops
+    `serve --repository` before tritonserver starts, with the file and the remedy."""
+    from serving.serve import main
+
+    (tmp_path / REPOSITORY_RECORD).write_text(text)
+    assert main(["--repository", str(tmp_path)]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "Traceback" not in error
+    assert f"{tmp_path}/{REPOSITORY_RECORD} is damaged (" in error
+    assert damage in error and "build the repository again" in error
