@@ -259,14 +259,20 @@ def build_int8(export_dir: Path, calibration: Calibration | None = None) -> dict
     started = time.perf_counter()
     export_dir = Path(export_dir)
     manifest = plain_export_manifest(export_dir, "int8 quantization")
-    calibration = (calibration or Calibration()).for_export(manifest)
+    asked = calibration or Calibration()
+    calibration = asked.for_export(manifest)
     output = build_dir(export_dir, INT8_DIR)
     components: dict[str, Any] = {}
     with writing(export_dir, output, "int8 UNets"):
         output.mkdir(parents=True, exist_ok=True)
         # Until the UNets are saved, a record of none of them: the folder is not current,
         # and a build cut short is built again as it was sized (ensure_int8).
-        record = {"format": CALIBRATION_FORMAT, "calibration": calibration.to_json()}
+        record = {
+            "format": CALIBRATION_FORMAT,
+            "calibration": calibration.to_json(),
+            # The sizing as asked (image_side 0: the checkpoint's own), which a rebuild keeps.
+            "sizing": {name: getattr(asked, name) for name in SIZING},
+        }
         write_record(output / CALIBRATION_FILE, record | {"components": {}})
         for name, folder in _quantized_components(manifest).items():
             tick = time.perf_counter()
@@ -319,10 +325,12 @@ def int8_matches_export(export_dir: Path) -> bool:
 
 
 def _wanted(calibration: Calibration | None, record: dict[str, Any] | None) -> Calibration:
-    """`calibration`, or by default the project's, sized as the recorded build was."""
+    """`calibration`, or by default the project's, sized as the recorded build was asked to
+    be (records before "sizing": as it was made, its side concrete)."""
     if calibration is not None:
         return calibration
-    settings = (record or {}).get("calibration")
+    record = record or {}
+    settings = record.get("sizing") or record.get("calibration")
     return Calibration().sized_as(settings) if settings else Calibration()
 
 

@@ -71,6 +71,7 @@ def test_calibration_is_the_projects_own_and_recorded(tiny_int8: dict, tiny_expo
     assert settings["subset_size"] == 8 and settings["steps"] == 4 and settings["seed"] == 0
     assert settings["smooth_quant_matmul"] == 0.95 and settings["model_type"] == "transformer"
     assert settings["photos"] and settings["prompts"]
+    assert record["sizing"] == {"subset_size": 8, "steps": 4, "image_side": 64}
     assert set(record["versions"]) >= {"nncf", "openvino"}
     manifest = json.loads((tiny_export / MANIFEST).read_text())
     for name in QUANTIZED_COMPONENTS:
@@ -161,6 +162,34 @@ def test_a_build_cut_short_is_not_served_and_is_built_again_as_sized(
     expected = TEST_CALIBRATION if cut_short == "killed" else Calibration()
     sizing = [{name: getattr(c, name) for name in int8.SIZING} for c in (built[0], expected)]
     assert sizing[0] == sizing[1]
+
+
+def test_a_rebuild_for_another_checkpoint_derives_its_side_anew(
+    tiny_export: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """A build asked for the checkpoint's own side (image_side 0) records it made concrete
+    (512 for an SD 1.5 checkpoint). Rebuilt after another checkpoint is exported into the
+    same folder, it calibrates at that checkpoint's side, not the one before's; a side the
+    builder chose is kept."""
+    export = tmp_path / "export"
+    shutil.copytree(tiny_export, export, symlinks=True)
+    record_file = int8_dir(export) / CALIBRATION_FILE
+    record = json.loads(record_file.read_text())
+    sizing = {"subset_size": 8, "steps": 4}
+    built: list[Calibration] = []
+    monkeypatch.setattr(int8, "build_int8", lambda _, calibration: built.append(calibration))
+    for asked_side in (0, 96):
+        made = {**record["calibration"], **sizing, "image_side": 512}
+        stale = {**record, "calibration": made, "sizing": {**sizing, "image_side": asked_side}}
+        record_file.write_text(json.dumps(stale))
+        assert not int8_is_current(export)
+        ensure_int8(export)
+        assert (built[-1].subset_size, built[-1].steps) == (8, 4)
+        assert built[-1].image_side == asked_side
+    dims = json.loads((export / MANIFEST).read_text())["dimensions"]
+    own_side = dims["unet_sample_size"] * dims["vae_scale_factor"]
+    assert own_side != 512
+    assert built[0].for_export(json.loads((export / MANIFEST).read_text())).image_side == own_side
 
 
 @pytest.mark.parametrize(
