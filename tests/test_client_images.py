@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import random
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +12,10 @@ import pytest
 from PIL import Image
 
 from pix2pix_client import EditResult, InvalidArgument, ServerError
+from pix2pix_client.api.output import fit_to_size
+from pix2pix_client.contract import InvalidArgumentError
 from pix2pix_client.images import decode_image, encode_image
+from tests.bad_images import mutate
 
 
 def _pixels(data: bytes) -> np.ndarray:
@@ -150,3 +155,68 @@ def test_result_save_keeps_png_bytes_and_converts_other_suffixes(tmp_path: Path)
     assert result.save(tmp_path / "out.png").read_bytes() == png
     assert _format(result.save(tmp_path / "out.jpg").read_bytes()) == "JPEG"
     assert _format(result.save(tmp_path / "out.webp").read_bytes()) == "WEBP"
+
+
+# Every format Pillow writes; the client re-encodes those it does not send as they are.
+PILLOW_WRITES = ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF", "TGA", "PPM", "ICO", "QOI")
+
+
+@pytest.mark.parametrize("image_format", PILLOW_WRITES)
+def test_broken_files_of_every_format_are_refused_naming_the_image(image_format: str) -> None:
+    """Seeded mutations of a photo in each format, through the client's encoding and the
+    gateway's fit to a size: each is a picture or the image error, never another
+    exception (Pillow's QOI reader raised IndexError, its TIFF reader TypeError)."""
+    data = _encoded(Image.fromarray(_gradient()), image_format)
+    rng = random.Random(image_format)
+    for _ in range(200):
+        broken = mutate(data, rng)
+        for use in (encode_image, lambda image: fit_to_size(image, (32, 32))):
+            try:
+                # PNG, or a served format sent as it is (the server decodes it).
+                assert _format(use(broken)) in ("PNG", image_format)
+            except InvalidArgumentError as error:
+                assert error.field == "image" and "allowed" in str(error)
+
+
+@pytest.mark.parametrize("leaked_filter", ["default", "error"])
+def test_a_header_over_pillows_warning_limit_is_refused_whatever_the_warnings_filter(
+    leaked_filter: str,
+) -> None:
+    """Between Pillow's warning and its error (1 to 2 x MAX_IMAGE_PIXELS) the gateway's
+    fit refuses from the header by its own check; the warnings filters, shared by threads,
+    decide nothing, and a filter someone made an error is the image error too."""
+    claimed = Image.new("1", (Image.MAX_IMAGE_PIXELS // 8000 + 1, 8000))
+    data = _encoded(claimed, "PNG")
+    with warnings.catch_warnings():
+        warnings.simplefilter(leaked_filter, Image.DecompressionBombWarning)
+        with pytest.raises(InvalidArgumentError, match="its header claims"):
+            fit_to_size(data, (64, 64))
+        if leaked_filter == "error":
+            with pytest.raises(InvalidArgument, match="is not a readable image"):
+                encode_image(data)
+
+
+# Files found to raise what Pillow's readers raise beside OSError and ValueError.
+PILLOW_ODDITIES = {
+    # IndexError while decoding.
+    "qoi-34-bytes": bytes.fromhex(
+        "716f696600000018000000100401ff64000000fdfdfdfdfdfdc0690000004b000001"
+    ),
+    # SyntaxError ("broken PNG file") once its pixels are decoded, after the header opened.
+    "png-broken-chunk-83-bytes": bytes.fromhex(
+        "89504e470d0a1a0a0000000d4948445200000018000000100802000000834628c20000001a4944415478"
+        "9c634c61a00e60a29239a3068d1a346a1f88350800158a00846d9a2a150000000049b64e44ae421382"
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PILLOW_ODDITIES))
+def test_pillows_other_exceptions_are_the_image_error(case: str) -> None:
+    data = PILLOW_ODDITIES[case]
+    for use in (encode_image, lambda image: fit_to_size(image, (64, 64))):
+        try:
+            use(data)
+        except InvalidArgumentError as error:
+            assert error.field == "image" and "allowed" in str(error)
+    with pytest.raises(InvalidArgumentError, match="could not be decoded to fit"):
+        fit_to_size(data, (64, 64))

@@ -80,9 +80,16 @@ def _encoded_bytes(data: bytes, *, source: str) -> bytes:
         raise InvalidArgument(
             "image", f"{source} refused: its header claims over {limit} pixels; allowed {_served()}"
         ) from None
-    except (UnidentifiedImageError, OSError, ValueError) as error:
+    except InvalidArgument:
+        raise
+    except Exception as error:
+        # Pillow raises many exception types for broken files (IndexError, TypeError,
+        # SyntaxError among them), and the warning of a large header where a caller has
+        # made warnings errors.
         detail = (
-            "not an image Pillow can read" if isinstance(error, UnidentifiedImageError) else error
+            "not an image Pillow can read"
+            if isinstance(error, UnidentifiedImageError)
+            else str(error) or type(error).__name__
         )
         raise InvalidArgument(
             "image", f"{source} is not a readable image ({detail}): allowed {_served()}"

@@ -6,10 +6,9 @@ from __future__ import annotations
 import base64
 import io
 import json
-import warnings
 from typing import Any
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 from pix2pix_client import contract
 from pix2pix_client.api.form import SIDE_MULTIPLE
@@ -21,31 +20,39 @@ PILLOW_FORMATS = {"jpeg": "JPEG", "webp": "WEBP"}
 
 def fit_to_size(data: bytes, size: tuple[int, int]) -> bytes:
     """The upload scaled to cover `size` and cropped to it around the centre (the aspect
-    kept, nothing stretched), as PNG; transparency is kept for the server to flatten."""
-    with warnings.catch_warnings():
-        # Pillow's decompression-bomb warning becomes a refusal here.
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            image = ImageOps.exif_transpose(Image.open(io.BytesIO(data)))
-        except (
-            UnidentifiedImageError,
-            OSError,
-            ValueError,
-            Image.DecompressionBombError,
-            Image.DecompressionBombWarning,
-        ) as error:
-            reason = type(error).__name__
-            raise contract.InvalidArgumentError(
-                "image",
-                f"image could not be decoded to fit size={size[0]}x{size[1]} ({reason}): "
-                f"allowed {contract.PARAMETERS_BY_NAME['image'].allowed()}",
-            ) from None
-    if image.mode not in ("RGB", "RGBA", "L", "LA"):
-        image = image.convert("RGBA" if image.has_transparency_data else "RGB")
-    fitted = ImageOps.fit(image, size, Image.Resampling.LANCZOS)
+    kept, nothing stretched), as PNG; transparency is kept for the server to flatten.
+
+    Any byte string either fits or raises InvalidArgumentError naming the image: Pillow
+    raises many exception types for broken files. A header claiming more pixels than
+    Pillow's bomb limit is refused before anything is decoded (checked here, not through
+    the warnings filters, which threads share)."""
+    try:
+        image = Image.open(io.BytesIO(data))
+        if (pixels := image.width * image.height) > Image.MAX_IMAGE_PIXELS:
+            raise _not_fitted(size, f"its header claims {pixels} pixels")
+        image = ImageOps.exif_transpose(image)
+        if image.mode not in ("RGB", "RGBA", "L", "LA"):
+            image = image.convert("RGBA" if image.has_transparency_data else "RGB")
+        fitted = ImageOps.fit(image, size, Image.Resampling.LANCZOS)
+    except contract.InvalidArgumentError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        # Pillow's own refusal (over twice the limit), or its warning made an error.
+        limit = Image.MAX_IMAGE_PIXELS
+        raise _not_fitted(size, f"its header claims over {limit} pixels") from None
+    except Exception as error:
+        raise _not_fitted(size, type(error).__name__) from None
     buffer = io.BytesIO()
     fitted.save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def _not_fitted(size: tuple[int, int], reason: str) -> contract.InvalidArgumentError:
+    return contract.InvalidArgumentError(
+        "image",
+        f"image could not be decoded to fit size={size[0]}x{size[1]} ({reason}): "
+        f"allowed {contract.PARAMETERS_BY_NAME['image'].allowed()}",
+    )
 
 
 def encoded(png: bytes, output_format: str, compression: int) -> str:
