@@ -282,6 +282,12 @@ BAD_REQUESTS = [
     ({"quality": "high"}, "quality", "allowed one of auto"),
     ({"background": "transparent"}, "background", "allowed one of auto, opaque"),
     ({"extra_body": {"seed": -1}}, "seed", "seed=-1 is out of range: allowed 0..2^63-1"),
+    (
+        {"n": 3, "extra_body": {"seed": 2**63 - 2}},
+        "seed",
+        f"seed={2**63 - 2} with n=3: image i is edited with seed + i, and the last would pass "
+        f"{2**63 - 1}; allowed 0..{2**63 - 3} with n=3",
+    ),
     ({"extra_body": {"num_inference_steps": 1}}, "num_inference_steps", "allowed 2..1000"),
     ({"extra_body": {"guidance_scale": "x"}}, "guidance_scale", "is not a number"),
     ({"extra_body": {"scheduler": "karras"}}, "scheduler", "allowed one of euler_a"),
@@ -387,6 +393,32 @@ def test_a_json_body_and_unknown_routes_are_answered_in_openais_shape(gateway: s
     )
     unknown = httpx.get(f"{gateway}/v1/images/generations", headers=headers)
     assert unknown.status_code == 404 and unknown.json()["error"]["type"]
+    wrong_method = httpx.get(f"{gateway}/v1/images/edits", headers=headers)
+    assert wrong_method.status_code == 405 and wrong_method.headers["allow"] == "POST"
+    assert wrong_method.json()["error"]["message"] == "GET is not allowed on /v1/images/edits"
+
+
+def test_a_form_without_a_prompt_is_missing_a_required_parameter(
+    gateway: str, picture: bytes
+) -> None:
+    """Media types are case-insensitive: a form sent as Multipart/Form-Data is read, and
+    its missing prompt named as OpenAI names a missing parameter."""
+    request = httpx.Request(
+        "POST",
+        f"{gateway}/v1/images/edits",
+        headers={"Authorization": f"Bearer {API_KEY}"},
+        files={"image": ("photo.png", picture, "image/png")},
+    )
+    content_type = request.headers["content-type"]
+    request.headers["content-type"] = content_type.replace(
+        "multipart/form-data", "Multipart/Form-Data"
+    )
+    with httpx.Client() as client:
+        missing = client.send(request)
+    error = missing.json()["error"]
+    assert missing.status_code == 400, error
+    assert (error["param"], error["code"]) == ("prompt", "missing_required_parameter")
+    assert error["message"].startswith("prompt is required: allowed")
 
 
 def test_models_lists_the_ready_pipelines(sdk: Any) -> None:

@@ -99,7 +99,7 @@ class Gateway:
         """POST /v1/images/edits: OpenAI's image edit, as JSON or server-sent events."""
         created = int(time.time())
         content_type = request.headers.get("content-type", "")
-        if not content_type.startswith("multipart/form-data"):
+        if not content_type.lower().startswith("multipart/form-data"):
             raise ApiError(
                 400,
                 f"the body is {content_type or 'untyped'}: allowed multipart/form-data, the "
@@ -366,4 +366,8 @@ async def _http_error(request: Request, error: Exception) -> Response:
         404: f"no route {request.method} {request.url.path}",
         405: f"{request.method} is not allowed on {request.url.path}",
     }.get(error.status_code, error.detail)
-    return error_response(ApiError(error.status_code, message, code="invalid_request"))
+    # Starlette's headers: the methods a route allows, with its 405.
+    headers = dict(error.headers or {})
+    return error_response(
+        ApiError(error.status_code, message, code="invalid_request", headers=headers)
+    )

@@ -157,12 +157,25 @@ class FormReader:
             size = self._size(text.get("size", "auto"))
             for name in ACCEPTED_VALUES:
                 self._value(text, name, "auto")
+            if "prompt" not in text:
+                allowed = contract.PARAMETERS_BY_NAME["prompt"].allowed()
+                raise ApiError(
+                    400,
+                    f"prompt is required: allowed {allowed}",
+                    param="prompt",
+                    code="missing_required_parameter",
+                )
             options = {name: _typed(name, text[name]) for name in CONTRACT_FIELDS if name in text}
             options = validate_parameters(pipeline, text.get("prompt"), **options)
             prompt = options.pop("prompt")
-            if n > 1 and "seed" in options:
-                # The last image's seed must be a seed too.
-                contract.PARAMETERS_BY_NAME["seed"].validate(options["seed"] + n - 1)
+            if n > 1 and options.get("seed", 0) + n - 1 > contract.MAX_SEED:
+                # Image i takes seed + i: the last one's must be a seed too.
+                raise contract.InvalidArgumentError(
+                    "seed",
+                    f"seed={options['seed']} with n={n}: image i is edited with seed + i, "
+                    f"and the last would pass {contract.MAX_SEED}; allowed 0.."
+                    f"{contract.MAX_SEED - n + 1} with n={n}",
+                )
         except contract.InvalidArgumentError as error:
             if error.field == "response_format":
                 # Why, beyond the allowed value.
