@@ -112,6 +112,15 @@ def check_precision(precision: str) -> None:
         )
 
 
+def floating_point_precision(precision: str) -> str:
+    """What a component served at `precision` computes its floating-point operations in on
+    this CPU: bf16 where the CPU computes it natively (for int8's operations left in
+    floating point too), fp32 elsewhere."""
+    if precision == "fp32" or bf16_unsupported_reason() is not None:
+        return "fp32"
+    return "bf16"
+
+
 def compile_properties(precision: str, threads: int, streams: int) -> dict[str, Any]:
     """OpenVINO CPU properties of one component's compiled model.
 
@@ -146,10 +155,7 @@ class OpenVinoComponent:
         self.model_path = Path(model_path)
         # A repository built on a bf16 machine may be served on another (replicas, S3).
         self.fallback_reason = bf16_unsupported_reason() if precision == "bf16" else None
-        if precision == "int8":
-            precision = "bf16" if bf16_unsupported_reason() is None else "fp32"
-        # What the floating-point operations compute in.
-        self.precision = "fp32" if self.fallback_reason else precision
+        self.precision = floating_point_precision(precision)
         properties = compile_properties(self.precision, threads, streams)
         core = ov.Core()
         model = core.read_model(str(self.model_path))
