@@ -11,6 +11,7 @@ fails with one line naming what is wrong.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,25 @@ WEIGHTED_COMPONENTS = ("unet", "vae", "text_encoder")
 DEFAULT_CHANNELS = 4
 DEFAULT_CROSS_ATTENTION_DIM = 1280
 SD_TRAINED_IMAGE_SIDE = 512
+# The classes diffusers' Stable Diffusion pipelines are built from (model_index.json);
+# others export something else (a tiny VAE's encoder gives no distribution, a text
+# encoder with a projection one pooled vector per prompt).
+COMPONENT_CLASSES = {
+    "unet": "UNet2DConditionModel",
+    "vae": "AutoencoderKL",
+    "text_encoder": "CLIPTextModel",
+}
+# UNet blocks that upsample to twice the input instead of to the skip's size: at an odd
+# latent side (an image side that is an odd multiple of the VAE factor) they fail, in
+# diffusers too.
+ODD_SIDE_BLOCKS = (
+    "ResnetDownsampleBlock2D",
+    "SimpleCrossAttnDownBlock2D",
+    "ResnetUpsampleBlock2D",
+    "SimpleCrossAttnUpBlock2D",
+)
+# A weights file: name[.variant][-00001-of-00002].safetensors
+WEIGHTS_FILE = re.compile(r"^[^.]+(?:\.(?P<variant>[^.-]+))?(?:-\d+-of-\d+)?\.safetensors$")
 
 
 class UnsupportedCheckpointError(ValueError):
@@ -38,6 +58,9 @@ class PipelineFolder:
 
     path: Path
     pipeline: str  # PIX2PIX or IMG2IMG
+    # The weights' variant ("fp16": diffusion_pytorch_model.fp16.safetensors) where a
+    # component has only those files, as diffusers' variant downloads have.
+    variant: str | None = None
 
     def config(self, component: str) -> dict[str, Any]:
         name = "scheduler_config.json" if component == "scheduler" else "config.json"
@@ -67,9 +90,38 @@ def inspect_folder(path: Path) -> PipelineFolder:
     for component in REQUIRED_COMPONENTS:
         if not (path / component).is_dir():
             raise UnsupportedCheckpointError(f"{path}: component '{component}' is missing")
+    for component, expected in COMPONENT_CLASSES.items():
+        entry = index.get(component)
+        if isinstance(entry, list) and len(entry) == 2 and entry[1] not in (expected, None):
+            raise UnsupportedCheckpointError(
+                f"{path}: {component} is {entry[1]}; supported: {expected}"
+            )
+    variant = _weights_variant(path)
+    unet = json.loads((path / "unet" / "config.json").read_text())
+    if unet.get("cross_attention_dim") == 2048:
+        raise UnsupportedCheckpointError(
+            f"{path}: unet is conditioned like SDXL; supported: Stable Diffusion 1.x/2.x-style"
+        )
+    pipeline = _pipeline_of_unet(path, unet)
+    _check_unet_inputs(path, unet, pipeline)
+    _check_cross_attention(path, unet)
+    text_encoder = json.loads((path / "text_encoder" / "config.json").read_text())
+    if text_encoder.get("use_attention_mask"):
+        raise UnsupportedCheckpointError(
+            f"{path}: text_encoder masks the prompt's padding (use_attention_mask true); "
+            "supported: a text encoder that attends to every token, as Stable Diffusion's"
+        )
+    return PipelineFolder(path=path, pipeline=pipeline, variant=variant)
+
+
+def _weights_variant(path: Path) -> str | None:
+    """The variant diffusers must be told to load (None: the plain files), checking that
+    every weighted component has safetensors weights."""
+    variants = set()
     for component in WEIGHTED_COMPONENTS:
         folder = path / component
-        if not any(folder.glob("*.safetensors")):
+        names = sorted(p.name for p in folder.glob("*.safetensors"))
+        if not names:
             pickles = sorted(p.name for p in folder.glob("*.bin")) + sorted(
                 p.name for p in folder.glob("*.ckpt")
             )
@@ -77,14 +129,43 @@ def inspect_folder(path: Path) -> PipelineFolder:
             raise UnsupportedCheckpointError(
                 f"{path}: {component} weights load from safetensors only ({found})"
             )
-    unet = json.loads((path / "unet" / "config.json").read_text())
-    if unet.get("addition_embed_type") or unet.get("cross_attention_dim") == 2048:
+        kinds = {match["variant"] for name in names if (match := WEIGHTS_FILE.match(name))}
+        if None not in kinds:
+            variants |= kinds
+    if len(variants) > 1:
         raise UnsupportedCheckpointError(
-            f"{path}: unet is conditioned like SDXL; supported: Stable Diffusion 1.x/2.x-style"
+            f"{path}: the components' weights come in different variants "
+            f"({', '.join(sorted(variants))}) and none without one; supported: one variant"
         )
-    pipeline = _pipeline_of_unet(path, unet)
-    _check_cross_attention(path, unet)
-    return PipelineFolder(path=path, pipeline=pipeline)
+    return next(iter(variants), None)
+
+
+def _check_unet_inputs(path: Path, unet: dict[str, Any], pipeline: str) -> None:
+    """The UNet takes what the served pipelines give it: latents, a timestep and the
+    prompt's hidden states, at any latent side."""
+    if unet.get("addition_embed_type"):
+        raise UnsupportedCheckpointError(
+            f"{path}: unet takes added embeddings (addition_embed_type "
+            f"{unet['addition_embed_type']!r}), which Stable Diffusion 1.x/2.x pipelines do "
+            "not give"
+        )
+    if unet.get("class_embed_type") or unet.get("num_class_embeds"):
+        raise UnsupportedCheckpointError(
+            f"{path}: unet takes class labels (class_embed_type / num_class_embeds), which "
+            "the InstructPix2Pix and img2img pipelines do not give"
+        )
+    if unet.get("time_cond_proj_dim") and pipeline == IMG2IMG:
+        # diffusers' img2img then embeds the guidance scale in place of guiding.
+        raise UnsupportedCheckpointError(
+            f"{path}: unet takes a guidance embedding (time_cond_proj_dim, as LCM-distilled "
+            "UNets do); supported: classifier-free guidance"
+        )
+    blocks = [*unet.get("down_block_types", ()), *unet.get("up_block_types", ())]
+    if odd := sorted({block for block in blocks if block in ODD_SIDE_BLOCKS}):
+        raise UnsupportedCheckpointError(
+            f"{path}: unet has {', '.join(odd)} blocks, which fail at odd latent sides "
+            "(in diffusers too); supported: Stable Diffusion's Down/Up blocks"
+        )
 
 
 def _pipeline_of_unet(path: Path, unet: dict[str, Any]) -> str:
@@ -220,6 +301,7 @@ def load_pipeline(folder: PipelineFolder, dtype: Any = None) -> Any:
     pipeline = cls.from_pretrained(
         folder.path,
         torch_dtype=dtype or torch.float32,
+        variant=folder.variant,
         use_safetensors=True,
         safety_checker=None,
         feature_extractor=None,

@@ -37,6 +37,20 @@ class CheckpointInputs:
         return ids
 
 
+def axis_sizes(
+    checkpoint: CheckpointInputs, batch: int, latent_size: tuple[int, int]
+) -> dict[str, int]:
+    """The size of each named axis of the specs at one batch and latent size."""
+    latent_height, latent_width = latent_size
+    return {
+        "batch": batch,
+        "height": checkpoint.dims.image_side(latent_height),
+        "width": checkpoint.dims.image_side(latent_width),
+        "latent_height": latent_height,
+        "latent_width": latent_width,
+    }
+
+
 def sample_inputs(
     spec: ComponentSpec,
     checkpoint: CheckpointInputs,
@@ -46,14 +60,7 @@ def sample_inputs(
 ) -> dict[str, np.ndarray]:
     """Random inputs for a component at one batch and latent size, in the spec's dtypes."""
     rng = np.random.default_rng(seed)
-    latent_height, latent_width = latent_size
-    sizes = {
-        "batch": batch,
-        "height": checkpoint.dims.image_side(latent_height),
-        "width": checkpoint.dims.image_side(latent_width),
-        "latent_height": latent_height,
-        "latent_width": latent_width,
-    }
+    sizes = axis_sizes(checkpoint, batch, latent_size)
     arrays: dict[str, np.ndarray] = {}
     for tensor in spec.inputs:
         shape = tensor.shape_for(sizes)

@@ -12,8 +12,9 @@ from typing import Any
 
 import numpy as np
 
+from export.checkpoint import UnsupportedCheckpointError
 from export.components import ComponentSpec
-from export.sample_inputs import CheckpointInputs, sample_inputs
+from export.sample_inputs import CheckpointInputs, axis_sizes, sample_inputs
 
 # fp32 differences come from kernel order only; fp16 keeps about 3 digits.
 TOLERANCE = {"fp32": 1e-3, "fp16": 2e-2}
@@ -71,12 +72,19 @@ def validate_component(
         if isinstance(expected, torch.Tensor):
             expected = (expected,)
         actual = session.run([t.name for t in spec.outputs], inputs)
+        sizes = axis_sizes(checkpoint, batch, (latent_height, latent_width))
         max_abs = 0.0
         max_rel = 0.0
-        for want, got in zip(expected, actual, strict=True):
+        for tensor, want, got in zip(spec.outputs, expected, actual, strict=True):
             want = want.float().numpy()
             if want.shape != got.shape:
                 raise AssertionError(f"{spec.name}: shape {got.shape} != torch {want.shape}")
+            if got.shape != (served := tensor.shape_for(sizes)):
+                # What the checkpoint's module returns is not what the pipelines read.
+                raise UnsupportedCheckpointError(
+                    f"{spec.name}: {tensor.name} comes out {list(got.shape)}; the served "
+                    f"pipelines read {list(served)} ({' x '.join(map(str, tensor.dims))})"
+                )
             error = float(np.max(np.abs(got.astype(np.float64) - want)))
             max_abs = max(max_abs, error)
             max_rel = max(max_rel, error / max(float(np.max(np.abs(want))), 1e-12))

@@ -26,6 +26,7 @@ from export.checkpoint import (
 from export.components import (
     COMPONENTS,
     UNET_FOR_PIPELINE,
+    ComponentSpec,
     ModelDimensions,
     component_specs,
     shallow_unet,
@@ -195,8 +196,51 @@ def _run_export(*args: str) -> subprocess.CompletedProcess[str]:
             "StableDiffusionXLPipeline is an SDXL pipeline",
         ),
         (lambda p: (p / "model_index.json").unlink(), "not a diffusers pipeline folder"),
+        # Folders diffusers runs whose export would crash or differ from it (a helper's
+        # probe of the family's configs found each).
+        (
+            lambda p: _edit_json(p / "model_index.json", vae=["diffusers", "AutoencoderTiny"]),
+            "vae is AutoencoderTiny; supported: AutoencoderKL",
+        ),
+        (
+            lambda p: _edit_json(
+                p / "model_index.json", text_encoder=["transformers", "CLIPTextModelWithProjection"]
+            ),
+            "text_encoder is CLIPTextModelWithProjection; supported: CLIPTextModel",
+        ),
+        (
+            lambda p: _edit_json(p / "text_encoder" / "config.json", use_attention_mask=True),
+            "text_encoder masks the prompt's padding (use_attention_mask true)",
+        ),
+        (
+            lambda p: _edit_json(p / "unet" / "config.json", num_class_embeds=10),
+            "unet takes class labels (class_embed_type / num_class_embeds)",
+        ),
+        (
+            lambda p: _edit_json(p / "unet" / "config.json", addition_embed_type="text"),
+            "unet takes added embeddings (addition_embed_type 'text')",
+        ),
+        (
+            lambda p: _edit_json(
+                p / "unet" / "config.json",
+                up_block_types=["ResnetUpsampleBlock2D", "SimpleCrossAttnUpBlock2D"],
+            ),
+            "unet has ResnetUpsampleBlock2D, SimpleCrossAttnUpBlock2D blocks, which fail at odd",
+        ),
     ],
-    ids=["missing-component", "pickle-only", "unexpected-channels", "sdxl", "not-diffusers"],
+    ids=[
+        "missing-component",
+        "pickle-only",
+        "unexpected-channels",
+        "sdxl",
+        "not-diffusers",
+        "tiny-vae",
+        "text-projection",
+        "attention-mask",
+        "class-labels",
+        "added-embeddings",
+        "odd-side-blocks",
+    ],
 )
 def test_unsupported_folder_fails_with_one_line(
     tiny_preset: Path, tmp_path: Path, break_it, message: str
@@ -211,6 +255,68 @@ def test_unsupported_folder_fails_with_one_line(
     assert result.stderr.strip().count("\n") == 0, result.stderr
     assert message in result.stderr
     assert not (tmp_path / "out" / MANIFEST).exists()
+
+
+def test_a_guidance_embedding_is_refused_where_diffusers_would_use_it(
+    tiny_preset: Path, tmp_path: Path
+) -> None:
+    """An LCM-distilled UNet (time_cond_proj_dim): diffusers' img2img embeds the guidance
+    scale instead of guiding, so it is refused there; its InstructPix2Pix pipeline ignores
+    the key, and so does the export."""
+    for folder_name in (IMG2IMG_FOLDER, PIX2PIX_FOLDER):
+        folder = tmp_path / folder_name
+        shutil.copytree(tiny_preset / folder_name, folder)
+        _edit_json(folder / "unet" / "config.json", time_cond_proj_dim=8)
+    with pytest.raises(UnsupportedCheckpointError, match="unet takes a guidance embedding"):
+        inspect_folder(tmp_path / IMG2IMG_FOLDER)
+    assert inspect_folder(tmp_path / PIX2PIX_FOLDER).pipeline == PIX2PIX
+
+
+def _as_variant(folder: Path, component: str, variant: str) -> None:
+    for weights in (folder / component).glob("*.safetensors"):
+        weights.rename(weights.with_name(f"{weights.stem}.{variant}.safetensors"))
+
+
+def test_weights_only_in_a_variant_load_as_that_variant(tiny_preset: Path, tmp_path: Path) -> None:
+    """A folder as diffusers' `variant="fp16"` downloads write it (model.fp16.safetensors,
+    no plain file) loads with that variant; two variants and no plain files are refused."""
+    folder = _copy_pipeline(tiny_preset, tmp_path)
+    plain = load_pipeline(inspect_folder(folder))
+    for component in ("unet", "vae", "text_encoder"):
+        _as_variant(folder, component, "fp16")
+    found = inspect_folder(folder)
+    assert found.variant == "fp16"
+    loaded = load_pipeline(found)
+    for name, weights in plain.unet.state_dict().items():
+        assert torch.equal(loaded.unet.state_dict()[name], weights), name
+
+    for weights in (folder / "vae").glob("*.safetensors"):
+        weights.rename(weights.with_name("diffusion_pytorch_model.ema.safetensors"))
+    with pytest.raises(UnsupportedCheckpointError, match=r"different variants \(ema, fp16\)"):
+        inspect_folder(folder)
+
+
+def test_an_output_of_another_shape_than_the_pipelines_read_fails_the_export(
+    tiny_export: Path, reference_pipelines: dict[str, Any]
+) -> None:
+    """Validation compares each output's shape with what the served pipelines read, not
+    only with PyTorch (a text encoder with a projection returned one vector per prompt,
+    and the export passed)."""
+    from export.onnx_export import _wrappers
+    from export.validation import validate_component
+
+    manifest = load_manifest(tiny_export)
+    spec = ComponentSpec.from_json(manifest["components"]["text_encoder"]["spec"])
+    hidden = spec.outputs[0]
+    claimed = replace(spec, outputs=(replace(hidden, dims=("batch", hidden.dims[-1])),))
+    pipelines = {PIX2PIX: reference_pipelines["instruct_pix2pix"]}
+    folders = {PIX2PIX: inspect_folder(Path(manifest["pipelines"][PIX2PIX]["source"]))}
+    module = _wrappers(pipelines)["text_encoder"]
+    path = tiny_export / "text_encoder" / "model.onnx"
+    checkpoint = checkpoint_inputs(folders, pipelines)
+    assert all(row.passed for row in validate_component(module, spec, path, checkpoint, 1e-3))
+    with pytest.raises(UnsupportedCheckpointError, match=r"text_encoder: .* comes out"):
+        validate_component(module, claimed, path, checkpoint, 1e-3)
 
 
 def _edit_json(path: Path, **changes: object) -> None:
