@@ -398,6 +398,41 @@ def test_a_json_body_and_unknown_routes_are_answered_in_openais_shape(gateway: s
     assert wrong_method.json()["error"]["message"] == "GET is not allowed on /v1/images/edits"
 
 
+def _multipart(parts: list[tuple[str, bytes, str | None]], boundary: str = "b0und") -> bytes:
+    """A multipart body written by hand: (field, bytes, filename or None) per part."""
+    body = b""
+    for name, value, filename in parts:
+        disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
+        body += f"--{boundary}\r\nContent-Disposition: {disposition}\r\n\r\n".encode()
+        body += value + b"\r\n"
+    return body + f"--{boundary}--\r\n".encode()
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "param", "words"),
+    [
+        ("prompt", b"caf\xe9 \xff\xfe", "prompt", "prompt is not UTF-8 text (byte 3 of 7)"),
+        ("negative_prompt", b"x" * (2 * 1024 * 1024), "negative_prompt", "negative_prompt: Part"),
+    ],
+    ids=["latin-1-prompt", "2-mib-field"],
+)
+def test_a_text_field_the_contract_cannot_take_is_refused_naming_it(
+    gateway: str, picture: bytes, field: str, value: bytes, param: str, words: str
+) -> None:
+    """Starlette reads text it cannot decode as Latin-1, and names no field when a part is
+    too large; the gateway refuses the first and names the field of both."""
+    parts = [("image", picture, "photo.png"), ("prompt", PROMPT.encode(), None)]
+    body = _multipart([*(p for p in parts if p[0] != field), (field, value, None)])
+    headers = {
+        "Authorization": f"Bearer {API_KEY}",
+        "Content-Type": "multipart/form-data; boundary=b0und",
+    }
+    refused = httpx.post(f"{gateway}/v1/images/edits", headers=headers, content=body)
+    error = refused.json()["error"]
+    assert refused.status_code == 400 and error["param"] == param, error
+    assert words in error["message"], error
+
+
 def test_a_form_without_a_prompt_is_missing_a_required_parameter(
     gateway: str, picture: bytes
 ) -> None:

@@ -4,9 +4,9 @@
 
 `POST /v1/images/edits` takes the multipart form OpenAI's SDK sends and answers as OpenAI
 does, server-sent events included; `GET /v1/models` lists the pipelines the server has
-ready. form.py reads and checks the form with the contract; guard.py checks the API key
-and the body's size before anything is read; app.py runs the edits through
-AsyncEditClient; output.py encodes what goes back; serve.py runs it under uvicorn.
+ready. multipart.py parses the body, form.py checks the form with the contract; guard.py
+checks the API key and the body's size before anything is read; app.py runs the edits
+through AsyncEditClient; output.py encodes what goes back; serve.py runs it under uvicorn.
 
 This module imports nothing beyond the standard library, so the command line can read
 its settings without the `api` extra (`pip install 'pix2pix-client[api]'`: Starlette,

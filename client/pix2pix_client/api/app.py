@@ -30,6 +30,7 @@ from pix2pix_client.api import DEFAULT_MAX_IMAGE_SIDE, DEFAULT_MAX_N
 from pix2pix_client.api.errors import ApiError, from_edit_error, incident, invalid
 from pix2pix_client.api.form import MODEL_IDS, EditForm, FormReader
 from pix2pix_client.api.guard import Guard, error_response
+from pix2pix_client.api.multipart import read_form
 from pix2pix_client.api.output import (
     encoded,
     fit_to_size,
@@ -45,9 +46,6 @@ from pix2pix_client.request import EditResult, Progress
 logger = logging.getLogger("pix2pix_client.api")
 
 T = TypeVar("T")
-# Files a form may carry (OpenAI takes up to 16 images): more is refused while parsing.
-MAX_FILES = 16
-MAX_FIELDS = 64
 HEALTH_TIMEOUT_S = 5.0
 # Answered to a client that left; it never reads it (nginx's "client closed request").
 CLIENT_GONE = 499
@@ -106,8 +104,11 @@ class Gateway:
                 "form OpenAI's SDK sends",
                 code="invalid_content_type",
             )
-        async with request.form(max_files=MAX_FILES, max_fields=MAX_FIELDS) as form:
+        form = await read_form(request)
+        try:
             edit = await self.reader.read(form)
+        finally:
+            await form.close()
         if edit.size is not None:
             try:
                 image = await asyncio.to_thread(fit_to_size, edit.image, edit.size)

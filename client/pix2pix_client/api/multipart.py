@@ -1,0 +1,62 @@
+"""The body of `POST /v1/images/edits` read as a form: Starlette's multipart parser, with
+text fields held to the UTF-8 the contract takes and a part's errors naming its field.
+
+Starlette decodes a text field it cannot read in the request's charset as Latin-1, so a
+prompt of stray bytes would reach the model garbled; here it is refused. Its refusals of a
+field (too large) say which field they mean.
+"""
+
+from __future__ import annotations
+
+from starlette.datastructures import FormData
+from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import Request
+
+from pix2pix_client.api.errors import ApiError
+
+# Files a form may carry (OpenAI takes up to 16 images): more is refused while parsing.
+MAX_FILES = 16
+MAX_FIELDS = 64
+
+
+class FieldError(MultiPartException):
+    """A part of the form refused, naming its field."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class _StrictParser(MultiPartParser):
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        try:
+            super().on_part_data(data, start, end)
+        except MultiPartException as error:
+            field = self._current_part.field_name
+            raise FieldError(field, f"{field}: {error.message}") from None
+
+    def on_part_end(self) -> None:
+        part = self._current_part
+        if part.file is None:
+            try:
+                bytes(part.data).decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise FieldError(
+                    part.field_name,
+                    f"{part.field_name} is not UTF-8 text (byte {error.start} of "
+                    f"{len(part.data)}): allowed UTF-8",
+                ) from None
+        super().on_part_end()
+
+
+async def read_form(request: Request) -> FormData:
+    """The request's form; raises ApiError 400 for a malformed one. The caller closes it."""
+    parser = _StrictParser(
+        request.headers, request.stream(), max_files=MAX_FILES, max_fields=MAX_FIELDS
+    )
+    try:
+        return await parser.parse()
+    except FieldError as error:
+        raise ApiError(400, error.message, param=error.field, code="invalid_value") from None
+    except MultiPartException as error:
+        raise ApiError(400, error.message, code="invalid_request") from None
