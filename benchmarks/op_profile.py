@@ -60,6 +60,8 @@ def random_feed(export_dir: Path, component: str, side: int, batch: int) -> dict
     # Token ids only need to be below the vocabulary size for a timing.
     checkpoint = CheckpointInputs(dims, 0, 1, 1, num_train_timesteps=1000)
     spec = ComponentSpec.from_json(manifest["components"][component]["spec"])
+    if side <= 0 or side % dims.vae_scale_factor:
+        raise ValueError(f"side={side}: allowed a positive multiple of {dims.vae_scale_factor}")
     latent = side // dims.vae_scale_factor
     return sample_inputs(spec, checkpoint, batch, (latent, latent), seed=0)
 
@@ -119,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=3, help="3: a guided InstructPix2Pix step")
     parser.add_argument("--calls", type=int, default=3, help="the first packs the weights")
     args = parser.parse_args(argv)
+    if args.calls < 1 or args.batch < 1:
+        parser.error(f"calls={args.calls}, batch={args.batch}: allowed 1 or more each")
     try:
         result = profile(
             args.export_dir, args.component, args.precision, args.side, args.batch, args.calls

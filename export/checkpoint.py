@@ -117,7 +117,8 @@ def inspect_folder(path: Path) -> PipelineFolder:
 def _weights_variant(path: Path) -> str | None:
     """The variant diffusers must be told to load (None: the plain files), checking that
     every weighted component has safetensors weights."""
-    variants = set()
+    # The variants of each component that has no plain weights file.
+    only: dict[str, set[str]] = {}
     for component in WEIGHTED_COMPONENTS:
         folder = path / component
         names = sorted(p.name for p in folder.glob("*.safetensors"))
@@ -130,14 +131,19 @@ def _weights_variant(path: Path) -> str | None:
                 f"{path}: {component} weights load from safetensors only ({found})"
             )
         kinds = {match["variant"] for name in names if (match := WEIGHTS_FILE.match(name))}
-        if None not in kinds:
-            variants |= kinds
-    if len(variants) > 1:
+        if kinds and None not in kinds:
+            only[component] = kinds
+    if not only:
+        return None
+    # diffusers loads the one variant it is given for every component that has it.
+    common = set.intersection(*only.values())
+    if not common:
+        found = "; ".join(f"{c}: {', '.join(sorted(v))}" for c, v in only.items())
         raise UnsupportedCheckpointError(
-            f"{path}: the components' weights come in different variants "
-            f"({', '.join(sorted(variants))}) and none without one; supported: one variant"
+            f"{path}: no weights variant common to the components without plain weights "
+            f"({found}); supported: plain weights, or one variant every such component has"
         )
-    return next(iter(variants), None)
+    return "fp16" if "fp16" in common else min(common)
 
 
 def _check_unet_inputs(path: Path, unet: dict[str, Any], pipeline: str) -> None:

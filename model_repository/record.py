@@ -43,7 +43,8 @@ def read_record(repository: str) -> dict[str, Any] | None:
         return None
     else:
         path = Path(repository) / REPOSITORY_RECORD
-        text = path.read_text() if path.is_file() else None
+        # Bytes: json reads their encoding, so one that is none fails below, named.
+        text = path.read_bytes() if path.is_file() else None
     if text is None:
         return None
     where = f"{repository.rstrip('/')}/{REPOSITORY_RECORD}"

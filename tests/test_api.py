@@ -433,6 +433,24 @@ def test_a_text_field_the_contract_cannot_take_is_refused_naming_it(
     assert words in error["message"], error
 
 
+def test_a_charset_the_request_declares_is_read(gateway: str, picture: bytes) -> None:
+    """Text in the charset the request declares is that text (Latin-1 here), as Starlette
+    reads it; only text the charset cannot decode is refused."""
+    parts = [
+        ("image", picture, "photo.png"),
+        ("prompt", "make it café".encode("latin-1"), None),
+        ("num_inference_steps", b"2", None),
+    ]
+    headers = {
+        "Authorization": f"Bearer {API_KEY}",
+        "Content-Type": "multipart/form-data; boundary=b0und; charset=iso-8859-1",
+    }
+    body = _multipart(parts)
+    answered = httpx.post(f"{gateway}/v1/images/edits", headers=headers, content=body, timeout=60)
+    assert answered.status_code == 200, answered.text
+    assert len(answered.json()["data"]) == 1
+
+
 def test_a_form_without_a_prompt_is_missing_a_required_parameter(
     gateway: str, picture: bytes
 ) -> None:

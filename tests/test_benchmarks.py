@@ -715,3 +715,5 @@ def test_the_operation_profile_splits_a_served_components_call(
 
     assert op_profile.main([str(tiny_export), "--component", "unet"]) == 2
     assert "component='unet': allowed one of text_encoder," in capsys.readouterr().err
+    assert op_profile.main([str(tiny_export), "--side", "60"]) == 2
+    assert "side=60: allowed a positive multiple of" in capsys.readouterr().err

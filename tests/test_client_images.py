@@ -220,3 +220,11 @@ def test_pillows_other_exceptions_are_the_image_error(case: str) -> None:
             assert error.field == "image" and "allowed" in str(error)
     with pytest.raises(InvalidArgumentError, match="could not be decoded to fit"):
         fit_to_size(data, (64, 64))
+
+
+def test_a_lifted_bomb_limit_fits_as_before(monkeypatch) -> None:
+    """A host application may set Pillow's limit to None (no limit): the fit then checks
+    nothing, and fits."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
+    fitted = fit_to_size(_encoded(Image.fromarray(_gradient()), "PNG"), (16, 16))
+    assert Image.open(io.BytesIO(fitted)).size == (16, 16)

@@ -458,16 +458,17 @@ def test_the_record_says_which_code_built_the_repository(
         ("", "Expecting value"),
         ('{"pipelines": ["instr', "Unterminated string"),
         ("[]", "a JSON list"),
+        (b"\x80{}", "can't decode"),
     ],
 )
 def test_a_damaged_record_stops_serve_with_one_line_naming_it(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, damage: str
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str | bytes, damage: str
 ) -> None:
     """A repository.json cut short (a copy interrupted, a full disk) or replaced stops
     `serve --repository` before tritonserver starts, with the file and the remedy."""
     from serving.serve import main
 
-    (tmp_path / REPOSITORY_RECORD).write_text(text)
+    (tmp_path / REPOSITORY_RECORD).write_bytes(text if isinstance(text, bytes) else text.encode())
     assert main(["--repository", str(tmp_path)]) == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and "Traceback" not in error

@@ -1,9 +1,10 @@
 """The body of `POST /v1/images/edits` read as a form: Starlette's multipart parser, with
-text fields held to the UTF-8 the contract takes and a part's errors naming its field.
+text fields held to the request's charset (UTF-8 unless it declares another) and a part's
+errors naming its field.
 
-Starlette decodes a text field it cannot read in the request's charset as Latin-1, so a
-prompt of stray bytes would reach the model garbled; here it is refused. Its refusals of a
-field (too large) say which field they mean.
+Starlette decodes a text field it cannot read in that charset as Latin-1, so a prompt of
+stray bytes would reach the model garbled; here it is refused. Its refusals of a field
+(too large) say which field they mean.
 """
 
 from __future__ import annotations
@@ -37,16 +38,21 @@ class _StrictParser(MultiPartParser):
 
     def on_part_end(self) -> None:
         part = self._current_part
-        if part.file is None:
-            try:
-                bytes(part.data).decode("utf-8")
-            except UnicodeDecodeError as error:
-                raise FieldError(
-                    part.field_name,
-                    f"{part.field_name} is not UTF-8 text (byte {error.start} of "
-                    f"{len(part.data)}): allowed UTF-8",
-                ) from None
-        super().on_part_end()
+        if part.file is not None:
+            super().on_part_end()
+            return
+        # Strictly in the request's charset (UTF-8 unless it declares another), where
+        # Starlette would fall back to Latin-1.
+        charset = self._charset or "utf-8"
+        try:
+            text = bytes(part.data).decode(charset)
+        except UnicodeDecodeError as error:
+            raise FieldError(
+                part.field_name,
+                f"{part.field_name} is not {charset.upper()} text (byte {error.start} of "
+                f"{len(part.data)}): allowed UTF-8, or the charset the request declares",
+            ) from None
+        self.items.append((part.field_name, text))
 
 
 async def read_form(request: Request) -> FormData:

@@ -28,7 +28,8 @@ def fit_to_size(data: bytes, size: tuple[int, int]) -> bytes:
     the warnings filters, which threads share)."""
     try:
         image = Image.open(io.BytesIO(data))
-        if (pixels := image.width * image.height) > Image.MAX_IMAGE_PIXELS:
+        limit = Image.MAX_IMAGE_PIXELS  # None where a host application lifted it
+        if limit is not None and (pixels := image.width * image.height) > limit:
             raise _not_fitted(size, f"its header claims {pixels} pixels")
         image = ImageOps.exif_transpose(image)
         if image.mode not in ("RGB", "RGBA", "L", "LA"):
