@@ -429,8 +429,15 @@ def load_manifest(export_dir: Path) -> dict[str, Any]:
     path = Path(export_dir) / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(f"{export_dir}: no {MANIFEST}; run the ONNX export first")
-    manifest = json.loads(path.read_text())
-    if not manifest["validation"]["passed"]:
+    try:
+        manifest = json.loads(path.read_bytes())
+        passed = manifest["validation"]["passed"]
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(
+            f"{path} is damaged or not an export's manifest ({type(error).__name__}: {error}); "
+            "run the ONNX export again"
+        ) from None
+    if not passed:
         raise ValueError(f"{export_dir}: this export failed validation against PyTorch")
     return manifest
 

@@ -22,10 +22,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from export.folders import make_empty
 from export.tokenizer import END_OF_TEXT, VOCAB_SIZE, save_clip_tokenizer
 
 PIX2PIX_FOLDER = "instruct-pix2pix"
 IMG2IMG_FOLDER = "img2img"
+# Written last into a preset's root: which preset, its seed and its weights' digests.
+PRESET_RECORD = "preset.json"
+# torch.manual_seed takes a signed 64-bit seed.
+MAX_SEED = 2**63 - 1
 
 # timbrooks/instruct-pix2pix's scheduler/scheduler_config.json
 PIX2PIX_SCHEDULER = {
@@ -206,8 +211,7 @@ def write_pipelines(preset: Preset, output: Path, seed: int = 0) -> dict[str, st
     unet_pix2pix = UNet2DConditionModel(**preset.unet, in_channels=2 * latent, out_channels=latent)
     unet_img2img = UNet2DConditionModel(**preset.unet, in_channels=latent, out_channels=latent)
 
-    if output.exists():
-        shutil.rmtree(output)
+    make_empty(output, "a preset", PRESET_RECORD)
     tokenizer_dir = output / "_tokenizer"
     save_clip_tokenizer(
         tokenizer_dir,
@@ -245,7 +249,7 @@ def write_pipelines(preset: Preset, output: Path, seed: int = 0) -> dict[str, st
         pipeline.save_pretrained(target, safe_serialization=True)
         hashes[folder] = weights_hash(target)
     shutil.rmtree(tokenizer_dir)
-    (output / "preset.json").write_text(
+    (output / PRESET_RECORD).write_text(
         json.dumps({"preset": preset.name, "seed": seed, "weights_sha256": hashes}, indent=2) + "\n"
     )
     return hashes
@@ -262,6 +266,15 @@ def weights_hash(pipeline_dir: Path) -> str:
     return digest.hexdigest()
 
 
+def preset_record(output: Path) -> dict[str, Any] | None:
+    """The preset record in `output`; None where there is none or it cannot be read."""
+    try:
+        recorded = json.loads((output / PRESET_RECORD).read_bytes())
+    except (OSError, ValueError):
+        return None
+    return recorded if isinstance(recorded, dict) else None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("preset", choices=sorted(PRESETS), help="which architecture sizes")
@@ -271,16 +284,21 @@ def main(argv: list[str] | None = None) -> int:
         "--force", action="store_true", help="rebuild even if the folder holds this preset"
     )
     args = parser.parse_args(argv)
+    if not 0 <= args.seed <= MAX_SEED:
+        parser.error(f"--seed {args.seed}: allowed 0..{MAX_SEED}")
 
-    marker = args.output / "preset.json"
-    if marker.is_file() and not args.force:
-        recorded = json.loads(marker.read_text())
-        if recorded.get("preset") == args.preset and recorded.get("seed") == args.seed:
-            for folder, digest in recorded["weights_sha256"].items():
-                print(f"{args.preset} preset up to date: {args.output / folder}  sha256 {digest}")
-            return 0
+    recorded = preset_record(args.output) or {}
+    current = recorded.get("preset") == args.preset and recorded.get("seed") == args.seed
+    if current and not args.force:
+        for folder, digest in recorded.get("weights_sha256", {}).items():
+            print(f"{args.preset} preset up to date: {args.output / folder}  sha256 {digest}")
+        return 0
     started = time.perf_counter()
-    hashes = build_preset(args.preset, args.output, args.seed)
+    try:
+        hashes = build_preset(args.preset, args.output, args.seed)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     elapsed = time.perf_counter() - started
     for folder, digest in hashes.items():
         print(f"{args.preset} preset (seed {args.seed}): {args.output / folder}  sha256 {digest}")

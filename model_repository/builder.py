@@ -46,6 +46,7 @@ from export.components import (
     VAE_ENCODER,
     ComponentSpec,
 )
+from export.folders import make_empty
 from export.int8 import QUANTIZED_COMPONENTS, int8_dir, int8_matches_export
 from export.onnx_export import EXTERNAL_DATA_FILE, MODEL_FILE, load_manifest
 from export.openvino_ir import (
@@ -71,7 +72,7 @@ from model_repository.configs import (
     server_arguments,
 )
 from model_repository.cpu_graphs import ensure_cpu_graphs
-from model_repository.record import write_record
+from model_repository.record import REPOSITORY_RECORD, write_record
 
 # The Python backend models' model.py files, copied into the repository.
 TRITON_MODELS = Path(edit_pipeline.triton.__file__).parent
@@ -292,9 +293,7 @@ def build_repository(
         served |= set(shallow.values())
     options = with_edit_instances(options, export_dir, sorted(served), pipelines)
 
-    if output.exists():
-        shutil.rmtree(output)
-    output.mkdir(parents=True)
+    make_empty(output, "a model repository", REPOSITORY_RECORD)
     written = []
     limits = image_limits(manifest, options)
     for name in sorted(served):

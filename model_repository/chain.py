@@ -15,7 +15,6 @@ size) is the machine's again before the server starts.
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import time
 from collections.abc import Iterator
@@ -25,13 +24,12 @@ from pathlib import Path
 
 from export.int8 import ensure_int8
 from export.onnx_export import ensure_export
-from export.presets import PRESETS
+from export.presets import PRESET_RECORD, PRESETS
 from model_repository.builder import build_repository
 from model_repository.configs import RepositoryOptions
 
 DEFAULT_BUILD_DIR = Path("build")
 DEFAULT_PRESET = "tiny"
-PRESET_MARKER = "preset.json"
 
 
 @dataclass(frozen=True)
@@ -72,7 +70,7 @@ class BuiltModel:
     def random_weights(self) -> bool:
         """Whether the weights are a preset's: a preset root, or a pipeline folder in one."""
         folder = self.weights.resolve()
-        return (folder / PRESET_MARKER).is_file() or (folder.parent / PRESET_MARKER).is_file()
+        return (folder / PRESET_RECORD).is_file() or (folder.parent / PRESET_RECORD).is_file()
 
 
 def add_source_arguments(parser: argparse.ArgumentParser) -> argparse._MutuallyExclusiveGroup:
@@ -94,11 +92,10 @@ def _log(message: str) -> None:
 
 def ensure_preset(preset: str, build_dir: Path) -> Path:
     """The preset's root under `build_dir`, built when missing."""
-    from export.presets import build_preset
+    from export.presets import build_preset, preset_record
 
     root = build_dir / "presets" / preset
-    marker = root / PRESET_MARKER
-    if marker.is_file() and json.loads(marker.read_text()).get("preset") == preset:
+    if (preset_record(root) or {}).get("preset") == preset:
         _log(f"preset up to date: {root}")
         return root
     _log(f"building the {preset} preset (random weights of the real architectures) ...")

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from model_repository.chain import PRESET_MARKER, BuiltModel
+from export.presets import PRESET_RECORD
+from model_repository.chain import BuiltModel
 from serving import demo, serve
 
 TIMED_STEPS = ("build", "export", "repository", "server start", "edit", "server stop", "total")
@@ -92,7 +93,7 @@ def test_a_read_only_build_folder_is_one_line(
 def test_random_weights_are_recognised_by_the_preset_marker(tmp_path: Path) -> None:
     preset = tmp_path / "tiny"
     (preset / "instruct-pix2pix").mkdir(parents=True)
-    (preset / PRESET_MARKER).write_text("{}")
+    (preset / PRESET_RECORD).write_text("{}")
     checkpoint = tmp_path / "instruct-pix2pix"
     checkpoint.mkdir()
 

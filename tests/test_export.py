@@ -524,3 +524,28 @@ def test_geglu_split_computes_the_same(approximate: str, rewritten: int) -> None
         for m in (original, model.model)
     )
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_the_preset_command_writes_over_its_own_folder_only(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A folder of someone's files is refused and kept; a damaged preset record is a
+    preset to build again; a seed torch cannot take is refused by name."""
+    from export import presets
+
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "notes.txt").write_text("keep me")
+    assert presets.main(["tiny", "--output", str(theirs)]) == 2
+    assert "holds files that are not a preset (no preset.json)" in capsys.readouterr().err
+    assert [p.name for p in theirs.iterdir()] == ["notes.txt"]
+
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / presets.PRESET_RECORD).write_text('{"preset": "ti')
+    assert presets.main(["tiny", "--output", str(damaged)]) == 0
+    assert (presets.preset_record(damaged) or {}).get("preset") == "tiny"
+
+    with pytest.raises(SystemExit):
+        presets.main(["tiny", "--output", str(damaged), "--seed", str(2**70)])
+    assert f"--seed {2**70}: allowed 0..{2**63 - 1}" in capsys.readouterr().err

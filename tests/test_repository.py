@@ -474,3 +474,51 @@ def test_a_damaged_record_stops_serve_with_one_line_naming_it(
     assert error.count("\n") == 1 and "Traceback" not in error
     assert f"{tmp_path}/{REPOSITORY_RECORD} is damaged (" in error
     assert damage in error and "build the repository again" in error
+
+
+def test_the_builder_writes_over_its_own_output_only(
+    tiny_export: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--output` naming a folder of someone's files is refused and the files stay; a file
+    in its place too. A repository built before, or one whose build was cut short (the
+    project's mark, written first), is written again."""
+    from export.folders import WRITTEN_MARK
+    from model_repository.builder import main
+
+    arguments = [str(tiny_export), "--flavour", "onnxruntime", "--precision", "fp32"]
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "notes.txt").write_text("keep me")
+    assert main([*arguments, "--output", str(theirs)]) == 2
+    error = capsys.readouterr().err
+    assert f"{theirs}: holds files that are not a model repository (no repository.json)" in error
+    assert sorted(p.name for p in theirs.iterdir()) == ["notes.txt"]
+
+    a_file = tmp_path / "a-file"
+    a_file.write_text("keep me")
+    assert main([*arguments, "--output", str(a_file)]) == 2
+    assert "is a file; allowed a folder" in capsys.readouterr().err
+    assert a_file.read_text() == "keep me"
+
+    cut_short = tmp_path / "cut-short"
+    cut_short.mkdir()
+    (cut_short / WRITTEN_MARK).write_text("")
+    (cut_short / "text_encoder").mkdir()
+    assert main([*arguments, "--output", str(cut_short)]) == 0
+    assert main([*arguments, "--output", str(cut_short)]) == 0  # its own repository
+    assert (cut_short / REPOSITORY_RECORD).is_file()
+
+
+@pytest.mark.parametrize(("text", "damage"), [("{}", "KeyError"), ("{", "JSONDecodeError")])
+def test_a_damaged_manifest_is_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, damage: str
+) -> None:
+    from model_repository.builder import main
+
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "manifest.json").write_text(text)
+    assert main([str(export), "--output", str(tmp_path / "out"), "--flavour", "onnxruntime"]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and f"{export}/manifest.json is damaged" in error
+    assert damage in error and not (tmp_path / "out").exists()

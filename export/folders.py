@@ -1,0 +1,34 @@
+"""Folders the project writes whole (a preset, a model repository): made anew only where
+that removes nothing but what it wrote before.
+
+A command's `--output` may name any folder. Emptying one that holds someone's files would
+lose them, so an existing folder is emptied only when it is empty or holds the project's
+mark (written first, so a build cut short is still recognised) or the record its kind
+writes last (folders made before the mark).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+# Written first into every folder written whole.
+WRITTEN_MARK = ".written-by-triton-image-edit"
+
+
+def make_empty(folder: Path, what: str, record: str) -> None:
+    """`folder` emptied (or made) to write `what` into; raises ValueError naming it when it
+    is a file, or a folder of other files (neither WRITTEN_MARK nor `record` in it)."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{folder}: is a file; allowed a folder to write {what} into")
+    if folder.is_dir():
+        ours = (folder / WRITTEN_MARK).exists() or (folder / record).exists()
+        if not ours and any(folder.iterdir()):
+            raise ValueError(
+                f"{folder}: holds files that are not {what} (no {record}); allowed a new or "
+                f"empty folder, or one holding {what} to write again"
+            )
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    (folder / WRITTEN_MARK).write_text(f"{what}, written whole by triton-image-edit\n")
