@@ -98,13 +98,25 @@ def make_server(
 ) -> TritonServer:
     """The TritonServer that `serve` runs for its parsed arguments. deploy/check.py builds
     it from the Kubernetes manifests' container arguments the same way."""
+    return TritonServer(repository, server_settings(args), admin_key=admin_key, log_file=log_file)
+
+
+def server_settings(args: argparse.Namespace) -> ServerSettings:
+    """The server's settings from the parsed arguments, checked (ValueError, one line)."""
     settings = from_arguments(ServerSettings, args, tls=tls_files(args))
-    return TritonServer(repository, settings, admin_key=admin_key, log_file=log_file)
+    settings.check()
+    return settings
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        # Checked before anything is built: a bad port found after an hour's export.
+        server_settings(args)
+        if args.log_file is not None and args.log_file.is_dir():
+            raise ValueError(f"--log-file {args.log_file}: is a folder; allowed a file, or -")
+        if args.repository is not None and not args.repository.strip():
+            raise ValueError("--repository '': allowed a repository folder or s3://...")
         options = from_arguments(RepositoryOptions, args)
         if args.repository is not None:
             repository, name = args.repository, Path(str(args.repository).rstrip("/")).name
@@ -148,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
             _log("SIGTERM or Ctrl-C drains and stops the server.")
         while not stop.wait(0.5):
             pass
-    except (RuntimeError, TimeoutError) as error:
+    except (RuntimeError, TimeoutError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         server.stop(grace=0)
         return 1

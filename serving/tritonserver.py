@@ -16,6 +16,7 @@ in this interpreter's environment, so models import this project and its depende
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import shutil
 import socket
@@ -102,6 +103,26 @@ class ServerSettings:
         """Settings whose ports are free ones of this machine's loopback (tests, demo)."""
         ports = {name: free_port() for name in ("grpc_port", "http_port", "metrics_port")}
         return cls(**{**ports, **settings})
+
+    def check(self) -> None:
+        """Raises ValueError (one line) naming each setting outside what tritonserver takes."""
+        ports = {name: getattr(self, name) for name in ("grpc_port", "http_port", "metrics_port")}
+        problems = [f"{name}={port}" for name, port in ports.items() if not 1 <= port <= 65535]
+        if problems:
+            raise ValueError(f"{', '.join(problems)}: allowed a port 1..65535")
+        if len(set(ports.values())) < len(ports):
+            shown = ", ".join(f"{name}={port}" for name, port in ports.items())
+            raise ValueError(f"{shown}: allowed three different ports")
+        if not math.isfinite(self.grace) or self.grace < 0:
+            raise ValueError(f"grace={self.grace}: allowed seconds >= 0")
+        if self.exit_timeout_s < 1:
+            raise ValueError(f"exit_timeout_s={self.exit_timeout_s}: allowed seconds >= 1")
+        if self.log_verbose < 0:
+            raise ValueError(f"log_verbose={self.log_verbose}: allowed 0 or more")
+        if not self.host.strip():
+            raise ValueError(
+                f"host={self.host!r}: allowed an address to bind to (127.0.0.1, 0.0.0.0, ...)"
+            )
 
     @property
     def connect_host(self) -> str:

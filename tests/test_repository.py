@@ -522,3 +522,28 @@ def test_a_damaged_manifest_is_named(
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and f"{export}/manifest.json is damaged" in error
     assert damage in error and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("arguments", "words"),
+    [
+        (["--grpc-port", "99999"], "grpc_port=99999: allowed a port 1..65535"),
+        (["--metrics-port", "-1"], "metrics_port=-1: allowed a port 1..65535"),
+        (["--http-port", "8001"], "allowed three different ports"),
+        (["--grace", "nan"], "grace=nan: allowed seconds >= 0"),
+        (["--host", " "], "host=' ': allowed an address"),
+        (["--log-file", "."], "--log-file .: is a folder"),
+    ],
+)
+def test_serve_checks_its_server_settings_before_building(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], arguments: list[str], words: str
+) -> None:
+    """Refused at once, with one line, where tritonserver (or an hour's export first) would
+    find them: `--preset` would build, and nothing is."""
+    from serving.serve import main
+
+    build_dir = tmp_path / "build"
+    assert main(["--preset", "tiny", "--build-dir", str(build_dir), *arguments]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and words in error, error
+    assert not build_dir.exists()
