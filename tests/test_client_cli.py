@@ -127,6 +127,8 @@ def test_url_default_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch)
         (["--retries", "-1"], "--retries=-1 is out of range: allowed >= 0"),
         (["--header", "no-equals-sign"], "--header 'no-equals-sign' is not KEY=VALUE"),
         (["--root-certificates", "/missing/ca.pem"], "given without ssl=True"),
+        (["-o", "out.xyz"], "-o out.xyz: .xyz is no format the result is saved in: allowed"),
+        (["--url", "localhost:99999"], "has port 99999: allowed 1..65535"),
         (["--ssl", "--root-certificates", "/missing/ca.pem"], "is not a readable file"),
     ],
 )
@@ -139,6 +141,22 @@ def test_invalid_flag_values_exit_2_with_one_line(
     assert code == 2
     assert expected in _one_error_line(captured.err)
     assert captured.out == ""
+
+
+@pytest.mark.parametrize("command", ["api", "ui"])
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (["--port", "99999"], "--port=99999 is out of range: allowed 1..65535"),
+        (["--port", "0"], "--port=0 is out of range: allowed 1..65535"),
+        (["--url", "http://localhost:8001"], "is an HTTP URL: allowed host:port"),
+    ],
+)
+def test_served_pages_check_their_port_and_server_address(
+    command: str, flags: list[str], expected: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main([command, *flags]) == 2
+    assert expected in _one_error_line(capsys.readouterr().err)
 
 
 def test_missing_prompt_and_missing_command_exit_2(
@@ -279,11 +297,11 @@ def test_server_invalid_argument_exits_2_server_error_exits_1(
     standin.script = [
         Failure(grpc.StatusCode.INVALID_ARGUMENT, "prompt='' is empty: allowed UTF-8 text")
     ]
-    assert main(["edit", str(photo), "-p", "x", "--url", url, "-o", str(photo) + ".out"]) == 2
+    assert main(["edit", str(photo), "-p", "x", "--url", url, "-o", str(photo) + ".out.png"]) == 2
     assert "prompt='' is empty" in _one_error_line(capsys.readouterr().err)
 
     standin.script = [Failure(grpc.StatusCode.INTERNAL, "sampler failed:\nCUDA error")]
-    assert main(["edit", str(photo), "-p", "x", "--url", url, "-o", str(photo) + ".out"]) == 1
+    assert main(["edit", str(photo), "-p", "x", "--url", url, "-o", str(photo) + ".out.png"]) == 1
     assert "sampler failed: CUDA error" in _one_error_line(capsys.readouterr().err)
 
 

@@ -216,6 +216,34 @@ def test_retries_double_their_wait() -> None:
     assert list(Connection.from_options("a:1", {"retries": 0}).attempts()) == [(0, 0.0)]
 
 
+def test_retries_wait_at_most_the_cap() -> None:
+    """However many retries are asked for, no wait passes MAX_BACKOFF_S (a billion retries
+    computed 2**1e9 before)."""
+    from pix2pix_client.connection import MAX_BACKOFF_S
+
+    connection = Connection.from_options("a:1", {"retries": 10**9, "backoff_s": 0.5})
+    waits = [wait for _, (_, wait) in zip(range(200), connection.attempts(), strict=False)]
+    assert waits[:8] == [0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, MAX_BACKOFF_S]
+    assert max(waits) == MAX_BACKOFF_S
+
+
+@pytest.mark.parametrize(
+    ("url", "words"),
+    [
+        ("localhost:99999", "has port 99999: allowed 1..65535"),
+        ("localhost:-1", "has port -1: allowed 1..65535"),
+        ("http://localhost:8001", "is an HTTP URL: allowed host:port (gRPC, no scheme)"),
+        ("a:8001,b:0", "'b:0' has port 0"),
+    ],
+)
+def test_an_address_grpc_would_misread_is_refused(url: str, words: str) -> None:
+    with pytest.raises(InvalidArgument) as raised:
+        Connection.from_options(url, {})
+    assert raised.value.field == "url" and words in str(raised.value)
+    for fine in ("localhost:8001", "[::1]:8001", "dns:///localhost:8001", "unix:/tmp/triton"):
+        assert Connection.from_options(fine, {}).urls == [fine]
+
+
 def test_retries_go_to_every_other_address_first() -> None:
     connection = Connection.from_options("a:1,b:2,c:3", {"retries": 4, "backoff_s": 0.5})
     connection.preferred = 1

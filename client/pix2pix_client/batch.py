@@ -72,6 +72,13 @@ def plan_jobs(inputs: Sequence[str], output: str | None) -> list[Job]:
         target = Path(output) if output else Path(f"{paths[0].stem}_edited.png")
         if target.is_dir():
             target = target / f"{paths[0].stem}.png"
+        if target.suffix.lower() not in ("", *IMAGE_SUFFIXES):
+            # Found before the edit runs, not when its result cannot be saved.
+            raise InvalidArgument(
+                "output",
+                f"-o {output}: {target.suffix} is no format the result is saved in: allowed "
+                f"{', '.join(IMAGE_SUFFIXES)}, or none (PNG)",
+            )
         jobs = [Job(paths[0], target)]
     else:
         directory = Path(output) if output else Path("edited")

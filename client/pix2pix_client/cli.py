@@ -31,7 +31,7 @@ from pix2pix_client.batch import (
     report_failure,
     run_edits,
 )
-from pix2pix_client.connection import DEFAULT_URL
+from pix2pix_client.connection import DEFAULT_URL, parse_urls
 from pix2pix_client.errors import (
     EditError,
     InvalidArgument,
@@ -360,7 +360,15 @@ async def _models(args: argparse.Namespace, connection: dict[str, Any]) -> int:
     return EXIT_OK
 
 
+def _check_listening(args: argparse.Namespace) -> None:
+    """The port a served page or API binds to, and the server address it forwards to."""
+    if not 1 <= args.port <= 65535:
+        raise InvalidArgument("port", f"--port={args.port} is out of range: allowed 1..65535")
+    parse_urls(args.url)
+
+
 def _ui(args: argparse.Namespace, connection: dict[str, Any]) -> int:
+    _check_listening(args)
     if args.concurrency < 1:
         raise InvalidArgument(
             "concurrency", f"--concurrency={args.concurrency} is out of range: allowed >= 1"
@@ -382,6 +390,7 @@ def _ui(args: argparse.Namespace, connection: dict[str, Any]) -> int:
 
 
 def _api(args: argparse.Namespace, connection: dict[str, Any]) -> int:
+    _check_listening(args)
     for flag, value in (("max-n", args.max_n), ("max-image-side", args.max_image_side)):
         if value < 1:
             raise InvalidArgument(flag, f"--{flag}={value} is out of range: allowed >= 1")

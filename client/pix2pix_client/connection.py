@@ -43,12 +43,30 @@ class ConnectionOptions(TypedDict, total=False):
     timeout_s: float | None
 
 
+# The longest wait between two tries, however many retries are asked for.
+MAX_BACKOFF_S = 30.0
+
+
 def parse_urls(url: str | Sequence[str]) -> list[str]:
     """ "host:port", "a:8001,b:8001" or a list of addresses -> the list."""
     urls = [part.strip() for part in url.split(",")] if isinstance(url, str) else list(url)
     if not urls or not all(urls):
         raise InvalidArgument("url", f"url={url!r} has no address: allowed host:port[,host:port]")
+    for address in urls:
+        _check_address(address)
     return urls
+
+
+def _check_address(address: str) -> None:
+    """What gRPC would take for another address: an HTTP URL, a port out of range (gRPC
+    wraps it to another port). Its own schemes (dns:///, unix:, ipv4:) pass as they are."""
+    if address.lower().startswith(("http://", "https://")):
+        raise InvalidArgument(
+            "url", f"url={address!r} is an HTTP URL: allowed host:port (gRPC, no scheme)"
+        )
+    port = address.rpartition(":")[2]
+    if port.lstrip("-").isdigit() and not 1 <= int(port) <= 65535:
+        raise InvalidArgument("url", f"url={address!r} has port {port}: allowed 1..65535")
 
 
 @dataclass
@@ -96,7 +114,8 @@ class Connection:
         yield self.preferred, 0.0
         for retry in range(1, self.retries + 1):
             # Every other address once, at once; after that, backoff.
-            wait = 0.0 if retry < count else self.backoff_s * 2 ** (retry - count)
+            doublings = min(retry - count, 32)  # past the cap long before; no huge powers
+            wait = 0.0 if retry < count else min(self.backoff_s * 2**doublings, MAX_BACKOFF_S)
             yield (self.preferred + retry) % count, wait
 
 
