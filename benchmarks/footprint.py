@@ -532,7 +532,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    config = from_arguments(BenchConfig, args, options=from_arguments(RepositoryOptions, args))
+    # Each count's least: memory edits run as many steps as an edit takes at least.
+    least = {"edits": 1, "timed_edits": 1, "concurrent": 1, "memory_steps": 2}
+    try:
+        for name, minimum in least.items():
+            if (value := getattr(args, name)) < minimum:
+                raise ValueError(f"{name}={value}: allowed >= {minimum}")
+        config = from_arguments(BenchConfig, args, options=from_arguments(RepositoryOptions, args))
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     options = config.options
     image = photo_png(config.size)
     machine = machine_info()

@@ -28,7 +28,7 @@ from edit_pipeline.openvino_component import (
     compile_properties,
     floating_point_precision,
 )
-from export.components import ComponentSpec, ModelDimensions
+from export.components import MAX_IMAGE_SIDE, ComponentSpec, ModelDimensions
 from export.onnx_export import load_manifest
 from export.sample_inputs import CheckpointInputs, sample_inputs
 from model_repository.builder import prepare_openvino_export, served_model_file
@@ -60,8 +60,10 @@ def random_feed(export_dir: Path, component: str, side: int, batch: int) -> dict
     # Token ids only need to be below the vocabulary size for a timing.
     checkpoint = CheckpointInputs(dims, 0, 1, 1, num_train_timesteps=1000)
     spec = ComponentSpec.from_json(manifest["components"][component]["spec"])
-    if side <= 0 or side % dims.vae_scale_factor:
-        raise ValueError(f"side={side}: allowed a positive multiple of {dims.vae_scale_factor}")
+    if not 0 < side <= MAX_IMAGE_SIDE or side % dims.vae_scale_factor:
+        raise ValueError(
+            f"side={side}: allowed a multiple of {dims.vae_scale_factor} up to {MAX_IMAGE_SIDE}"
+        )
     latent = side // dims.vae_scale_factor
     return sample_inputs(spec, checkpoint, batch, (latent, latent), seed=0)
 

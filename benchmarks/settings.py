@@ -22,6 +22,7 @@ from pix2pix_client.contract import (
     SCHEDULERS,
     guidance_on,
 )
+from pix2pix_client.request import validate_parameters
 from serving.admin import new_admin_key
 
 
@@ -72,6 +73,13 @@ class BenchConfig:
             )
         if self.deepcache_interval < 1:
             raise ValueError(f"deepcache_interval={self.deepcache_interval}: allowed at least 1")
+        # The request every system gets, in the contract's words (InvalidArgumentError is
+        # a ValueError); served variants' intervals below.
+        request = self.request() | {
+            "cache_interval": self.cache_interval,
+            "preview_every": self.preview_every,
+        }
+        validate_parameters(self.pipeline, request.pop("prompt"), streaming=True, **request)
         self.options.check()
         # What `make serve` would run on this machine, so results name a real flavour.
         object.__setattr__(self, "options", self.options.for_this_machine())
@@ -83,13 +91,14 @@ class BenchConfig:
         interval)."""
         variants = []
         for entry in self.served:
-            flavour, precision, *interval = entry.split(":")
-            if flavour not in PYTHON_FLAVOURS or not precision or len(interval) > 1:
+            parts = entry.split(":")
+            if len(parts) not in (2, 3) or parts[0] not in PYTHON_FLAVOURS or not parts[1]:
                 raise ValueError(
                     f"served={entry!r}: allowed FLAVOUR:PRECISION[:CACHE_INTERVAL] with a "
                     f"flavour of {', '.join(PYTHON_FLAVOURS)} (the wheel's tritonserver "
                     "serves those)"
                 )
+            flavour, precision, *interval = parts
             if interval and not interval[0].isdigit():
                 raise ValueError(f"served={entry!r}: CACHE_INTERVAL is a whole number")
             options = replace(self.options, flavour=flavour, precision=precision)

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from export.checkpoint import PIX2PIX, inspect_folder
-from export.components import UNET_FOR_PIPELINE, ComponentSpec
+from export.components import MAX_IMAGE_SIDE, UNET_FOR_PIPELINE, ComponentSpec
 from export.onnx_export import MODEL_FILE, load_manifest
 from export.openvino_ir import (
     IR_FILE,
@@ -400,8 +400,8 @@ def main(argv: list[str] | None = None) -> int:
             (
                 "image_side",
                 args.image_side,
-                args.image_side >= 0 and args.image_side % 8 == 0,
-                "0 (the trained side) or a multiple of 8",
+                0 <= args.image_side <= MAX_IMAGE_SIDE and args.image_side % 8 == 0,
+                f"0 (the trained side) or a multiple of 8 up to {MAX_IMAGE_SIDE}",
             ),
         )
         if not ok

@@ -13,6 +13,7 @@ so field names and tensor names cannot drift from what export, engines and clien
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -214,6 +215,18 @@ class RepositoryOptions:
             )
         if self.openvino_streams < 1:
             raise ValueError(f"openvino_streams={self.openvino_streams}: allowed >= 1")
+        at_least = {
+            "max_image_side": (self.max_image_side, 8),
+            "max_image_pixels": (self.max_image_pixels, 64),
+            "intra_op_threads": (self.intra_op_threads, 0),
+            "unet_queue_delay_us": (self.unet_queue_delay_us, 0),
+        }
+        for name, (value, least) in at_least.items():
+            if value < least:
+                raise ValueError(f"{name}={value}: allowed >= {least}")
+        idle = self.unet_idle_release_s
+        if not math.isfinite(idle) or idle < 0:
+            raise ValueError(f"unet_idle_release_s={idle}: allowed seconds >= 0 (0: it keeps it)")
         if self.max_edits <= max(self.edit_instances, 1):
             raise ValueError(
                 f"max_edits={self.max_edits}: allowed more than edit_instances "

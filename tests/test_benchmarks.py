@@ -13,6 +13,7 @@ import dataclasses
 import io
 import json
 import math
+import re
 import struct
 from pathlib import Path
 
@@ -522,6 +523,38 @@ def test_other_served_configurations_are_python_flavours() -> None:
         BenchConfig(served=("openvino:bf16",))
     with pytest.raises(ValueError, match="precision=bf16 with flavour=python-onnxruntime"):
         BenchConfig(served=("python-onnxruntime:bf16",))
+    for malformed in ("nope", "python-openvino:int8:2:4", "python-openvino:"):
+        with pytest.raises(ValueError, match=f"served='{malformed}': allowed FLAVOUR:PRECISION"):
+            BenchConfig(served=(malformed,))
+    with pytest.raises(ValueError, match="cache_interval=11 is out of range"):
+        BenchConfig(served=("python-openvino:int8:11",))
+
+
+@pytest.mark.parametrize(
+    ("settings", "words"),
+    [
+        ({"steps": 0}, "num_inference_steps=0 is out of range: allowed 2..1000"),
+        ({"guidance_scale": float("nan")}, "guidance_scale=nan is not a finite number"),
+        ({"temperature": float("inf")}, "temperature=inf is not a finite number"),
+        ({"cache_interval": -1}, "cache_interval=-1 is out of range: allowed 1..10"),
+        ({"seed": -1}, "seed=-1 is out of range"),
+    ],
+)
+def test_the_benchmarks_request_is_checked_with_the_contract(settings: dict, words: str) -> None:
+    """What every system would be sent, refused before anything is built."""
+    with pytest.raises(ValueError, match=re.escape(words)):
+        BenchConfig(**settings)
+
+
+def test_the_footprint_command_checks_its_counts(capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks import footprint
+
+    assert footprint.main(["--concurrent", "0"]) == 2
+    assert capsys.readouterr().err == "error: concurrent=0: allowed >= 1\n"
+    assert footprint.main(["--memory-steps", "1"]) == 2
+    assert "memory_steps=1: allowed >= 2" in capsys.readouterr().err
+    assert footprint.main(["--size", "0"]) == 2
+    assert "size=0: allowed a multiple of 8" in capsys.readouterr().err
 
 
 def test_configuration_errors_name_the_setting() -> None:
@@ -716,4 +749,4 @@ def test_the_operation_profile_splits_a_served_components_call(
     assert op_profile.main([str(tiny_export), "--component", "unet"]) == 2
     assert "component='unet': allowed one of text_encoder," in capsys.readouterr().err
     assert op_profile.main([str(tiny_export), "--side", "60"]) == 2
-    assert "side=60: allowed a positive multiple of" in capsys.readouterr().err
+    assert "side=60: allowed a multiple of" in capsys.readouterr().err

@@ -200,7 +200,7 @@ def test_a_rebuild_for_another_checkpoint_derives_its_side_anew(
             # img2img calibrates at strength 0.8: one step of 1 rounds down to none.
             ["--steps", "1", "--image-side", "100"],
             "steps=1: allowed >= 2; image_side=100: allowed 0 (the trained side) "
-            "or a multiple of 8",
+            "or a multiple of 8 up to 1024",
         ),
     ],
 )

@@ -363,6 +363,11 @@ def test_unknown_flavour_is_refused(tiny_export: Path, tmp_path: Path) -> None:
         ),
         ({"precision": "int4"}, "precision='int4': allowed one of auto, fp32, bf16, fp16, int8"),
         ({"flavour": "python-openvino", "openvino_streams": 0}, "openvino_streams=0"),
+        ({"max_image_side": 0}, "max_image_side=0: allowed >= 8"),
+        ({"max_image_pixels": -1}, "max_image_pixels=-1: allowed >= 64"),
+        ({"intra_op_threads": -3}, "intra_op_threads=-3: allowed >= 0"),
+        ({"unet_queue_delay_us": -1}, "unet_queue_delay_us=-1: allowed >= 0"),
+        ({"unet_idle_release_s": float("nan")}, "unet_idle_release_s=nan: allowed seconds"),
     ],
 )
 def test_precision_fits_the_flavour(options: dict, message: str) -> None:
