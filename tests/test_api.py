@@ -166,14 +166,19 @@ STEPS_TOGETHER = 12
 def test_n_images_run_together_and_their_seeds_reproduce_them(
     sdk: Any, grpc_url: str, picture: bytes, tiny_server: TritonServer
 ) -> None:
-    before = execution_counts(tiny_server, "unet_pix2pix")
-    response = sdk.images.edit(
-        image=_upload(picture),
-        prompt=PROMPT,
-        n=3,
-        extra_body={"num_inference_steps": STEPS_TOGETHER, "seed": 100},
-    )
-    after = execution_counts(tiny_server, "unet_pix2pix")
+    def together() -> tuple[Any, int, int]:
+        """The response, and the UNet's requests and executions while it ran."""
+        before = execution_counts(tiny_server, "unet_pix2pix")
+        response = sdk.images.edit(
+            image=_upload(picture),
+            prompt=PROMPT,
+            n=3,
+            extra_body={"num_inference_steps": STEPS_TOGETHER, "seed": 100},
+        )
+        after = execution_counts(tiny_server, "unet_pix2pix")
+        return response, after[0] - before[0], after[1] - before[1]
+
+    response, requests, executions = together()
     images = [_decoded(item.b64_json) for item in response.data]
     assert [item.seed for item in response.data] == [100, 101, 102]
     assert len(set(images)) == 3
@@ -185,9 +190,16 @@ def test_n_images_run_together_and_their_seeds_reproduce_them(
             num_inference_steps=STEPS_TOGETHER,
             seed=item.seed,
         )
-    # Concurrent edits: the UNet's dynamic batcher merged some of their calls.
-    requests, executions = after[0] - before[0], after[1] - before[1]
-    assert requests == 3 * STEPS_TOGETHER and executions < requests, (requests, executions)
+    # Concurrent edits: the UNet's dynamic batcher merged some of their calls. Two edits
+    # whose steps drift apart by more than its queue delay at every step merge none (seen
+    # once in CI on 2 busy cores), so the same request is sent up to twice more; edits run
+    # one after the other would never merge.
+    assert requests == 3 * STEPS_TOGETHER, requests
+    for _ in range(2):
+        if executions < requests:
+            break
+        _, requests, executions = together()
+    assert executions < requests, (requests, executions)
     assert response.usage.output_tokens == 3 * 8 * 8
 
 
