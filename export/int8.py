@@ -36,6 +36,7 @@ import numpy as np
 
 from export.checkpoint import PIX2PIX, inspect_folder
 from export.components import MAX_IMAGE_SIDE, UNET_FOR_PIPELINE, ComponentSpec
+from export.folders import read_record, write_record
 from export.onnx_export import MODEL_FILE, load_manifest
 from export.openvino_ir import (
     IR_FILE,
@@ -43,10 +44,8 @@ from export.openvino_ir import (
     derived_dir,
     made_from,
     plain_export_manifest,
-    read_record,
     save_ir,
     source_files,
-    write_record,
     writing,
 )
 

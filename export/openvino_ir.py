@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import json
 import os
 import re
 import sys
@@ -35,6 +34,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+from export.folders import read_record, write_record
 from export.onnx_export import MANIFEST, MODEL_FILE, file_sha256, load_manifest
 
 IR_FILE = "model.xml"
@@ -149,24 +149,6 @@ def fp16_weights_dir(export_dir: Path) -> Path:
     return derived_dir(
         export_dir, FP16_WEIGHTS_DIR, lambda folder: _holds_current(export_dir, folder)
     )
-
-
-def read_record(path: Path) -> dict[str, Any] | None:
-    """The JSON record of a folder made from an export; None where there is none or it
-    cannot be read whole (then the folder counts as not made, and is made again)."""
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return record if isinstance(record, dict) else None
-
-
-def write_record(path: Path, record: dict[str, Any]) -> None:
-    """Writes a folder's record whole or not at all: beside it first, then renamed over it,
-    so that a build killed or out of disk leaves no half-written record."""
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(partial, path)
 
 
 def made_from(manifest: dict[str, Any], folder: Path, record: dict[str, Any], made: Any) -> bool:

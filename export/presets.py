@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from export.folders import make_empty
+from export.folders import make_empty, read_record
 from export.tokenizer import END_OF_TEXT, VOCAB_SIZE, save_clip_tokenizer
 
 PIX2PIX_FOLDER = "instruct-pix2pix"
@@ -268,11 +268,7 @@ def weights_hash(pipeline_dir: Path) -> str:
 
 def preset_record(output: Path) -> dict[str, Any] | None:
     """The preset record in `output`; None where there is none or it cannot be read."""
-    try:
-        recorded = json.loads((output / PRESET_RECORD).read_bytes())
-    except (OSError, ValueError):
-        return None
-    return recorded if isinstance(recorded, dict) else None
+    return read_record(output / PRESET_RECORD)
 
 
 def main(argv: list[str] | None = None) -> int:

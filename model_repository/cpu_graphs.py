@@ -22,15 +22,14 @@ from pathlib import Path
 from typing import Any
 
 from edit_pipeline.cpu_graph import MADE_FOR_FILE, save_cpu_graph, this_machine
+from export.folders import read_record, write_record
 from export.onnx_export import EXTERNAL_DATA_FILE, MODEL_FILE, load_manifest
 from export.openvino_ir import (
     RECORD_FILE,
     WRITE_ERRORS,
     derived_dir,
     made_from,
-    read_record,
     source_files,
-    write_record,
 )
 
 CPU_GRAPHS_DIR = "cpu_graphs"

@@ -10,11 +10,12 @@ Kubernetes): `serve --repository` warns when the code that serves it differs.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
+
+from export.folders import write_record as write_whole
 
 REPOSITORY_RECORD = "repository.json"
 PROJECT = "triton-image-edit"
@@ -25,10 +26,7 @@ def write_record(repository: Path, record: dict[str, Any]) -> None:
     """Writes repository.json, with the code that builds it under "built_by": beside it
     first, then renamed over it, so that a build killed or out of disk leaves none half
     written."""
-    text = json.dumps({**record, "built_by": code_version()}, indent=2)
-    partial = repository / f".{REPOSITORY_RECORD}.partial"
-    partial.write_text(text + "\n")
-    os.replace(partial, repository / REPOSITORY_RECORD)
+    write_whole(repository / REPOSITORY_RECORD, {**record, "built_by": code_version()})
 
 
 def read_record(repository: str) -> dict[str, Any] | None:
