@@ -21,6 +21,7 @@ it exits 0.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import signal
 import sys
 import threading
@@ -101,6 +102,18 @@ def make_server(
     return TritonServer(repository, server_settings(args), admin_key=admin_key, log_file=log_file)
 
 
+def building_flags_given(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:
+    """The building flags given a value other than their default: a built repository is
+    served as it was built, so with --repository they would change nothing."""
+    options = (f.name for f in dataclasses.fields(RepositoryOptions) if "help" in f.metadata)
+    given = []
+    for name in ("engines", "build_dir", *options):
+        value = getattr(args, name)
+        if (tuple(value) if isinstance(value, list) else value) != parser.get_default(name):
+            given.append("--" + name.replace("_", "-"))
+    return given
+
+
 def server_settings(args: argparse.Namespace) -> ServerSettings:
     """The server's settings from the parsed arguments, checked (ValueError, one line)."""
     settings = from_arguments(ServerSettings, args, tls=tls_files(args))
@@ -109,7 +122,8 @@ def server_settings(args: argparse.Namespace) -> ServerSettings:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
         # Checked before anything is built: a bad port found after an hour's export.
         server_settings(args)
@@ -117,6 +131,11 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--log-file {args.log_file}: is a folder; allowed a file, or -")
         if args.repository is not None and not args.repository.strip():
             raise ValueError("--repository '': allowed a repository folder or s3://...")
+        if args.repository is not None and (given := building_flags_given(parser, args)):
+            raise ValueError(
+                f"{' '.join(given)}: building flags; --repository serves the repository as it "
+                "was built: drop them, or build with them (--preset or --model)"
+            )
         options = from_arguments(RepositoryOptions, args)
         if args.repository is not None:
             repository, name = args.repository, Path(str(args.repository).rstrip("/")).name

@@ -552,3 +552,24 @@ def test_serve_checks_its_server_settings_before_building(
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and words in error, error
     assert not build_dir.exists()
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        ["--max-edits", "-5"],
+        ["--precision", "int8"],
+        ["--pipelines", "img2img"],
+        ["--engines", "."],
+    ],
+)
+def test_serve_refuses_building_flags_with_a_built_repository(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], arguments: list[str]
+) -> None:
+    """A built repository is served as it was built: a building flag beside --repository
+    would change nothing, so it is refused by name before anything starts."""
+    from serving.serve import main
+
+    assert main(["--repository", str(tmp_path), *arguments]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and f"{arguments[0]}: building flags" in error, error
