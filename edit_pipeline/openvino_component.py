@@ -156,21 +156,29 @@ class OpenVinoComponent:
         # A repository built on a bf16 machine may be served on another (replicas, S3).
         self.fallback_reason = bf16_unsupported_reason() if precision == "bf16" else None
         self.precision = floating_point_precision(precision)
-        properties = compile_properties(self.precision, threads, streams)
-        core = ov.Core()
-        model = core.read_model(str(self.model_path))
+        self._properties = compile_properties(self.precision, threads, streams)
+        self._core = ov.Core()
+        model = self._core.read_model(str(self.model_path))
         self.input_names = [port.get_any_name() for port in model.inputs]
         self.input_ranks = {
             port.get_any_name(): port.get_partial_shape().rank.get_length() for port in model.inputs
         }
         self.output_names = [port.get_any_name() for port in model.outputs]
-        self.compiled = core.compile_model(model, "CPU", properties)
-        self._request = self.compiled.create_infer_request()
+        self._compile(model)
         self.release_activations = release_activations
         self.idle_release = IdleRelease(self._release_working_memory, release_after_idle_s)
         # IR's weights file, which OpenVINO maps and packs from on a shape's first call.
         ir = self.model_path.suffix == ".xml"
         self._mapped_weights = self.model_path.with_suffix(".bin") if ir else None
+
+    def _compile(self, model: Any = None) -> None:
+        """Compiles the model (read again from its file when not given) and its request."""
+        self._request = self.compiled = None  # the old one's memory first
+        if model is None:
+            model = self._core.read_model(str(self.model_path))
+        self.compiled = self._core.compile_model(model, "CPU", self._properties)
+        self._request = self.compiled.create_infer_request()
+        # A new compiled model packs the mapped weights again on each shape's first call.
         self._shapes_packed: set[tuple[tuple[int, ...], ...]] = set()
 
     @property
@@ -196,7 +204,15 @@ class OpenVinoComponent:
             for name, array in model_feed(inputs, self.input_names, self.input_ranks).items()
         }
         with self.idle_release.calling():
-            outputs = self._request.infer(feed, share_inputs=True, share_outputs=False)
+            try:
+                outputs = self._request.infer(feed, share_inputs=True, share_outputs=False)
+            except Exception:
+                # A call that failed part-way (a shape the model cannot take) can leave the
+                # compiled model's memory such that later calls read wrong values once its
+                # working memory was released (NaN latents, OpenVINO 2026.4), and a new
+                # request does not help: compiled again, for the calls after this one.
+                self._compile()
+                raise
             results = {name: outputs[name] for name in self.output_names}
             if self.release_activations:
                 self._release_working_memory()
