@@ -245,48 +245,86 @@ def test_a_16_mb_prompt_is_refused_before_tokenizing(
     assert local.value.field == "prompt" and local.value.status is None
 
 
-def _component_call(url: str, model: str, shape: tuple[int, ...]) -> None:
+def _component_call(
+    url: str, model: str, shape: tuple[int, ...], deep_features: tuple[int, ...] | None = None
+) -> Any:
     """Calls a component directly with zeros: its first input of `shape` (batch and
-    spatial sides), the others of the same batch at their sizes from the model's metadata."""
+    spatial sides), the others of the same batch at their sizes from the model's metadata;
+    a UNet's deep features (its shallow pass) of that shape where given."""
     client = grpcclient.InferenceServerClient(url)
     try:
         metadata = client.get_model_metadata(model, as_json=True)
         tensors = []
         for index, entry in enumerate(metadata["inputs"]):
             if entry["name"] == "deep_features":  # the shallow pass's input, optional
-                continue
-            dims = list(shape) if index == 0 else [shape[0], *map(int, entry["shape"][1:])]
+                if deep_features is None:
+                    continue
+                dims = list(deep_features)
+            else:
+                dims = list(shape) if index == 0 else [shape[0], *map(int, entry["shape"][1:])]
             tensor = grpcclient.InferInput(entry["name"], dims, entry["datatype"])
             dtype = np.int32 if entry["datatype"] == "INT32" else np.float32
             tensor.set_data_from_numpy(np.zeros(dims, dtype))
             tensors.append(tensor)
-        client.infer(model, tensors, client_timeout=60)
+        return client.infer(model, tensors, client_timeout=60)
     finally:
         client.close()
 
 
 @pytest.mark.parametrize(
-    ("model", "largest", "larger"),
+    ("model", "sent", "refused", "words"),
     [
-        ("unet_pix2pix", (3, 8, 64, 64), (3, 8, 64, 65)),
-        ("vae_encoder", (1, 3, 512, 512), (1, 3, 520, 512)),
-        ("vae_decoder", (1, 4, 64, 64), (1, 4, 64, 72)),
+        ("unet_pix2pix", (3, 8, 64, 64), (3, 8, 64, 65), "latent_width 65, allowed 1..64 ("),
+        ("unet_pix2pix", (1, 8, 1, 1), (1, 8, 0, 16), "latent_height 0, allowed 1..64 ("),
+        ("vae_encoder", (1, 3, 512, 512), (1, 3, 520, 512), "height 520, allowed 8..512 in"),
+        ("vae_encoder", (1, 3, 8, 8), (1, 3, 1, 1), "height 1, allowed 8..512 in multiples of 8"),
+        ("vae_encoder", (1, 3, 16, 24), (1, 3, 16, 20), "width 20, allowed 8..512 in multiples"),
+        ("vae_decoder", (1, 4, 64, 64), (1, 4, 64, 72), "latent_width 72, allowed 1..64 ("),
     ],
 )
-def test_components_refuse_inputs_larger_than_an_edit_sends(
-    server: TritonServer, image: bytes, reference: bytes, model: str, largest, larger
+def test_components_refuse_shapes_no_edit_sends(
+    server: TritonServer, image: bytes, reference: bytes, model: str, sent, refused, words
 ) -> None:
-    """The components are models any client can call. At 512 pixels a side (the tiny
-    repository's limit, latents 8 times smaller) a larger input is refused at once,
-    naming it; a UNet call on a 4096-pixel latent took the tiny UNet 3 minutes, and at
-    SD 1.5 size it needs more memory than the machine has. The largest an edit sends runs."""
-    _component_call(server.grpc_url, model, largest)
+    """The components are models any client can call. Sides past the largest an edit
+    sends (512 pixels here, latents 8 times smaller) cost minutes and, at SD 1.5 size, more
+    memory than the machine has (a UNet call on a 4096-pixel latent took the tiny UNet 3
+    minutes); sides short of the smallest, or off the VAE's multiple, fail inside the
+    runtime (OpenVINO then computed NaN for the next edit's calls). Each is refused at
+    once, naming the input and the allowed sizes; what an edit sends runs, and the next
+    edit is what it was."""
+    _component_call(server.grpc_url, model, sent)
+    with pytest.raises(InferenceServerException) as refused_call:
+        _component_call(server.grpc_url, model, refused)
+    assert refused_call.value.status() == "StatusCode.INVALID_ARGUMENT"
+    message = refused_call.value.message()
+    assert f"has shape {list(refused)}: {words}" in message, message
+    assert edit_png(server.grpc_url, image) == reference
+
+
+def test_a_shallow_pass_takes_deep_features_of_its_samples_side_and_returns_noise(
+    server: TritonServer, image: bytes, reference: bytes
+) -> None:
+    """The UNet's shallow pass (a request carrying deep_features) reads the deep features
+    of the same latent: another side is refused naming both inputs; the pass answers
+    with the noise it computed only (it asked for every output: Python's KeyError and its
+    traceback were the answer)."""
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    try:
+        metadata = client.get_model_metadata("unet_pix2pix", as_json=True)
+    finally:
+        client.close()
+    (deep,) = [entry for entry in metadata["inputs"] if entry["name"] == "deep_features"]
+    channels = int(deep["shape"][1])
+    answer = _component_call(server.grpc_url, "unet_pix2pix", (1, 8, 8, 8), (1, channels, 8, 8))
+    assert answer.as_numpy("noise_pred").shape == (1, 4, 8, 8)
+    assert answer.as_numpy("deep_features") is None
     with pytest.raises(InferenceServerException) as refused:
-        _component_call(server.grpc_url, model, larger)
+        _component_call(server.grpc_url, "unet_pix2pix", (1, 8, 8, 8), (1, channels, 4, 4))
     assert refused.value.status() == "StatusCode.INVALID_ARGUMENT"
-    message = refused.value.message()
-    sides = ", ".join(map(str, largest[1:]))  # past the batch, whose limit is the batcher's
-    assert f"has shape {list(larger)}: allowed at most [" in message and f"{sides}]" in message
+    assert (
+        f"deep_features has shape [1, {channels}, 4, 4]: latent_height 4 where sample has 8: "
+        "allowed the same"
+    ) in refused.value.message()
     assert edit_png(server.grpc_url, image) == reference
 
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
+from edit_pipeline.component_inputs import AxisBounds, InputShapes
 from edit_pipeline.openvino_component import bf16_unsupported_reason
 from edit_pipeline.runtime_status import CANCEL_TOKEN_INPUT, FAILURE_OUTPUT
 from export.components import (
@@ -30,10 +32,16 @@ from model_repository.configs import (
     READINESS_MODEL,
     RepositoryOptions,
     derived_edit_instances,
-    largest_inputs,
+    input_shapes,
 )
 from model_repository.record import REPOSITORY_RECORD
-from pix2pix_client.contract import OUTPUTS, STREAM_OUTPUTS, parameters_for, stream_model
+from pix2pix_client.contract import (
+    OUTPUTS,
+    STREAM_OUTPUTS,
+    InvalidArgumentError,
+    parameters_for,
+    stream_model,
+)
 
 PIPELINES = ("instruct_pix2pix", "img2img")
 
@@ -145,9 +153,9 @@ def test_component_configs_follow_the_specs(repository, tiny_export: Path) -> No
         assert config.max_batch_size == (spec["axes"]["batch"]["max"] if batched else 0)
         assert [i.name for i in config.input] == [t["name"] for t in inputs]
         assert [o.name for o in config.output] == [t["name"] for t in spec["outputs"]]
-        if hosted:  # the inputs' largest shapes, refused past them (test_hardening)
-            largest = json.loads(config.parameters["largest_inputs"].string_value)
-            assert list(largest) == [t["name"] for t in inputs]
+        if hosted:  # the shapes edits send, refused past them (test_hardening)
+            shapes = json.loads(config.parameters["input_shapes"].string_value)
+            assert list(shapes["inputs"]) == [t["name"] for t in inputs]
         for tensor, declared in zip(config.input, inputs, strict=True):
             dims = [-1 if isinstance(d, str) else d for d in declared["dims"]]
             dims = dims[1:] if batched else dims
@@ -160,21 +168,57 @@ def test_component_configs_follow_the_specs(repository, tiny_export: Path) -> No
     assert not configs["text_encoder"].HasField("dynamic_batching")
 
 
-def test_the_largest_inputs_are_those_of_the_largest_image(tiny_export: Path) -> None:
+def test_the_input_shapes_are_those_of_the_images_edited(tiny_export: Path) -> None:
     """At most 300 pixels a side: 296 once floored to the tiny VAE's factor of 8, latents
-    of 37; batches up to the spec's."""
+    of 1 to 37; batches up to the spec's; a tensor's dims name its axes."""
     specs = {
         name: ComponentSpec.from_json(entry["spec"])
         for name, entry in load_manifest(tiny_export)["components"].items()
     }
     limits = RepositoryOptions(max_image_side=300).image_limits(8)
-    assert largest_inputs(specs["unet_pix2pix"], limits) == {
-        "sample": [6, 8, 37, 37],
-        "timestep": [6],
-        "encoder_hidden_states": [6, 77, 32],
+    unet = input_shapes(specs["unet_pix2pix"], limits)
+    assert unet.dims == {
+        "sample": ("batch", 8, "latent_height", "latent_width"),
+        "timestep": ("batch",),
+        "encoder_hidden_states": ("batch", 77, 32),
     }
-    assert largest_inputs(specs["vae_encoder"], limits) == {"image": [4, 3, 296, 296]}
-    assert largest_inputs(specs["text_encoder"], limits) == {"input_ids": [2, 77]}
+    latent = AxisBounds(1, 37)
+    assert unet.axes == {"batch": AxisBounds(1, 6), "latent_height": latent, "latent_width": latent}
+    vae = input_shapes(specs["vae_encoder"], limits)
+    assert vae.axes["height"] == vae.axes["width"] == AxisBounds(8, 296, 8)
+    assert input_shapes(specs["text_encoder"], limits).axes == {"batch": AxisBounds(1, 2)}
+    assert InputShapes.from_json(json.loads(json.dumps(unet.to_json()))) == unet
+
+
+@pytest.mark.parametrize(
+    ("shapes", "words"),
+    [
+        ({"sample": (1, 8, 37, 37), "timestep": (1, 1)}, None),
+        ({"sample": (7, 8, 4, 4)}, "sample has shape [7, 8, 4, 4]: batch 7, allowed 1..6 ("),
+        (
+            {"sample": (1, 8, 38, 4)},
+            "sample has shape [1, 8, 38, 4]: latent_height 38, allowed 1..37 (the shapes",
+        ),
+        ({"sample": (1, 8, 4, 0)}, "sample has shape [1, 8, 4, 0]: latent_width 0, allowed 1..37"),
+        (
+            {"sample": (2, 8, 4, 4), "timestep": (3, 1)},
+            "timestep has shape [3, 1]: batch 3 where sample has 2: allowed the same",
+        ),
+    ],
+)
+def test_input_shapes_refuse_what_no_edit_sends(
+    tiny_export: Path, shapes: dict[str, tuple[int, ...]], words: str | None
+) -> None:
+    spec = ComponentSpec.from_json(load_manifest(tiny_export)["components"]["unet_pix2pix"]["spec"])
+    checked = input_shapes(spec, RepositoryOptions(max_image_side=300).image_limits(8))
+    feed = {name: np.zeros(shape, np.float32) for name, shape in shapes.items()}
+    if words is None:
+        checked.check(feed)
+        return
+    with pytest.raises(InvalidArgumentError) as refused:
+        checked.check(feed)
+    assert refused.value.field == next(iter(words.split()))
+    assert words in str(refused.value)
 
 
 @pytest.mark.parametrize("streaming", [False, True], ids=["whole", "streaming"])

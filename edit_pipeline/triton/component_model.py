@@ -13,6 +13,7 @@ from typing import Any
 import triton_python_backend_utils as pb_utils
 
 from edit_pipeline.batching import Component
+from edit_pipeline.component_inputs import InputShapes
 from edit_pipeline.runtime_status import InstanceStatus
 from edit_pipeline.triton.triton_io import as_numpy, config_parameters, error_response
 from edit_pipeline.unet_passes import SHALLOW_DIR, UNetPasses
@@ -37,16 +38,16 @@ class ComponentModel:
     model_name: str
     component: Component
     status: InstanceStatus
-    # Each input's largest shape (model_repository.configs.largest_inputs).
-    largest: dict[str, tuple[int, ...]]
+    # The shapes edits send it (model_repository.configs.input_shapes); None in a
+    # repository built before components knew them: nothing is refused.
+    shapes: InputShapes | None
 
     def serve(self, args: dict[str, str], component: Component) -> None:
         self.model_name = args["model_name"]
         self.component = component
         self.status = InstanceStatus(args["model_instance_name"])
-        # A repository built before components knew them has none: nothing is refused.
-        largest = json.loads(config_parameters(args).get("largest_inputs", "{}"))
-        self.largest = {name: tuple(shape) for name, shape in largest.items()}
+        shapes = config_parameters(args).get("input_shapes")
+        self.shapes = None if shapes is None else InputShapes.from_json(json.loads(shapes))
 
     def execute(self, requests: list) -> list:
         feeds, responses = {}, {}
@@ -68,34 +69,29 @@ class ComponentModel:
             return {index: error_response(error, self.model_name) for index in feeds}
         finally:
             self.status.idle()
+        # What the call computed of what each request asked for (a request that names no
+        # output asks for every one: the shallow pass of a UNet computes no deep features).
         return {
             index: pb_utils.InferenceResponse(
                 output_tensors=[
                     pb_utils.Tensor(name, outputs[name])
                     for name in requests[index].requested_output_names()
+                    if name in outputs
                 ]
             )
             for index, outputs in zip(feeds, results, strict=True)
         }
 
     def _feed(self, request: Any) -> dict[str, Any]:
-        """The request's inputs by name; an optional one it does not carry is absent."""
+        """The request's inputs by name, of shapes an edit sends; an optional one it does not
+        carry is absent."""
         feed = {}
         for name in self.component.input_names:
             tensor = pb_utils.get_input_tensor_by_name(request, name)
-            if tensor is None:
-                continue
-            array = as_numpy(tensor)
-            largest = self.largest.get(name, ())
-            # A [batch] input arrives as [batch, 1]: the leading sides are compared.
-            sides = zip(array.shape, largest, strict=False)
-            if any(side > most for side, most in sides):
-                raise InvalidArgumentError(
-                    name,
-                    f"{name} has shape {list(array.shape)}: allowed at most {list(largest)} "
-                    "(the shapes of the largest image this server edits)",
-                )
-            feed[name] = array
+            if tensor is not None:
+                feed[name] = as_numpy(tensor)
+        if self.shapes is not None:
+            self.shapes.check(feed)
         return feed
 
     def finalize(self) -> None:
