@@ -104,10 +104,20 @@ class ForwardedEdit:
     def of(cls, token: str, directory: Path | None = None) -> ForwardedEdit | None:
         """None for a token that is not the 16 hex digits a forwarding model makes, or
         where there is no folder for it (forwarded_edits_dir)."""
-        if len(token) != 16 or any(c not in HEX_DIGITS for c in token):
+        if not _token_form(token):
             return None
         folder = forwarded_edits_dir(directory)
         return None if folder is None else cls(folder / token)
+
+    @classmethod
+    def sent_by_a_forwarding_model(cls, token: str, directory: Path | None = None) -> bool:
+        """Whether a forwarding model opened an edit under `token` (where there is no
+        folder for edits, whether the token has the form it makes): a client that sends
+        the streaming model a token of its own is refused."""
+        if not _token_form(token):
+            return False
+        edit = cls.of(token, directory)
+        return edit is None or edit.caller() is not None
 
     def open(self, pid: int) -> None:
         """The forwarding model, with its process id, before it sends the edit."""
@@ -142,6 +152,10 @@ class ForwardedEdit:
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _token_form(token: str) -> bool:
+    return len(token) == 16 and all(c in HEX_DIGITS for c in token)
 
 
 def process_ended(pid: int) -> bool:

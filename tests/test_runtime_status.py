@@ -51,6 +51,20 @@ def test_a_token_a_forwarding_model_did_not_make_names_no_folder(
     assert ForwardedEdit.of(token, tmp_path) is None
 
 
+def test_only_a_token_a_forwarding_model_opened_counts_as_forwarded(tmp_path: Path) -> None:
+    """A client may send the streaming model a cancel_token of its own: it counts only
+    when a forwarding model opened an edit under it."""
+    token = secrets.token_hex(8)
+    assert not ForwardedEdit.sent_by_a_forwarding_model(token, tmp_path)
+    assert not ForwardedEdit.sent_by_a_forwarding_model("../..", tmp_path)
+    opened = ForwardedEdit.of(token, tmp_path)
+    assert opened is not None
+    opened.open(os.getpid())
+    assert ForwardedEdit.sent_by_a_forwarding_model(token, tmp_path)
+    opened.remove()
+    assert not ForwardedEdit.sent_by_a_forwarding_model(token, tmp_path)
+
+
 def test_without_a_supervisor_forwarded_edits_are_in_a_private_folder_per_server(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

@@ -8,6 +8,7 @@ import errno
 import fcntl
 import io
 import os
+import queue
 import select
 import signal
 import struct
@@ -22,7 +23,9 @@ from pathlib import Path
 import numpy as np
 import pyte
 import pytest
+import tritonclient.grpc as grpcclient
 from PIL import Image
+from tritonclient.utils import InferenceServerException
 
 from pix2pix_client import (
     AsyncEditClient,
@@ -33,6 +36,7 @@ from pix2pix_client import (
     Progress,
     contract,
 )
+from pix2pix_client.request import build_inputs
 from serving.procfs import model_processes, pss_bytes
 from serving.tritonserver import TritonServer
 from tests.serving import execution_counts, photo, plain_tritonserver, png_bytes
@@ -125,6 +129,32 @@ def test_a_bad_input_ends_the_stream_with_invalid_argument(url: str) -> None:
         assert isinstance(
             list(client.edit_stream(image, PROMPT, num_inference_steps=2))[-1], EditResult
         )
+
+
+def test_a_cancel_token_from_a_client_is_refused(url: str) -> None:
+    """cancel_token is what the unary models forward their edits with (their caller's
+    cancellation, errors as an output they relay). From a client it turned the stream
+    into one without progress whose errors came back as a successful response; now it is
+    INVALID_ARGUMENT naming it, and the next stream works."""
+    inputs, outputs = build_inputs(
+        png_bytes(photo(64, 64)), {"prompt": PROMPT, "num_inference_steps": 2}, streaming=True
+    )
+    token = grpcclient.InferInput("cancel_token", [1], "BYTES")
+    token.set_data_from_numpy(np.array([b"0123456789abcdef"], dtype=np.object_))
+    responses: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(url)
+    try:
+        client.start_stream(callback=lambda result, error: responses.put(error or result))
+        client.async_stream_infer("instruct_pix2pix_stream", [*inputs, token], outputs=outputs)
+        refused = responses.get(timeout=60)
+        client.stop_stream()
+    finally:
+        client.close()
+    assert isinstance(refused, InferenceServerException), refused
+    assert "cancel_token is what a unary model forwards its edits to" in refused.message()
+    assert "allowed none" in refused.message()
+    events = _events(url, png_bytes(photo(64, 64)), "instruct_pix2pix", num_inference_steps=2)
+    assert [type(e).__name__ for e in events] == ["Progress"] * 2 + ["EditResult"]
 
 
 def _unet_executions(server: TritonServer) -> int:

@@ -20,7 +20,12 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from edit_pipeline.pipeline import EditOutput, EditPipeline, PreparedEdit
-from edit_pipeline.runtime_status import InstanceStatus, draining
+from edit_pipeline.runtime_status import (
+    CANCEL_TOKEN_INPUT,
+    ForwardedEdit,
+    InstanceStatus,
+    draining,
+)
 from edit_pipeline.sampler import instance_device
 from edit_pipeline.triton.bls import TritonComponents
 from edit_pipeline.triton.triton_io import (
@@ -38,6 +43,7 @@ from pix2pix_client.contract import (
     OUTPUT_PREVIEW,
     OUTPUT_SEED,
     OUTPUT_STEP,
+    InvalidArgumentError,
     parameters_for,
 )
 
@@ -103,8 +109,15 @@ class TritonPythonModel:
                 tensors.append(_tensor(OUTPUT_PREVIEW, preview, np.object_))
             sender.send(pb_utils.InferenceResponse(output_tensors=tensors))
 
-        forwarded = forwarding_token(request) is not None
+        token = forwarding_token(request)
+        forwarded = token is not None and ForwardedEdit.sent_by_a_forwarding_model(token)
         try:
+            if token is not None and not forwarded:
+                raise InvalidArgumentError(
+                    CANCEL_TOKEN_INPUT,
+                    f"{CANCEL_TOKEN_INPUT} is what a unary model forwards its edits to "
+                    f"{self.model_name} with, not a client's input: allowed none",
+                )
             response = self._result(self._edit(request, None if forwarded else progress))
         except Exception as error:
             response = (forwarded_failure if forwarded else error_response)(error, self.model_name)
