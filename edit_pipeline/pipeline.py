@@ -137,6 +137,7 @@ class EditPipeline:
                 f"cache_interval={request.cache_interval}: this model's UNet cannot reuse its "
                 "work (the export says why): allowed 1",
             )
+        self.sampler.check_schedule(request.scheduler, request.num_inference_steps)
         image = decode_image(inputs["image"], self.settings.limits)
         return PreparedEdit(request, image_to_tensor(image))
 

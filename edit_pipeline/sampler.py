@@ -22,7 +22,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from pix2pix_client.contract import IMG2IMG, INSTRUCT_PIX2PIX, SCHEDULERS, guidance_on
+from pix2pix_client.contract import (
+    IMG2IMG,
+    INSTRUCT_PIX2PIX,
+    PARAMETERS_BY_NAME,
+    SCHEDULERS,
+    InvalidArgumentError,
+    guidance_on,
+)
 
 if TYPE_CHECKING:
     from edit_pipeline.preprocess import EditRequest
@@ -174,6 +181,32 @@ class Sampler:
         else:
             latents = self._img2img(inputs, trace, on_step)
         return (latents / self.vae_scaling_factor).contiguous()
+
+    def check_schedule(self, scheduler: str | None, num_inference_steps: int) -> None:
+        """Raises InvalidArgumentError where `scheduler` (None: the checkpoint's own), made
+        from this checkpoint's config, cannot plan that many steps: PNDM with its
+        Runge-Kutta warm-up (where the checkpoint's own scheduler is another) needs 4."""
+        if self._plans(scheduler, num_inference_steps):
+            return
+        most = int(PARAMETERS_BY_NAME["num_inference_steps"].maximum or num_inference_steps)
+        least = next(
+            (n for n in range(num_inference_steps + 1, most + 1) if self._plans(scheduler, n)),
+            None,
+        )
+        made = self.scheduler_config["_class_name"] if scheduler is None else scheduler
+        raise InvalidArgumentError(
+            "num_inference_steps",
+            f"num_inference_steps={num_inference_steps}: the scheduler {made}, with this "
+            "checkpoint's settings, cannot plan so few steps: allowed "
+            + ("none" if least is None else f"{least}..{most}"),
+        )
+
+    def _plans(self, scheduler: str | None, num_inference_steps: int) -> bool:
+        try:
+            make_scheduler(scheduler, self.scheduler_config).set_timesteps(num_inference_steps)
+        except (ValueError, IndexError):
+            return False
+        return True
 
     def _tensor(self, array: Array) -> torch.Tensor:
         # Zero-copy for a NumPy array or a tensor already on the device.
