@@ -1,11 +1,10 @@
 """Triton model: one edit from request to PNG, the model that runs a pipeline.
 
-This file turns Triton requests into the inputs of edit_pipeline/pipeline.py and its
-outputs into responses; components are reached through BLS (bls.py). An instance runs one
-edit at a time; if its process dies, the Python backend fails the edit in flight. It is
-the streaming model (a response per step, previews, then the result), which also runs the
-unary model's edits (forward_model.py; result only), or without streaming models the unary model.
-"""
+Triton requests become the inputs of edit_pipeline/pipeline.py, its outputs responses;
+components are reached through BLS (bls.py). An instance runs one edit at a time; if its
+process dies, the Python backend fails the edit in flight. It is the streaming model (a
+response per step, previews, the result), which also runs the unary model's edits
+(forward_model.py: result only), or without streaming models the unary one."""
 
 from __future__ import annotations
 
@@ -20,12 +19,7 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from edit_pipeline.pipeline import EditOutput, EditPipeline, PreparedEdit
-from edit_pipeline.runtime_status import (
-    CANCEL_TOKEN_INPUT,
-    ForwardedEdit,
-    InstanceStatus,
-    draining,
-)
+from edit_pipeline.runtime_status import InstanceStatus, draining
 from edit_pipeline.sampler import instance_device
 from edit_pipeline.triton.bls import TritonComponents
 from edit_pipeline.triton.triton_io import (
@@ -33,8 +27,8 @@ from edit_pipeline.triton.triton_io import (
     Unavailable,
     as_numpy,
     error_response,
+    forwarded_by_a_model,
     forwarded_failure,
-    forwarding_token,
     watch_caller,
 )
 from pix2pix_client.contract import (
@@ -43,7 +37,6 @@ from pix2pix_client.contract import (
     OUTPUT_PREVIEW,
     OUTPUT_SEED,
     OUTPUT_STEP,
-    InvalidArgumentError,
     parameters_for,
 )
 
@@ -109,15 +102,9 @@ class TritonPythonModel:
                 tensors.append(_tensor(OUTPUT_PREVIEW, preview, np.object_))
             sender.send(pb_utils.InferenceResponse(output_tensors=tensors))
 
-        token = forwarding_token(request)
-        forwarded = token is not None and ForwardedEdit.sent_by_a_forwarding_model(token)
+        forwarded = False
         try:
-            if token is not None and not forwarded:
-                raise InvalidArgumentError(
-                    CANCEL_TOKEN_INPUT,
-                    f"{CANCEL_TOKEN_INPUT} is what a unary model forwards its edits to "
-                    f"{self.model_name} with, not a client's input: allowed none",
-                )
+            forwarded = forwarded_by_a_model(request, self.model_name)
             response = self._result(self._edit(request, None if forwarded else progress))
         except Exception as error:
             response = (forwarded_failure if forwarded else error_response)(error, self.model_name)

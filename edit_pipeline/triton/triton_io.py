@@ -59,6 +59,21 @@ def forwarding_token(request: Any) -> str | None:
     return bytes(as_numpy(tensor).reshape(-1)[0]).decode("ascii", "replace")
 
 
+def forwarded_by_a_model(request: Any, model: str) -> bool:
+    """Whether a forwarding unary model sent this edit to `model`, its streaming model;
+    a cancel_token a client sent itself is InvalidArgumentError."""
+    token = forwarding_token(request)
+    if token is None:
+        return False
+    if not ForwardedEdit.sent_by_a_forwarding_model(token):
+        raise InvalidArgumentError(
+            CANCEL_TOKEN_INPUT,
+            f"{CANCEL_TOKEN_INPUT} is what a unary model forwards its edits to {model} with, "
+            "not a client's input: allowed none",
+        )
+    return True
+
+
 def watch_caller(request: Any) -> Callable[[], bool]:
     """Whether the caller of an edit has gone away (cancelled, past its deadline,
     disconnected), as a function to call at every step. For an edit a unary model
