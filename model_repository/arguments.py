@@ -20,8 +20,10 @@ def option(default: Any, help: str, **metadata: Any) -> Any:
     return dataclasses.field(default=default, metadata={"help": help, **metadata})
 
 
-def add_arguments(group: Any, settings: type, skip: tuple[str, ...] = ()) -> None:
-    """Adds a flag to `group` (a parser or argument group) per documented field."""
+def add_arguments(group: Any, settings: type, skip: tuple[str, ...] = ()) -> list[str]:
+    """Adds a flag to `group` (a parser or argument group) per documented field; returns
+    their destinations (the fields' names)."""
+    added = []
     for field in dataclasses.fields(settings):
         if "help" not in field.metadata or field.name in skip:
             continue
@@ -41,6 +43,8 @@ def add_arguments(group: Any, settings: type, skip: tuple[str, ...] = ()) -> Non
         else:
             kind = field.metadata.get("type", type(default) if default is not None else str)
             group.add_argument(flag, type=kind, help=help_text, **options)
+        added.append(field.name)
+    return added
 
 
 def from_arguments(settings: type[T], args: argparse.Namespace, **given: Any) -> T:

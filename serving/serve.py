@@ -21,7 +21,6 @@ it exits 0.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import signal
 import sys
 import threading
@@ -58,7 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     building = parser.add_argument_group("building (with --preset or --model)")
     building.add_argument("--engines", type=Path, help="TensorRT engine folder (tensorrt)")
     building.add_argument("--build-dir", type=Path, default=DEFAULT_BUILD_DIR)
-    add_arguments(building, RepositoryOptions)
+    options = add_arguments(building, RepositoryOptions)
+    # What --repository refuses beside it (building_flags_given).
+    parser.set_defaults(building_flags=("engines", "build_dir", *options))
     serving = parser.add_argument_group("serving")
     add_arguments(serving, ServerSettings)
     serving.add_argument("--tls-cert", type=Path, help="gRPC TLS: the server certificate (PEM)")
@@ -105,9 +106,8 @@ def make_server(
 def building_flags_given(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:
     """The building flags given a value other than their default: a built repository is
     served as it was built, so with --repository they would change nothing."""
-    options = (f.name for f in dataclasses.fields(RepositoryOptions) if "help" in f.metadata)
     given = []
-    for name in ("engines", "build_dir", *options):
+    for name in args.building_flags:
         value = getattr(args, name)
         if (tuple(value) if isinstance(value, list) else value) != parser.get_default(name):
             given.append("--" + name.replace("_", "-"))
