@@ -228,12 +228,13 @@ def export_component(
                 do_constant_folding=True,
                 dynamo=False,
             )
-        model = onnx.load(str(traced), load_external_data=True)
         fused_ops: dict[str, int] = {}
         if optimize:
             from export.onnx_optimize import optimize_component
 
-            model, fused_ops = optimize_component(model, spec.name)
+            model, fused_ops = optimize_component(traced, spec.name)
+        else:
+            model = onnx.load(str(traced), load_external_data=True)
         if fp16:
             from onnxruntime.transformers.float16 import convert_float_to_float16
             from onnxruntime.transformers.onnx_model import OnnxModel

@@ -23,8 +23,10 @@ benchmarks/README.md.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -233,24 +235,37 @@ def split_geglu(model: Any) -> int:
     return rewritten
 
 
-def optimize_component(model: Any, component: str) -> tuple[Any, dict[str, int]]:
-    """The fused ModelProto of one component, and how many nodes of each fused op it has."""
+def optimize_component(traced: Path, component: str) -> tuple[Any, dict[str, int]]:
+    """The fused ModelProto of one traced component (with all its weights), and how many
+    nodes of each fused op it has.
+
+    The graph is fused with its large weights left in their files beside `traced`: the
+    fusions read only those they rewrite, and the symbolic shape inference they run
+    copies the whole model each time: with the weights in memory, most of an SD 1.5-size
+    export's peak (benchmarks/README.md, "Memory and start at real size").
+    """
+    import onnx
+    from onnx.external_data_helper import load_external_data_for_model
     from onnxruntime.transformers.optimizer import optimize_model
 
     model_type = MODEL_TYPES[component]
     # The fusion passes log every pattern they skip; only errors matter here.
     logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
-    fused = optimize_model(
-        model,
-        model_type=model_type,
-        num_heads=0,
-        hidden_size=0,
-        optimization_options=fusion_options(model_type),
-        opt_level=0,  # python fusions only; onnxruntime applies its own at session load
-        use_gpu=False,
-    )
-    attention_to_multihead(fused)
-    split_geglu(fused)
+    model = onnx.load(str(traced), load_external_data=False)
+    # onnxruntime's fusions read external weights relative to the working directory.
+    with contextlib.chdir(traced.parent):
+        fused = optimize_model(
+            model,
+            model_type=model_type,
+            num_heads=0,
+            hidden_size=0,
+            optimization_options=fusion_options(model_type),
+            opt_level=0,  # python fusions only; onnxruntime applies its own at session load
+            use_gpu=False,
+        )
+        attention_to_multihead(fused)
+        split_geglu(fused)
+    load_external_data_for_model(fused.model, str(traced.parent))
     counts = Counter(node.op_type for node in fused.nodes() if node.domain == MS_DOMAIN)
     if counts and not any(o.domain == MS_DOMAIN for o in fused.model.opset_import):
         from onnx import helper

@@ -468,6 +468,49 @@ def test_optimized_export_splits_every_geglu_and_validates(
     assert manifest["components"]["text_encoder"]["fused_ops"]
 
 
+def test_fusing_a_graph_with_external_weights_gives_the_same_graph(
+    tiny_export: Path, tmp_path: Path
+) -> None:
+    """A UNet over 2 GB is traced with its weights in files of their own, one per tensor;
+    the fusions leave them there and read only those they rewrite (export/onnx_optimize.py).
+    The result is the graph fused from the weights in memory, with every weight loaded."""
+    import os
+
+    import onnx
+    from onnx import numpy_helper
+    from onnx.external_data_helper import uses_external_data
+
+    from export.onnx_optimize import optimize_component
+
+    single = tiny_export / "unet_pix2pix" / "model.onnx"
+    split = tmp_path / "traced" / "model.onnx"
+    split.parent.mkdir()
+    onnx.save_model(
+        onnx.load(str(single)),
+        str(split),
+        save_as_external_data=True,
+        all_tensors_to_one_file=False,
+        size_threshold=1024,
+    )
+    assert len(list(split.parent.iterdir())) > 10
+    working_directory = os.getcwd()
+
+    from_memory, counts = optimize_component(single, "unet_pix2pix")
+    from_files, counts_from_files = optimize_component(split, "unet_pix2pix")
+
+    assert os.getcwd() == working_directory
+    assert counts_from_files == counts and counts["MultiHeadAttention"] > 0
+    assert [n.SerializeToString() for n in from_files.graph.node] == [
+        n.SerializeToString() for n in from_memory.graph.node
+    ]
+    weights = {i.name: i for i in from_memory.graph.initializer}
+    assert sorted(weights) == sorted(i.name for i in from_files.graph.initializer)
+    for tensor in from_files.graph.initializer:
+        assert not uses_external_data(tensor), tensor.name
+        expected = numpy_helper.to_array(weights[tensor.name])
+        np.testing.assert_array_equal(numpy_helper.to_array(tensor), expected)
+
+
 def _geglu_graph(approximate: str) -> Any:
     """x @ W + b, chunked in two on the last axis, value * gelu(gate): diffusers' GEGLU."""
     from onnx import TensorProto, helper, numpy_helper
