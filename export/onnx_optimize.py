@@ -241,8 +241,8 @@ def optimize_component(traced: Path, component: str) -> tuple[Any, dict[str, int
 
     The graph is fused with its large weights left in their files beside `traced`: the
     fusions read only those they rewrite, and the symbolic shape inference they run
-    copies the whole model each time: with the weights in memory, most of an SD 1.5-size
-    export's peak (benchmarks/README.md, "Memory and start at real size").
+    copies the whole model each time, which with the weights in memory was most of an SD
+    1.5-size export's peak (benchmarks/README.md, "Memory and start at real size").
     """
     import onnx
     from onnx.external_data_helper import load_external_data_for_model
@@ -252,7 +252,8 @@ def optimize_component(traced: Path, component: str) -> tuple[Any, dict[str, int
     # The fusion passes log every pattern they skip; only errors matter here.
     logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
     model = onnx.load(str(traced), load_external_data=False)
-    # onnxruntime's fusions read external weights relative to the working directory.
+    # onnxruntime's fusions read external weights relative to the working directory
+    # (process-wide: the export runs one component at a time, in one thread).
     with contextlib.chdir(traced.parent):
         fused = optimize_model(
             model,
