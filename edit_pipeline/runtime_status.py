@@ -116,8 +116,8 @@ class ForwardedEdit:
         the streaming model a token of its own is refused."""
         if not _token_form(token):
             return False
-        edit = cls.of(token, directory)
-        return edit is None or edit.caller() is not None
+        folder = forwarded_edits_dir(directory)
+        return folder is None or cls(folder / token).caller() is not None
 
     def open(self, pid: int) -> None:
         """The forwarding model, with its process id, before it sends the edit."""
