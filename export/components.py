@@ -1,9 +1,10 @@
 """One description per exported component: the single source of truth for tensor names.
 
 Each `ComponentSpec` says what a component takes and returns (names, dtypes, which axes
-are dynamic) and the range of every dynamic axis. The ONNX export reads it for
-`dynamic_axes`, the TensorRT builder for optimization profiles (min/opt/max), and the
-repository builder for `config.pbtxt`. Nobody types a tensor name twice.
+are dynamic, the values a token input holds) and the range of every dynamic axis. The
+ONNX export reads it for `dynamic_axes`, the TensorRT builder for optimization profiles
+(min/opt/max), and the repository builder for `config.pbtxt`. Nobody types a tensor name
+twice.
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ class TensorSpec:
     name: str
     dtype: str  # numpy name: float32, int32
     dims: tuple[int | str, ...]
+    # The least and most value of an integer input (a token id); None: any.
+    values: tuple[int, int] | None = None
 
     def shape_for(self, sizes: dict[str, int]) -> tuple[int, ...]:
         return tuple(sizes[dim] if isinstance(dim, str) else dim for dim in self.dims)
@@ -87,7 +90,16 @@ class ComponentSpec:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ComponentSpec:
         def tensors(items: list[dict[str, Any]]) -> tuple[TensorSpec, ...]:
-            return tuple(TensorSpec(t["name"], t["dtype"], tuple(t["dims"])) for t in items)
+            return tuple(
+                TensorSpec(
+                    t["name"],
+                    t["dtype"],
+                    tuple(t["dims"]),
+                    # None in an export made before the specs bounded values.
+                    tuple(t["values"]) if t.get("values") else None,
+                )
+                for t in items
+            )
 
         return cls(
             name=data["name"],
@@ -174,7 +186,14 @@ def component_specs(
     return {
         TEXT_ENCODER: ComponentSpec(
             name=TEXT_ENCODER,
-            inputs=(TensorSpec("input_ids", "int32", ("batch", dims.text_max_length)),),
+            inputs=(
+                TensorSpec(
+                    "input_ids",
+                    "int32",
+                    ("batch", dims.text_max_length),
+                    values=(0, dims.text_vocab_size - 1),
+                ),
+            ),
             outputs=(
                 TensorSpec(
                     "last_hidden_state",

@@ -22,7 +22,7 @@ from typing import Any
 
 from tritonclient.grpc import model_config_pb2 as mc
 
-from edit_pipeline.component_inputs import AxisBounds, InputShapes
+from edit_pipeline.component_inputs import Bounds, InputBounds
 from edit_pipeline.openvino_component import bf16_unsupported_reason
 from edit_pipeline.preprocess import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE, ImageLimits
 from edit_pipeline.runtime_status import CANCEL_TOKEN_INPUT, FAILURE_OUTPUT
@@ -340,23 +340,25 @@ def _scalar(message: Any, name: str, wire_type: str, optional: bool) -> None:
         message.optional = True
 
 
-def input_shapes(spec: ComponentSpec, limits: ImageLimits) -> InputShapes:
-    """The shapes edits within `limits` send a component (edit_pipeline/component_inputs.py):
+def input_bounds(spec: ComponentSpec, limits: ImageLimits) -> InputBounds:
+    """The inputs edits within `limits` send a component (edit_pipeline/component_inputs.py):
     images of `min_side` to `max_side` pixels a side, floored to a multiple of
-    `side_multiple`; their latents that many times smaller; batches up to the spec's."""
+    `side_multiple`; their latents that many times smaller; batches up to the spec's;
+    values within the spec's bounds."""
     multiple = limits.side_multiple
     least, most = max(limits.min_side // multiple, 1), limits.max_side // multiple
-    latent = AxisBounds(least, most)
+    latent = Bounds(least, most)
     axes = {
-        "batch": AxisBounds(1, spec.axes["batch"].max),
+        "batch": Bounds(1, spec.axes["batch"].max),
         "latent_height": latent,
         "latent_width": latent,
-        "height": AxisBounds(least * multiple, most * multiple, multiple),
-        "width": AxisBounds(least * multiple, most * multiple, multiple),
+        "height": Bounds(least * multiple, most * multiple, multiple),
+        "width": Bounds(least * multiple, most * multiple, multiple),
     }
     dims = {tensor.name: tensor.dims for tensor in spec.inputs}
     named = {dim for tensor_dims in dims.values() for dim in tensor_dims if isinstance(dim, str)}
-    return InputShapes(dims, {axis: axes[axis] for axis in sorted(named)})
+    values = {t.name: Bounds(*t.values) for t in spec.inputs if t.values is not None}
+    return InputBounds(dims, {axis: axes[axis] for axis in sorted(named)}, values)
 
 
 def component_config(
@@ -366,8 +368,8 @@ def component_config(
     optional_inputs: Sequence[str] = (),
 ) -> Any:
     """config.pbtxt of an exported component, for the chosen flavour; `optional_inputs`
-    may be left out of a request; inputs of shapes no edit within `limits` sends are
-    refused (input_shapes) in the Python backend's flavours."""
+    may be left out of a request; inputs of shapes or values no edit within `limits` sends
+    are refused (input_bounds) in the Python backend's flavours."""
     # Triton's OpenVINO backend (r24.10) fixes a batching model's batch to max_batch_size
     # and refuses smaller ones (or pads them, computing the padding): with max_batch_size 0
     # the batch stays a dynamic dim of OpenVINO's own, without Triton's dynamic batcher.
@@ -419,8 +421,8 @@ def component_config(
         config.platform = "tensorrt_plan"
         config.instance_group.add(count=1, kind=KIND_GPU)
     if options.flavour in PYTHON_FLAVOURS:
-        shapes = input_shapes(spec, limits).to_json()
-        _parameters(config, {"input_shapes": json.dumps(shapes)})
+        bounds = input_bounds(spec, limits).to_json()
+        _parameters(config, {"input_bounds": json.dumps(bounds)})
         group = config.instance_group.add(count=1, kind=KIND_CPU)
         if options.cpu_rate_limit:
             group.rate_limiter.resources.add(name=CPU_RESOURCE, count=1, **{"global": True})

@@ -24,6 +24,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
+from export.onnx_export import load_manifest
 from pix2pix_client import EditClient, InvalidArgument, ServerUnavailable
 from serving.procfs import shared_memory_prefix
 from serving.tritonserver import TlsFiles, TritonServer
@@ -298,6 +299,30 @@ def test_components_refuse_shapes_no_edit_sends(
     assert refused_call.value.status() == "StatusCode.INVALID_ARGUMENT"
     message = refused_call.value.message()
     assert f"has shape {list(refused)}: {words}" in message, message
+    assert edit_png(server.grpc_url, image) == reference
+
+
+@pytest.mark.parametrize("past", ["vocabulary", "negative"])
+def test_the_text_encoder_refuses_token_ids_past_its_vocabulary(
+    server: TritonServer, tiny_export: Path, image: bytes, reference: bytes, past: str
+) -> None:
+    """A client calling the text encoder with a token id no tokenizer makes gets
+    INVALID_ARGUMENT naming input_ids and the ids allowed (onnxruntime's own failure was
+    INTERNAL, OpenVINO embedded it as nothing the checkpoint learned); the next edit is
+    what it was."""
+    last = load_manifest(tiny_export)["dimensions"]["text_vocab_size"] - 1
+    ids = np.zeros((2, 77), np.int32)
+    ids[0, 4] = last + 1 if past == "vocabulary" else -1
+    tensor = grpcclient.InferInput("input_ids", list(ids.shape), "INT32")
+    tensor.set_data_from_numpy(ids)
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    try:
+        with pytest.raises(InferenceServerException) as refused:
+            client.infer("text_encoder", [tensor], client_timeout=60)
+    finally:
+        client.close()
+    assert refused.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert f"input_ids holds {ids[0, 4]}: allowed 0..{last}" in refused.value.message()
     assert edit_png(server.grpc_url, image) == reference
 
 

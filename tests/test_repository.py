@@ -10,7 +10,7 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from edit_pipeline.component_inputs import AxisBounds, InputShapes
+from edit_pipeline.component_inputs import Bounds, InputBounds
 from edit_pipeline.openvino_component import bf16_unsupported_reason
 from edit_pipeline.runtime_status import CANCEL_TOKEN_INPUT, FAILURE_OUTPUT
 from export.components import (
@@ -32,7 +32,7 @@ from model_repository.configs import (
     READINESS_MODEL,
     RepositoryOptions,
     derived_edit_instances,
-    input_shapes,
+    input_bounds,
 )
 from model_repository.record import REPOSITORY_RECORD
 from pix2pix_client.contract import (
@@ -153,9 +153,9 @@ def test_component_configs_follow_the_specs(repository, tiny_export: Path) -> No
         assert config.max_batch_size == (spec["axes"]["batch"]["max"] if batched else 0)
         assert [i.name for i in config.input] == [t["name"] for t in inputs]
         assert [o.name for o in config.output] == [t["name"] for t in spec["outputs"]]
-        if hosted:  # the shapes edits send, refused past them (test_hardening)
-            shapes = json.loads(config.parameters["input_shapes"].string_value)
-            assert list(shapes["inputs"]) == [t["name"] for t in inputs]
+        if hosted:  # the inputs edits send, refused past them (test_hardening)
+            bounds = json.loads(config.parameters["input_bounds"].string_value)
+            assert list(bounds["inputs"]) == [t["name"] for t in inputs]
         for tensor, declared in zip(config.input, inputs, strict=True):
             dims = [-1 if isinstance(d, str) else d for d in declared["dims"]]
             dims = dims[1:] if batched else dims
@@ -168,26 +168,33 @@ def test_component_configs_follow_the_specs(repository, tiny_export: Path) -> No
     assert not configs["text_encoder"].HasField("dynamic_batching")
 
 
-def test_the_input_shapes_are_those_of_the_images_edited(tiny_export: Path) -> None:
+def test_the_input_bounds_are_those_of_the_images_and_prompts_edited(tiny_export: Path) -> None:
     """At most 300 pixels a side: 296 once floored to the tiny VAE's factor of 8, latents
-    of 1 to 37; batches up to the spec's; a tensor's dims name its axes."""
+    of 1 to 37; batches up to the spec's; a tensor's dims name its axes; token ids below
+    the vocabulary's size."""
+    manifest = load_manifest(tiny_export)
     specs = {
         name: ComponentSpec.from_json(entry["spec"])
-        for name, entry in load_manifest(tiny_export)["components"].items()
+        for name, entry in manifest["components"].items()
     }
     limits = RepositoryOptions(max_image_side=300).image_limits(8)
-    unet = input_shapes(specs["unet_pix2pix"], limits)
+    unet = input_bounds(specs["unet_pix2pix"], limits)
     assert unet.dims == {
         "sample": ("batch", 8, "latent_height", "latent_width"),
         "timestep": ("batch",),
         "encoder_hidden_states": ("batch", 77, 32),
     }
-    latent = AxisBounds(1, 37)
-    assert unet.axes == {"batch": AxisBounds(1, 6), "latent_height": latent, "latent_width": latent}
-    vae = input_shapes(specs["vae_encoder"], limits)
-    assert vae.axes["height"] == vae.axes["width"] == AxisBounds(8, 296, 8)
-    assert input_shapes(specs["text_encoder"], limits).axes == {"batch": AxisBounds(1, 2)}
-    assert InputShapes.from_json(json.loads(json.dumps(unet.to_json()))) == unet
+    latent = Bounds(1, 37)
+    assert unet.axes == {"batch": Bounds(1, 6), "latent_height": latent, "latent_width": latent}
+    assert unet.values == {}
+    vae = input_bounds(specs["vae_encoder"], limits)
+    assert vae.axes["height"] == vae.axes["width"] == Bounds(8, 296, 8)
+    text = input_bounds(specs["text_encoder"], limits)
+    assert text.axes == {"batch": Bounds(1, 2)}
+    vocabulary = manifest["dimensions"]["text_vocab_size"]
+    assert text.values == {"input_ids": Bounds(0, vocabulary - 1)}
+    for bounds in (unet, text):
+        assert InputBounds.from_json(json.loads(json.dumps(bounds.to_json()))) == bounds
 
 
 @pytest.mark.parametrize(
@@ -206,11 +213,11 @@ def test_the_input_shapes_are_those_of_the_images_edited(tiny_export: Path) -> N
         ),
     ],
 )
-def test_input_shapes_refuse_what_no_edit_sends(
+def test_input_bounds_refuse_shapes_no_edit_sends(
     tiny_export: Path, shapes: dict[str, tuple[int, ...]], words: str | None
 ) -> None:
     spec = ComponentSpec.from_json(load_manifest(tiny_export)["components"]["unet_pix2pix"]["spec"])
-    checked = input_shapes(spec, RepositoryOptions(max_image_side=300).image_limits(8))
+    checked = input_bounds(spec, RepositoryOptions(max_image_side=300).image_limits(8))
     feed = {name: np.zeros(shape, np.float32) for name, shape in shapes.items()}
     if words is None:
         checked.check(feed)
@@ -219,6 +226,26 @@ def test_input_shapes_refuse_what_no_edit_sends(
         checked.check(feed)
     assert refused.value.field == next(iter(words.split()))
     assert words in str(refused.value)
+
+
+def test_input_bounds_refuse_token_ids_past_the_vocabulary(tiny_export: Path) -> None:
+    """onnxruntime fails on a token id past the vocabulary (an INTERNAL error, as if the
+    server had a bug) and OpenVINO embeds it as a vector of its own making: both ends are
+    refused, naming the input and the ids allowed."""
+    manifest = load_manifest(tiny_export)
+    spec = ComponentSpec.from_json(manifest["components"]["text_encoder"]["spec"])
+    checked = input_bounds(spec, RepositoryOptions().image_limits(8))
+    last = manifest["dimensions"]["text_vocab_size"] - 1
+    ids = np.zeros((2, 77), np.int32)
+    ids[1, :3] = [0, last, 7]
+    checked.check({"input_ids": ids})
+    for value in (last + 1, -1, np.iinfo(np.int32).max):
+        ids[1, 5] = value
+        with pytest.raises(InvalidArgumentError) as refused:
+            checked.check({"input_ids": ids})
+        assert refused.value.field == "input_ids"
+        assert f"input_ids holds {value}: allowed 0..{last}" in str(refused.value)
+        ids[1, 5] = 0
 
 
 @pytest.mark.parametrize("streaming", [False, True], ids=["whole", "streaming"])

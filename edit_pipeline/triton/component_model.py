@@ -13,7 +13,7 @@ from typing import Any
 import triton_python_backend_utils as pb_utils
 
 from edit_pipeline.batching import Component
-from edit_pipeline.component_inputs import InputShapes
+from edit_pipeline.component_inputs import InputBounds
 from edit_pipeline.runtime_status import InstanceStatus
 from edit_pipeline.triton.triton_io import as_numpy, config_parameters, error_response
 from edit_pipeline.unet_passes import SHALLOW_DIR, UNetPasses
@@ -38,16 +38,16 @@ class ComponentModel:
     model_name: str
     component: Component
     status: InstanceStatus
-    # The shapes edits send it (model_repository.configs.input_shapes); None in a
+    # The inputs edits send it (model_repository.configs.input_bounds); None in a
     # repository built before components knew them: nothing is refused.
-    shapes: InputShapes | None
+    bounds: InputBounds | None
 
     def serve(self, args: dict[str, str], component: Component) -> None:
         self.model_name = args["model_name"]
         self.component = component
         self.status = InstanceStatus(args["model_instance_name"])
-        shapes = config_parameters(args).get("input_shapes")
-        self.shapes = None if shapes is None else InputShapes.from_json(json.loads(shapes))
+        bounds = config_parameters(args).get("input_bounds")
+        self.bounds = None if bounds is None else InputBounds.from_json(json.loads(bounds))
 
     def execute(self, requests: list) -> list:
         feeds, responses = {}, {}
@@ -83,15 +83,15 @@ class ComponentModel:
         }
 
     def _feed(self, request: Any) -> dict[str, Any]:
-        """The request's inputs by name, of shapes an edit sends; an optional one it does not
-        carry is absent."""
+        """The request's inputs by name, of shapes and values an edit sends; an optional one
+        it does not carry is absent."""
         feed = {}
         for name in self.component.input_names:
             tensor = pb_utils.get_input_tensor_by_name(request, name)
             if tensor is not None:
                 feed[name] = as_numpy(tensor)
-        if self.shapes is not None:
-            self.shapes.check(feed)
+        if self.bounds is not None:
+            self.bounds.check(feed)
         return feed
 
     def finalize(self) -> None:
