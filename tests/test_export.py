@@ -320,6 +320,35 @@ def test_an_output_of_another_shape_than_the_pipelines_read_fails_the_export(
         validate_component(module, claimed, path, checkpoint, 1e-3)
 
 
+def test_the_export_lets_each_torch_module_go_once_exported(
+    tiny_preset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The torch weights are mapped from their files and stay resident while referenced:
+    a component's module is released once it is exported and validated, so that at SD
+    1.5 size one UNet's 3.4 GB, not both, is resident when the second is exported. When
+    each component is exported, every module seen before is gone but the one it shares
+    (a VAE's encoder and decoder; a UNet's full and shallow passes)."""
+    import weakref
+
+    from export import onnx_export
+
+    export_component = onnx_export.export_component
+    seen: dict[str, weakref.ref] = {}
+    alive: dict[str, list[str]] = {}
+
+    def watched(module: Any, spec: ComponentSpec, *args: Any, **kwargs: Any) -> Any:
+        (wrapped,) = module.children()  # the diffusers module the wrapper calls
+        alive[spec.name] = [name for name, ref in seen.items() if ref() not in (None, wrapped)]
+        seen[spec.name] = weakref.ref(wrapped)
+        return export_component(module, spec, *args, **kwargs)
+
+    monkeypatch.setattr(onnx_export, "export_component", watched)
+    manifest, _ = onnx_export.export_checkpoint([tiny_preset], tmp_path / "export")
+    assert manifest["validation"]["passed"]
+    assert list(alive) == list(manifest["components"]) and len(alive) == 7
+    assert alive == {name: [] for name in alive}
+
+
 def _edit_json(path: Path, **changes: object) -> None:
     data = json.loads(path.read_text())
     data.update(changes)
