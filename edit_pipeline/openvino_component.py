@@ -188,7 +188,8 @@ class OpenVinoComponent:
         return {name: key for key, name in INFERENCE_PRECISIONS.items()}.get(reported, reported)
 
     def _release_working_memory(self) -> None:
-        self.compiled.release_memory()
+        if self.compiled is not None:  # None after a failed call, until the next one
+            self.compiled.release_memory()
         release_free_heap()
 
     def close(self) -> None:
@@ -204,14 +205,17 @@ class OpenVinoComponent:
             for name, array in model_feed(inputs, self.input_names, self.input_ranks).items()
         }
         with self.idle_release.calling():
+            if self._request is None:
+                self._compile()
             try:
                 outputs = self._request.infer(feed, share_inputs=True, share_outputs=False)
             except Exception:
                 # A call that failed part-way (a shape the model cannot take) can leave the
                 # compiled model's memory such that later calls read wrong values once its
                 # working memory was released (NaN latents, OpenVINO 2026.4), and a new
-                # request does not help: compiled again, for the calls after this one.
-                self._compile()
+                # request does not help: the next call compiles it again (and so does each
+                # one after it until a compilation succeeds).
+                self._request = self.compiled = None
                 raise
             results = {name: outputs[name] for name in self.output_names}
             if self.release_activations:

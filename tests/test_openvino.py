@@ -10,6 +10,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -112,6 +113,45 @@ def test_a_failed_call_leaves_the_next_calls_right(tiny_export: Path) -> None:
         again = component.run(image)
         for name, array in first.items():
             np.testing.assert_array_equal(again[name], array)
+
+
+def test_a_compilation_that_fails_after_a_failed_call_is_tried_again(tiny_export: Path) -> None:
+    """After a failed call the component compiles again; where that fails too (no memory
+    left for a moment), the call that needed it fails and the next one compiles: the
+    component is never left without a compiled model, and its idle release keeps
+    working meanwhile."""
+    component = OpenVinoComponent(
+        tiny_export / "vae_encoder" / "model.onnx", "fp32", threads=2, release_after_idle_s=0.2
+    )
+    image = {"image": np.random.default_rng(4).random((1, 3, 64, 64), np.float32)}
+    first = component.run(image)
+    assert wait_for(lambda: component.idle_release.releases == 1)
+    core = component._core
+    failures = []
+
+    class FailingOnce:
+        def read_model(self, path: str) -> Any:
+            return core.read_model(path)
+
+        def compile_model(self, *args: Any) -> Any:
+            if not failures:
+                failures.append(args)
+                raise MemoryError("std::bad_alloc")
+            return core.compile_model(*args)
+
+    component._core = FailingOnce()
+    with pytest.raises(RuntimeError):
+        component.run({"image": np.zeros((1, 3, 1, 1), np.float32)})
+    assert wait_for(lambda: component.idle_release.releases == 2)  # nothing compiled
+    with pytest.raises(MemoryError):
+        component.run(image)
+    assert len(failures) == 1
+    assert wait_for(lambda: component.idle_release.releases == 3)
+    for _ in range(2):
+        again = component.run(image)
+        for name, array in first.items():
+            np.testing.assert_array_equal(again[name], array)
+    component.close()
 
 
 def test_an_idle_unet_gives_its_working_memory_back(tiny_export: Path) -> None:
