@@ -463,6 +463,28 @@ def test_a_charset_the_request_declares_is_read(gateway: str, picture: bytes) ->
     assert len(answered.json()["data"]) == 1
 
 
+@pytest.mark.parametrize("charset", ["x-unknown", "utf-16", "base64"])
+def test_a_charset_the_form_cannot_be_read_in_is_refused(
+    gateway: str, picture: bytes, charset: str
+) -> None:
+    """Starlette reads a form in a charset Python does not know as Latin-1, and one that
+    is a codec but no text encoding (base64) failed as a bug (a 500); UTF-16 made the
+    form's own names unreadable. Each is a 400 naming the charset and what is allowed."""
+    parts = [("image", picture, "photo.png"), ("prompt", b"make it blue", None)]
+    headers = {
+        "Authorization": f"Bearer {API_KEY}",
+        "Content-Type": f"multipart/form-data; boundary=b0und; charset={charset}",
+    }
+    refused = httpx.post(f"{gateway}/v1/images/edits", headers=headers, content=_multipart(parts))
+    assert refused.status_code == 400, refused.text
+    error = refused.json()["error"]
+    assert error["code"] == "invalid_request", error
+    assert error["message"] == (
+        f"the form's charset is '{charset}': allowed UTF-8 (the default), or another charset "
+        "that writes ASCII as ASCII"
+    )
+
+
 def test_a_form_without_a_prompt_is_missing_a_required_parameter(
     gateway: str, picture: bytes
 ) -> None:

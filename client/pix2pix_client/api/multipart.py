@@ -3,13 +3,20 @@ text fields held to the request's charset (UTF-8 unless it declares another) and
 errors naming its field.
 
 Starlette decodes a text field it cannot read in that charset as Latin-1, so a prompt of
-stray bytes would reach the model garbled; here it is refused. Its refusals of a field
-(too large) say which field they mean.
+stray bytes would reach the model garbled; here it is refused. So is a charset Starlette
+would read as Latin-1 (one Python does not know), or one that does not write ASCII as
+ASCII (UTF-16, or a codec such as base64 that is no text encoding: a 500 before), in which
+the form's own names cannot be read. Its refusals of a field (too large) say which field
+they mean.
 """
 
 from __future__ import annotations
 
-from starlette.datastructures import FormData
+import codecs
+import string
+
+from python_multipart.multipart import parse_options_header
+from starlette.datastructures import FormData, Headers
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 
@@ -55,8 +62,30 @@ class _StrictParser(MultiPartParser):
         self.items.append((part.field_name, text))
 
 
+def _check_charset(headers: Headers) -> None:
+    """Raises ApiError 400 when the form declares a charset its text cannot be read in:
+    one Python does not know, or one that does not write ASCII as ASCII."""
+    _, params = parse_options_header(headers.get("content-type", ""))
+    declared = params.get(b"charset")
+    if declared is None:
+        return
+    charset = declared.decode("latin-1")
+    try:
+        readable = string.printable.encode(codecs.lookup(charset).name) == string.printable.encode()
+    except (LookupError, UnicodeError):
+        readable = False
+    if not readable:
+        raise ApiError(
+            400,
+            f"the form's charset is {charset!r}: allowed UTF-8 (the default), or another "
+            "charset that writes ASCII as ASCII",
+            code="invalid_request",
+        )
+
+
 async def read_form(request: Request) -> FormData:
     """The request's form; raises ApiError 400 for a malformed one. The caller closes it."""
+    _check_charset(request.headers)
     parser = _StrictParser(
         request.headers, request.stream(), max_files=MAX_FILES, max_fields=MAX_FIELDS
     )
