@@ -32,8 +32,8 @@ class Bounds:
     most: int
     multiple: int = 1
 
-    def allows(self, size: int) -> bool:
-        return self.least <= size <= self.most and size % self.multiple == 0
+    def allows(self, value: int) -> bool:
+        return self.least <= value <= self.most and value % self.multiple == 0
 
     def __str__(self) -> str:
         steps = f" in multiples of {self.multiple}" if self.multiple > 1 else ""
@@ -64,7 +64,8 @@ class InputBounds:
         return cls(
             dims={name: tuple(dims) for name, dims in data["inputs"].items()},
             axes={axis: Bounds(*bounds) for axis, bounds in data["axes"].items()},
-            values={name: Bounds(*bounds) for name, bounds in data["values"].items()},
+            # No values in a repository built before they were bounded.
+            values={name: Bounds(*bounds) for name, bounds in data.get("values", {}).items()},
         )
 
     def check(self, feed: dict[str, np.ndarray]) -> None:

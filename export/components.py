@@ -95,8 +95,7 @@ class ComponentSpec:
                     t["name"],
                     t["dtype"],
                     tuple(t["dims"]),
-                    # None in an export made before the specs bounded values.
-                    tuple(t["values"]) if t.get("values") else None,
+                    tuple(t["values"]) if t.get("values") is not None else None,
                 )
                 for t in items
             )

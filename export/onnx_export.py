@@ -55,9 +55,9 @@ from export.validation import TOLERANCE, ValidationRow, format_table, validate_c
 
 MANIFEST = "manifest.json"
 # 2: dimensions carry the vocabulary size and the UNets' sample size; 3: the latent
-# preview map; 4: the UNets' deep features and shallow passes. Exports of another format
-# are made again.
-MANIFEST_FORMAT = 4
+# preview map; 4: the UNets' deep features and shallow passes; 5: the text encoder's
+# token ids bounded by the vocabulary. Exports of another format are made again.
+MANIFEST_FORMAT = 5
 MODEL_FILE = "model.onnx"
 EXTERNAL_DATA_FILE = "model.onnx.data"
 # Protobuf cannot hold a model over 2 GiB; leave headroom for the graph itself.

@@ -445,12 +445,13 @@ def test_overload_is_refused_at_once(server: TritonServer, summary) -> None:
     def send(seed: int) -> tuple[str, float]:
         # Connected and encoded before the barrier, so that every edit arrives while the
         # first accepted ones still run, however slowly threads start on a loaded machine.
+        # (A thread that fails before it breaks the barrier for all when the wait times out.)
         client = grpcclient.InferenceServerClient(server.grpc_url)
-        inputs = {"image": image, **GOOD, "num_inference_steps": 48, "seed": seed}
-        tensors = [contract_input(name, value) for name, value in inputs.items()]
         try:
+            inputs = {"image": image, **GOOD, "num_inference_steps": 48, "seed": seed}
+            tensors = [contract_input(name, value) for name, value in inputs.items()]
             assert client.is_server_live()
-            barrier.wait()
+            barrier.wait(timeout=120)
             started = time.monotonic()
             try:
                 client.infer("instruct_pix2pix", tensors, client_timeout=120)

@@ -116,10 +116,9 @@ def test_a_failed_call_leaves_the_next_calls_right(tiny_export: Path) -> None:
 
 
 def test_a_compilation_that_fails_after_a_failed_call_is_tried_again(tiny_export: Path) -> None:
-    """After a failed call the component compiles again; where that fails too (no memory
-    left for a moment), the call that needed it fails and the next one compiles: the
-    component is never left without a compiled model, and its idle release keeps
-    working meanwhile."""
+    """After a failed call the next call compiles the model again; where that fails too
+    (no memory left for a moment), that call fails and the one after it compiles again.
+    Meanwhile, with nothing compiled, the idle release keeps working."""
     component = OpenVinoComponent(
         tiny_export / "vae_encoder" / "model.onnx", "fp32", threads=2, release_after_idle_s=0.2
     )

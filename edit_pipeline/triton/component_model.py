@@ -38,15 +38,17 @@ class ComponentModel:
     model_name: str
     component: Component
     status: InstanceStatus
-    # The inputs edits send it (model_repository.configs.input_bounds); None in a
-    # repository built before components knew them: nothing is refused.
+    # The inputs edits send it (model_repository.configs.input_bounds; input_shapes in a
+    # repository built before values were bounded); None in one built before components
+    # knew them: nothing is refused.
     bounds: InputBounds | None
 
     def serve(self, args: dict[str, str], component: Component) -> None:
         self.model_name = args["model_name"]
         self.component = component
         self.status = InstanceStatus(args["model_instance_name"])
-        bounds = config_parameters(args).get("input_bounds")
+        parameters = config_parameters(args)
+        bounds = parameters.get("input_bounds", parameters.get("input_shapes"))
         self.bounds = None if bounds is None else InputBounds.from_json(json.loads(bounds))
 
     def execute(self, requests: list) -> list:
