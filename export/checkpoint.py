@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from export.components import ModelDimensions
 from export.sample_inputs import CheckpointInputs
@@ -270,6 +271,15 @@ def _trained_latent_side(pipeline: Any) -> int:
     return int(max(side) if isinstance(side, list | tuple) else side)
 
 
+Shared = TypeVar("Shared")
+
+
+def shared_from(by_pipeline: Mapping[str, Shared]) -> Shared:
+    """Of one entry per pipeline (folder, diffusers pipeline), the one whose text encoder,
+    tokenizer and VAE the export serves to both: InstructPix2Pix's where there is one."""
+    return by_pipeline.get(PIX2PIX) or next(iter(by_pipeline.values()))
+
+
 def checkpoint_inputs(
     folders: dict[str, PipelineFolder], pipelines: dict[str, Any]
 ) -> CheckpointInputs:
@@ -282,7 +292,7 @@ def checkpoint_inputs(
             + "; ".join(f"{name} {value}" for name, value in dims.items())
         )
     # The export ships this pipeline's tokenizer (export.onnx_export copies it).
-    tokenizer = (pipelines.get(PIX2PIX) or next(iter(pipelines.values()))).tokenizer
+    tokenizer = shared_from(pipelines).tokenizer
     return CheckpointInputs(
         dims=first,
         bos_token_id=int(tokenizer.bos_token_id),

@@ -33,11 +33,11 @@ from typing import Any
 
 from export import unet_reuse
 from export.checkpoint import (
-    PIX2PIX,
     PipelineFolder,
     UnsupportedCheckpointError,
     checkpoint_inputs,
     discover_pipelines,
+    shared_from,
 )
 from export.components import (
     TEXT_ENCODER,
@@ -131,7 +131,7 @@ def _wrappers(pipelines: dict[str, Any]) -> dict[str, Any]:
                 self.unet, sample, timestep, context[0] if context else None, deep_features
             )
 
-    shared = pipelines.get(PIX2PIX) or next(iter(pipelines.values()))
+    shared = shared_from(pipelines)
     modules = {
         TEXT_ENCODER: TextEncoder(shared.text_encoder),
         VAE_ENCODER: VaeEncoder(shared.vae),
@@ -278,7 +278,7 @@ def _library_versions() -> dict[str, str]:
 
 def _copy_pipeline_assets(folders: dict[str, PipelineFolder], output: Path) -> dict[str, Any]:
     """Tokenizer and scheduler configs travel with the export, so it stands on its own."""
-    shared = folders.get(PIX2PIX) or next(iter(folders.values()))
+    shared = shared_from(folders)
     tokenizer_dir = output / "tokenizer"
     if tokenizer_dir.exists():
         shutil.rmtree(tokenizer_dir)
@@ -324,13 +324,14 @@ def export_checkpoint(
     checkpoint = checkpoint_inputs(folders, pipelines)
     _check_shared_weights(pipelines)
     specs = component_specs(checkpoint.dims, _shallow_passes(pipelines))
-    shared = pipelines.get(PIX2PIX) or next(iter(pipelines.values()))
-    latent_preview = fit_latent_preview(shared.vae, checkpoint.dims.vae_scale_factor)
+    latent_preview = fit_latent_preview(
+        shared_from(pipelines).vae, checkpoint.dims.vae_scale_factor
+    )
     modules = _wrappers(pipelines)
     # From here the wrappers hold the only references to the torch weights, and each is
     # let go once exported and validated: the weights are mapped from their files, and a
     # UNet's stay resident while referenced (3.4 GB at SD 1.5 size).
-    del pipelines, shared
+    del pipelines
 
     output.mkdir(parents=True, exist_ok=True)
     (output / MANIFEST).unlink(missing_ok=True)

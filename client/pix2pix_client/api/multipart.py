@@ -16,7 +16,7 @@ import codecs
 import string
 
 from python_multipart.multipart import parse_options_header
-from starlette.datastructures import FormData, Headers
+from starlette.datastructures import FormData
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 
@@ -36,6 +36,18 @@ class FieldError(MultiPartException):
 
 
 class _StrictParser(MultiPartParser):
+    async def parse(self) -> FormData:
+        # Starlette reads a charset Python does not know as Latin-1: refused here, as is
+        # one that does not write ASCII as ASCII (the form's own names are ASCII).
+        _, params = parse_options_header(self.headers.get("content-type", ""))
+        charset = params.get(b"charset", b"utf-8").decode("latin-1")
+        if not _writes_ascii_as_ascii(charset):
+            raise MultiPartException(
+                f"the form's charset is {charset!r}: allowed UTF-8 (the default), or another "
+                "charset that writes ASCII as ASCII"
+            )
+        return await super().parse()
+
     def on_part_data(self, data: bytes, start: int, end: int) -> None:
         try:
             super().on_part_data(data, start, end)
@@ -62,30 +74,15 @@ class _StrictParser(MultiPartParser):
         self.items.append((part.field_name, text))
 
 
-def _check_charset(headers: Headers) -> None:
-    """Raises ApiError 400 when the form declares a charset its text cannot be read in:
-    one Python does not know, or one that does not write ASCII as ASCII."""
-    _, params = parse_options_header(headers.get("content-type", ""))
-    declared = params.get(b"charset")
-    if declared is None:
-        return
-    charset = declared.decode("latin-1")
+def _writes_ascii_as_ascii(charset: str) -> bool:
     try:
-        readable = string.printable.encode(codecs.lookup(charset).name) == string.printable.encode()
-    except (LookupError, UnicodeError):
-        readable = False
-    if not readable:
-        raise ApiError(
-            400,
-            f"the form's charset is {charset!r}: allowed UTF-8 (the default), or another "
-            "charset that writes ASCII as ASCII",
-            code="invalid_request",
-        )
+        return string.printable.encode(codecs.lookup(charset).name) == string.printable.encode()
+    except (LookupError, UnicodeError):  # unknown, or a codec that is no text encoding
+        return False
 
 
 async def read_form(request: Request) -> FormData:
     """The request's form; raises ApiError 400 for a malformed one. The caller closes it."""
-    _check_charset(request.headers)
     parser = _StrictParser(
         request.headers, request.stream(), max_files=MAX_FILES, max_fields=MAX_FIELDS
     )
