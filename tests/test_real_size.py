@@ -2,7 +2,7 @@
 
 `make test-slow` only: the sd15 preset (860 M-parameter UNets, random weights) is built
 and exported into the project's build folder once (`build/`, as `make bench-footprint`
-does; a few minutes and, for the fused export, most of a 24 GiB machine's memory), then
+does; a few minutes and, for the fused export, a peak of 8.6 GB), then
 a real `serve --repository` process tree edits 512x512 photos. Asserted:
 
 - the served image equals diffusers' on the same weights within 2 grey levels;
