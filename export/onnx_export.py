@@ -17,6 +17,7 @@ faster in onnxruntime, but with com.microsoft ops that TensorRT cannot build eng
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import platform
@@ -303,6 +304,14 @@ def _pipeline_entry(folder: PipelineFolder, components: dict[str, Any]) -> dict[
     }
 
 
+def _reset_peak_rss() -> None:
+    """Starts this process's peak RSS afresh (Linux), so that the manifest's peak is the
+    export's, not that of what ran before it in the same process (a preset's build)."""
+    # Not Linux, or not allowed: the peak is the process's since it started.
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
 def export_checkpoint(
     models: list[Path],
     output: Path,
@@ -317,6 +326,7 @@ def export_checkpoint(
     from export.checkpoint import load_pipeline
 
     started = time.perf_counter()
+    _reset_peak_rss()
     folders = discover_pipelines(models)
     precision = "fp16" if fp16 else "fp32"
     torch.manual_seed(0)
@@ -425,10 +435,20 @@ def ensure_export(
     shown = ", ".join(str(model) for model in models)
     print(f"exporting {shown} to ONNX ({'fp16' if fp16 else 'fp32'}) ...", flush=True)
     manifest, rows = export_checkpoint(models, export_dir, fp16=fp16, optimize=optimize)
-    print(format_table(rows), flush=True)
+    print(format_table(rows), summary_line(manifest, rows), sep="\n", flush=True)
     if not manifest["validation"]["passed"]:
         raise RuntimeError(f"{export_dir}: the export failed validation against PyTorch")
     return manifest
+
+
+def summary_line(manifest: dict[str, Any], rows: list[ValidationRow]) -> str:
+    """The export's outcome, time and peak memory in one line."""
+    validation = manifest["validation"]
+    return (
+        f"{'passed' if validation['passed'] else 'FAILED'}: {len(rows)} checks, "
+        f"tolerance max rel {validation['tolerance_max_rel']:.0e} ({manifest['precision']}); "
+        f"{manifest['seconds']} s, peak RSS {manifest['peak_rss_mb']:.0f} MB"
+    )
 
 
 def load_manifest(export_dir: Path) -> dict[str, Any]:
@@ -470,12 +490,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print()
     print(format_table(rows))
-    validation = manifest["validation"]
-    print(
-        f"\n{'passed' if validation['passed'] else 'FAILED'}: {len(rows)} checks, "
-        f"tolerance max rel {validation['tolerance_max_rel']:.0e} ({manifest['precision']}); "
-        f"{manifest['seconds']} s, peak RSS {manifest['peak_rss_mb']:.0f} MB"
-    )
+    print(f"\n{summary_line(manifest, rows)}")
     print(f"manifest: {args.output / MANIFEST}")
     return 0 if manifest["validation"]["passed"] else 1
 

@@ -349,6 +349,29 @@ def test_the_export_lets_each_torch_module_go_once_exported(
     assert alive == {name: [] for name in alive}
 
 
+def test_the_printed_peak_is_the_exports_not_what_ran_before_it(
+    tiny_preset: Path, tmp_path: Path
+) -> None:
+    """`make serve` builds a preset and exports it in one process: the export's peak RSS,
+    recorded in the manifest and printed, starts when the export does. A process that held
+    3 GB before exporting the tiny preset records far less, and says so on one line."""
+    ballast_mb = 3072
+    script = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from export.onnx_export import ensure_export\n"
+        f"ballast = b'x' * ({ballast_mb} * 2**20)\n"
+        "del ballast\n"
+        "ensure_export([Path(sys.argv[1])], Path(sys.argv[2]))\n"
+    )
+    output = tmp_path / "export"
+    command = [sys.executable, "-c", script, str(tiny_preset), str(output)]
+    printed = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    peak_mb = load_manifest(output)["peak_rss_mb"]
+    assert 0 < peak_mb < ballast_mb * 0.6, peak_mb
+    assert f"s, peak RSS {peak_mb:.0f} MB" in printed.splitlines()[-1]
+
+
 def _edit_json(path: Path, **changes: object) -> None:
     data = json.loads(path.read_text())
     data.update(changes)
