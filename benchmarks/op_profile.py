@@ -1,7 +1,7 @@
 """Where one call of an exported component spends its time in OpenVINO, by operation.
 
     python -m benchmarks.op_profile build/onnx/sd15 --component unet_pix2pix \
-        --precision int8 --side 512 --batch 3 [--calls 3]
+        --precision int8 --side 512 --batch 3 [--calls 3] [--static-shape]
 
 Compiles the file the python-openvino flavour serves at that precision, with the served
 properties (one stream on every core, the latency hint; edit_pipeline/openvino_component.py)
@@ -11,6 +11,8 @@ prints each call's time, then the last call's time by operation kind (convolutio
 matrix products, attention, which OpenVINO runs as one fused subgraph) and by kernel,
 whose name says what it computes in (`brgconv_avx512_I8`: int8; `..._bf16`; `..._f32`).
 That tells whether a precision's speed is the CPU's limit or a layer left behind.
+`--static-shape` compiles the model for that one shape instead of the dynamic shapes it is
+served with: what static shapes would buy (benchmarks/README.md says why they are not served).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ class Profile:
 
     model_file: Path
     computes_in: str
+    shapes: str  # "dynamic" as served, or "static"
     call_s: tuple[float, ...]
     by_kind: dict[str, float]
     by_kernel: dict[tuple[str, str], float]
@@ -69,7 +72,13 @@ def random_feed(export_dir: Path, component: str, side: int, batch: int) -> dict
 
 
 def profile(
-    export_dir: Path, component: str, precision: str, side: int, batch: int, calls: int
+    export_dir: Path,
+    component: str,
+    precision: str,
+    side: int,
+    batch: int,
+    calls: int,
+    static_shape: bool = False,
 ) -> Profile:
     import openvino as ov
 
@@ -79,7 +88,11 @@ def profile(
     model_file = served_model_file(export_dir, component, options)
     computes_in = floating_point_precision(precision)
     properties = compile_properties(computes_in, threads=0, streams=1) | {"PERF_COUNT": True}
-    compiled = ov.Core().compile_model(str(model_file), "CPU", properties)
+    core = ov.Core()
+    model = core.read_model(str(model_file))
+    if static_shape:
+        model.reshape({name: ov.PartialShape(list(array.shape)) for name, array in feed.items()})
+    compiled = core.compile_model(model, "CPU", properties)
     request = compiled.create_infer_request()
     call_s = []
     for _ in range(calls):
@@ -92,7 +105,8 @@ def profile(
         seconds = node.real_time.total_seconds()
         by_kind[node.node_type] += seconds
         by_kernel[(node.node_type, node.exec_type)] += seconds
-    return Profile(model_file, computes_in, tuple(call_s), dict(by_kind), dict(by_kernel))
+    shapes = "static" if static_shape else "dynamic"
+    return Profile(model_file, computes_in, shapes, tuple(call_s), dict(by_kind), dict(by_kernel))
 
 
 def format_profile(result: Profile) -> str:
@@ -100,7 +114,7 @@ def format_profile(result: Profile) -> str:
     calls = ", ".join(f"{s:.3f}" for s in result.call_s)
     precision = INFERENCE_PRECISIONS[result.computes_in]
     lines = [
-        f"{result.model_file} (floating point in {precision})",
+        f"{result.model_file} (floating point in {precision}, {result.shapes} shapes)",
         f"calls (s): {calls}",
         f"last call by operation, {total:.3f} s counted:",
     ]
@@ -122,12 +136,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--side", type=int, default=512, help="the photo's side in pixels")
     parser.add_argument("--batch", type=int, default=3, help="3: a guided InstructPix2Pix step")
     parser.add_argument("--calls", type=int, default=3, help="the first packs the weights")
+    parser.add_argument(
+        "--static-shape",
+        action="store_true",
+        help="compile for this call's shape alone (served: dynamic shapes)",
+    )
     args = parser.parse_args(argv)
     if args.calls < 1 or args.batch < 1:
         parser.error(f"calls={args.calls}, batch={args.batch}: allowed 1 or more each")
     try:
         result = profile(
-            args.export_dir, args.component, args.precision, args.side, args.batch, args.calls
+            args.export_dir,
+            args.component,
+            args.precision,
+            args.side,
+            args.batch,
+            args.calls,
+            args.static_shape,
         )
     except (OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

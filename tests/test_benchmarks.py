@@ -733,18 +733,23 @@ def test_the_operation_profile_splits_a_served_components_call(
     tiny_export: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The served UNet file, called at an edit's shape, with its time split by operation
-    kind and kernel; a component the export lacks is named with the ones it has."""
+    kind and kernel, compiled for dynamic shapes as served or for that one shape; a
+    component the export lacks is named with the ones it has."""
     from benchmarks import op_profile
 
     result = op_profile.profile(tiny_export, "unet_pix2pix", "fp32", side=64, batch=3, calls=2)
     assert result.model_file == tiny_export / "unet_pix2pix" / "model.onnx"
     assert result.computes_in == "fp32" and len(result.call_s) == 2
+    assert result.shapes == "dynamic"
     assert "Convolution" in result.by_kind
     assert math.isclose(sum(result.by_kind.values()), sum(result.by_kernel.values()))
     arguments = ["--component", "unet_pix2pix", "--precision", "fp32", "--side", "64"]
     assert op_profile.main([str(tiny_export), *arguments, "--calls", "1"]) == 0
     printed = capsys.readouterr().out
     assert "last call by operation" in printed and "Convolution" in printed
+    assert "dynamic shapes" in printed
+    assert op_profile.main([str(tiny_export), *arguments, "--calls", "1", "--static-shape"]) == 0
+    assert "static shapes" in capsys.readouterr().out
 
     assert op_profile.main([str(tiny_export), "--component", "unet"]) == 2
     assert "component='unet': allowed one of text_encoder," in capsys.readouterr().err
